@@ -1,0 +1,18 @@
+"""ire_optax: sharpness-aware and implicit-regularization optimizers for Optax.
+
+Public API (each a factory returning an ``optax.GradientTransformation``):
+
+* :func:`ire` -- Implicit Regularization Enhancement (Wang et al., NeurIPS 2024).
+* :func:`sam` -- Sharpness-Aware Minimization (Foret et al., 2021) and adaptive
+  SAM (Kwon et al., 2021) with ``adaptive=True``.
+* :func:`msam` -- micro-batch averaged SAM (Behdin et al., 2023).
+* :func:`sala` -- Sharpness-Aware Lookahead (Tan et al., TPAMI 2024) and
+  :func:`sala_eval_params` to read its slow (evaluation) weights.
+"""
+
+# --- IRE (issue 2) ---
+# --- SAM / mSAM (issue 3) ---
+# --- SALA (issue 4) ---
+# --- sharpness toolkit (issue 6) ---
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""Helpers shared by the ire_optax transformations.
+
+Everything here is a small pure function over pytrees. Conventions used by
+all transformations of the library:
+
+* Reductions (norms, dot products, rankings) are computed in float32 whatever
+  the parameters' dtype; returned updates keep the dtype of the updates they
+  replace.
+* Hyperparameters that the papers vary over training accept an
+  ``optax.Schedule`` (a function of the step count) or a number.
+* Validation of a hyperparameter happens at construction time when its value
+  is a concrete Python/NumPy number. Values that are JAX tracers (for example
+  when the factory is called by :func:`optax.inject_hyperparams` inside a
+  jitted ``update``) cannot be checked and are trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+# -----------------------------------------------------------------------------
+# Validation
+# -----------------------------------------------------------------------------
+
+
+def concrete_value(value: Any) -> float | None:
+  """Returns ``value`` as a Python float if it is concrete, else ``None``.
+
+  Callables (schedules) and JAX tracers return ``None``: they cannot be
+  checked at construction time.
+  """
+  if callable(value) or isinstance(value, bool):
+    return None
+  try:
+    return float(np.asarray(value))
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range."""
+  v = concrete_value(value)
+  if v is None:
+    return
+  ok = not math.isnan(v)
+  if ok and low is not None:
+    ok = v >= low if low_inclusive else v > low
+  if ok and high is not None:
+    ok = v <= high if high_inclusive else v < high
+  if not ok:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    lb = "[" if low_inclusive and low is not None else "("
+    hb = "]" if high_inclusive and high is not None else ")"
+    raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{hb}; got {value!r}.")
+
+
+def check_int(name: str, value: Any, *, low: int) -> None:
+  """Raises if a concrete ``value`` is not an integer ``>= low``."""
+  v = concrete_value(value)
+  if v is None:
+    return
+  if v != int(v) or v < low:
+    raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
+
+
+def check_transformation(name: str, value: Any) -> None:
+  """Raises ``TypeError`` unless ``value`` looks like an Optax transformation."""
+  if not (hasattr(value, "init") and hasattr(value, "update")):
+    raise TypeError(
+        f"`{name}` must be an optax.GradientTransformation (with `init` and "
+        f"`update`); got {type(value).__name__}."
+    )
+
+
+def require_callable(name: str, value: Any, *, who: str, why: str) -> Callable:
+  """Returns ``value`` if callable, else raises a ``TypeError`` that explains."""
+  if value is None:
+    raise TypeError(
+        f"{who}.update() needs the keyword argument `{name}` ({why}); it was "
+        "not given."
+    )
+  if not callable(value):
+    raise TypeError(f"{who}.update(): `{name}` must be callable; got {type(value).__name__}.")
+  return value
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+# -----------------------------------------------------------------------------
+
+
+def resolve(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  """Evaluates a schedule at ``count``, or returns the constant as an array."""
+  if callable(value):
+    return jnp.asarray(value(count), dtype=jnp.float32)
+  return jnp.asarray(value, dtype=jnp.float32)
+
+
+# -----------------------------------------------------------------------------
+# Pytree arithmetic (float32 reductions)
+# -----------------------------------------------------------------------------
+
+
+def tree_sum_sq(tree: Any) -> jax.Array:
+  """Sum of squares over all leaves, accumulated in float32."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves)
+
+
+def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
+  """Global L2 norm in float32; with ``axis_name`` the squares are ``psum``-ed.
+
+  Use ``axis_name`` only when the tree is *partitioned* across that axis
+  (each device holds a different piece), not when it is replicated.
+  """
+  sq = tree_sum_sq(tree)
+  if axis_name is not None:
+    sq = jax.lax.psum(sq, axis_name)
+  return jnp.sqrt(sq)
+
+
+def tree_cast_like(tree: Any, like: Any) -> Any:
+  """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: jnp.asarray(x).astype(jnp.asarray(y).dtype), tree, like)
+
+
+def tree_add_scaled(x: Any, scale: jax.Array, y: Any) -> Any:
+  """``x + scale * y`` computed in float32, returned in ``x``'s dtypes."""
+  return jax.tree.map(
+      lambda a, b: (jnp.asarray(a, jnp.float32) + scale * jnp.asarray(b, jnp.float32)).astype(
+          jnp.asarray(a).dtype
+      ),
+      x,
+      y,
+  )
+
+
+def pmean_if(tree: Any, axis_name: str | None) -> Any:
+  """``lax.pmean`` over ``axis_name`` if given, identity otherwise."""
+  if axis_name is None:
+    return tree
+  return jax.lax.pmean(tree, axis_name)
+
+
+def with_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Makes ``tx.update`` accept (and ignore, if it does not use) extra kwargs."""
+  return optax.with_extra_args_support(tx)
