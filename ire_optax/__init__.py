@@ -11,8 +11,11 @@ Public API (each a factory returning an ``optax.GradientTransformation``):
 """
 
 # --- IRE (issue 2) ---
+from ire_optax._src.ire import IREState, ire, ire_flat_mask  # noqa: F401
+from ire_optax._src.selection import flat_mask, kth_smallest  # noqa: F401
 # --- SAM / mSAM (issue 3) ---
 # --- SALA (issue 4) ---
+from ire_optax._src.sala import SALAState, sala, sala_eval_params, sala_stats  # noqa: F401
 # --- sharpness toolkit (issue 6) ---
 
 __version__ = "0.1.0"

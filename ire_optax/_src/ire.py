@@ -1,0 +1,280 @@
+"""IRE: Implicit Regularization Enhancement (Wang et al., NeurIPS 2024).
+
+Reference: M. Wang, J. He, K. Wang, Z. Chen, Y. Lu, *Improving Generalization
+and Convergence by Enhancing Implicit Regularization*, NeurIPS 2024
+(arXiv:2405.20763), Algorithm 1 "Practical IRE".
+
+Along *flat* directions (small Hessian diagonal) the implicit regularization
+that drives the iterate towards flatter minima is slow; IRE enlarges the step
+there only, which keeps training stable along the sharp directions::
+
+  Δ_t   = base(g_t)                                  # lr, weight decay included
+  n_t   = 1[h_t <= τ_t]  if t >= T_w and (t - T_w) % K == 0   # refresh
+          n_{t-1}        otherwise (all zeros before T_w)
+  θ_t+1 = θ_t + Δ_t + κ_t · n_t ⊙ Δ_t
+
+where ``h_t`` is a Hessian-diagonal estimate and ``τ_t`` its k-th smallest
+value over *all* ``N`` coordinates of the tree, ``k = max(1, ⌊γN⌋)``.
+
+Why IRE *wraps* its base optimizer instead of preceding it in a chain: κ must
+multiply the base optimizer's *update*. Adam-type optimizers are invariant to a
+per-coordinate rescaling of the gradient, so amplifying the gradient before
+Adam would be cancelled by Adam's normalisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ire_optax._src import curvature as curv
+from ire_optax._src import selection, utils
+
+CurvatureFn = Callable[..., Any]
+CURVATURE_ESTIMATORS = ("grad_sq", "fisher", "hutchinson")
+
+
+class IREState(NamedTuple):
+  """State of :func:`ire`.
+
+  Attributes:
+    count: number of ``update`` calls so far (int32).
+    mask: one ``uint8`` per parameter, 1 on the current flat coordinates.
+    curvature_ema: float32 EMA of ``g²`` when ``ema_decay`` is set, else ``()``.
+    key: PRNG key (raw ``uint32[2]``) of the random estimators.
+    base_state: the wrapped optimizer's state.
+  """
+
+  count: jax.Array
+  mask: optax.Updates
+  curvature_ema: Any
+  key: jax.Array
+  base_state: optax.OptState
+
+
+def ire(
+    base_optimizer: optax.GradientTransformation,
+    *,
+    kappa: utils.ScalarOrSchedule = 3.0,
+    gamma: float | jax.Array = 0.6,
+    refresh_every: int = 10,
+    warmup_steps: int = 0,
+    curvature: str | CurvatureFn = "grad_sq",
+    ema_decay: float | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    axis_name: str | None = None,
+    shard_axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Implicit Regularization Enhancement around any Optax optimizer.
+
+  .. math::
+
+    \theta_{t+1} = \theta_t + \Delta_t + \kappa_t\, n_t \odot \Delta_t,
+    \qquad n_t[i] = \mathbb{1}[h_t[i] \le \tau_t]
+
+  with :math:`\Delta_t` the base optimizer's update and :math:`\tau_t` the
+  exact :math:`\max(1, \lfloor\gamma N\rfloor)`-th smallest entry of the
+  curvature estimate :math:`h_t` over the whole tree, refreshed every
+  ``refresh_every`` steps once ``warmup_steps`` updates have been made (the
+  mask is all zeros before). Ties at :math:`\tau_t` are all flat, so the flat
+  set holds at least, and for distinct values exactly, ``k`` coordinates. The
+  selection is an exact two-pass radix select (never a sort): see
+  :func:`ire_optax.flat_mask`.
+
+  Curvature estimators (``h`` only ranks coordinates; its scale is irrelevant):
+
+  * ``"grad_sq"`` (default, free): ``h = g ⊙ g`` of the gradient passed to
+    ``update`` on the refresh step, or an EMA of it if ``ema_decay`` is set.
+  * ``"fisher"`` (the paper's choice): labels sampled from the model's own
+    predictive distribution, ``h = (∇ CE(f(θ), ŷ))²``. ``update`` needs the
+    keyword argument ``logits_fn: params -> logits`` (class axis last). One
+    extra forward/backward pass, on refresh steps only.
+  * ``"hutchinson"``: ``h = z ⊙ (H z)``, Rademacher ``z``. ``update`` needs
+    ``grad_fn: params -> gradient`` (the same function SAM uses). One
+    Hessian-vector product per sample, on refresh steps only.
+  * a function ``fn(grads, params, key, **extra_args) -> pytree like params``.
+
+  Model-based estimators run inside ``lax.cond`` and cost nothing on the other
+  steps. All extra keyword arguments of ``update`` are forwarded to the base
+  optimizer, so ``ire(sam(...))`` (SAM-IRE) and ``ire(sala(...))`` work; in
+  SAM-IRE the curvature is taken at the unperturbed point.
+
+  Args:
+    base_optimizer: the optimizer whose update IRE amplifies (e.g.
+      ``optax.adamw``: "AdmIRE").
+    kappa: amplification κ >= 0 of the flat coordinates' update, or a schedule
+      of the step count. The paper's ``κ_t = κ·η_t/η_max`` is
+      ``lambda t: kappa * lr_schedule(t) / peak_lr``. Published: 3-4 (Llama),
+      2 (ViT).
+    gamma: fraction γ ∈ (0, 1) of coordinates treated as flat. Published:
+      0.6 (Llama), 0.8 (ViT).
+    refresh_every: K >= 1, steps between mask refreshes (10 in every published
+      run).
+    warmup_steps: T_w >= 0, IRE is off before this many updates (the paper
+      switches it on right after the learning-rate warm-up).
+    curvature: ``"grad_sq"``, ``"fisher"``, ``"hutchinson"`` or a function.
+    ema_decay: for ``"grad_sq"`` only: if set, rank an EMA of ``g²`` with this
+      decay in [0, 1), updated every step (one float32 buffer per parameter).
+    num_samples: probes per refresh for ``"hutchinson"``.
+    seed: seed of the PRNG key used by the random estimators.
+    axis_name: data-parallel axis (``pmap``/``shard_map``): the curvature
+      estimate is averaged over it before ranking, so every device selects
+      the same mask.
+    shard_axis_name: axis over which the *parameters* are partitioned inside
+      ``shard_map`` (FSDP): the ranking histograms are summed over it so the
+      selection stays global and exact. Not needed under ``jax.jit`` with
+      sharded arrays.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: for a hyperparameter outside its range or an unknown estimator.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  ire_optax.ire(optax.adamw(1e-2), kappa=3.0, gamma=0.6))
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    >>> loss = lambda p: jnp.sum(jnp.array([0.1, 1.0, 10.0]) * p["w"] ** 2)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+  """
+  utils.check_transformation("base_optimizer", base_optimizer)
+  utils.check_range("kappa", kappa, low=0.0)
+  utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+  utils.check_int("refresh_every", refresh_every, low=1)
+  utils.check_int("warmup_steps", warmup_steps, low=0)
+  utils.check_int("num_samples", num_samples, low=1)
+  if ema_decay is not None:
+    utils.check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
+  if isinstance(curvature, str):
+    if curvature not in CURVATURE_ESTIMATORS:
+      raise ValueError(
+          f"`curvature` must be one of {CURVATURE_ESTIMATORS} or a function "
+          f"(grads, params, key, **extra_args) -> pytree; got {curvature!r}."
+      )
+    if ema_decay is not None and curvature != "grad_sq":
+      raise ValueError("`ema_decay` applies to curvature='grad_sq' only.")
+  elif not callable(curvature):
+    raise TypeError(
+        f"`curvature` must be a string or a callable; got {type(curvature).__name__}."
+    )
+  if not isinstance(num_samples, int):
+    num_samples = int(num_samples)  # from inject_hyperparams' init: a concrete array
+  base = utils.with_extra_args(base_optimizer)
+
+  def init_fn(params: optax.Params) -> IREState:
+    mask = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.uint8), params)
+    ema = (
+        jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        if ema_decay is not None
+        else ()
+    )
+    return IREState(
+        count=jnp.zeros([], jnp.int32),
+        mask=mask,
+        curvature_ema=ema,
+        key=jax.random.PRNGKey(seed),
+        base_state=base.init(params),
+    )
+
+  def estimate(grads, params, ema, key, extra_args):
+    if callable(curvature):
+      return curvature(grads, params, key, **extra_args)
+    if curvature == "grad_sq":
+      return ema if ema_decay is not None else curv.grad_sq_diag(grads)
+    if curvature == "fisher":
+      logits_fn = utils.require_callable(
+          "logits_fn", extra_args.get("logits_fn"), who="ire(curvature='fisher')",
+          why="params -> logits on the current batch, used to sample labels",
+      )
+      return curv.fisher_diag(logits_fn, params, key)
+    grad_fn = utils.require_callable(
+        "grad_fn", extra_args.get("grad_fn"), who="ire(curvature='hutchinson')",
+        why="params -> gradient of the loss on the current batch, for Hessian-vector products",
+    )
+    return curv.hutchinson_diag(grad_fn, params, key, num_samples=num_samples)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if curvature in ("fisher", "hutchinson") or callable(curvature):
+      if params is None:
+        raise ValueError(optax.NO_PARAMS_MSG)
+    # Fail early (at trace time) if a model-based estimator lacks its input.
+    if curvature == "fisher":
+      utils.require_callable("logits_fn", extra_args.get("logits_fn"),
+                             who="ire(curvature='fisher')",
+                             why="params -> logits on the current batch, used to sample labels")
+    elif curvature == "hutchinson":
+      utils.require_callable("grad_fn", extra_args.get("grad_fn"),
+                             who="ire(curvature='hutchinson')",
+                             why="params -> gradient of the loss, for Hessian-vector products")
+    elif curvature == "grad_sq" and updates is None:
+      raise TypeError("ire(curvature='grad_sq') ranks the gradient passed as `updates`; got None.")
+
+    base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+
+    count = state.count
+    since = count - jnp.asarray(warmup_steps, jnp.int32)
+    refresh = (since >= 0) & (since % jnp.asarray(refresh_every, jnp.int32) == 0)
+
+    ema = state.curvature_ema
+    if ema_decay is not None:
+      d = jnp.asarray(ema_decay, jnp.float32)
+      ema = jax.tree.map(lambda e, g: d * e + (1 - d) * jnp.square(g.astype(jnp.float32)),
+                         ema, updates)
+
+    key, sub = jax.random.split(state.key)
+
+    def new_mask():
+      h = estimate(updates, params, ema, sub, extra_args)
+      h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
+      return selection.flat_mask(h, gamma, axis_name=shard_axis_name)
+
+    mask = jax.lax.cond(refresh, new_mask, lambda: state.mask)
+    kappa_t = utils.resolve(kappa, count)
+
+    def amplify(u, m):
+      u32 = jnp.asarray(u, jnp.float32)
+      return jnp.where(m > 0, u32 + kappa_t * u32, u32).astype(jnp.asarray(u).dtype)
+
+    new_updates = jax.tree.map(amplify, base_updates, mask)
+    return new_updates, IREState(
+        count=optax.safe_int32_increment(count),
+        mask=mask,
+        curvature_ema=ema,
+        key=key,
+        base_state=base_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_states(state: Any, cls: type) -> list[Any]:
+  return [
+      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)
+  ]
+
+
+def ire_flat_mask(state: optax.OptState) -> optax.Updates:
+  """The current flat-coordinate mask (uint8 0/1 pytree) of the first IRE state found.
+
+  Works on a nested state (inside ``optax.chain``, ``inject_hyperparams``,
+  ``MultiSteps`` ...). The fraction of flat coordinates is
+  ``sum(mask) / num_params``.
+
+  Raises:
+    ValueError: if ``state`` contains no :class:`IREState`.
+  """
+  found = _find_states(state, IREState)
+  if not found:
+    raise ValueError("ire_flat_mask: no IREState found in `state`.")
+  return found[0].mask

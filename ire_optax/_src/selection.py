@@ -1,0 +1,182 @@
+"""Exact, sort-free selection of the k smallest values of a whole pytree.
+
+IRE needs, every ``K`` steps, the set of the ``k = max(1, ⌊γN⌋)`` coordinates
+with the smallest curvature among *all* ``N`` coordinates of the parameter
+tree. Sorting ``N`` numbers is ~50 optimizer updates at 10M parameters on a
+CPU, so this module uses a two-pass **radix select** over the float bits:
+
+1. Each float32 value is mapped to a ``uint32`` key whose unsigned order is the
+   float order (flip all bits of negatives, set the sign bit of positives;
+   ``-0.0`` is first mapped to ``+0.0`` so the two zeros tie, and NaN maps to
+   the largest key so it is never "flatter" than a number).
+2. Pass 1: a 65,536-bin histogram of the top 16 bits of every key, computed
+   leaf by leaf (no concatenation of the tree) and summed; its cumulative sum
+   gives the bucket ``b`` holding the k-th smallest key and the count below it.
+3. Pass 2: a 65,536-bin histogram of the low 16 bits of the keys in bucket
+   ``b`` gives the exact low half.
+
+The result is the exact k-th smallest value ``τ`` -- the same value a full
+sort gives, bit for bit -- and the mask ``h <= τ``. Ties at ``τ`` are all
+selected (as in the authors' code), so the mask holds *at least* ``k``
+coordinates: exactly ``k`` when the values are distinct, more only by the
+number of values equal to ``τ``. Cost: two histogram passes and one
+comparison pass over ``N`` float32 values; the histograms are 256 KiB each.
+
+Across devices, the per-device histograms combine with one ``psum`` each
+(``axis_name``), so a parameter tree partitioned over devices is ranked
+globally without gathering it. Counts are ``uint32``: the selection is exact
+for up to 2**32 - 1 coordinates per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_BINS = 1 << 16
+_LOW_MASK = np.uint32(0xFFFF)
+
+
+def ordered_keys(x: jax.Array) -> jax.Array:
+  """Maps float32 values to uint32 keys with the same (total) order.
+
+  ``-0.0`` and ``+0.0`` get the same key; NaN gets the largest key.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  x = jnp.where(x == 0, jnp.float32(0), x)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  negative = (bits >> 31) == 1
+  keys = jnp.where(negative, ~bits, bits | np.uint32(0x80000000))
+  return jnp.where(jnp.isnan(x), np.uint32(0xFFFFFFFF), keys)
+
+
+def key_to_float(key: jax.Array) -> jax.Array:
+  """Inverse of :func:`ordered_keys` (for non-NaN keys)."""
+  key = jnp.asarray(key, jnp.uint32)
+  positive = (key >> 31) == 1
+  bits = jnp.where(positive, key & np.uint32(0x7FFFFFFF), ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _leaves_f32(tree: Any) -> list[jax.Array]:
+  return [jnp.ravel(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(tree)]
+
+
+def num_elements(tree: Any) -> int:
+  """Total number of scalars in a pytree (a static Python int)."""
+  return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def _histogram(indices: jax.Array, length: int) -> jax.Array:
+  if indices.size == 0:
+    return jnp.zeros((length,), jnp.uint32)
+  return jnp.bincount(indices, length=length).astype(jnp.uint32)
+
+
+def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _find_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First bucket whose cumulative count reaches ``rank`` (1-based), and the count below it."""
+  cum = jnp.cumsum(hist, dtype=jnp.uint32)
+  bucket = jnp.argmax(cum >= rank)
+  below = cum[bucket] - hist[bucket]
+  return bucket.astype(jnp.uint32), below
+
+
+def kth_smallest_key(
+    tree: Any, k: jax.Array | int, *, axis_name: str | None = None
+) -> jax.Array:
+  """The exact ordered key (see :func:`ordered_keys`) of the k-th smallest value.
+
+  Args:
+    tree: pytree of arrays (any float dtype; ranked in float32).
+    k: 1-based rank, ``1 <= k <= N`` (clipped into that range).
+    axis_name: if the tree is partitioned over a mapped axis (``shard_map``),
+      the name of that axis; histograms are ``psum``-ed over it.
+
+  Returns:
+    uint32 scalar key.
+  """
+  leaves = _leaves_f32(tree)
+  keys = [ordered_keys(x) for x in leaves]
+  hist = sum(
+      (_histogram((kk >> 16).astype(jnp.int32), _BINS) for kk in keys),
+      start=jnp.zeros((_BINS,), jnp.uint32),
+  )
+  hist = _psum_if(hist, axis_name)
+  total = jnp.sum(hist, dtype=jnp.uint32)
+  rank = jnp.clip(jnp.asarray(k).astype(jnp.uint32), np.uint32(1), jnp.maximum(total, 1))
+  high, below = _find_bucket(hist, rank)
+
+  def low_hist(kk):
+    in_bucket = (kk >> 16) == high
+    idx = jnp.where(in_bucket, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
+    return _histogram(idx, _BINS + 1)[:_BINS]
+
+  hist2 = sum((low_hist(kk) for kk in keys), start=jnp.zeros((_BINS,), jnp.uint32))
+  hist2 = _psum_if(hist2, axis_name)
+  low, _ = _find_bucket(hist2, rank - below)
+  return (high << 16) | low
+
+
+def kth_smallest(tree: Any, k: jax.Array | int, *, axis_name: str | None = None) -> jax.Array:
+  """The exact k-th smallest value (1-based) over all leaves of ``tree``, as float32.
+
+  Equals ``jnp.sort(jnp.concatenate([x.ravel() for x in leaves]))[k - 1]``
+  (with ``-0.0`` reported as ``+0.0``), computed without sorting: see the
+  module docstring.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ire_optax import kth_smallest
+    >>> float(kth_smallest({"a": jnp.array([3., 1.]), "b": jnp.array([2.])}, 2))
+    2.0
+  """
+  return key_to_float(kth_smallest_key(tree, k, axis_name=axis_name))
+
+
+def num_selected(num: int, gamma: Any) -> jax.Array | int:
+  """``k = max(1, ⌊γ N⌋)``; exact in Python when ``gamma`` is a Python number."""
+  if isinstance(gamma, (int, float, np.floating)):
+    return max(1, int(math.floor(float(gamma) * num)))
+  return jnp.maximum(1, jnp.floor(jnp.asarray(gamma, jnp.float32) * num)).astype(jnp.int32)
+
+
+def flat_mask(
+    tree: Any,
+    gamma: Any,
+    *,
+    axis_name: str | None = None,
+    dtype: Any = jnp.uint8,
+) -> Any:
+  """Mask of the ``max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
+
+  Args:
+    tree: the curvature estimate ``h`` (pytree of arrays).
+    gamma: the fraction of coordinates to select, in (0, 1).
+    axis_name: axis over which ``tree`` is partitioned (``shard_map``), if any.
+      ``N`` is then the global number of coordinates.
+    dtype: dtype of the returned mask leaves (``uint8``: one byte a parameter).
+
+  Returns:
+    A pytree like ``tree`` of 0/1 values: ``1[h_i <= τ]`` with τ the k-th
+    smallest value of ``h``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from ire_optax import flat_mask
+    >>> flat_mask({"w": jnp.array([4., 1., 3., 2.])}, 0.5)["w"].tolist()
+    [0, 1, 0, 1]
+  """
+  n = num_elements(tree)
+  if axis_name is not None:
+    n = n * jax.lax.psum(1, axis_name)
+  k = num_selected(n, gamma)
+  tau = kth_smallest_key(tree, k, axis_name=axis_name)
+  return jax.tree.map(lambda x: (ordered_keys(x) <= tau).astype(dtype), tree)
