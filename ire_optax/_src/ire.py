@@ -168,8 +168,14 @@ def ire(
     raise TypeError(
         f"`curvature` must be a string or a callable; got {type(curvature).__name__}."
     )
-  if not isinstance(num_samples, int):
-    num_samples = int(num_samples)  # from inject_hyperparams' init: a concrete array
+  if curvature == "hutchinson":
+    n = utils.concrete_value(num_samples)
+    if n is None:
+      raise TypeError(
+          "`num_samples` must be a static int (a loop count); with "
+          "optax.inject_hyperparams pass static_args=('num_samples',)."
+      )
+    num_samples = int(n)
   base = utils.with_extra_args(base_optimizer)
 
   def init_fn(params: optax.Params) -> IREState:

@@ -19,7 +19,8 @@ The result is the exact k-th smallest value ``τ`` -- the same value a full
 sort gives, bit for bit -- and the mask ``h <= τ``. Ties at ``τ`` are all
 selected (as in the authors' code), so the mask holds *at least* ``k``
 coordinates: exactly ``k`` when the values are distinct, more only by the
-number of values equal to ``τ``. Cost: two histogram passes and one
+number of values equal to ``τ``. Values compare as XLA compares them:
+denormals are flushed to zero on CPU/GPU, so they tie with ``0``. Cost: two histogram passes and one
 comparison pass over ``N`` float32 values; the histograms are 256 KiB each.
 
 Across devices, the per-device histograms combine with one ``psum`` each
@@ -63,7 +64,9 @@ def key_to_float(key: jax.Array) -> jax.Array:
 
 
 def _leaves_f32(tree: Any) -> list[jax.Array]:
-  return [jnp.ravel(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(tree)]
+  # No ravel: reshaping an array sharded along a non-leading axis would force a
+  # reshard; histograms and comparisons work on any shape.
+  return [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
 
 
 def num_elements(tree: Any) -> int:
@@ -72,9 +75,22 @@ def num_elements(tree: Any) -> int:
 
 
 def _histogram(indices: jax.Array, length: int) -> jax.Array:
+  """Counts of each value of ``indices`` (any shape) in ``[0, length)``, as uint32.
+
+  With explicitly sharded inputs (``jax.sharding.AxisType.Explicit``, the
+  default mesh type of recent JAX) the histogram is requested replicated: XLA
+  then scatters locally on each shard and all-reduces the ``length`` bins --
+  the parameter values are never gathered.
+  """
   if indices.size == 0:
     return jnp.zeros((length,), jnp.uint32)
-  return jnp.bincount(indices, length=length).astype(jnp.uint32)
+  kwargs = {}
+  sharding = getattr(jax.typeof(indices), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and not mesh.empty and any(a is not None for a in sharding.spec):
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  counts = jnp.zeros((length,), jnp.int32).at[indices].add(1, mode="drop", **kwargs)
+  return counts.astype(jnp.uint32)
 
 
 def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -117,7 +133,7 @@ def kth_smallest_key(
   def low_hist(kk):
     in_bucket = (kk >> 16) == high
     idx = jnp.where(in_bucket, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
-    return _histogram(idx, _BINS + 1)[:_BINS]
+    return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
 
   hist2 = sum((low_hist(kk) for kk in keys), start=jnp.zeros((_BINS,), jnp.uint32))
   hist2 = _psum_if(hist2, axis_name)

@@ -1,0 +1,147 @@
+"""The radix selection equals a full sort on arbitrary trees."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ire_optax
+from ire_optax._src import selection
+
+# Values drawn from a small pool produce many ties; the pool has both zeros,
+# negatives, denormals, huge values and infinities.
+POOL = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, -1e-30, 1e30, 1e-45, np.inf, -np.inf, 3.0]
+
+
+leaf_strategy = st.one_of(
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6),
+               elements=st.sampled_from(POOL)),
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=20),
+               elements=st.floats(-1e6, 1e6, width=32)),
+)
+tree_strategy = st.lists(leaf_strategy, min_size=1, max_size=6)
+
+
+def _canon(x):
+  """-0.0 ties with +0.0, and XLA flushes denormals to zero, so they tie with 0 too."""
+  x = np.asarray(x, np.float32)
+  return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+
+
+def _sorted(leaves):
+  return np.sort(np.concatenate([_canon(np.ravel(x)) for x in leaves]))
+
+
+_kth = jax.jit(selection.kth_smallest)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tree_strategy, st.floats(0.0, 1.0))
+def test_kth_smallest_equals_full_sort(leaves, frac):
+  ref = _sorted(leaves)
+  if ref.size == 0:
+    return
+  k = min(ref.size, max(1, math.ceil(frac * ref.size)))
+  got = np.asarray(_kth([jnp.asarray(x) for x in leaves], k))
+  np.testing.assert_array_equal(got, ref[k - 1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree_strategy, st.floats(0.05, 0.95))
+def test_flat_mask_is_the_sorted_prefix_with_ties(leaves, gamma):
+  ref = _sorted(leaves)
+  if ref.size == 0:
+    return
+  k = max(1, math.floor(gamma * ref.size))
+  tau = ref[k - 1]
+  mask = ire_optax.flat_mask({str(i): jnp.asarray(x) for i, x in enumerate(leaves)}, gamma)
+  for i, x in enumerate(leaves):
+    expect = (_canon(x) <= tau).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(mask[str(i)]), expect)
+  total = sum(int(np.sum(m)) for m in jax.tree.leaves(mask))
+  assert total == int(np.sum(ref <= tau)) >= k
+
+
+def test_nan_is_never_flatter_than_a_number():
+  x = jnp.array([np.nan, 1.0, 2.0, -np.nan, 0.5])
+  mask = np.asarray(ire_optax.flat_mask({"x": x}, 0.6)["x"])
+  np.testing.assert_array_equal(mask, [0, 1, 1, 0, 1])
+
+
+def test_bfloat16_and_mixed_dtypes_rank_in_float32():
+  tree = {"a": jnp.array([3.0, 1.0], jnp.bfloat16), "b": jnp.array([2.0, 0.25], jnp.float32)}
+  assert float(ire_optax.kth_smallest(tree, 2)) == 1.0
+  mask = ire_optax.flat_mask(tree, 0.5)
+  assert mask["a"].tolist() == [0, 1] and mask["b"].tolist() == [0, 1]
+  assert mask["a"].dtype == jnp.uint8
+
+
+def test_all_equal_selects_everything():
+  mask = ire_optax.flat_mask({"a": jnp.ones((5, 5)), "b": jnp.ones(())}, 0.3)
+  assert sum(int(m.sum()) for m in jax.tree.leaves(mask)) == 26
+
+
+def test_large_tree_exact():
+  rng = np.random.default_rng(0)
+  leaves = [rng.standard_normal(n).astype(np.float32) ** 2 for n in (300_000, 1, 0, 77_777)]
+  ref = _sorted(leaves)
+  for k in (1, 2, 100_000, ref.size - 1, ref.size):
+    assert float(_kth([jnp.asarray(x) for x in leaves], k)) == ref[k - 1]
+
+
+def test_traced_gamma():
+  x = {"x": jnp.arange(10.0)}
+  mask = jax.jit(lambda g: ire_optax.flat_mask(x, g))(jnp.float32(0.35))
+  assert mask["x"].tolist() == [1, 1, 1] + [0] * 7
+
+
+def test_partitioned_tree_is_ranked_globally_with_one_psum():
+  """A tree sharded over 8 devices inside shard_map selects exactly as on one device."""
+  n = jax.device_count()
+  if n < 2:
+    pytest.skip("needs several (emulated) devices")
+  rng = np.random.default_rng(1)
+  tree = {"w": jnp.asarray(rng.standard_normal((n * 64, 3)) ** 2, jnp.float32),
+          "v": jnp.asarray(np.round(rng.standard_normal(n * 5)), jnp.float32)}
+  expect = ire_optax.flat_mask(tree, 0.6)
+  mesh = jax.make_mesh((n,), ("p",))
+  P = jax.sharding.PartitionSpec
+  spec = {"w": P("p", None), "v": P("p")}
+  shardings = {k: jax.sharding.NamedSharding(mesh, v) for k, v in spec.items()}
+  sharded = jax.device_put(tree, shardings)
+  f = jax.shard_map(lambda t: ire_optax.flat_mask(t, 0.6, axis_name="p"), mesh=mesh,
+                    in_specs=(spec,), out_specs=spec)
+  got = jax.jit(f)(sharded)
+  for key in tree:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expect[key]))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("spec", [("p", None), (None, "p")])
+def test_jit_over_sharded_arrays_matches_one_device(axis_type, spec):
+  """Plain jit over FSDP-style sharded arrays (GSPMD or explicit sharding): same selection.
+
+  The histograms are combined by an all-reduce of the bins; the parameter
+  values are never all-gathered.
+  """
+  n = jax.device_count()
+  rng = np.random.default_rng(2)
+  tree = {"w": jnp.asarray(rng.standard_normal((n * 4, n * 2)), jnp.float32)}
+  types = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
+  mesh = jax.make_mesh((n,), ("p",), axis_types=(types[axis_type],))
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  f = jax.jit(lambda t: ire_optax.flat_mask(t, 0.7))
+  x = jax.device_put(tree, sh)
+  got = f(x)
+  np.testing.assert_array_equal(np.asarray(got["w"]),
+                                np.asarray(ire_optax.flat_mask(tree, 0.7)["w"]))
+  assert got["w"].sharding.is_equivalent_to(sh, 2)
+  hlo = f.lower(x).compile().as_text()
+  assert "all-gather" not in hlo
