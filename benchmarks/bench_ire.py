@@ -1,0 +1,207 @@
+"""AdamW+IRE update cost against optax.adamw, measured as ratios in one process.
+
+For each size N (parameters split over a few leaves like a real model), this
+times, interleaved and repeated:
+
+* one AdamW update (``optax.adamw`` update + ``apply_updates``, jitted, buffers
+  donated) -- the unit;
+* AdamW+IRE over real 10-step cycles (K = 10): nine plain steps and one
+  refresh step (grad_sq estimator, exact radix selection over all N values);
+* for reference, an exact selection by ``jnp.sort`` (what we avoid).
+
+Reported: amortized ratio with K = 10 ((9·plain + 1·refresh) / (10·AdamW)),
+refresh cost in AdamW updates ((refresh − plain) / AdamW), and optimizer-state
+bytes per parameter beyond AdamW's.
+
+Usage::
+
+  python benchmarks/bench_ire.py                 # 1M, 10M, 50M (about 5 min)
+  python benchmarks/bench_ire.py --sizes 1e6 --reps 3   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ire_optax
+from ire_optax._src import selection
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_tree(n: int, seed: int = 0):
+  """A model-like tree: one big matrix, a few medium ones, vectors."""
+  rng = np.random.default_rng(seed)
+  sizes = [int(n * 0.6), int(n * 0.25), int(n * 0.1)]
+  sizes.append(n - sum(sizes))
+  return {f"p{i}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(sizes)}
+
+
+def bench(n: int, reps: int, with_sort: bool):
+  """Times real 10-step cycles (K = 10: one refresh, nine plain steps), donated buffers."""
+  params = make_tree(n)
+  grads = make_tree(n, seed=1)
+  adamw = optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
+  ire = ire_optax.ire(optax.adamw(1e-3, b2=0.95, weight_decay=0.1), kappa=3.0, gamma=0.6,
+                      refresh_every=10)
+
+  def make_step(tx):
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return jax.jit(step, donate_argnums=(0, 1))
+
+  step_a, step_i = make_step(adamw), make_step(ire)
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  pa, sa = copy(params), adamw.init(params)
+  pi, si = copy(params), ire.init(params)
+  state_bytes = {
+      "adamw": sum(x.nbytes for x in jax.tree.leaves(sa)),
+      "ire": sum(x.nbytes for x in jax.tree.leaves(si)),
+  }
+  h = jax.tree.map(jnp.square, grads)
+  k = int(0.6 * n)
+  sort_sel = jax.jit(lambda t: jnp.sort(
+      jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)]))[k - 1])
+  radix_sel = jax.jit(lambda t: selection.kth_smallest(t, k))
+  # compile and warm up (one full cycle each)
+  for _ in range(10):
+    pa, sa = jax.block_until_ready(step_a(pa, sa, grads))
+    pi, si = jax.block_until_ready(step_i(pi, si, grads))
+  jax.block_until_ready(radix_sel(h))
+  if with_sort:
+    jax.block_until_ready(sort_sel(h))
+
+  def timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+  t = {key: {"wall": [], "cpu": []} for key in
+       ("adamw", "ire_plain", "ire_refresh", "cycle_adamw", "cycle_ire", "radix", "sort")}
+
+  def add(key, w, c):
+    t[key]["wall"].append(w)
+    t[key]["cpu"].append(c)
+
+  for _ in range(reps):  # interleaved so that machine noise hits all alike
+    cyc_a, cyc_i = [0.0, 0.0], [0.0, 0.0]
+    for _ in range(10):
+      (pa, sa), w, c = timed(lambda: step_a(pa, sa, grads))  # noqa: B023
+      add("adamw", w, c)
+      cyc_a[0] += w
+      cyc_a[1] += c
+      refresh = int(si.count) % 10 == 0
+      (pi, si), w, c = timed(lambda: step_i(pi, si, grads))  # noqa: B023
+      add("ire_refresh" if refresh else "ire_plain", w, c)
+      cyc_i[0] += w
+      cyc_i[1] += c
+    add("cycle_adamw", *cyc_a)
+    add("cycle_ire", *cyc_i)
+    add("radix", *timed(lambda: radix_sel(h))[1:])
+    if with_sort:
+      add("sort", *timed(lambda: sort_sel(h))[1:])
+
+  row = {"n": n, "reps": reps}
+  for clock in ("wall", "cpu"):
+    med = {key: float(np.median(v[clock])) if v[clock] else float("nan") for key, v in t.items()}
+    a = med["adamw"]
+    row[clock] = {
+        "adamw_ms": a * 1e3,
+        "ire_plain_ratio": med["ire_plain"] / a,
+        "ire_refresh_ratio": med["ire_refresh"] / a,
+        "amortized_ratio_K10": med["cycle_ire"] / med["cycle_adamw"],
+        "refresh_cost_adamw_updates": (med["ire_refresh"] - med["ire_plain"]) / a,
+        "radix_select_adamw_updates": med["radix"] / a,
+        "sort_select_adamw_updates": med["sort"] / a,
+    }
+  row["extra_state_bytes_per_param"] = (state_bytes["ire"] - state_bytes["adamw"]) / n
+  return row
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7])
+  ap.add_argument("--reps", type=int, default=9)
+  ap.add_argument("--sort-max", type=float, default=1e7, help="largest N timed with jnp.sort")
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "ire"))
+  args = ap.parse_args()
+  rows = []
+  for n in args.sizes:
+    r = bench(int(n), args.reps, with_sort=n <= args.sort_max)
+    print(json.dumps(r))
+    rows.append(r)
+  meta = {
+      "what": "AdamW+IRE (kappa=3, gamma=0.6, K=10, grad_sq) vs optax.adamw update+apply, jitted",
+      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                 f"jax {jax.__version__} ({jax.default_backend()})",
+      "statistic": f"median over {args.reps} interleaved repetitions of a 10-step cycle "
+                   "per size, same process, donated buffers",
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  lines = [
+      "# IRE update cost vs optax.adamw",
+      "",
+      f"- What: {meta['what']}.",
+      f"- Machine: {meta['machine']}.",
+      f"- Statistic: {meta['statistic']}. Command: `python benchmarks/bench_ire.py`.",
+      "- `wall` is elapsed time; `cpu` is this process's CPU time (all threads), which is",
+      "  robust to other processes loading the shared machine. Ratios are per clock.",
+      "- Targets (issue 2): amortized ratio <= 1.15 at 10M, refresh <= 2 AdamW updates, "
+      "mask <= 1 byte/param.",
+      "",
+      "| params | clock | AdamW update (ms) | IRE plain step / AdamW | IRE refresh step / AdamW | "
+      "amortized (K=10) / AdamW | refresh cost (AdamW updates) | radix select alone "
+      "(AdamW updates) | jnp.sort select (AdamW updates) | extra state bytes/param |",
+      "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    for clock in ("wall", "cpu"):
+      c = r[clock]
+      lines.append(
+          f"| {r['n']:,} | {clock} | {c['adamw_ms']:.1f} | {c['ire_plain_ratio']:.3f} | "
+          f"{c['ire_refresh_ratio']:.2f} | {c['amortized_ratio_K10']:.3f} | "
+          f"{c['refresh_cost_adamw_updates']:.2f} | {c['radix_select_adamw_updates']:.2f} | "
+          f"{c['sort_select_adamw_updates']:.1f} | {r['extra_state_bytes_per_param']:.3f} |"
+      )
+  with open(args.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for clock, ls in (("cpu", "-"), ("wall", ":")):
+      ax.plot(ns, [r[clock]["amortized_ratio_K10"] for r in rows], "o" + ls,
+              label=f"amortized K=10 ({clock})")
+      ax.plot(ns, [r[clock]["ire_plain_ratio"] for r in rows], "^" + ls,
+              label=f"plain step ({clock})")
+    ax.axhline(1.15, color="gray", ls="--", lw=0.8, label="target 1.15")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("time / AdamW update")
+    ax.legend()
+    ax.set_title("AdamW+IRE update cost relative to optax.adamw")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=110)
+  except ImportError:
+    pass
+
+
+if __name__ == "__main__":
+  main()
