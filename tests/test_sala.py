@@ -359,6 +359,21 @@ class SALABehaviourTest(chex.TestCase):
     chex.assert_trees_all_equal_dtypes(s0, out["state"])
     chex.assert_trees_all_equal_shapes(s0, out["state"])
 
+  def test_params_and_state_can_both_be_donated(self):
+    tx = ire_optax.sala(optax.sgd(0.1), sync_period=2)
+    loss = lambda p: jnp.sum(p["w"] ** 2)
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
+      return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params = {"w": jnp.arange(4.0)}
+    state = tx.init(params)
+    for _ in range(3):
+      params, state = step(params, state)  # fails if the slow weights alias params
+    chex.assert_tree_all_finite((params, state))
+
   def test_zero_gradient_no_nan(self):
     tx = ire_optax.sala(optax.sgd(0.1, momentum=0.9, nesterov=True), sync_period=1, rho=0.2)
     params = {"w": jnp.zeros(4)}

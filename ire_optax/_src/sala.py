@@ -175,7 +175,8 @@ def sala(
     rho0 = utils.resolve(rho, jnp.zeros((), jnp.int32))
     return SALAState(
         count=jnp.zeros((), jnp.int32),
-        slow=jax.tree.map(jnp.asarray, params),
+        # A copy, so that params and state can both be donated to a jitted step.
+        slow=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
         distance=jnp.zeros((), jnp.float32),
         # d = 0 at the start, so the first cycle is stage 2 unless rho = 0.
         stage=jnp.where(rho0 > 0.0, 2, 1).astype(jnp.int32),
