@@ -124,7 +124,9 @@ def ire(
     seed: seed of the PRNG key used by the random estimators.
     axis_name: data-parallel axis (``pmap``/``shard_map``): the curvature
       estimate is averaged over it before ranking, so every device selects
-      the same mask.
+      the same mask. For ``"grad_sq"`` the gradient is averaged before it is
+      squared, so the mask is that of the global batch even when ``updates``
+      are per-device gradients (as in SAM-IRE, where SAM averages them).
     shard_axis_name: axis over which the *parameters* are partitioned inside
       ``shard_map`` (FSDP): the ranking histograms are summed over it so the
       selection stays global and exact. Not needed under ``jax.jit`` with
@@ -179,9 +181,10 @@ def ire(
   base = utils.with_extra_args(base_optimizer)
 
   def init_fn(params: optax.Params) -> IREState:
-    mask = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.uint8), params)
+    # zeros_like: the mask and EMA inherit the parameters' sharding.
+    mask = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.uint8), params)
     ema = (
-        jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
         if ema_decay is not None
         else ()
     )
@@ -241,11 +244,17 @@ def ire(
     key, sub = jax.random.split(state.key)
 
     def new_mask():
-      h = estimate(updates, params, ema, sub, extra_args)
-      h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
+      if curvature == "grad_sq" and ema_decay is None:
+        # Square of the data-parallel *mean* gradient: the single-device g² of the
+        # global batch, also when the caller passes local gradients (SAM-IRE).
+        g32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), updates)
+        h = curv.grad_sq_diag(utils.pmean_if(g32, axis_name))
+      else:
+        h = estimate(updates, params, ema, sub, extra_args)
+        h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
       return selection.flat_mask(h, gamma, axis_name=shard_axis_name)
 
-    mask = jax.lax.cond(refresh, new_mask, lambda: state.mask)
+    mask = utils.cond(refresh, new_mask, lambda: state.mask)
     kappa_t = utils.resolve(kappa, count)
 
     def amplify(u, m):

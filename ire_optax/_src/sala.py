@@ -56,18 +56,6 @@ class SALAState(NamedTuple):
   base_state: optax.OptState
 
 
-def _cond(pred: jax.Array, true_fn: Any, false_fn: Any) -> Any:
-  """``lax.cond`` that runs only the taken branch, also outside ``jit``.
-
-  Under tracing this is ``jax.lax.cond`` (only the taken branch executes). With
-  a concrete predicate (eager execution) the branch is called directly, which
-  avoids compiling both branches on every call.
-  """
-  if isinstance(pred, jax.core.Tracer):
-    return jax.lax.cond(pred, true_fn, false_fn)
-  return true_fn() if bool(pred) else false_fn()
-
-
 def sala(
     base_optimizer: optax.GradientTransformation,
     *,
@@ -216,7 +204,7 @@ def sala(
       g_sam = grad_fn(utils.tree_add_scaled(phi, scale, g))
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)
 
-    g_used = _cond(take_sam, sam_grad, lambda: g)
+    g_used = utils.cond(take_sam, sam_grad, lambda: g)
 
     # At a cycle start the step is taken from the slow weights.
     base_params = jax.tree.map(lambda s, p: jnp.where(is_start, s, p), phi, params)
@@ -245,7 +233,7 @@ def sala(
     def mid_cycle():
       return step, phi, state.distance, state.stage
 
-    step, new_phi, distance, stage = _cond(is_end, end_of_cycle, mid_cycle)
+    step, new_phi, distance, stage = utils.cond(is_end, end_of_cycle, mid_cycle)
     new_updates = utils.tree_cast_like(step, params)
 
     new_state = SALAState(

@@ -157,6 +157,18 @@ def tree_add_scaled(x: Any, scale: jax.Array, y: Any) -> Any:
   )
 
 
+def cond(pred: jax.Array, true_fn: Any, false_fn: Any) -> Any:
+  """``lax.cond`` that runs only the taken branch, also outside ``jit``.
+
+  Under tracing this is ``jax.lax.cond`` (only the taken branch executes). With
+  a concrete predicate (eager execution) the branch is called directly, which
+  avoids compiling both branches on every call.
+  """
+  if isinstance(pred, jax.core.Tracer):
+    return jax.lax.cond(pred, true_fn, false_fn)
+  return true_fn() if bool(pred) else false_fn()
+
+
 def pmean_if(tree: Any, axis_name: str | None) -> Any:
   """``lax.pmean`` over ``axis_name`` if given, identity otherwise."""
   if axis_name is None:
