@@ -14,6 +14,7 @@ Public API (each a factory returning an ``optax.GradientTransformation``):
 from ire_optax._src.ire import IREState, ire, ire_flat_mask  # noqa: F401
 from ire_optax._src.selection import flat_mask, kth_smallest  # noqa: F401
 # --- SAM / mSAM (issue 3) ---
+from ire_optax._src.sam import SAMState, msam, sam  # noqa: F401
 # --- SALA (issue 4) ---
 from ire_optax._src.sala import SALAState, sala, sala_eval_params, sala_stats  # noqa: F401
 # --- sharpness toolkit (issue 6) ---

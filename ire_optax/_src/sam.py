@@ -1,0 +1,444 @@
+"""Sharpness-Aware Minimization (SAM), adaptive SAM and micro-batch SAM.
+
+Both transformations wrap a base optimizer and take **one SAM step per
+``update`` call**. With ``θ`` the parameters, ``g`` a minibatch gradient at
+``θ`` and ``base`` any Optax optimizer:
+
+* :func:`sam` (Foret et al., 2021) and adaptive SAM (Kwon et al., 2021)::
+
+    T       = |θ| + η               (adaptive)    or   1  (plain SAM)
+    ε       = ρ · T² g / (‖T g‖₂ + eps)            (‖·‖ global over the tree, float32)
+    g_SAM   = ∇L_B(θ + ε)           (the same minibatch B, through ``grad_fn``)
+    Δ, s    = base.update(g_SAM, s, θ)
+
+* :func:`msam` (Behdin et al., 2023) splits the minibatch into ``m`` disjoint
+  micro-batches ``B_1..B_m`` and perturbs each with its own gradient::
+
+    g_j     = ∇L_{B_j}(θ)
+    ε_j     = ρ · T² g_j / (‖T g_j‖₂ + eps)
+    g_mSAM  = (1/m) Σ_j ∇L_{B_j}(θ + ε_j)
+    Δ, s    = base.update(g_mSAM, s, θ)
+
+Both cost exactly two gradients' worth of compute per step: SAM receives the
+clean gradient as ``updates`` and evaluates one more gradient; mSAM evaluates
+the ``m`` clean and the ``m`` perturbed micro-batch gradients itself (together
+the cost of two full-batch gradients) and ignores ``updates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ire_optax._src import utils
+
+Params = Any
+Batch = Any
+GradFn = Callable[[Params], Any]
+MicroGradFn = Callable[[Params, Batch], Any]
+
+
+class SAMState(NamedTuple):
+  """State of :func:`sam` and :func:`msam`.
+
+  Attributes:
+    count: number of ``update`` calls so far (int32 scalar); the ``rho``
+      schedule is evaluated at it.
+    base_state: state of the base optimizer.
+  """
+
+  count: jax.Array
+  base_state: optax.OptState
+
+
+# -----------------------------------------------------------------------------
+# Shared pieces
+# -----------------------------------------------------------------------------
+
+
+def _validate(rho: Any, adaptive_eta: Any, eps: Any) -> None:
+  utils.check_range("rho", rho, low=0.0)
+  utils.check_range("adaptive_eta", adaptive_eta, low=0.0)
+  utils.check_range("eps", eps, low=0.0)
+
+
+def _perturbed_params(
+    params: Params,
+    grads: Any,
+    rho: jax.Array,
+    *,
+    adaptive: bool,
+    adaptive_eta: Any,
+    eps: Any,
+) -> Params:
+  """Returns ``θ + ε`` (the only parameter-sized buffer SAM adds).
+
+  ``ε = ρ T² g / (‖T g‖ + eps)`` with ``T = |θ| + adaptive_eta`` if
+  ``adaptive`` else ``T = 1``. The norm is global over the tree and computed in
+  float32; the result has the dtypes of ``params``. ``T g`` and ``T² g`` are
+  elementwise expressions that XLA fuses into the norm and into the final
+  addition, so they are not materialised.
+  """
+  if adaptive:
+    eta = jnp.asarray(adaptive_eta, jnp.float32)
+
+    def t(p):
+      return jnp.abs(jnp.asarray(p, jnp.float32)) + eta
+
+    scaled = jax.tree.map(lambda p, g: t(p) * jnp.asarray(g, jnp.float32), params, grads)
+    direction = jax.tree.map(lambda p, tg: t(p) * tg, params, scaled)
+  else:
+    scaled = direction = grads
+  scale = rho / (utils.tree_norm(scaled) + jnp.asarray(eps, jnp.float32))
+  return utils.tree_add_scaled(params, scale, direction)
+
+
+def _split_batch(batch: Batch, num_microbatches: int) -> Batch:
+  """Reshapes every leaf ``(B, ...)`` of ``batch`` to ``(m, B // m, ...)``.
+
+  Micro-batch ``j`` is the contiguous slice ``[j B/m, (j+1) B/m)``, which is
+  also how ``B`` rows are sharded over ``m`` devices.
+  """
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError("msam.update(): `batch` has no array leaves to split into micro-batches.")
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) >= 1 else None for x in leaves}
+  if None in sizes:
+    raise ValueError(
+        "msam.update(): every leaf of `batch` needs a leading batch dimension; found a scalar."
+    )
+  if len(sizes) != 1:
+    raise ValueError(
+        f"msam.update(): all leaves of `batch` must share the leading batch size; got "
+        f"{sorted(sizes)}."
+    )
+  (size,) = sizes
+  if size % num_microbatches:
+    raise ValueError(
+        f"msam.update(): the leading size of `batch` ({size}) is not divisible by "
+        f"`num_microbatches` ({num_microbatches})."
+    )
+  return jax.tree.map(
+      lambda x: jnp.reshape(x, (num_microbatches, size // num_microbatches) + jnp.shape(x)[1:]),
+      batch,
+  )
+
+
+# -----------------------------------------------------------------------------
+# SAM / ASAM
+# -----------------------------------------------------------------------------
+
+
+def sam(
+    base_optimizer: optax.GradientTransformation,
+    *,
+    rho: utils.ScalarOrSchedule = 0.05,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.0,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+    per_device_ascent: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM).
+
+  One SAM step per ``update`` call. ``updates`` is the clean minibatch
+  gradient :math:`g = \nabla L_B(\theta)`; the perturbed gradient comes from
+  the extra keyword argument ``grad_fn`` (``params -> gradient of the training
+  loss on the same minibatch``, the name :func:`optax.contrib.sam` uses):
+
+  .. math::
+    \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \mathrm{eps}}, \qquad
+    g_{\mathrm{SAM}} = \nabla L_B(\theta + \epsilon), \qquad
+    \Delta = \mathrm{base}(g_{\mathrm{SAM}}),
+
+  with :math:`T = 1` (SAM) or :math:`T = |\theta| + \eta` elementwise (ASAM,
+  ``adaptive=True``, :math:`\eta` = ``adaptive_eta``). The norm is global over
+  the whole tree and computed in float32. ``grad_fn`` is called exactly once per
+  step, so a train step costs two gradients. The only extra parameter-sized
+  buffer is :math:`\theta + \epsilon`. With ``rho=0`` the result is bit for bit
+  that of ``base_optimizer``.
+
+  Extra keyword arguments other than ``grad_fn`` are forwarded to the base
+  optimizer, so ``sam`` nests, e.g. inside :func:`ire_optax.ire` (SAM-IRE, whose
+  curvature is then computed from the clean gradient, at the unperturbed point).
+
+  Multiple devices (``pmap``/``shard_map`` with ``axis_name``): pass the
+  *local* clean gradient and a ``grad_fn`` on the local batch. The clean
+  gradient is ``pmean``-ed before the ascent (global SAM: every device uses the
+  same :math:`\epsilon`) unless ``per_device_ascent=True``, in which case every
+  device perturbs with its own local gradient (the "m-sharpness" of Foret et
+  al.; identical to :func:`msam` with one micro-batch per device). The
+  perturbed gradient is always ``pmean``-ed before the base step.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> loss = lambda p, x: jnp.sum((p * x - 1.0) ** 2)
+    >>> x = jnp.array([1.0, 2.0])
+    >>> params = jnp.array([0.5, 0.5])
+    >>> tx = ire_optax.sam(optax.sgd(0.1), rho=0.05)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss)(params, x)
+    >>> updates, state = tx.update(
+    ...     grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, x))
+    >>> params = optax.apply_updates(params, updates)
+    >>> params.round(4)
+    Array([0.61, 0.5 ], dtype=float32)
+
+  Args:
+    base_optimizer: the optimizer that receives the SAM gradient (with its
+      learning rate, weight decay, clipping, ...).
+    rho: radius :math:`\rho` of the ascent step, ``>= 0``, or a schedule of the
+      step count. Typical: 0.05 (SGD on CIFAR), 0.1--0.2 for larger models; ASAM
+      uses larger values, ρ ≈ 0.5--2.
+    adaptive: use adaptive SAM (Kwon et al., 2021).
+    adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The DESIGN
+      formula is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
+      0.01 and applies :math:`T` to weight tensors only (biases and norm scales
+      get :math:`T = 1`). Here :math:`T` applies to every leaf; to exempt some
+      leaves, give them their own ``sam`` via :func:`optax.partition`.
+    eps: added to the norm so that a zero gradient gives a zero perturbation.
+    axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
+    per_device_ascent: with ``axis_name``, perturb every device with its local
+      clean gradient instead of the averaged one.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
+    ``(updates, state, params, *, grad_fn, **extra_args)``. ``params`` is
+    required.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks
+    <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+  """
+  utils.check_transformation("base_optimizer", base_optimizer)
+  _validate(rho, adaptive_eta, eps)
+  if per_device_ascent and axis_name is None:
+    raise ValueError("`per_device_ascent=True` needs an `axis_name` (the data-parallel axis).")
+
+  def surrogate(updates, params, rho_t, extra_args):
+    grad_fn = utils.require_callable(
+        "grad_fn", extra_args.pop("grad_fn", None), who="sam",
+        why="params -> gradient of the training loss on the current batch",
+    )
+    if updates is None:
+      raise TypeError(
+          "sam.update() needs the clean gradient at `params` as `updates`; got None "
+          "(ire_optax.msam is the variant that computes its clean gradients itself)."
+      )
+    clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
+    perturbed = _perturbed_params(
+        params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
+    )
+    g_sam = utils.pmean_if(grad_fn(perturbed), axis_name)
+    return utils.tree_cast_like(g_sam, updates)
+
+  return _make(base_optimizer, rho, surrogate, who="sam")
+
+
+# -----------------------------------------------------------------------------
+# mSAM
+# -----------------------------------------------------------------------------
+
+
+def msam(
+    base_optimizer: optax.GradientTransformation,
+    *,
+    rho: utils.ScalarOrSchedule = 0.05,
+    num_microbatches: int,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.0,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+    microbatch_mode: Literal["vmap", "scan", "unroll"] = "vmap",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Micro-batch averaged SAM (mSAM) of Behdin et al. (2023).
+
+  The minibatch :math:`B` is split into ``m = num_microbatches`` disjoint,
+  contiguous micro-batches :math:`B_1, \dots, B_m`, each perturbed along its own
+  gradient:
+
+  .. math::
+    g_j = \nabla L_{B_j}(\theta), \quad
+    \epsilon_j = \rho \, \frac{T^2 g_j}{\lVert T g_j \rVert_2 + \mathrm{eps}}, \quad
+    g_{\mathrm{mSAM}} = \frac{1}{m} \sum_{j=1}^m \nabla L_{B_j}(\theta + \epsilon_j), \quad
+    \Delta = \mathrm{base}(g_{\mathrm{mSAM}}),
+
+  (:math:`T` as in :func:`sam`). ``m = 1`` is SAM.
+
+  **Calling convention.** ``update(updates, state, params, *, grad_fn, batch,
+  **extra_args)``:
+
+  * ``grad_fn(params, microbatch)`` returns the gradient of the training loss
+    (the mean over the micro-batch) on ``microbatch``;
+  * ``batch`` is a pytree whose leaves all have the leading batch size ``B``,
+    divisible by ``m``; micro-batch ``j`` is rows ``[jB/m, (j+1)B/m)`` of every
+    leaf;
+  * ``updates`` is **not used** (pass ``None``). mSAM needs the clean gradient
+    of every micro-batch, which it computes itself: a train step must not also
+    compute a full-batch gradient, that would be a third gradient thrown away.
+    For the same reason, transformations chained *before* ``msam`` in
+    :func:`optax.chain` have no effect on it; put clipping and the like inside
+    ``base_optimizer``, where they act on :math:`g_{\mathrm{mSAM}}`.
+
+  ``grad_fn`` is traced twice (clean and perturbed pass), each time over all
+  micro-batches, and every mode costs two full-batch gradients' worth of
+  arithmetic:
+
+  * ``microbatch_mode="vmap"`` (default): the micro-batches run vectorised.
+    Memory of ``m`` gradients and ``m`` perturbed copies of the parameters.
+    In the perturbed pass every micro-batch has its own weights, so matrix
+    products become batched products and convolutions become grouped
+    convolutions (slow on XLA:CPU).
+  * ``"scan"``: one micro-batch after the other in a :func:`jax.lax.scan`:
+    memory of one micro-batch's activations plus one float32 accumulator.
+    (XLA:CPU runs convolution gradients inside loops several times slower; see
+    ``benchmarks/results/sam.md``.)
+  * ``"unroll"``: the same sequential loop unrolled at compile time (compile
+    time grows with ``m``; XLA schedules the micro-batches freely, so memory is
+    between the other two).
+
+  The mean clean gradient :math:`\frac1m \sum_j g_j` is not kept; the loss
+  value and BatchNorm statistics of the clean pass are not returned (compute
+  them with a forward pass if you need them, or use ``sam(...,
+  per_device_ascent=True)`` with one micro-batch per device, where your train
+  step computes the clean pass itself).
+
+  Multiple devices (``axis_name``): every device splits its local batch into
+  ``m`` micro-batches, and only :math:`g_{\mathrm{mSAM}}` is ``pmean``-ed; with
+  ``n`` devices this is mSAM with ``n m`` micro-batches. mSAM with ``m``
+  micro-batches on one device equals ``msam(num_microbatches=1,
+  axis_name=...)`` (or ``sam(per_device_ascent=True, axis_name=...)``) on ``m``
+  devices holding one micro-batch each.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> def loss(p, mb):
+    ...   return jnp.mean((mb["x"] @ p - mb["y"]) ** 2)
+    >>> batch = {"x": jnp.eye(4, 2), "y": jnp.ones(4)}
+    >>> params = jnp.zeros(2)
+    >>> tx = ire_optax.msam(optax.sgd(0.1), rho=0.05, num_microbatches=2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(
+    ...     None, state, params, grad_fn=jax.grad(loss), batch=batch)
+    >>> optax.apply_updates(params, updates).round(4)
+    Array([0.0518, 0.0518], dtype=float32)
+
+  Args:
+    base_optimizer: the optimizer that receives :math:`g_{\mathrm{mSAM}}`.
+    rho: ascent radius :math:`\rho \ge 0`, or a schedule of the step count.
+    num_microbatches: ``m >= 1``, a static Python int (with
+      :func:`optax.inject_hyperparams` pass ``static_args=("num_microbatches",)``).
+    adaptive: adaptive (ASAM-style) perturbations, see :func:`sam`.
+    adaptive_eta: :math:`\eta` of the adaptive scaling, see :func:`sam`.
+    eps: added to each micro-batch gradient norm.
+    axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
+    microbatch_mode: ``"vmap"`` (vectorised), ``"scan"`` (sequential, bounded
+      memory) or ``"unroll"`` (sequential, unrolled at compile time).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
+    ``(updates, state, params, *, grad_fn, batch, **extra_args)``.
+
+  References:
+    Behdin et al., `mSAM: Micro-Batch-Averaged Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2302.09693>`_, 2023.
+  """
+  utils.check_transformation("base_optimizer", base_optimizer)
+  _validate(rho, adaptive_eta, eps)
+  if utils.concrete_value(num_microbatches) is None:
+    raise TypeError(
+        "`num_microbatches` must be a static Python int, not a traced value or a "
+        f"{type(num_microbatches).__name__}; with "
+        "optax.inject_hyperparams pass static_args=('num_microbatches',)."
+    )
+  utils.check_int("num_microbatches", num_microbatches, low=1)
+  num_microbatches = int(num_microbatches)
+  if microbatch_mode not in ("vmap", "scan", "unroll"):
+    raise ValueError(
+        f"`microbatch_mode` must be 'vmap', 'scan' or 'unroll'; got {microbatch_mode!r}."
+    )
+
+  def surrogate(updates, params, rho_t, extra_args):
+    del updates  # mSAM computes its clean micro-batch gradients itself.
+    grad_fn = utils.require_callable(
+        "grad_fn", extra_args.pop("grad_fn", None), who="msam",
+        why="(params, microbatch) -> gradient of the training loss on that micro-batch",
+    )
+    batch = extra_args.pop("batch", None)
+    if batch is None:
+      raise TypeError(
+          "msam.update() needs the keyword argument `batch` (a pytree whose leaves share "
+          "the leading batch dimension); it was not given."
+      )
+    microbatches = _split_batch(batch, num_microbatches)
+
+    def perturbed_grad(microbatch):
+      clean = grad_fn(params, microbatch)
+      perturbed = _perturbed_params(
+          params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
+      )
+      return grad_fn(perturbed, microbatch)
+
+    if microbatch_mode == "vmap":
+      stacked = jax.vmap(perturbed_grad)(microbatches)
+      g_msam = jax.tree.map(lambda g: jnp.mean(jnp.asarray(g, jnp.float32), axis=0), stacked)
+    else:
+
+      def body(acc, microbatch):
+        g = perturbed_grad(microbatch)
+        return jax.tree.map(lambda a, x: a + jnp.asarray(x, jnp.float32), acc, g), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+      total, _ = jax.lax.scan(body, zeros, microbatches, unroll=microbatch_mode == "unroll")
+      g_msam = jax.tree.map(lambda a: a / num_microbatches, total)
+    g_msam = utils.pmean_if(g_msam, axis_name)
+    return utils.tree_cast_like(g_msam, params)
+
+  return _make(base_optimizer, rho, surrogate, who="msam")
+
+
+# -----------------------------------------------------------------------------
+# The wrapper shared by sam and msam
+# -----------------------------------------------------------------------------
+
+
+def _make(
+    base_optimizer: optax.GradientTransformation,
+    rho: utils.ScalarOrSchedule,
+    surrogate: Callable[[Any, Params, jax.Array, dict[str, Any]], Any],
+    *,
+    who: str,
+) -> optax.GradientTransformationExtraArgs:
+  """``init``/``update`` around ``surrogate`` (the gradient the base receives).
+
+  ``surrogate(updates, params, rho_t, extra_args)`` pops the extra arguments it
+  consumes from the dict ``extra_args``; the rest is forwarded to the base.
+  """
+  base = utils.with_extra_args(base_optimizer)
+
+  def init_fn(params: Params) -> SAMState:
+    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base.init(params))
+
+  def update_fn(
+      updates: optax.Updates,
+      state: SAMState,
+      params: Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, SAMState]:
+    if params is None:
+      raise ValueError(f"{who}.update() needs `params` (the point where the ascent starts).")
+    rho_t = utils.resolve(rho, state.count)
+    extra_args = dict(extra_args)
+    g = surrogate(updates, params, rho_t, extra_args)
+    new_updates, base_state = base.update(g, state.base_state, params, **extra_args)
+    return new_updates, SAMState(count=optax.safe_increment(state.count), base_state=base_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
