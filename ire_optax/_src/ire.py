@@ -197,8 +197,10 @@ def ire(
     )
 
   def estimate(grads, params, ema, key, extra_args):
+    # Model-based estimates are per device (then averaged over `axis_name`), also
+    # under shard_map(check_vma=True): see utils.per_device_if.
     if callable(curvature):
-      return curvature(grads, params, key, **extra_args)
+      return curvature(grads, utils.per_device_if(params, axis_name), key, **extra_args)
     if curvature == "grad_sq":
       return ema if ema_decay is not None else curv.grad_sq_diag(grads)
     if curvature == "fisher":
@@ -206,12 +208,13 @@ def ire(
           "logits_fn", extra_args.get("logits_fn"), who="ire(curvature='fisher')",
           why="params -> logits on the current batch, used to sample labels",
       )
-      return curv.fisher_diag(logits_fn, params, key)
+      return curv.fisher_diag(logits_fn, utils.per_device_if(params, axis_name), key)
     grad_fn = utils.require_callable(
         "grad_fn", extra_args.get("grad_fn"), who="ire(curvature='hutchinson')",
         why="params -> gradient of the loss on the current batch, for Hessian-vector products",
     )
-    return curv.hutchinson_diag(grad_fn, params, key, num_samples=num_samples)
+    local_grad_fn = lambda q: grad_fn(utils.per_device_if(q, axis_name))
+    return curv.hutchinson_diag(local_grad_fn, params, key, num_samples=num_samples)
 
   def update_fn(updates, state, params=None, **extra_args):
     if curvature in ("fisher", "hutchinson") or callable(curvature):

@@ -201,7 +201,8 @@ def sala(
 
     def sam_grad():
       scale = rho_t / (utils.tree_norm(g) + eps)
-      g_sam = grad_fn(utils.tree_add_scaled(phi, scale, g))
+      # Per-device gradient also under shard_map(check_vma=True): utils.per_device_if.
+      g_sam = grad_fn(utils.per_device_if(utils.tree_add_scaled(phi, scale, g), axis_name))
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)
 
     g_used = utils.cond(take_sam, sam_grad, lambda: g)

@@ -27,6 +27,7 @@ the cost of two full-batch gradients) and ignores ``updates``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -97,7 +98,7 @@ def _perturbed_params(
   return utils.tree_add_scaled(params, scale, direction)
 
 
-def _split_batch(batch: Batch, num_microbatches: int) -> Batch:
+def _split_batch(batch: Batch, num_microbatches: int, sequential: bool = False) -> Batch:
   """Reshapes every leaf ``(B, ...)`` of ``batch`` to ``(m, B // m, ...)``.
 
   Micro-batch ``j`` is the contiguous slice ``[j B/m, (j+1) B/m)``, which is
@@ -122,10 +123,32 @@ def _split_batch(batch: Batch, num_microbatches: int) -> Batch:
         f"msam.update(): the leading size of `batch` ({size}) is not divisible by "
         f"`num_microbatches` ({num_microbatches})."
     )
-  return jax.tree.map(
-      lambda x: jnp.reshape(x, (num_microbatches, size // num_microbatches) + jnp.shape(x)[1:]),
-      batch,
-  )
+  return jax.tree.map(lambda x: _split_leading(x, num_microbatches, sequential), batch)
+
+
+def _split_leading(x: jax.Array, m: int, sequential: bool) -> jax.Array:
+  """``(B, ...) -> (m, B // m, ...)``, also for a batch explicitly sharded over a mesh.
+
+  With explicit sharding (the default axis type of ``jax.make_mesh``) JAX
+  cannot infer the output sharding when the ``n`` shards of ``B`` do not
+  divide ``m``, and ``lax.scan`` (``sequential``) needs an unsharded leading
+  axis. The shards then go to the micro-batch axis ``B // m`` when ``n``
+  divides it, else that axis is replicated. (Otherwise, for ``vmap``, the
+  shards stay on the leading axis: each device keeps its micro-batches.)
+  """
+  shape = (m, jnp.shape(x)[0] // m) + tuple(jnp.shape(x)[1:])
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+  if mesh is None or mesh.empty or not spec or spec[0] is None:
+    return jnp.reshape(x, shape)
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  n = math.prod(mesh.shape[a] for a in axes)
+  if m % n == 0 and not sequential:
+    return jnp.reshape(x, shape)
+  inner = spec[0] if shape[1] % n == 0 else None
+  out = jax.sharding.PartitionSpec(None, inner, *spec[1:])
+  return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, out))
+
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +260,9 @@ def sam(
     perturbed = _perturbed_params(
         params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
     )
-    g_sam = utils.pmean_if(grad_fn(perturbed), axis_name)
+    # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
+    # params, else JAX sums its gradient over the axis implicitly.
+    g_sam = utils.pmean_if(grad_fn(utils.per_device_if(perturbed, axis_name)), axis_name)
     return utils.tree_cast_like(g_sam, updates)
 
   return _make(base_optimizer, rho, surrogate, who="sam")
@@ -378,7 +403,9 @@ def msam(
           "msam.update() needs the keyword argument `batch` (a pytree whose leaves share "
           "the leading batch dimension); it was not given."
       )
-    microbatches = _split_batch(batch, num_microbatches)
+    microbatches = _split_batch(batch, num_microbatches, microbatch_mode != "vmap")
+    # Per-device gradients also under shard_map(check_vma=True), see utils.per_device_if.
+    params = utils.per_device_if(params, axis_name)
 
     def perturbed_grad(microbatch):
       clean = grad_fn(params, microbatch)
@@ -397,6 +424,7 @@ def msam(
         return jax.tree.map(lambda a, x: a + jnp.asarray(x, jnp.float32), acc, g), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+      zeros = utils.per_device_if(zeros, axis_name)
       total, _ = jax.lax.scan(body, zeros, microbatches, unroll=microbatch_mode == "unroll")
       g_msam = jax.tree.map(lambda a: a / num_microbatches, total)
     g_msam = utils.pmean_if(g_msam, axis_name)

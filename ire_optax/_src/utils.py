@@ -179,3 +179,40 @@ def pmean_if(tree: Any, axis_name: str | None) -> Any:
 def with_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """Makes ``tx.update`` accept (and ignore, if it does not use) extra kwargs."""
   return optax.with_extra_args_support(tx)
+
+
+def _varying_axes(x: Any) -> frozenset:
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(getattr(mat, "varying", ()))
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def per_device_if(tree: Any, axis_name: str | None) -> Any:
+  """Marks the leaves of ``tree`` as varying over ``axis_name`` (idempotent).
+
+  Under ``shard_map`` with ``check_vma=True`` (the default), JAX differentiates
+  an input that is *replicated* over ``axis_name`` with an implicit ``psum``:
+  ``jax.grad(loss)(params, local_batch)`` returns the **sum** of the devices'
+  gradients. The transformations call their callbacks (``grad_fn``,
+  ``logits_fn``) at points built from replicated parameters; casting those
+  points to "varying" first makes the callbacks return the per-device gradient
+  that the ``axis_name`` convention expects (and that ``pmap`` or
+  ``check_vma=False`` give anyway, where this is the identity). Leaves that
+  already vary over the axis are returned unchanged.
+  """
+  if axis_name is None:
+    return tree
+  pcast = getattr(jax.lax, "pcast", None)
+
+  def cast(x):
+    if axis_name in _varying_axes(x):
+      return x
+    if pcast is not None:
+      return pcast(x, axis_name, to="varying")
+    pvary = getattr(jax.lax, "pvary", None)  # JAX < 0.8
+    return x if pvary is None else pvary(x, axis_name)
+
+  return jax.tree.map(cast, tree)
+
