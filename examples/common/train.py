@@ -1,0 +1,444 @@
+"""One training loop for every example: jitted functional step, eval, logs, checkpoints.
+
+The model is split once into its graph definition, its parameters and its
+other state (BatchNorm statistics), both as pure nested dicts of arrays::
+
+    graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+
+and every step is the pure function ``(TrainState, batch, step) -> (TrainState,
+metrics)`` compiled once with ``jax.jit``. What the step computes depends on
+the optimizer family (:class:`~examples.common.optim.OptSpec`):
+
+* plain (AdamW, SGD, Lookahead, IRE over them): one ``value_and_grad``.
+* SAM, ASAM, SALA: the clean ``value_and_grad`` plus ``grad_fn(params)`` for the
+  optimizer to call at the perturbed point.
+* mSAM: a forward pass for the logged loss and the BatchNorm statistics, and
+  ``grad_fn(params, microbatch)`` + ``batch``; mSAM computes every gradient
+  (clean and perturbed, per micro-batch) itself.
+* IRE adds ``logits_fn(params)`` ("fisher": labels sampled from the model) or
+  ``grad_fn(params)`` ("hutchinson").
+
+**BatchNorm rule.** Batch statistics come from the clean pass only: every
+extra pass (``grad_fn`` at SAM's perturbed point, ``logits_fn``, mSAM's
+micro-batch passes) starts from the statistics the clean pass started from,
+and whatever statistics it computes are discarded. In training mode BatchNorm
+normalises with the current batch's moments, so the stored statistics only
+matter for evaluation.
+
+Batches are a pure function of the step and checkpoints hold the whole
+``TrainState`` and the step, so ``--resume`` continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from . import optim
+
+
+class TrainState(NamedTuple):
+  params: Any  # pure dict (or optax.LookaheadParams of pure dicts)
+  stats: Any  # pure dict of the non-parameter state (BatchNorm statistics)
+  opt_state: Any
+
+
+def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
+  """``(graphdef, params, stats)`` with params and stats as pure nested dicts."""
+  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def apply_model(graphdef, params, stats, x, *, train: bool) -> tuple[jax.Array, dict]:
+  """Runs the model functionally: ``(logits, new_stats)``."""
+  model = nnx.merge(graphdef, params, stats)
+  logits = model(x, train=train)
+  return logits, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def eval_params(spec: optim.OptSpec, state: TrainState):
+  """The weights to evaluate: SALA's and Lookahead's slow weights, else the params."""
+  if spec.sala:
+    import ire_optax
+
+    return ire_optax.sala_eval_params(state.opt_state)
+  if spec.lookahead:
+    return state.params.slow
+  return state.params
+
+
+def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
+                    label_smoothing: float = 0.0, label_noise: float = 0.0,
+                    seed: int = 0, fast_compile: bool = False) -> Callable:
+  """The jitted ``(state, batch, step) -> (state, metrics)`` for this optimizer.
+
+  ``batch`` is ``{"x": inputs, "y": integer targets}``; ``step`` an int32 scalar
+  (it seeds the label noise, so the same step always sees the same noise).
+  ``fast_compile`` compiles without XLA's backend optimisations: a few times
+  faster to compile, slower to run (for tests and smoke runs).
+  """
+  tx = spec.tx
+
+  def step_fn(state: TrainState, batch, step):
+    params, stats, opt_state = state
+    y = batch["y"]
+    if label_noise > 0:
+      key = jax.random.fold_in(jax.random.key(seed), step)
+      y = optim.label_noise(key, y, num_classes, label_noise)
+    batch = {"x": batch["x"], "y": y}
+    p = params.fast if spec.lookahead else params
+
+    def loss_fn(q, b):
+      logits, new_stats = apply_model(graphdef, q, stats, b["x"], train=True)
+      loss, acc = optim.cross_entropy(logits, b["y"], label_smoothing=label_smoothing)
+      return loss, (new_stats, acc)
+
+    def grad_fn(q, b=batch):  # gradient only: its BatchNorm statistics are dropped
+      return jax.grad(loss_fn, has_aux=True)(q, b)[0]
+
+    extra: dict[str, Any] = {}
+    if spec.family == "msam":
+      loss, (new_stats, acc) = loss_fn(p, batch)
+      grads = None
+      extra["grad_fn"] = grad_fn
+      extra["batch"] = batch
+    else:
+      (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+      if spec.family == "sam" or spec.curvature == "hutchinson":
+        extra["grad_fn"] = grad_fn
+    if spec.curvature == "fisher":
+      extra["logits_fn"] = lambda q: apply_model(graphdef, q, stats, batch["x"], train=True)[0]
+
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "acc": acc, "lr": spec.schedule(step)}
+    if grads is not None:
+      metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                          for g in jax.tree.leaves(grads)))
+    if spec.curvature is not None:
+      import ire_optax
+
+      mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
+      metrics["ire_flat_fraction"] = (sum(jnp.sum(m, dtype=jnp.float32) for m in mask)
+                                      / sum(m.size for m in mask))
+    if spec.sala:
+      import ire_optax
+
+      metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
+    return TrainState(params, new_stats, opt_state), metrics
+
+  return jax.jit(step_fn, donate_argnums=0, compiler_options=_compiler_options(fast_compile))
+
+
+def _compiler_options(fast_compile: bool) -> dict | None:
+  return {"xla_backend_optimization_level": 0} if fast_compile else None
+
+
+def _eval_sums(graphdef, params, stats, batch):
+  logits, _ = apply_model(graphdef, params, stats, batch["x"], train=False)
+  w = batch["w"]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["y"][..., None].astype(jnp.int32), -1)[..., 0]
+  correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(correct * w), jnp.sum(w)
+
+
+@functools.cache
+def _eval_fn(fast_compile: bool) -> Callable:
+  # One jitted function per setting, shared by all runs of this process: runs of
+  # the same model (equal graphdefs) reuse its compilation.
+  return jax.jit(_eval_sums, static_argnums=0, compiler_options=_compiler_options(fast_compile))
+
+
+def evaluate(graphdef, params, stats, batches: Iterable[dict], *,
+             fast_compile: bool = False) -> dict[str, float]:
+  """Mean loss (no smoothing, clean labels) and accuracy over the held-out batches."""
+  fn = _eval_fn(fast_compile)
+  tot = np.zeros(3)
+  for b in batches:
+    tot += np.asarray([float(v) for v in fn(graphdef, params, stats, b)])
+  loss = tot[0] / max(tot[2], 1.0)
+  return {"eval_loss": float(loss), "eval_acc": float(tot[1] / max(tot[2], 1.0))}
+
+
+# -----------------------------------------------------------------------------
+# Logging
+# -----------------------------------------------------------------------------
+
+
+class MetricsLog:
+  """Appends one JSON record per line to ``metrics.jsonl``; writes ``metrics.csv`` at the end."""
+
+  def __init__(self, run_dir: Path, *, resume_step: int | None):
+    self.path = run_dir / "metrics.jsonl"
+    self.records: list[dict] = []
+    if resume_step is not None and self.path.exists():
+      # Keep what was logged up to the checkpoint; later lines will be redone.
+      for line in self.path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("step", 0) <= resume_step:
+          self.records.append(rec)
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+  def write(self, record: dict) -> None:
+    self.records.append(record)
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def write_csv(self) -> Path:
+    keys: list[str] = []
+    for r in self.records:
+      keys += [k for k in r if k not in keys]
+    out = self.path.with_suffix(".csv")
+    with out.open("w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=keys)
+      w.writeheader()
+      w.writerows(self.records)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+  """The records of a run's ``metrics.jsonl``."""
+  path = Path(run_dir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") -> Path:
+  """Training loss, held-out loss and held-out accuracy against the step, as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
+            ("eval_acc", "held-out accuracy")]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for (key, label), ax in zip(panels, axes, strict=True):
+    for name, recs in runs.items():
+      pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
+      if pts:
+        s, v = zip(*pts, strict=True)
+        if key == "loss" and len(v) > 20:  # light smoothing of the noisy training loss
+          k = max(1, len(v) // 50)
+          v = np.convolve(v, np.ones(k) / k, mode="valid")
+          s = s[k - 1:]
+        ax.plot(s, v, label=name)
+    ax.set_xlabel("step")
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+# -----------------------------------------------------------------------------
+# The loop
+# -----------------------------------------------------------------------------
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+  """Options of the loop shared by every example."""
+  g = parser.add_argument_group("training")
+  g.add_argument("--steps", type=int, default=500, help="optimizer steps (%(default)s)")
+  g.add_argument("--batch-size", type=int, default=128, help="(%(default)s)")
+  g.add_argument("--seed", type=int, default=0, help="model init, data order, noise")
+  g.add_argument("--eval-every", type=int, default=100,
+                 help="evaluate on held-out data every N steps and at the end (0: end only)")
+  g.add_argument("--eval-batches", type=int, default=None,
+                 help="cap on held-out batches per evaluation (default: all)")
+  g.add_argument("--log-every", type=int, default=10,
+                 help="log training metrics every N steps (%(default)s)")
+  g.add_argument("--fast-compile", action="store_true",
+                 help="compile without XLA backend optimisations: starts sooner, runs "
+                      "slower (smoke tests)")
+  g = parser.add_argument_group("output")
+  g.add_argument("--out", default="runs", help="output root directory (%(default)s)")
+  g.add_argument("--name", default=None,
+                 help="run name (default: <example>-<opt>); the run writes to OUT/NAME/")
+  g.add_argument("--ckpt-every", type=int, default=0,
+                 help="save an Orbax checkpoint every N steps (and at the end); 0: end only")
+  g.add_argument("--keep-checkpoints", type=int, default=2, help="(%(default)s)")
+  g.add_argument("--no-checkpoint", action="store_true", help="save no checkpoints at all")
+  g.add_argument("--resume", action="store_true",
+                 help="continue from the run's latest checkpoint (bit-identical)")
+  g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                 help="stop (with a checkpoint) after N steps of this invocation; the "
+                      "schedules still span --steps, so --resume continues the same run")
+  g.add_argument("--no-plot", action="store_true", help="skip the PNG of the curves")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fmt_rate(x: float) -> str:
+  return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+_STEP_CACHE: dict = {}
+# Arguments that do not change the computation of a train step.
+_LOOP_ONLY_ARGS = frozenset({
+    "out", "name", "resume", "stop_after", "ckpt_every", "keep_checkpoints", "no_checkpoint",
+    "no_plot", "no_progress", "eval_every", "eval_batches", "log_every"})
+
+
+class RunResult(NamedTuple):
+  summary: dict  # also written to summary.json
+  state: TrainState
+
+
+def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
+        batch_at: Callable[[int], dict], eval_batches: Callable[[], Iterable[dict]],
+        num_classes: int, unit: str, unit_per_example: int = 1,
+        quiet: bool = False) -> RunResult:
+  """Trains ``model`` for ``args.steps`` steps; returns the summary and the final state.
+
+  Writes ``config.json``, ``metrics.jsonl``/``.csv``, ``summary.json``,
+  ``curves.png`` and ``checkpoints/`` under ``args.out/args.name``.
+  """
+  import orbax.checkpoint as ocp
+
+  name = args.name or f"{example}-{spec.name}"
+  run_dir = Path(args.out) / name
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+  graphdef, params, stats = split_model(model)
+  num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  if spec.lookahead:
+    params = optax.LookaheadParams.init_synced(params)
+  opt_state = jax.jit(spec.tx.init, compiler_options=_compiler_options(True))(params)
+  # The step donates its input buffers; an optimizer state may alias the params
+  # (e.g. slow weights initialised to them), so give every leaf its own buffer.
+  # Committed to one device, like restored checkpoints, so that a resumed run
+  # hits the same compiled step.
+  state = jax.device_put(TrainState(params, stats, opt_state), jax.devices()[0],
+                         may_alias=False)
+  # Runs of this process with the same model and the same arguments (a resumed
+  # run, a repeated comparison) reuse one compiled step.
+  key = (graphdef, num_classes, tuple(sorted((k, str(v)) for k, v in vars(args).items()
+                                             if k not in _LOOP_ONLY_ARGS)))
+  if key not in _STEP_CACHE:
+    _STEP_CACHE.clear()  # keep at most one (compiled steps hold memory)
+    _STEP_CACHE[key] = make_train_step(graphdef, spec, num_classes=num_classes,
+                                       label_smoothing=args.label_smoothing,
+                                       label_noise=args.label_noise, seed=args.seed,
+                                       fast_compile=args.fast_compile)
+  step_fn = _STEP_CACHE[key]
+
+  ckpt_dir = (run_dir / "checkpoints").absolute()
+  start = 0
+  mngr = None
+  if not args.no_checkpoint or args.resume:
+    if not args.resume and ckpt_dir.exists():
+      shutil.rmtree(ckpt_dir)  # a fresh run replaces the old one's checkpoints
+    mngr = ocp.CheckpointManager(
+        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints))
+  latest = mngr.latest_step() if args.resume else None
+  if args.resume and latest is None and not quiet:
+    print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
+  if latest is not None:
+    target = {"state": jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(target))
+    state, start = restored["state"], int(restored["step"])
+    if not quiet:
+      print(f"resumed {name} from step {start}")
+  log = MetricsLog(run_dir, resume_step=start if latest is not None else None)
+
+  def save(step):
+    if mngr is not None and not args.no_checkpoint:
+      mngr.save(step, args=ocp.args.StandardSave(
+          {"state": state, "step": jnp.asarray(step, jnp.int32)}), force=True)
+
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=args.steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+             disable=args.no_progress or quiet, leave=True)
+  t_run = time.perf_counter()
+  t_window, n_window = time.perf_counter(), 0
+  first_step_s = None
+  train_time, train_steps = 0.0, 0
+  last_eval: dict[str, float] = {}
+  stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+  for step in range(start, stop):
+    batch = batch_at(step)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+    n_window += 1
+    done = step + 1
+    if first_step_s is None:
+      jax.block_until_ready(metrics)
+      first_step_s = time.perf_counter() - t0  # includes compilation
+      t_window, n_window = time.perf_counter(), 0
+    do_eval = done == args.steps or (args.eval_every > 0 and done % args.eval_every == 0)
+    if do_eval or done % args.log_every == 0 or done == stop:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.perf_counter()
+      if n_window:
+        rate = n_window * args.batch_size * unit_per_example / (now - t_window)
+        train_time += now - t_window
+        train_steps += n_window
+      else:
+        rate = float("nan")
+      t_window, n_window = now, 0
+      rec = {"step": done, "loss": m.pop("loss"), "acc": m.pop("acc"), **m,
+             f"{unit}_per_s": rate, "time": now - t_run}
+      if not math.isfinite(rec["loss"]):
+        bar.close()
+        raise FloatingPointError(f"{name}: loss is {rec['loss']} at step {done}")
+      if do_eval:
+        last_eval = evaluate(graphdef, eval_params(spec, state), state.stats, eval_batches(),
+                             fast_compile=args.fast_compile)
+        rec.update(last_eval)
+        t_window = time.perf_counter()  # do not count evaluation as training time
+      log.write(rec)
+      bar.set_postfix_str(f"loss {rec['loss']:.4f} | {_fmt_rate(rate)} {unit}/s"
+                          + (f" | eval {last_eval['eval_loss']:.4f}" if last_eval else ""))
+    if args.ckpt_every and done % args.ckpt_every == 0 and done != stop:
+      save(done)
+    bar.update(1)
+  bar.close()
+  if stop > start:
+    save(stop)
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
+
+  log.write_csv()
+  final = log.records[-1] if log.records else {}
+  recent = [r["loss"] for r in log.records[-5:] if "loss" in r]
+  summary = {
+      "name": name, "example": example, "opt": spec.name, "steps": args.steps,
+      "params": num_params,
+      "train_loss": float(np.mean(recent)) if recent else None,
+      "eval_loss": final.get("eval_loss"), "eval_acc": final.get("eval_acc"),
+      "first_step_s": first_step_s, "wall_s": time.perf_counter() - t_run,
+      "steps_per_s": train_steps / train_time if train_time > 0 else None,
+      "run_dir": str(run_dir),
+  }
+  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if not args.no_plot and log.records:
+    summary["plot"] = str(plot_runs({name: log.records}, run_dir / "curves.png", title=name))
+  if not quiet:
+    ev = (f"held-out loss {summary['eval_loss']:.4f}, acc {summary['eval_acc']:.4f}"
+          if summary["eval_loss"] is not None else "")
+    print(f"{name}: {ev} ({summary['wall_s']:.1f}s) -> {run_dir}")
+  return RunResult(summary, state)

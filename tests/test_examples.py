@@ -1,0 +1,450 @@
+"""Tests of the Flax examples: every optimizer trains every model, BatchNorm rule, resume.
+
+The runs are toy-sized (a few thousand parameters, 2 steps) and compiled with
+``--fast-compile`` (XLA backend optimisations off), so that the ~30 distinct
+train steps compile in CI time on two CPU cores.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("orbax.checkpoint")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import ire_optax  # noqa: E402
+from examples import compare  # noqa: E402
+from examples.common import cli, data, models, optim, train  # noqa: E402
+
+TOY = {
+    "resnet": ["--size", "toy", "--batch-size", "8"],
+    "vit": ["--size", "toy", "--batch-size", "8"],
+    "llama": ["--size", "toy", "--batch-size", "4", "--seq-len", "16", "--max-chars", "20000"],
+}
+QUICK = ["--steps", "2", "--eval-every", "0", "--eval-batches", "1", "--log-every", "1",
+         "--lr", "0.01", "--no-checkpoint", "--no-plot", "--no-progress", "--fast-compile"]
+FAST = {"xla_backend_optimization_level": 0}
+OPTIMIZERS = ["adamw", "sgd", "sam", "asam", "msam", "sala", "lookahead"]
+# IRE over every optimizer; each model gets IRE with the paper's "fisher" estimator.
+IRE_CASES = [
+    ("resnet", "sam+ire", "fisher"), ("resnet", "msam+ire", "fisher"),
+    ("resnet", "sgd+ire", "grad_sq"), ("vit", "adamw+ire", "fisher"),
+    ("vit", "sala+ire", "fisher"), ("llama", "lookahead+ire", "fisher"),
+    ("llama", "asam+ire", "fisher"), ("llama", "adamw+ire", "hutchinson"),
+]
+
+
+def args_for(example, *extra, out):
+  return cli.make_parser(example).parse_args(TOY[example] + QUICK + ["--out", str(out)]
+                                             + list(extra))
+
+
+def initial_params(example, args):
+  """The parameters the run starts from (same construction, same seed)."""
+  if example == "llama":
+    d = cli._text(args.data, args.tokenizer, args.max_chars)
+    m = models.build_llama(args.size, vocab_size=d.vocab_size, seed=args.seed)
+  else:
+    d = cli._images(args.data)
+    kw = dict(num_classes=10, in_channels=1, seed=args.seed)
+    m = (models.build_resnet(args.size, **kw) if example == "resnet"
+         else models.build_vit(args.size, image_size=8, **kw))
+  return train.split_model(m.model)[1]
+
+
+def check_run(example, opt, tmp_path, *extra):
+  args = args_for(example, "--opt", opt, *extra, out=tmp_path)
+  res = cli.run_example(example, args, quiet=True)
+  recs = train.read_metrics(res.summary["run_dir"])
+  assert [r["step"] for r in recs] == [1, 2]
+  assert all(math.isfinite(r["loss"]) for r in recs)
+  assert math.isfinite(res.summary["eval_loss"]) and 0 <= res.summary["eval_acc"] <= 1
+  p0 = initial_params(example, args)
+  fast = res.state.params.fast if isinstance(res.state.params, optax.LookaheadParams) \
+      else res.state.params
+  assert jax.tree.structure(fast) == jax.tree.structure(p0)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fast),
+                                                   jax.tree.leaves(p0), strict=True)]
+  assert sum(moved) > len(moved) // 2, "the optimizer did not move the parameters"
+  return res, recs, p0
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("example", ["resnet", "vit", "llama"])
+def test_every_optimizer_trains_every_model(example, opt, tmp_path):
+  res, recs, p0 = check_run(example, opt, tmp_path)
+  spec_name = res.summary["opt"]
+  assert spec_name == opt
+  if opt == "lookahead":  # evaluation uses the slow weights: untouched before the first sync
+    for a, b in zip(jax.tree.leaves(res.state.params.slow), jax.tree.leaves(p0), strict=True):
+      np.testing.assert_array_equal(a, b)
+  if opt == "sala":
+    assert "sala_distance" in recs[-1] and "sala_stage" in recs[-1]
+    slow = ire_optax.sala_eval_params(res.state.opt_state)
+    assert jax.tree.structure(slow) == jax.tree.structure(res.state.params)
+
+
+@pytest.mark.parametrize("example,opt,curvature", IRE_CASES)
+def test_ire_over_every_optimizer(example, opt, curvature, tmp_path):
+  res, recs, _ = check_run(example, opt, tmp_path, "--ire-curvature", curvature,
+                           "--ire-gamma", "0.6")
+  assert res.summary["opt"] == opt
+  # The mask was refreshed on the first step: a real fraction of coordinates is flat.
+  frac = recs[-1]["ire_flat_fraction"]
+  assert 0.5 <= frac <= 1.0, frac
+  mask = ire_optax.ire_flat_mask(res.state.opt_state)
+  assert sum(int(m.sum()) for m in jax.tree.leaves(mask)) > 0
+
+
+def test_ire_over_msam_needs_fisher():
+  args = cli.make_parser("resnet").parse_args(["--opt", "msam+ire", "--ire-curvature",
+                                               "grad_sq"])
+  with pytest.raises(ValueError, match="fisher"):
+    optim.build_optimizer(args, 10)
+
+
+def test_optimizer_names():
+  assert optim.parse_name("SAM+ire") == ("sam", True)
+  assert optim.parse_name("sgd", ire_flag=True) == ("sgd", True)
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    optim.parse_name("adam")
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    optim.parse_name("sam+lookahead")
+
+
+# -----------------------------------------------------------------------------
+# BatchNorm: statistics come from the clean pass only
+# -----------------------------------------------------------------------------
+
+
+def _bn_setup(opt, *extra):
+  args = cli.make_parser("resnet").parse_args(
+      TOY["resnet"] + ["--opt", opt, "--rho", "0.5", "--fast-compile", *extra])
+  spec = optim.build_optimizer(args, 10)
+  m = models.build_resnet("toy", num_classes=10, in_channels=1, seed=0)
+  graphdef, params, stats = train.split_model(m.model)
+  # Non-trivial running statistics, so that "unchanged" and "updated" differ.
+  stats = jax.tree.map(lambda s: s + 0.3, stats)
+  d = cli._images("digits")
+  batch = data.ImageBatcher(d.x_train, d.y_train, 8, seed=0).batch_at(0)
+  return args, spec, graphdef, params, stats, batch
+
+
+@pytest.mark.parametrize("opt", ["sam", "msam", "asam+ire"])
+def test_batchnorm_statistics_from_clean_pass_only(opt):
+  """SAM/ASAM/SALA share the code path of "sam"; "asam+ire" adds IRE's fisher pass."""
+  args, spec, graphdef, params, stats, batch = _bn_setup(opt)
+  state = train.TrainState(params, stats, spec.tx.init(params))
+  state = jax.tree.map(jnp.copy, state)
+  step = train.make_train_step(graphdef, spec, num_classes=10, fast_compile=True)
+  new_state, _ = step(state, batch, jnp.int32(0))
+
+  @jax.jit
+  def reference(params, stats, batch):
+    # What a single clean forward pass in training mode does to the statistics...
+    _, clean = train.apply_model(graphdef, params, stats, batch["x"], train=True)
+
+    # ...and what the perturbed pass would do to them, were its statistics kept.
+    def loss(p):
+      logits, _ = train.apply_model(graphdef, p, stats, batch["x"], train=True)
+      return optim.cross_entropy(logits, batch["y"])[0]
+
+    g = jax.grad(loss)(params)
+    gn = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+    perturbed_params = jax.tree.map(lambda p, x: p + 0.5 * x / gn, params, g)
+    _, perturbed = train.apply_model(graphdef, perturbed_params, stats, batch["x"], train=True)
+    return clean, perturbed
+
+  clean, perturbed = reference.lower(params, stats, batch).compile(FAST)(params, stats, batch)
+  got, want, bad = (jax.tree.leaves(t) for t in (new_state.stats, clean, perturbed))
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The test can fail: the perturbed pass's statistics are far from the clean ones.
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(want, bad, strict=True)) > 1e-3
+  # ...and from the statistics before the step (the clean pass did update them).
+  old = jax.tree.leaves(stats)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, old, strict=True)) > 1e-3
+
+
+def test_evaluation_uses_running_statistics():
+  _, _, graphdef, params, stats, batch = _bn_setup("sgd")
+  out = train.evaluate(graphdef, params, stats, [dict(batch, w=np.ones(8, np.float32))],
+                       fast_compile=True)
+  logits, new_stats = jax.jit(lambda p, s, x: train.apply_model(graphdef, p, s, x, train=False))(
+      params, stats, batch["x"])
+  for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(stats), strict=True):
+    np.testing.assert_array_equal(a, b)  # evaluation does not touch the statistics
+  want = float(optim.cross_entropy(logits, batch["y"])[0])
+  assert out["eval_loss"] == pytest.approx(want, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: --resume continues bit-identically
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example,opt,extra", [
+    ("resnet", "sala+ire", ["--label-noise", "0.2", "--ire-curvature", "fisher"]),
+    ("llama", "lookahead", ["--label-smoothing", "0.1"]),
+])
+def test_resume_is_bit_identical(example, opt, extra, tmp_path):
+  base = TOY[example] + ["--opt", opt, "--steps", "4", "--eval-every", "2", "--eval-batches",
+                         "1", "--log-every", "1", "--lr", "0.01", "--no-plot", "--no-progress",
+                         "--fast-compile", "--out", str(tmp_path), *extra]
+  parser = cli.make_parser(example)
+  full = cli.run_example(example, parser.parse_args(base + ["--name", "full"]), quiet=True)
+  part = cli.run_example(example, parser.parse_args(
+      base + ["--name", "part", "--stop-after", "2"]), quiet=True)
+  assert part.summary["eval_loss"] is not None  # evaluated at step 2
+  assert (tmp_path / "part" / "checkpoints" / "2").exists()
+  resumed = cli.run_example(example, parser.parse_args(base + ["--name", "part", "--resume"]),
+                            quiet=True)
+  a, b = jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)
+  assert jax.tree.structure(full.state) == jax.tree.structure(resumed.state)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The logs agree too, and the resumed run's log has each step once.
+  fr, rr = train.read_metrics(tmp_path / "full"), train.read_metrics(tmp_path / "part")
+  assert [r["step"] for r in rr] == [1, 2, 3, 4]
+  for k in ("loss", "acc", "eval_loss"):
+    assert [r.get(k) for r in fr] == [r.get(k) for r in rr]
+  # The partial run's state differs from the final one (the test can fail).
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(part.state), a,
+                                                      strict=True))
+
+
+def test_checkpoint_files_and_fresh_runs(tmp_path):
+  argv = TOY["vit"] + [a for a in QUICK if a != "--no-checkpoint"] + [
+      "--out", str(tmp_path), "--name", "r"]
+  ckpts = lambda: sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir()
+                         if p.name.isdigit())
+  parser = cli.make_parser("vit")
+  cli.run_example("vit", parser.parse_args(argv + ["--ckpt-every", "1"]), quiet=True)
+  assert ckpts() == [1, 2]
+  # A fresh run (no --resume) of the same name replaces the old run's checkpoints.
+  cli.run_example("vit", parser.parse_args(argv), quiet=True)
+  assert ckpts() == [2]
+  # Resuming a finished run trains no further and keeps its log.
+  res = cli.run_example("vit", parser.parse_args(argv + ["--resume"]), quiet=True)
+  assert [r["step"] for r in train.read_metrics(tmp_path / "r")] == [1, 2]
+  assert res.summary["eval_loss"] is not None
+
+
+# -----------------------------------------------------------------------------
+# Outputs, command lines, comparison script
+# -----------------------------------------------------------------------------
+
+
+def test_outputs_csv_jsonl_png(tmp_path):
+  argv = TOY["vit"] + QUICK + ["--out", str(tmp_path), "--name", "plotted"]
+  argv.remove("--no-plot")
+  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv), quiet=True)
+  run = tmp_path / "plotted"
+  for f in ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png"):
+    assert (run / f).exists(), f
+  assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+  assert header[:3] == ["step", "loss", "acc"] and "eval_loss" in header
+  assert json.loads((run / "summary.json").read_text())["eval_loss"] == res.summary["eval_loss"]
+  assert json.loads((run / "config.json").read_text())["opt"] == "adamw"
+
+
+@pytest.mark.parametrize("script", ["resnet", "vit", "llama", "compare"])
+def test_help(script, capsys):
+  mod = compare if script == "compare" else __import__(f"examples.{script}",
+                                                       fromlist=["main"])
+  with pytest.raises(SystemExit) as e:
+    mod.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "--opt" in out or "--opts" in out
+
+
+def test_compare_script(tmp_path, capsys):
+  rows = compare.main(["--example", "vit", "--opts", "adamw", "adamw+ire,ire-kappa=1",
+                       "--out", str(tmp_path), *TOY["vit"], "--steps", "2", "--eval-every",
+                       "1", "--eval-batches", "1", "--fast-compile"])
+  out = capsys.readouterr().out
+  assert "| optimizer" in out and "adamw+ire,ire-kappa=1" in out
+  assert [r["opt"] for r in rows] == ["adamw", "adamw+ire"]
+  assert (tmp_path / "vit" / "comparison.png").exists()
+  assert (tmp_path / "vit" / "comparison.md").read_text().startswith("| optimizer")
+  assert rows[0]["speedup"] == 1.0
+  cfg = json.loads((tmp_path / "vit" / "adamw_ire" / "config.json").read_text())
+  assert cfg["ire_kappa"] == 1.0
+
+
+def test_compare_helpers():
+  assert compare.parse_opt("sam+ire,rho=0.1,nesterov") == (
+      "sam+ire", ["--opt", "sam+ire", "--rho", "0.1", "--nesterov"])
+  recs = [{"step": 1, "eval_loss": 3.0}, {"step": 2}, {"step": 3, "eval_loss": 1.0}]
+  assert compare.steps_to_reach(recs, 2.0) == 3 and compare.steps_to_reach(recs, 0.5) is None
+
+
+# -----------------------------------------------------------------------------
+# Losses and schedules against NumPy
+# -----------------------------------------------------------------------------
+
+
+def test_cross_entropy_with_smoothing_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+  y = rng.integers(0, 7, (3, 5))
+  s = 0.1
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  target = np.full((3, 5, 7), s / 7)
+  np.put_along_axis(target, y[..., None], 1 - s + s / 7, axis=-1)
+  want = float(np.mean(-(target * logp).sum(-1)))
+  loss, acc = optim.cross_entropy(jnp.asarray(logits), jnp.asarray(y), label_smoothing=s)
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(acc) == pytest.approx(float(np.mean(logits.argmax(-1) == y)))
+  w = (rng.random((3, 5)) > 0.5).astype(np.float32)
+  lw, _ = optim.cross_entropy(jnp.asarray(logits), jnp.asarray(y), weights=jnp.asarray(w))
+  nll = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+  assert float(lw) == pytest.approx(float((nll * w).sum() / w.sum()), rel=1e-5)
+
+
+def test_label_noise():
+  y = jnp.zeros(20000, jnp.int32)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(optim.label_noise(key, y, 10, 0.0), y)
+  noisy = np.asarray(optim.label_noise(key, y, 10, 0.3))
+  # A label is changed with probability p (1 - 1/C); new labels are uniform.
+  assert np.mean(noisy != 0) == pytest.approx(0.3 * 0.9, abs=0.015)
+  counts = np.bincount(noisy[noisy != 0], minlength=10)[1:]
+  assert counts.min() > 0.8 * counts.mean()
+  assert not np.array_equal(noisy, optim.label_noise(jax.random.key(1), y, 10, 0.3))
+
+
+def test_label_noise_in_the_train_step_depends_on_the_step(tmp_path):
+  argv = TOY["vit"] + QUICK + ["--out", str(tmp_path), "--label-noise", "1.0", "--opt", "sgd",
+                               "--lr", "0.0"]
+  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv), quiet=True)
+  recs = train.read_metrics(res.summary["run_dir"])
+  clean = cli.run_example("vit", cli.make_parser("vit").parse_args(
+      [a for a in argv if a not in ("--label-noise", "1.0")] + ["--name", "c"]), quiet=True)
+  crecs = train.read_metrics(clean.summary["run_dir"])
+  # lr 0: same parameters, so a different loss comes from the noisy labels alone.
+  assert recs[0]["loss"] != crecs[0]["loss"]
+
+
+def test_lr_schedule_matches_numpy():
+  peak, total, warm, final = 0.5, 100, 10, 0.1
+  sched = optim.lr_schedule(peak, total, warm, "cosine", final)
+  for t in [0, 5, 9, 10, 40, 99, 150]:
+    if t < warm:
+      want = peak * (t + 1) / warm
+    else:
+      frac = min((t - warm) / (total - warm), 1.0)
+      want = peak * final + (peak - peak * final) * 0.5 * (1 + math.cos(math.pi * frac))
+    assert float(sched(t)) == pytest.approx(want, rel=1e-5), t
+  const = optim.lr_schedule(peak, total, 0, "constant")
+  assert float(const(0)) == float(const(99)) == pytest.approx(peak)
+  assert float(optim.lr_schedule(peak, total, 0, "linear")(50)) == pytest.approx(peak / 2)
+  assert optim.to_steps(0.25, 200) == 50 and optim.to_steps(30, 200) == 30
+
+
+def test_weight_decay_skips_biases_and_norms():
+  args = cli.make_parser("vit").parse_args(["--opt", "sgd", "--weight-decay", "0.5", "--lr",
+                                            "1.0", "--momentum", "0"])
+  tx = optim.build_optimizer(args, 10).tx
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(upd["kernel"], -0.5 * np.ones((2, 2)))
+  np.testing.assert_array_equal(upd["bias"], np.zeros(2))
+
+
+def test_clipping_is_inside_the_base():
+  args = cli.make_parser("llama").parse_args(["--opt", "sgd", "--clip-norm", "1.0", "--lr",
+                                              "1.0", "--momentum", "0", "--weight-decay", "0"])
+  tx = optim.build_optimizer(args, 10).tx
+  params = {"w": jnp.zeros(4)}
+  upd, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
+  assert float(np.linalg.norm(upd["w"])) == pytest.approx(1.0, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Models
+# -----------------------------------------------------------------------------
+
+
+def _count(make):
+  from flax import nnx
+
+  abstract = nnx.eval_shape(make)
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+@pytest.mark.parametrize("preset,want", [("resnet20", 0.27e6), ("resnet56", 0.85e6)])
+def test_resnet_presets_have_the_papers_sizes(preset, want):
+  from flax import nnx
+
+  cfg = models.RESNET_PRESETS[preset]
+  n = _count(lambda: models.ResNet(num_classes=10, rngs=nnx.Rngs(0), **cfg))
+  assert n == pytest.approx(want, rel=0.06)
+
+
+def test_vit_s_and_llama_60m_sizes():
+  from flax import nnx
+
+  n = _count(lambda: models.ViT(num_classes=100, image_size=32, patch_size=4,
+                                rngs=nnx.Rngs(0), **models.VIT_PRESETS["vit-s"]))
+  assert n == pytest.approx(21.4e6, rel=0.02)  # ViT-S/4 on CIFAR
+  n = _count(lambda: models.Llama(vocab_size=32000, rngs=nnx.Rngs(0),
+                                  **models.LLAMA_PRESETS["60m"]))
+  assert n == pytest.approx(58.1e6, rel=0.01)  # GaLore/IRE Llama-60M, T5 vocabulary
+  assert models.swiglu_hidden(512) == 1376
+
+
+def test_llama_is_causal_and_tied_embeddings_share_weights():
+  from flax import nnx
+
+  m = models.Llama(vocab_size=11, dim=16, depth=2, heads=2, tie_embeddings=True,
+                   rngs=nnx.Rngs(0))
+  assert m.lm_head is None
+  x = jnp.asarray([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 6]])
+  graphdef, state = nnx.split(m)
+  out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile(FAST)(state, x)
+  a, b = out[:1], out[1:]
+  assert a.shape == (1, 6, 11)
+  np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(a[:, 4:], b[:, 4:])
+  untied = models.Llama(vocab_size=11, dim=16, depth=2, heads=2, rngs=nnx.Rngs(0))
+  assert _count(lambda: untied) == _count(lambda: m) + 16 * 11
+
+
+def test_rotary_is_relative():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32)
+
+  def score(i, j):
+    return float(jnp.sum(models.rotary(q, jnp.asarray([i])) * models.rotary(k, jnp.asarray([j]))))
+
+  assert score(3, 1) == pytest.approx(score(7, 5), rel=1e-5)
+  assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+  rq = models.rotary(q, jnp.asarray([5]))
+  assert float(jnp.linalg.norm(rq)) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-6)
+
+
+def test_model_errors():
+  from flax import nnx
+
+  with pytest.raises(ValueError, match="6n\\+2"):
+    models.ResNet(num_classes=10, depth=21, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="preset"):
+    models.build_llama("1b", vocab_size=10)
+  with pytest.raises(ValueError, match="patch size"):
+    models.ViT(num_classes=10, image_size=8, patch_size=3, rngs=nnx.Rngs(0))
