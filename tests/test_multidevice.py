@@ -558,3 +558,23 @@ def test_ire_shard_map_fsdp_with_shard_axis_name():
   got_u, got_s = f(jax.device_put(grads, shardings), state, sp)
   chex.assert_trees_all_close(got_u, want_u, **TOL)
   chex.assert_trees_all_close(got_s.mask, want_s.mask)
+
+
+# -----------------------------------------------------------------------------
+# The data-parallel example
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["sam", "adamw+ire"])
+def test_data_parallel_example_gspmd_equals_shard_map(opt, tmp_path):
+  """examples/data_parallel.py: both placements over 8 devices train the same Llama."""
+  from examples import data_parallel
+
+  argv = ["--size", "toy", "--steps", "3", "--log-every", "3", "--batch-size", "16",
+          "--seq-len", "16", "--max-chars", "20000", "--opt", opt, "--ire-curvature", "grad_sq",
+          "--ire-refresh-every", "2", "--fast-compile", "--out", str(tmp_path)]
+  runs = {dp: data_parallel.main([*argv, "--data-parallel", dp]) for dp in ("gspmd", "shard_map")}
+  assert runs["gspmd"]["devices"] == NDEV
+  assert np.isfinite(runs["gspmd"]["loss"])
+  chex.assert_trees_all_close(runs["shard_map"]["params"], runs["gspmd"]["params"], **TOL)
+  assert (tmp_path / f"data_parallel-gspmd-{opt}" / "metrics.jsonl").read_text().count("\n") == 1
