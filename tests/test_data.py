@@ -232,6 +232,24 @@ def test_hf_loaders_with_fake_module(monkeypatch):
   assert t.tokenizer.decode(t.valid) == "held out"
 
 
+def test_tfds_loader_with_fake_module(monkeypatch):
+  class FakeTFDS:
+    @staticmethod
+    def load(name, split, batch_size):
+      assert split == ["train", "test"] and batch_size == -1
+      img = lambda n: np.arange(n * 2 * 2 * 3, dtype=np.uint8).reshape(n, 2, 2, 3)
+      return [{"image": img(3), "label": np.array([0, 1, 4])},
+              {"image": img(2), "label": np.array([2, 3])}]
+
+    as_numpy = staticmethod(lambda x: x)
+
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", FakeTFDS)
+  d = data.load_images("tfds:cifar10")
+  assert d.x_train.shape == (3, 2, 2, 3) and d.x_test.shape == (2, 2, 2, 3)
+  np.testing.assert_array_equal(d.y_test, [2, 3])
+  assert d.num_classes == 5 and d.name == "tfds:cifar10"
+
+
 # -----------------------------------------------------------------------------
 # Text
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ train steps compile in CI time on two CPU cores.
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -202,7 +203,9 @@ def test_resume_is_bit_identical(example, opt, extra, tmp_path):
                          "1", "--log-every", "1", "--lr", "0.01", "--no-plot", "--no-progress",
                          "--fast-compile", "--out", str(tmp_path), *extra]
   parser = cli.make_parser(example)
-  full = cli.run_example(example, parser.parse_args(base + ["--name", "full"]), quiet=True)
+  # Checkpoints every step: the step after each (asynchronous) save donates the buffers.
+  full = cli.run_example(example, parser.parse_args(base + ["--name", "full", "--ckpt-every",
+                                                            "1"]), quiet=True)
   part = cli.run_example(example, parser.parse_args(
       base + ["--name", "part", "--stop-after", "2"]), quiet=True)
   assert part.summary["eval_loss"] is not None  # evaluated at step 2
@@ -221,6 +224,12 @@ def test_resume_is_bit_identical(example, opt, extra, tmp_path):
   # The partial run's state differs from the final one (the test can fail).
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(part.state), a,
                                                       strict=True))
+  # The intermediate checkpoint of step 3, saved while training went on, resumes exactly.
+  shutil.rmtree(tmp_path / "full" / "checkpoints" / "4")
+  again = cli.run_example(example, parser.parse_args(base + ["--name", "full", "--resume"]),
+                          quiet=True)
+  for x, y in zip(a, jax.tree.leaves(again.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_checkpoint_files_and_fresh_runs(tmp_path):
@@ -257,9 +266,13 @@ def test_outputs_csv_jsonl_png(tmp_path):
   assert header[:3] == ["step", "loss", "acc"] and "eval_loss" in header
   assert json.loads((run / "summary.json").read_text())["eval_loss"] == res.summary["eval_loss"]
   assert json.loads((run / "config.json").read_text())["opt"] == "adamw"
+  from examples import plot
+
+  out = plot.main([str(run), str(run), "-o", str(tmp_path / "both.png")])
+  assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("script", ["resnet", "vit", "llama", "compare"])
+@pytest.mark.parametrize("script", ["resnet", "vit", "llama", "compare", "plot"])
 def test_help(script, capsys):
   mod = compare if script == "compare" else __import__(f"examples.{script}",
                                                        fromlist=["main"])
@@ -267,7 +280,7 @@ def test_help(script, capsys):
     mod.main(["--help"])
   assert e.value.code == 0
   out = capsys.readouterr().out
-  assert "--opt" in out or "--opts" in out
+  assert "--opt" in out or "--opts" in out or "--output" in out
 
 
 def test_compare_script(tmp_path, capsys):

@@ -423,7 +423,7 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
     mngr.close()
 
   log.write_csv()
-  final = log.records[-1] if log.records else {}
+  final = next((r for r in reversed(log.records) if "eval_loss" in r), {})
   recent = [r["loss"] for r in log.records[-5:] if "loss" in r]
   summary = {
       "name": name, "example": example, "opt": spec.name, "steps": args.steps,
