@@ -30,7 +30,8 @@ All D "devices" share the same 2 CPU cores, so absolute scaling with D is not
 meaningful here; the ratios to AdamW at each D are.
 
 Usage: ``python benchmarks/bench_multidevice.py [--reps 9] [--quick]``
--> ``benchmarks/results/multidevice.md`` and ``.json``.
+-> ``benchmarks/results/multidevice.md``, ``.json`` and ``.png``
+(``--render`` redraws the table and plot from the JSON).
 """
 
 from __future__ import annotations
@@ -319,6 +320,36 @@ def write_tables(results: list[dict], reps: int, wall_s: float, load: float | No
   return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict], path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  ds = [r["devices"] for r in results]
+  for ax, placement in zip(axes[:2], ("shard_map", "gspmd"), strict=True):
+    for o, style in zip(OPTS[1:], ("o-", "s-", "^-"), strict=True):
+      ax.plot(ds, [r["placements"][placement][o]["time_ratio_to_adamw"] for r in results],
+              style, label=o)
+      ax.axhline(TARGETS[o], color=ax.lines[-1].get_color(), ls=":", lw=1)
+    ax.set(xscale="log", xticks=ds, xticklabels=ds, xlabel="emulated devices D",
+           ylabel="train-step time / AdamW", title=f"{placement} (dotted: targets)")
+    ax.legend(fontsize=8)
+  ax = axes[2]
+  for placement, style in (("replicated", "o-"), ("sharded", "s-")):
+    ax.plot(ds, [r["refresh"][placement]["ire_refresh_ms"] for r in results], style,
+            label=f"{placement} params")
+  ax.set(xscale="log", xticks=ds, xticklabels=ds, xlabel="emulated devices D",
+         ylabel="ms", title=f"IRE refresh, {results[0]['refresh_params'] / 1e6:.1f}M params")
+  ax.legend(fontsize=8)
+  for ax in axes:
+    ax.minorticks_off()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--reps", type=int, default=9)
@@ -331,6 +362,7 @@ def main() -> None:
     saved = json.loads((RESULTS / "multidevice.json").read_text())
     (RESULTS / "multidevice.md").write_text(
         write_tables(saved["results"], saved["reps"], saved["wall_s"], saved.get("load")))
+    plot(saved["results"], RESULTS / "multidevice.png")
     return
   if args.worker is not None:
     print(json.dumps(worker(args.worker, args.reps)))
@@ -350,6 +382,7 @@ def main() -> None:
         {"reps": reps, "global_batch": GLOBAL_BATCH, "targets": TARGETS, "results": results,
          "wall_s": wall_s, "load": load},
         indent=2))
+    plot(results, RESULTS / "multidevice.png")
 
 
 if __name__ == "__main__":
