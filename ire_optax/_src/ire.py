@@ -49,7 +49,7 @@ class IREState(NamedTuple):
     base_state: the wrapped optimizer's state.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as in Optax)
   mask: optax.Updates
   curvature_ema: Any
   key: jax.Array
@@ -138,6 +138,12 @@ def ire(
   Raises:
     ValueError: for a hyperparameter outside its range or an unknown estimator.
 
+  References:
+    M. Wang, J. He, K. Wang, Z. Chen, Y. Lu, *Improving Generalization and
+    Convergence by Enhancing Implicit Regularization*, NeurIPS 2024,
+    `arXiv:2405.20763 <https://arxiv.org/abs/2405.20763>`_, Algorithm 1
+    "Practical IRE".
+
   Example:
     >>> import jax, jax.numpy as jnp, optax, ire_optax
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -153,11 +159,14 @@ def ire(
   utils.check_transformation("base_optimizer", base_optimizer)
   utils.check_range("kappa", kappa, low=0.0)
   utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+  utils.check_not_schedule("gamma", gamma, "the fraction of flat coordinates")
   utils.check_int("refresh_every", refresh_every, low=1)
   utils.check_int("warmup_steps", warmup_steps, low=0)
   utils.check_int("num_samples", num_samples, low=1)
+  utils.check_int("seed", seed, low=-(2**63))  # any integer jax.random.PRNGKey accepts
   if ema_decay is not None:
     utils.check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
+    utils.check_not_schedule("ema_decay", ema_decay)
   if isinstance(curvature, str):
     if curvature not in CURVATURE_ESTIMATORS:
       raise ValueError(
@@ -219,7 +228,8 @@ def ire(
   def update_fn(updates, state, params=None, **extra_args):
     if curvature in ("fisher", "hutchinson") or callable(curvature):
       if params is None:
-        raise ValueError(optax.NO_PARAMS_MSG)
+        raise ValueError("ire.update() needs `params` for a model-based curvature estimator "
+                         f"(curvature={curvature!r}); got None.")
     # Fail early (at trace time) if a model-based estimator lacks its input.
     if curvature == "fisher":
       utils.require_callable("logits_fn", extra_args.get("logits_fn"),

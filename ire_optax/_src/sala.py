@@ -47,7 +47,7 @@ class SALAState(NamedTuple):
     base_state: the state of the base optimizer (never reset).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as in Optax)
   slow: optax.Params
   distance: jax.Array
   stage: jax.Array
@@ -157,6 +157,7 @@ def sala(
   utils.check_range("slow_step_size", slow_step_size, low=0.0, high=1.0)
   utils.check_range("rho", rho, low=0.0)
   utils.check_range("eps", eps, low=0.0)
+  utils.check_not_schedule("eps", eps)
   base = utils.with_extra_args(base_optimizer)
 
   def init_fn(params: optax.Params) -> SALAState:

@@ -52,7 +52,7 @@ class SAMState(NamedTuple):
     base_state: state of the base optimizer.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as in Optax)
   base_state: optax.OptState
 
 
@@ -61,10 +61,13 @@ class SAMState(NamedTuple):
 # -----------------------------------------------------------------------------
 
 
-def _validate(rho: Any, adaptive_eta: Any, eps: Any) -> None:
+def _validate(rho: Any, adaptive_eta: Any, eps: Any, adaptive: Any) -> None:
   utils.check_range("rho", rho, low=0.0)
   utils.check_range("adaptive_eta", adaptive_eta, low=0.0)
   utils.check_range("eps", eps, low=0.0)
+  utils.check_not_schedule("adaptive_eta", adaptive_eta)
+  utils.check_not_schedule("eps", eps)
+  utils.check_bool("adaptive", adaptive)
 
 
 def _perturbed_params(
@@ -107,11 +110,11 @@ def _split_batch(batch: Batch, num_microbatches: int, sequential: bool = False) 
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("msam.update(): `batch` has no array leaves to split into micro-batches.")
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) >= 1 else None for x in leaves}
-  if None in sizes:
+  if any(jnp.ndim(x) == 0 for x in leaves):
     raise ValueError(
         "msam.update(): every leaf of `batch` needs a leading batch dimension; found a scalar."
     )
+  sizes = {int(jnp.shape(x)[0]) for x in leaves}
   if len(sizes) != 1:
     raise ValueError(
         f"msam.update(): all leaves of `batch` must share the leading batch size; got "
@@ -148,7 +151,6 @@ def _split_leading(x: jax.Array, m: int, sequential: bool) -> jax.Array:
   inner = spec[0] if shape[1] % n == 0 else None
   out = jax.sharding.PartitionSpec(None, inner, *spec[1:])
   return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, out))
-
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +244,8 @@ def sam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  _validate(rho, adaptive_eta, eps)
+  _validate(rho, adaptive_eta, eps, adaptive)
+  utils.check_bool("per_device_ascent", per_device_ascent)
   if per_device_ascent and axis_name is None:
     raise ValueError("`per_device_ascent=True` needs an `axis_name` (the data-parallel axis).")
 
@@ -377,7 +380,7 @@ def msam(
     <https://arxiv.org/abs/2302.09693>`_, 2023.
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  _validate(rho, adaptive_eta, eps)
+  _validate(rho, adaptive_eta, eps, adaptive)
   if utils.concrete_value(num_microbatches) is None:
     raise TypeError(
         "`num_microbatches` must be a static Python int, not a traced value or a "

@@ -19,9 +19,11 @@ The result is the exact k-th smallest value ``τ`` -- the same value a full
 sort gives, bit for bit -- and the mask ``h <= τ``. Ties at ``τ`` are all
 selected (as in the authors' code), so the mask holds *at least* ``k``
 coordinates: exactly ``k`` when the values are distinct, more only by the
-number of values equal to ``τ``. Values compare as XLA compares them:
-denormals are flushed to zero on CPU/GPU, so they tie with ``0``. Cost: two histogram passes and one
-comparison pass over ``N`` float32 values; the histograms are 256 KiB each.
+number of values equal to ``τ`` (and fewer only when fewer than ``k`` values
+are numbers: NaN is never selected, see :func:`flat_mask`). Values compare as
+XLA compares them: denormals are flushed to zero on CPU/GPU, so they tie with
+``0``. Cost: two histogram passes and one comparison pass over ``N`` float32
+values; the histograms are 256 KiB each.
 
 Across devices, the per-device histograms combine with one ``psum`` each
 (``axis_name``), so a parameter tree partitioned over devices is ranked
@@ -38,8 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ire_optax._src import utils
+
 _BINS = 1 << 16
 _LOW_MASK = np.uint32(0xFFFF)
+_INF_KEY = np.uint32(0xFF800000)  # ordered_keys(+inf): the largest key of a number
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -69,6 +74,14 @@ def _leaves_f32(tree: Any) -> list[jax.Array]:
   return [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
 
 
+def _check_real_leaves(name: str, tree: Any) -> None:
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.result_type(x)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"`{name}` must hold real numbers (ranked as float32); got a leaf of "
+                      f"dtype {dtype}.")
+
+
 def num_elements(tree: Any) -> int:
   """Total number of scalars in a pytree (a static Python int)."""
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
@@ -84,10 +97,11 @@ def _histogram(indices: jax.Array, length: int) -> jax.Array:
   """
   if indices.size == 0:
     return jnp.zeros((length,), jnp.uint32)
-  kwargs = {}
+  kwargs: dict[str, Any] = {}
   sharding = getattr(jax.typeof(indices), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is not None and not mesh.empty and any(a is not None for a in sharding.spec):
+  spec = getattr(sharding, "spec", None) or ()
+  if mesh is not None and not mesh.empty and any(a is not None for a in spec):
     kwargs["out_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   counts = jnp.zeros((length,), jnp.int32).at[indices].add(1, mode="drop", **kwargs)
   return counts.astype(jnp.uint32)
@@ -153,7 +167,19 @@ def kth_smallest(tree: Any, k: jax.Array | int, *, axis_name: str | None = None)
     >>> from ire_optax import kth_smallest
     >>> float(kth_smallest({"a": jnp.array([3., 1.]), "b": jnp.array([2.])}, 2))
     2.0
+
+  Raises:
+    ValueError: if a concrete ``k`` is not an integer in ``[1, N]`` (only
+      ``k >= 1`` is checked with ``axis_name``, where ``N`` is global).
+    TypeError: if a leaf is not real (complex, bool, ...).
   """
+  _check_real_leaves("tree", tree)
+  utils.check_int("k", k, low=1)
+  n = num_elements(tree)
+  kv = utils.concrete_value(k)
+  if axis_name is None and kv is not None and kv > n:
+    raise ValueError(f"`k` must be an integer in [1, {n}] (the number of elements of `tree`); "
+                     f"got {k!r}.")
   return key_to_float(kth_smallest_key(tree, k, axis_name=axis_name))
 
 
@@ -189,10 +215,22 @@ def flat_mask(
     >>> from ire_optax import flat_mask
     >>> flat_mask({"w": jnp.array([4., 1., 3., 2.])}, 0.5)["w"].tolist()
     [0, 1, 0, 1]
+
+  NaN is never selected: it ranks above every number, and when fewer than
+  ``k`` values are numbers the mask holds just the numbers (``-inf`` and
+  ``+inf`` are numbers here; ``-inf`` is the flattest value).
+
+  Raises:
+    ValueError: if a concrete ``gamma`` is not in ``(0, 1]``.
+    TypeError: if ``gamma`` is not a number or a leaf is not real.
   """
+  utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
+  utils.check_not_schedule("gamma", gamma, "the fraction of coordinates selected")
+  _check_real_leaves("tree", tree)
   n = num_elements(tree)
   if axis_name is not None:
     n = n * jax.lax.psum(1, axis_name)
   k = num_selected(n, gamma)
-  tau = kth_smallest_key(tree, k, axis_name=axis_name)
+  # NaN has the largest key; capping τ at the key of +inf keeps NaN out of the mask.
+  tau = jnp.minimum(kth_smallest_key(tree, k, axis_name=axis_name), _INF_KEY)
   return jax.tree.map(lambda x: (ordered_keys(x) <= tau).astype(dtype), tree)

@@ -57,11 +57,17 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range."""
+  """Raises ``ValueError`` naming ``name`` if a concrete ``value`` is out of range.
+
+  NaN and infinities are out of every range. A bool, a string or an array that
+  is not a real scalar raises ``TypeError``/``ValueError`` (see
+  :func:`check_scalar`). Callables (schedules) and tracers are not checked.
+  """
+  check_scalar(name, value)
   v = concrete_value(value)
   if v is None:
     return
-  ok = not math.isnan(v)
+  ok = math.isfinite(v)
   if ok and low is not None:
     ok = v >= low if low_inclusive else v > low
   if ok and high is not None:
@@ -75,11 +81,17 @@ def check_range(
 
 
 def check_int(name: str, value: Any, *, low: int) -> None:
-  """Raises if a concrete ``value`` is not an integer ``>= low``."""
+  """Raises if a concrete ``value`` is not an integer ``>= low`` (or is not a number at all).
+
+  An integer setting is never a schedule: a callable raises ``TypeError``.
+  """
+  if callable(value):
+    raise TypeError(f"`{name}` must be an integer >= {low}, not a {type(value).__name__}.")
+  check_scalar(name, value)
   v = concrete_value(value)
   if v is None:
     return
-  if v != int(v) or v < low:
+  if not math.isfinite(v) or v != int(v) or v < low:
     raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
 
 
@@ -126,7 +138,8 @@ def tree_sum_sq(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves)
+  return sum((jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves),
+             jnp.zeros((), jnp.float32))
 
 
 def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
@@ -182,7 +195,7 @@ def with_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransform
 
 
 def _varying_axes(x: Any) -> frozenset:
-  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+  aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)  # type: ignore[attr-defined]
   mat = getattr(aval, "manual_axis_type", None)
   if mat is not None:
     return frozenset(getattr(mat, "varying", ()))
@@ -216,3 +229,38 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
 
   return jax.tree.map(cast, tree)
 
+
+def check_scalar(name: str, value: Any) -> None:
+  """Raises unless ``value`` is a real number (a scalar), a schedule or a tracer.
+
+  ``TypeError`` for a bool, a string or a non-numeric/complex dtype (they would
+  otherwise be silently converted); ``ValueError`` for an array with more than
+  one element. Callables pass (schedules), and so do scalar tracers (values
+  injected by :func:`optax.inject_hyperparams`).
+  """
+  if callable(value):
+    return
+  if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"`{name}` must be a real number; got {value!r} ({type(value).__name__}).")
+  try:
+    shape, dtype = np.shape(value), jnp.result_type(value)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"`{name}` must be a real number; got a {type(value).__name__}.") from e
+  if shape != ():
+    raise ValueError(f"`{name}` must be a scalar; got an array of shape {shape}.")
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"`{name}` must be a real number; got dtype {dtype}.")
+
+
+def check_not_schedule(name: str, value: Any, why: str = "it is a constant") -> None:
+  """Raises ``TypeError`` if ``value`` is callable where only a number is accepted."""
+  if callable(value):
+    raise TypeError(f"`{name}` must be a number, not a schedule ({why}); got "
+                    f"{type(value).__name__}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises ``TypeError`` unless ``value`` is a bool (a truthy string is not ``True``)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be True or False; got {value!r} ({type(value).__name__}).")
