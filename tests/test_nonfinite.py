@@ -1,0 +1,467 @@
+"""Non-finite values and degenerate inputs: each statement of docs/nonfinite.md, tested.
+
+Covers NaN/Inf in the gradient, in the perturbed (SAM) gradient and in the
+curvature estimates; ``optax.apply_if_finite`` around (and inside) every
+optimizer; zero gradients, zero parameters (ASAM), all-equal curvature (ties
+everywhere), a single scalar parameter and empty leaves.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ire_optax
+from tests import cases
+
+NAN, INF = np.nan, np.inf
+
+
+def _params():
+  return {"w": jnp.array([1.0, -2.0, 3.0, 0.5]), "b": jnp.array([0.1, 0.2])}
+
+
+def _tree(w, b):
+  return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+
+
+def _const_curvature(h):
+  """A user curvature estimator returning the fixed tree ``h``."""
+  return lambda grads, params, key, **_: h
+
+
+def _nonfinite(tree):
+  return {k: ~np.isfinite(np.asarray(v)) for k, v in tree.items()}
+
+
+# -----------------------------------------------------------------------------
+# IRE
+# -----------------------------------------------------------------------------
+
+
+def test_ire_nan_and_inf_gradients_stay_where_the_base_puts_them():
+  """g² = NaN is ranked sharpest, +inf after every finite value; IRE adds no NaN."""
+  params = _params()
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.5, refresh_every=1)
+  g = _tree([NAN, INF, 0.3, -0.2], [0.05, 1.0])
+  updates, state = tx.update(g, tx.init(params), params)
+  mask = ire_optax.ire_flat_mask(state)
+  # h = g² = [nan, inf, .09, .04 | .0025, 1]; k = ⌊0.5·6⌋ = 3: the three smallest numbers.
+  np.testing.assert_array_equal(mask["w"], [0, 0, 1, 1])
+  np.testing.assert_array_equal(mask["b"], [1, 0])
+  assert np.isnan(updates["w"][0]) and updates["w"][1] == -INF
+  np.testing.assert_allclose(updates["w"][2:], -0.1 * 3.0 * np.array([0.3, -0.2]), rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.1 * np.array([3.0 * 0.05, 1.0]), rtol=1e-6)
+  # Non-finite exactly where the base update is.
+  base_updates, _ = optax.sgd(0.1).update(g, optax.sgd(0.1).init(params), params)
+  chex.assert_trees_all_equal(_nonfinite(updates), _nonfinite(base_updates))
+
+
+def test_ire_nan_in_adam_moments_persists_without_apply_if_finite():
+  params = _params()
+  tx = ire_optax.ire(optax.adam(1e-2), kappa=2.0, gamma=0.5, refresh_every=1)
+  state = tx.init(params)
+  _, state = tx.update(_tree([NAN, 1, 1, 1], [1, 1]), state, params)
+  updates, _ = tx.update(_tree([1, 1, 1, 1], [1, 1]), state, params)
+  assert np.isnan(updates["w"][0])  # Adam's moments of that coordinate stay NaN
+  chex.assert_tree_all_finite({"w": updates["w"][1:], "b": updates["b"]})
+
+
+def test_ire_after_global_norm_clipping_one_nan_reaches_every_coordinate():
+  params = _params()
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.5, refresh_every=1))
+  updates, _ = tx.update(_tree([NAN, 1, 1, 1], [1, 1]), tx.init(params), params)
+  assert all(bool(np.isnan(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_ire_nan_curvature_is_never_flat_and_the_update_stays_finite():
+  params, g = _params(), _tree([1, 1, 1, 1], [1, 1])
+  h = _tree([NAN, 1.0, 2.0, 3.0], [NAN, 0.5])
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.5, refresh_every=1,
+                     curvature=_const_curvature(h))
+  updates, state = tx.update(g, tx.init(params), params)
+  mask = ire_optax.ire_flat_mask(state)
+  np.testing.assert_array_equal(mask["w"], [0, 1, 1, 0])  # k = 3: 0.5, 1, 2
+  np.testing.assert_array_equal(mask["b"], [0, 1])
+  chex.assert_tree_all_finite(updates)
+  # γ = 0.99 asks for k = 5 > 4 numbers: all numbers are flat, NaN still is not.
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.99, refresh_every=1,
+                     curvature=_const_curvature(h))
+  _, state = tx.update(g, tx.init(params), params)
+  np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["w"], [0, 1, 1, 1])
+  np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["b"], [0, 1])
+
+
+def test_ire_infinite_curvature_ranks_as_a_number():
+  params, g = _params(), _tree([1, 1, 1, 1], [1, 1])
+  h = _tree([INF, -INF, 1.0, 2.0], [NAN, 3.0])
+  for gamma, w, b in [(0.5, [0, 1, 1, 1], [0, 0]), (0.99, [1, 1, 1, 1], [0, 1])]:
+    tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=gamma, refresh_every=1,
+                       curvature=_const_curvature(h))
+    updates, state = tx.update(g, tx.init(params), params)
+    np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["w"], w)  # -inf is flattest
+    np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["b"], b)
+    chex.assert_tree_all_finite(updates)
+
+
+def test_ire_all_nan_fisher_estimate_switches_ire_off_until_the_next_refresh():
+  """NaN logits (e.g. an overflow) make every h NaN: no coordinate is flat, update = base."""
+  params = _params()
+  g = _tree([0.5, -1.0, 2.0, 0.1], [0.3, -0.3])
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=3.0, gamma=0.6, refresh_every=2, curvature="fisher")
+  nan_logits = lambda p: jnp.full((4, 3), NAN) * (p["w"].sum() + p["b"].sum())
+  updates, state = tx.update(g, tx.init(params), params, logits_fn=nan_logits)
+  assert all(int(m.sum()) == 0 for m in jax.tree.leaves(ire_optax.ire_flat_mask(state)))
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.1 * x, g))
+  # The next step is not a refresh: the (empty) mask is kept.
+  updates, state = tx.update(g, state, params, logits_fn=nan_logits)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.1 * x, g))
+  # A finite estimate at the next refresh switches IRE back on.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 4)), jnp.float32)
+  good_logits = lambda p: (x @ p["w"])[:, None] * jnp.arange(3.0) + p["b"].sum()
+  _, state = tx.update(g, state, params, logits_fn=good_logits)
+  assert sum(int(m.sum()) for m in jax.tree.leaves(ire_optax.ire_flat_mask(state))) >= 3
+
+
+def test_ire_all_equal_curvature_makes_every_coordinate_flat():
+  """Ties at τ are all flat (authors' code): equal curvature everywhere → (1 + κ)·base."""
+  params, g = _params(), _tree([0.5, -1.0, 2.0, 0.1], [0.3, -0.3])
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.6, refresh_every=1,
+                     curvature=_const_curvature(jax.tree.map(jnp.ones_like, params)))
+  updates, state = tx.update(g, tx.init(params), params)
+  assert all(bool(m.all()) for m in jax.tree.leaves(ire_optax.ire_flat_mask(state)))
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.1 * 3.0 * x, g))
+
+
+def test_ire_zero_gradients_are_all_ties_and_give_a_zero_finite_update():
+  params = _params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for base in (optax.sgd(0.1, momentum=0.9), optax.adamw(1e-2, weight_decay=0.0)):
+    tx = ire_optax.ire(base, kappa=3.0, gamma=0.6, refresh_every=1)
+    updates, state = tx.update(zeros, tx.init(params), params)
+    assert all(bool(m.all()) for m in jax.tree.leaves(ire_optax.ire_flat_mask(state)))
+    chex.assert_trees_all_equal(updates, zeros)
+
+
+# -----------------------------------------------------------------------------
+# SAM / ASAM / mSAM
+# -----------------------------------------------------------------------------
+
+
+def _returns_argument(p):
+  """A "gradient" equal to the point it is taken at: exposes θ + ε exactly."""
+  return p
+
+
+def test_sam_nan_in_the_clean_gradient_makes_every_coordinate_nan():
+  params = _params()
+  tx = ire_optax.sam(optax.sgd(1.0), rho=0.1)
+  g = _tree([NAN, 1, 1, 1], [1, 1])
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  assert all(bool(np.isnan(u).all()) for u in jax.tree.leaves(updates))  # ‖g‖ = NaN
+
+
+def test_sam_inf_in_the_clean_gradient_is_nan_there_and_zero_perturbation_elsewhere():
+  params = _params()
+  tx = ire_optax.sam(optax.sgd(1.0), rho=0.1)
+  g = _tree([INF, 1, 1, 1], [1, 1])
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  # ε = ρ g / ‖g‖ = ρ g / inf: inf/inf = NaN at that coordinate, 0 elsewhere.
+  assert np.isnan(updates["w"][0])
+  np.testing.assert_array_equal(updates["w"][1:], -params["w"][1:])
+  np.testing.assert_array_equal(updates["b"], -params["b"])
+
+
+def test_sam_nan_in_the_perturbed_gradient_reaches_only_those_coordinates():
+  params = _params()
+  tx = ire_optax.sam(optax.sgd(0.1, momentum=0.9), rho=0.1)
+  bad = lambda p: {"w": p["w"].at[1].set(NAN), "b": p["b"]}
+  updates, state = tx.update(_tree([1, 1, 1, 1], [1, 1]), tx.init(params), params, grad_fn=bad)
+  assert _nonfinite(updates)["w"].tolist() == [False, True, False, False]
+  assert not _nonfinite(updates)["b"].any()
+  assert np.isnan(state.base_state[0].trace["w"][1])  # the momentum keeps it
+
+
+@pytest.mark.parametrize("adaptive_eta", [0.0, 0.01])
+def test_asam_zero_parameters(adaptive_eta):
+  """T = |θ| + η: at θ = 0 (η = 0) the perturbation is exactly zero, not NaN."""
+  params = jax.tree.map(jnp.zeros_like, _params())
+  g = _tree([0.5, -1.0, 2.0, 0.1], [0.3, -0.3])
+  tx = ire_optax.sam(optax.sgd(1.0), rho=1.0, adaptive=True, adaptive_eta=adaptive_eta)
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  chex.assert_tree_all_finite(updates)
+  if adaptive_eta == 0.0:
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))  # θ + 0
+  else:  # ε = ρ η² g / ‖η g‖ = ρ η g / ‖g‖
+    norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(g)))
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.01 * x / norm, g),
+                                rtol=1e-5)
+
+
+def test_asam_all_zero_leaf_is_not_perturbed_while_the_others_are():
+  params = {"w": jnp.zeros(4), "b": jnp.array([0.1, 0.2])}
+  g = _tree([0.5, -1.0, 2.0, 0.1], [0.3, -0.3])
+  tx = ire_optax.sam(optax.sgd(1.0), rho=1.0, adaptive=True)
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  chex.assert_trees_all_equal(updates["w"], jnp.zeros(4))  # -(θ + ε) with ε = 0
+  assert not np.allclose(updates["b"], -params["b"])  # ε ≠ 0 on b
+
+
+def test_sam_asam_msam_zero_gradients_give_zero_perturbation():
+  params = _params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for adaptive in (False, True):
+    tx = ire_optax.sam(optax.sgd(1.0), rho=0.5, adaptive=adaptive)
+    updates, _ = tx.update(zeros, tx.init(params), params, grad_fn=_returns_argument)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.negative, params))  # ε = 0
+  mtx = ire_optax.msam(optax.sgd(1.0), rho=0.5, num_microbatches=2)
+  flat_loss = lambda p, mb: 0.0 * jnp.sum(mb) * p["w"].sum()
+  updates, _ = mtx.update(None, mtx.init(params), params, grad_fn=jax.grad(flat_loss),
+                          batch=jnp.ones((4, 2)))
+  chex.assert_trees_all_equal(updates, zeros)
+
+
+def _mse(p, mb):
+  return jnp.mean((mb["x"] @ p["w"] + jnp.sum(p["b"]) - mb["y"]) ** 2)
+
+
+def test_msam_nan_in_one_microbatch_makes_the_update_nan():
+  params = _params()
+  batch = {"x": jnp.ones((4, 4)).at[0, 0].set(NAN), "y": jnp.zeros(4)}
+  tx = ire_optax.msam(optax.sgd(0.1), rho=0.05, num_microbatches=2)
+  updates, _ = tx.update(None, tx.init(params), params, grad_fn=jax.grad(_mse), batch=batch)
+  assert all(bool(np.isnan(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_apply_if_finite_goes_inside_msam():
+  params = _params()
+  batch = {"x": jnp.ones((4, 4)).at[0, 0].set(NAN), "y": jnp.zeros(4)}
+  kw = {"grad_fn": jax.grad(_mse), "batch": batch}
+  # Outside, apply_if_finite has nothing to check (mSAM's `updates` is None) and
+  # its skip branch (zeros like None) does not match the update: it cannot be used.
+  outer = optax.apply_if_finite(ire_optax.msam(optax.sgd(0.1), num_microbatches=2), 3)
+  with pytest.raises(TypeError, match="same pytree structure"):
+    outer.update(None, outer.init(params), params, **kw)
+  inner = ire_optax.msam(optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 3),
+                         num_microbatches=2)
+  state0 = inner.init(params)
+  updates, state = inner.update(None, state0, params, **kw)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  assert int(state.base_state.total_notfinite) == 1
+  chex.assert_trees_all_equal(state.base_state.inner_state, state0.base_state.inner_state)
+
+
+def test_apply_if_finite_inside_sam_skips_a_nan_perturbed_gradient():
+  params = _params()
+  bad = lambda p: jax.tree.map(lambda x: x * NAN, p)
+  g = _tree([1, 1, 1, 1], [1, 1])
+  outer = optax.apply_if_finite(ire_optax.sam(optax.sgd(0.1), rho=0.1), 3)
+  updates, state = outer.update(g, outer.init(params), params, grad_fn=bad)
+  assert int(state.total_notfinite) == 0 and np.isnan(updates["w"]).all()  # not seen
+  inner = ire_optax.sam(optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 3), rho=0.1)
+  state0 = inner.init(params)
+  updates, state = inner.update(g, state0, params, grad_fn=bad)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_equal(state.base_state.inner_state, state0.base_state.inner_state)
+  assert int(state.count) == 1  # SAM's own step counter (its ρ schedule) still advances
+
+
+# -----------------------------------------------------------------------------
+# SALA
+# -----------------------------------------------------------------------------
+
+
+def _sala_grad_fn(p):
+  return jax.tree.map(lambda x: 2.0 * x, p)
+
+
+def test_sala_nan_gradient_reaches_the_slow_weights_and_forces_stage_1():
+  params = _params()
+  tx = ire_optax.sala(optax.sgd(0.1), sync_period=2, slow_step_size=0.5, rho=0.2)
+  state = tx.init(params)
+  updates, state = tx.update(_sala_grad_fn(params), state, params, grad_fn=_sala_grad_fn)
+  params = optax.apply_updates(params, updates)
+  g = _sala_grad_fn(params)
+  g = {"w": g["w"].at[2].set(NAN), "b": g["b"]}
+  updates, state = tx.update(g, state, params, grad_fn=_sala_grad_fn)  # t = 1: cycle end
+  stats = ire_optax.sala_stats(state)
+  assert np.isnan(stats["distance"]) and int(stats["stage"]) == 1  # NaN < ρ is False
+  slow = ire_optax.sala_eval_params(state)
+  assert _nonfinite(slow)["w"].tolist() == [False, False, True, False]
+  assert not _nonfinite(slow)["b"].any()
+  # The NaN stays in φ: the next cycle starts from it.
+  params = optax.apply_updates(params, updates)
+  updates, state = tx.update(_sala_grad_fn(params), state, params, grad_fn=_sala_grad_fn)
+  assert np.isnan(ire_optax.sala_eval_params(state)["w"][2])
+
+
+def test_sala_nan_sam_gradient_and_the_inner_guard():
+  params = _params()
+  bad = lambda p: jax.tree.map(lambda x: x * NAN, p)
+  g = _sala_grad_fn(params)
+  tx = ire_optax.sala(optax.sgd(0.1), sync_period=2, rho=0.2)
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=bad)  # t = 0: stage-2 SAM step
+  assert np.isnan(updates["w"]).all()
+  inner = ire_optax.sala(optax.apply_if_finite(optax.sgd(0.1), 3), sync_period=2, rho=0.2)
+  updates, state = inner.update(g, inner.init(params), params, grad_fn=bad)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))  # θ' = φ = θ
+  assert int(state.base_state.total_notfinite) == 1
+
+
+def test_sala_nan_clean_gradient_at_a_stage_2_start_is_nan_everywhere():
+  params = _params()
+  tx = ire_optax.sala(optax.sgd(1.0), sync_period=2, rho=0.2)
+  g = _tree([NAN, 1, 1, 1], [1, 1])
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  assert all(bool(np.isnan(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_both_guards_combined():
+  """apply_if_finite outside (the clean gradient) and inside (SAM's gradient) together."""
+  params = _params()
+  g = _tree([1, 1, 1, 1], [1, 1])
+  bad = lambda p: jax.tree.map(lambda x: x * NAN, p)
+  tx = optax.apply_if_finite(ire_optax.ire(ire_optax.sam(
+      optax.apply_if_finite(optax.sgd(0.1, momentum=0.9), 3), rho=0.1), kappa=2.0), 3)
+  state0 = tx.init(params)
+  updates, state = tx.update(g, state0, params, grad_fn=bad)  # bad perturbed gradient
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  assert int(state.total_notfinite) == 0
+  assert int(state.inner_state.base_state.base_state.total_notfinite) == 1
+  updates, state = tx.update(_tree([NAN, 1, 1, 1], [1, 1]), state0, params,
+                             grad_fn=_returns_argument)  # bad clean gradient
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_equal(state.inner_state, state0.inner_state)
+
+
+def test_sala_zero_gradient_is_finite():
+  params = _params()
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = ire_optax.sala(optax.sgd(0.1), sync_period=1, rho=0.2)
+  updates, state = tx.update(zeros, tx.init(params), params, grad_fn=lambda p: zeros)
+  chex.assert_trees_all_equal(updates, zeros)
+  assert float(ire_optax.sala_stats(state)["distance"]) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# apply_if_finite around every optimizer: the step is skipped, the state untouched
+# -----------------------------------------------------------------------------
+
+GUARDED = ["ire_grad_sq", "ire_fisher", "ire_hutchinson", "ire_custom", "sam", "asam", "sala",
+           "ire_sam", "ire_sala", "multisteps_ire", "inject_ire", "inject_sam", "inject_sala"]
+
+
+@pytest.mark.parametrize("name", GUARDED)
+def test_apply_if_finite_skips_a_nonfinite_gradient_and_keeps_the_state(name):
+  case = cases.CASES[name]
+  tx = optax.apply_if_finite(case.make(), max_consecutive_errors=1)
+  params, data = cases.make_params(), cases.make_data()
+  batch = cases.batch_at(data, 0)
+
+  @jax.jit
+  def update(grads, state, params):
+    return tx.update(grads, state, params, **cases.update_kwargs(case, batch))
+
+  state = tx.init(params)
+  grads = jax.grad(cases.loss_fn)(params, batch)
+  updates, state = update(grads, state, params)  # one good step first
+  params = optax.apply_updates(params, updates)
+  grads = jax.grad(cases.loss_fn)(params, batch)
+  ref_updates, ref = update(grads, state, params)
+  for bad_value in (NAN, INF, -INF):
+    bad = {"w": grads["w"].at[1, 2].set(bad_value), "b": grads["b"]}
+    updates, new_state = update(bad, state, params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)  # bitwise untouched
+    assert int(new_state.notfinite_count) == 1 and not bool(new_state.last_finite)
+    # max_consecutive_errors = 1: a second bad gradient in a row is applied.
+    updates, _ = update(bad, new_state, params)
+    assert not np.isfinite(np.asarray(updates["w"])).all()
+    # A good gradient after the skip continues from the untouched state.
+    updates, newer = update(grads, new_state, params)
+    chex.assert_trees_all_equal(updates, ref_updates)
+    chex.assert_trees_all_equal(newer.inner_state, ref.inner_state)
+
+
+# -----------------------------------------------------------------------------
+# A single scalar parameter and empty leaves
+# -----------------------------------------------------------------------------
+
+
+def test_single_scalar_parameter():
+  theta = jnp.float32(2.0)
+  grad_fn = lambda p: 3.0 * p  # L = 1.5 θ², g = 3θ
+  g = grad_fn(theta)
+  # IRE: N = 1, k = 1: the only coordinate is flat, the update is (1 + κ)·base.
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.6, refresh_every=1)
+  u, s = tx.update(g, tx.init(theta), theta)
+  assert int(ire_optax.ire_flat_mask(s)) == 1 and np.isclose(float(u), -0.1 * 3.0 * 6.0)
+  # SAM: ε = ρ sign(g); ASAM: ε = ρ |θ| sign(g).
+  tx = ire_optax.sam(optax.sgd(0.1), rho=0.5)
+  u, _ = tx.update(g, tx.init(theta), theta, grad_fn=grad_fn)
+  assert np.isclose(float(u), -0.1 * 3.0 * 2.5)
+  tx = ire_optax.sam(optax.sgd(0.1), rho=0.5, adaptive=True)
+  u, _ = tx.update(g, tx.init(theta), theta, grad_fn=grad_fn)
+  assert np.isclose(float(u), -0.1 * 3.0 * 3.0)
+  # mSAM on a scalar parameter.
+  tx = ire_optax.msam(optax.sgd(0.1), rho=0.5, num_microbatches=2)
+  mb_grad = jax.grad(lambda p, mb: jnp.mean(mb) * 1.5 * p**2)
+  u, _ = tx.update(None, tx.init(theta), theta, grad_fn=mb_grad, batch=jnp.ones(4))
+  assert np.isclose(float(u), -0.1 * 3.0 * 2.5)
+  # SALA (k = 1): stage-2 SAM step from φ = θ, then φ ← φ + α(θ' − φ).
+  tx = ire_optax.sala(optax.sgd(0.1), sync_period=1, slow_step_size=0.5, rho=0.5)
+  u, s = tx.update(g, tx.init(theta), theta, grad_fn=grad_fn)
+  chex.assert_tree_all_finite((u, s))
+  assert np.isclose(float(ire_optax.sala_eval_params(s)), 2.0 - 0.5 * 0.1 * 3.0 * 2.5)
+
+
+EMPTY_CASES = ["ire_grad_sq", "ire_fisher", "ire_hutchinson", "sam", "asam", "msam", "sala",
+               "ire_sam", "ire_sala"]
+
+
+def _with_empty(params):
+  return {**params, "e": jnp.zeros((0, 3), params["w"].dtype)}
+
+
+def _loss_e(p, batch):
+  return cases.loss_fn(p, batch) + jnp.sum(p["e"] ** 2) if "e" in p else cases.loss_fn(p, batch)
+
+
+@pytest.mark.parametrize("name", EMPTY_CASES)
+def test_empty_leaves_change_nothing(name):
+  case = cases.CASES[name]
+  data = cases.make_data()
+  results = []
+  for params in (cases.make_params(), _with_empty(cases.make_params())):
+    tx = case.make()
+    step = jax.jit(cases.make_step(case, tx, loss=_loss_e))
+    state = tx.init(params)
+    for t in range(4):
+      params, state, _ = step(params, state, cases.batch_at(data, t))
+    results.append((params, state))
+  (p, _), (pe, se) = results
+  assert pe["e"].shape == (0, 3)
+  chex.assert_tree_all_finite(se)
+  if name != "ire_hutchinson":  # its random probes depend on the number of leaves
+    chex.assert_trees_all_close({"w": pe["w"], "b": pe["b"]}, p, rtol=1e-6, atol=1e-7)
+  chex.assert_tree_all_finite(pe)
+
+
+@pytest.mark.parametrize("params", [{"e": jnp.zeros((0,))}, {}], ids=["only_empty", "no_leaves"])
+def test_trees_without_any_element(params):
+  zero_grad = lambda p: jax.tree.map(jnp.zeros_like, p)
+  g = zero_grad(params)
+  for tx, kw in [
+      (ire_optax.ire(optax.adam(0.1)), {}),
+      (ire_optax.sam(optax.sgd(0.1)), {"grad_fn": zero_grad}),
+      (ire_optax.sam(optax.sgd(0.1), adaptive=True), {"grad_fn": zero_grad}),
+      (ire_optax.sala(optax.sgd(0.1)), {"grad_fn": zero_grad}),
+  ]:
+    updates, state = tx.update(g, tx.init(params), params, **kw)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    chex.assert_tree_all_finite(state)
