@@ -18,5 +18,6 @@ from ire_optax._src.sam import SAMState, msam, sam  # noqa: F401
 # --- SALA (issue 4) ---
 from ire_optax._src.sala import SALAState, sala, sala_eval_params, sala_stats  # noqa: F401
 # --- sharpness toolkit (issue 6) ---
+from ire_optax import sharpness  # noqa: F401
 
 __version__ = "0.1.0"
