@@ -1,0 +1,49 @@
+"""The committed benchmark results, the cost table and the README's results block agree."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report():
+  spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_readme_and_cost_table_are_generated_from_the_results():
+  report = _report()
+  stale = [p for p, content in report.outputs().items() if p.read_text() != content]
+  assert not stale, f"run `python benchmarks/report.py`; stale: {stale}"
+
+
+def test_cost_table_covers_every_optimizer_with_finite_ratios():
+  rows = json.loads((ROOT / "benchmarks" / "results" / "cost.json").read_text())
+  names = {r["optimizer"] for r in rows}
+  assert {"AdamW+IRE", "SAM", "ASAM", "mSAM", "SALA", "Lookahead"} <= names
+  for r in rows:
+    assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+
+
+def test_replace_block_and_digest(tmp_path):
+  report = _report()
+  text = f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n"
+  assert report.replace_block(text, "NEW") == "intro\nNEW\noutro\n"
+  with pytest.raises(ValueError, match="no"):
+    report.replace_block("no markers", "NEW")
+  rows = [report._row("SAM", "SGD", f"m{i}", "train step", r, "x") for i, r in
+          enumerate([1.0, 3.0, 2.0, 10.0])]
+  rows.append(report._row("SAM", "SGD", "u", "update (K=10)", 99.0, "x"))  # not a train step
+  digest = report.cost_digest(rows)
+  assert "| SAM | 4 | 2.50 | 1.00–10.00 |" in digest
+  with pytest.raises(ValueError, match="bad cost ratio"):
+    (tmp_path / "sam.json").write_text(json.dumps({"results": [{
+        "task": "t", "median_step_s": {"base": 1.0}, "median_paired_ratio": {
+            "sam/base": float("nan"), "asam/base": 1.0}}]}))
+    report.cost_rows(tmp_path)
