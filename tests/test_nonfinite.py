@@ -61,6 +61,22 @@ def test_ire_nan_and_inf_gradients_stay_where_the_base_puts_them():
   chex.assert_trees_all_equal(_nonfinite(updates), _nonfinite(base_updates))
 
 
+@pytest.mark.parametrize("kappa", [0.0, 2.0])
+def test_ire_infinite_update_on_a_flat_coordinate_stays_infinite(kappa):
+  """(1 + κ)·inf = inf: no inf - inf or 0·inf NaN, also at κ = 0 (= the base exactly)."""
+  params = _params()
+  h = _tree([0.0, 0.0, 5.0, 5.0], [5.0, 5.0])  # w[0], w[1] are the flat pair
+  tx = ire_optax.ire(optax.sgd(0.1), kappa=kappa, gamma=1 / 3, refresh_every=1,
+                     curvature=_const_curvature(h))
+  g = _tree([INF, -INF, 0.3, -0.2], [0.05, 1.0])
+  updates, state = tx.update(g, tx.init(params), params)
+  np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["w"], [1, 1, 0, 0])
+  assert updates["w"][0] == -INF and updates["w"][1] == INF
+  if kappa == 0.0:
+    base_updates, _ = optax.sgd(0.1).update(g, optax.sgd(0.1).init(params), params)
+    chex.assert_trees_all_equal(updates, base_updates)
+
+
 def test_ire_nan_in_adam_moments_persists_without_apply_if_finite():
   params = _params()
   tx = ire_optax.ire(optax.adam(1e-2), kappa=2.0, gamma=0.5, refresh_every=1)

@@ -272,7 +272,8 @@ def ire(
 
     def amplify(u, m):
       u32 = jnp.asarray(u, jnp.float32)
-      return jnp.where(m > 0, u32 + kappa_t * u32, u32).astype(jnp.asarray(u).dtype)
+      # (1 + κ)·u, not u + κ·u: an infinite update stays infinite when κ = 0.
+      return jnp.where(m > 0, u32 * (1 + kappa_t), u32).astype(jnp.asarray(u).dtype)
 
     new_updates = jax.tree.map(amplify, base_updates, mask)
     return new_updates, IREState(

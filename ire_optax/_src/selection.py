@@ -232,5 +232,7 @@ def flat_mask(
     n = n * jax.lax.psum(1, axis_name)
   k = num_selected(n, gamma)
   # NaN has the largest key; capping τ at the key of +inf keeps NaN out of the mask.
-  tau = jnp.minimum(kth_smallest_key(tree, k, axis_name=axis_name), _INF_KEY)
-  return jax.tree.map(lambda x: (ordered_keys(x) <= tau).astype(dtype), tree)
+  tau = key_to_float(jnp.minimum(kth_smallest_key(tree, k, axis_name=axis_name), _INF_KEY))
+  # A float comparison gives the same set as comparing keys (the zeros tie, NaN is never
+  # <= anything) without re-keying every value.
+  return jax.tree.map(lambda x: (jnp.asarray(x, jnp.float32) <= tau).astype(dtype), tree)
