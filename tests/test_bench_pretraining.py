@@ -1,0 +1,105 @@
+"""Tests of benchmarks/bench_pretraining.py: the speed-up metric and a smoke run."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flax")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location(
+      "bench_pretraining", ROOT / "benchmarks" / "bench_pretraining.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["bench_pretraining"] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load()
+
+# Hand-made held-out curves, evaluated every 10 steps.
+BASE_2T = [(10, 3.0), (20, 2.5), (30, 2.2), (40, 2.0), (50, 1.9), (60, 1.8)]
+IRE_T = [(10, 2.9), (20, 2.3), (30, 1.95)]
+
+
+def test_steps_to_reach():
+  assert bench.steps_to_reach(BASE_2T, 2.2) == 30  # equality counts as reached
+  assert bench.steps_to_reach(BASE_2T, 2.21) == 30
+  assert bench.steps_to_reach(BASE_2T, 2.19) == 40
+  assert bench.steps_to_reach(BASE_2T, 3.5) == 10
+  assert bench.steps_to_reach(BASE_2T, 1.0) is None
+  assert bench.steps_to_reach([], 1.0) is None
+
+
+def test_speedup_exact():
+  # L* = IRE's final loss 1.95: AdamW-2T first gets <= 1.95 at step 50, IRE at 30.
+  s = bench.speedup(BASE_2T, IRE_T, IRE_T[-1][1])
+  assert s == {"base_step": 50, "fast_step": 30, "value": pytest.approx(50 / 30),
+               "bound": "exact"}
+  assert bench.fmt_speedup(s) == "1.67x"
+  # A non-monotone curve: the FIRST evaluation below the target counts.
+  bumpy = [(10, 3.0), (20, 1.9), (30, 2.4), (40, 1.8)]
+  assert bench.speedup(bumpy, IRE_T, 1.95)["base_step"] == 20
+
+
+def test_speedup_never_reached_is_a_lower_bound():
+  s = bench.speedup(BASE_2T, [(10, 2.0), (20, 1.5)], 1.5)
+  assert s["base_step"] is None and s["fast_step"] == 20
+  assert s["bound"] == "lower" and s["value"] == pytest.approx(60 / 20)
+  assert bench.fmt_speedup(s) == "> 3.00x"
+
+
+def test_speedup_fast_never_reaches_is_an_upper_bound_and_neither_is_none():
+  s = bench.speedup(BASE_2T, IRE_T, 1.9)  # IRE never gets to 1.9; AdamW-2T at 50
+  assert s["bound"] == "upper" and s["fast_step"] is None
+  assert s["value"] == pytest.approx(50 / 30)
+  assert bench.fmt_speedup(s) == "< 1.67x"
+  s = bench.speedup(BASE_2T, IRE_T, 0.5)
+  assert s == {"base_step": None, "fast_step": None, "value": None, "bound": None}
+  assert bench.fmt_speedup(s) == "n/a"
+
+
+def test_aggregate_formatting_flags_bounds():
+  exact = {"value": 2.0, "bound": "exact"}
+  lower = {"value": 4.0, "bound": "lower"}
+  assert bench.fmt_agg([exact, exact]) == "2.00 ± 0.00x"
+  text = bench.fmt_agg([exact, lower])
+  assert text.startswith(">= 3.00") and "1/2 bounds" in text
+  assert bench.fmt_agg([{"value": None, "bound": None}]) == "n/a"
+
+
+def test_smoke_run_writes_every_output(tmp_path):
+  res = bench.main(["--smoke", "--out", str(tmp_path)])
+  for name in ("pretraining.json", "pretraining.csv", "pretraining.md", "pretraining.png",
+               "pretraining_summary.md"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  data = json.loads((tmp_path / "pretraining.json").read_text())
+  assert data["config"]["smoke"] is True
+  expected = {"adamw-T", "adamw-2T", "ire-fisher-T", "ire-grad_sq-T", "ire-hutchinson-T"}
+  T = data["config"]["steps"]
+  assert data["results"]
+  for per_seed in data["results"].values():
+    for seed_res in per_seed.values():
+      runs = seed_res["runs"]
+      assert set(runs) == expected
+      for kind, r in runs.items():
+        assert math.isfinite(r["final_eval_loss"]), kind
+        assert all(math.isfinite(v) for _, v in r["curve"]), kind
+        assert r["curve"][-1][0] == (2 * T if kind == "adamw-2T" else T), kind
+      for e in ("fisher", "grad_sq", "hutchinson"):
+        m = seed_res["metrics"][e]
+        # IRE's own final loss is reached by IRE at the latest at its last step.
+        assert m["vs_2T"]["fast_step"] is not None
+        assert m["l_star"] == runs[f"ire-{e}-T"]["final_eval_loss"]
+  rows = (tmp_path / "pretraining.csv").read_text().strip().splitlines()
+  n_seeds = len(data["config"]["seeds"])
+  assert len(rows) == 1 + len(data["results"]) * n_seeds * len(expected)
+  summary = (tmp_path / "pretraining_summary.md").read_text()
+  assert summary.count("\n| ") <= 11  # header + at most 10 rows
+  assert res["results"].keys() == data["results"].keys()
