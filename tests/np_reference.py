@@ -49,6 +49,17 @@ class NpAdamW:
     return -lr * (mh / (np.sqrt(vh) + self.eps) + self.wd * p)
 
 
+class NpAdamWTree:
+  """:class:`NpAdamW` applied leaf by leaf to a dict of arrays: ``step(g, p) -> updates``."""
+
+  def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
+    self._make = lambda: NpAdamW(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+    self._leaves: dict = {}
+
+  def step(self, g, p):
+    return {k: self._leaves.setdefault(k, self._make()).step(g[k], p[k], None) for k in g}
+
+
 def np_flat_mask(h, gamma):
   """Mask of the k = max(1, floor(gamma N)) smallest entries, ties at tau included (full sort)."""
   h = np.asarray(h, np.float64)

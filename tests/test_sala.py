@@ -21,6 +21,7 @@ from absl.testing import parameterized
 
 import ire_optax
 from ire_optax._src import sala as sala_lib
+from tests.np_reference import NpAdamWTree as NpAdamW
 
 # -----------------------------------------------------------------------------
 # Problem: a separable quadratic + quartic loss with a per-step random target.
@@ -68,29 +69,6 @@ class NpSGDNesterov:
       gk = g[k] + self.wd * p[k]
       self.m[k] = gk + self.mu * self.m[k]
       out[k] = -self.lr * (gk + self.mu * self.m[k])
-    return out
-
-
-class NpAdamW:
-  """AdamW: bias-corrected moments, eps outside the sqrt, decoupled weight decay."""
-
-  def __init__(self, lr, b1, b2, eps, wd):
-    self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
-    self.m = self.v = None
-    self.t = 0
-
-  def step(self, g, p):
-    if self.m is None:
-      self.m = {k: np.zeros_like(v) for k, v in g.items()}
-      self.v = {k: np.zeros_like(v) for k, v in g.items()}
-    self.t += 1
-    out = {}
-    for k in g:
-      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g[k]
-      self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g[k] ** 2
-      mh = self.m[k] / (1 - self.b1**self.t)
-      vh = self.v[k] / (1 - self.b2**self.t)
-      out[k] = -self.lr * (mh / (np.sqrt(vh) + self.eps) + self.wd * p[k])
     return out
 
 

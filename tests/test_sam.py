@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ire_optax
+from tests.np_reference import NpAdamWTree as NpAdamW
 
 # -----------------------------------------------------------------------------
 # The model: a 2-layer tanh network with squared loss (mean over the batch)
@@ -94,29 +95,6 @@ class NpSGD:
     self.trace = {k: g[k] + self.mu * self.trace[k] for k in g}
     d = {k: g[k] + self.mu * self.trace[k] for k in g} if self.nesterov else self.trace
     return {k: -self.lr * d[k] for k in g}
-
-
-class NpAdamW:
-  """Adam with bias correction and decoupled weight decay (optax.adamw)."""
-
-  def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4):
-    self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, wd
-    self.m = self.v = None
-    self.t = 0
-
-  def step(self, g, p):
-    if self.m is None:
-      self.m = {k: np.zeros_like(v) for k, v in g.items()}
-      self.v = {k: np.zeros_like(v) for k, v in g.items()}
-    self.t += 1
-    self.m = {k: self.b1 * self.m[k] + (1 - self.b1) * g[k] for k in g}
-    self.v = {k: self.b2 * self.v[k] + (1 - self.b2) * g[k] ** 2 for k in g}
-    out = {}
-    for k in g:
-      mhat = self.m[k] / (1 - self.b1**self.t)
-      vhat = self.v[k] / (1 - self.b2**self.t)
-      out[k] = -self.lr * (mhat / (np.sqrt(vhat) + self.eps) + self.wd * p[k])
-    return out
 
 
 def np_sam_run(p, x, y, base, steps, rho, **kw):
