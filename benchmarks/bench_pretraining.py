@@ -216,7 +216,7 @@ def seed_metrics(runs: dict[str, dict], estimators: list[str]) -> dict[str, dict
   out = {}
   for e in estimators:
     ire = runs[f"ire-{e}-T"]
-    if ire["diverged"] or a1["diverged"] or a2["diverged"]:
+    if any(r.get("diverged") for r in (ire, a1, a2)):
       none = {"base_step": None, "fast_step": None, "value": None, "bound": None}
       out[e] = {"l_star": ire["final_eval_loss"], "vs_2T": none, "vs_T": none,
                 "time_per_step_ratio": None, "wall_speedup_vs_2T": None, "diverged": True}
@@ -224,16 +224,15 @@ def seed_metrics(runs: dict[str, dict], estimators: list[str]) -> dict[str, dict
     l_star = ire["final_eval_loss"]
     vs_2t = speedup(a2["curve"], ire["curve"], l_star)
     vs_t = speedup(a1["curve"], ire["curve"], a1["final_eval_loss"])
-    ratio = (ire["s_per_step"] / a1["s_per_step"]
-             if ire["s_per_step"] and a1["s_per_step"] else None)
+    # AdamW's time per step: the faster of its two runs (T and 2T compute the same step), so
+    # that another job slowing one run does not flatter IRE (conservative for IRE).
+    adamw_sps = min((r["s_per_step"] for r in (a1, a2) if r["s_per_step"]), default=None)
+    ratio = ire["s_per_step"] / adamw_sps if ire["s_per_step"] and adamw_sps else None
     wall_2t = None
-    if vs_2t["value"] is not None and ire["s_per_step"] and a2["s_per_step"]:
-      # Time to L* = steps to L* x the run's steady-state time per step (training only:
-      # compilation and evaluation excluded). The bound kind carries over.
-      b = vs_2t["base_step"] if vs_2t["base_step"] is not None else a2["curve"][-1][0]
-      f = vs_2t["fast_step"] if vs_2t["fast_step"] is not None else ire["curve"][-1][0]
-      wall_2t = {"value": (b * a2["s_per_step"]) / (f * ire["s_per_step"]),
-                 "bound": vs_2t["bound"]}
+    if vs_2t["value"] is not None and ratio:
+      # Time to L* = steps to L* x steady-state time per step (training only: compilation
+      # and evaluation excluded), so the wall-clock speed-up is the step speed-up / ratio.
+      wall_2t = {"value": vs_2t["value"] / ratio, "bound": vs_2t["bound"]}
     out[e] = {"l_star": l_star, "vs_2T": vs_2t, "vs_T": vs_t, "time_per_step_ratio": ratio,
               "wall_speedup_vs_2T": wall_2t}
   return out
@@ -272,12 +271,20 @@ def header_lines(res: dict) -> list[str]:
       "AdamW-2T reaches L*) / (first evaluated step at which IRE-T does). '>' = AdamW-2T "
       "never reaches L* (lower bound 2T/step). Speed-up vs T: the same with AdamW-T's final "
       "loss as target ('<' = IRE-T never reaches it: upper bound).",
-      "- Time/step ratio: IRE-T / AdamW-T steady-state training time per step (compilation "
-      "and evaluation excluded). Wall-clock speed-up vs 2T = (AdamW-2T steps to L* x its "
-      "s/step) / (IRE-T steps to L* x its s/step).",
+      "- Time/step ratio: IRE-T's steady-state training time per step (compilation and "
+      "evaluation excluded) / AdamW's (the faster of the seed's AdamW-T and AdamW-2T runs, "
+      "which compute the same step). Wall-clock speed-up vs 2T = AdamW-2T time to L* / IRE-T "
+      "time to L* = step speed-up / time-per-step ratio. Timings: median [min, max] over "
+      "seeds; speed-ups and losses: mean ± std.",
   ]
   if c.get("lr_note"):
     lines.append(f"- Learning-rate choice: {c['lr_note']}")
+  load = res["machine"].get("loadavg_start"), res["machine"].get("loadavg_end")
+  if None not in load:
+    lines.append(f"- 1-min load average at start / end: {load[0]:.1f} / {load[1]:.1f} (other "
+                 "jobs on this shared 2-core machine slow every run alike; ratios are "
+                 "measured within one seed's consecutive runs).")
+  lines += [f"- Note: {n}" for n in res.get("notes", [])]
   return lines
 
 
@@ -317,11 +324,26 @@ def num(x: float | None, digits: int) -> str:
   return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def fmt_med(values: list[float], unit: str = "") -> str:
+  """Median [min, max] over seeds: timings on a shared machine have outliers."""
+  if not values:
+    return "n/a"
+  return (f"{float(np.median(values)):.2f}{unit} [{min(values):.2f}, "
+          f"{max(values):.2f}]")
+
+
 def fmt_ms(values: list[float], digits: int = 4) -> str:
   if not values:
     return "n/a"
   m, s = mean_std(values)
   return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def shown_path(path: Path) -> str:
+  try:
+    return str(path.resolve().relative_to(ROOT))
+  except ValueError:
+    return str(path)
 
 
 def write_reports(res: dict, out: Path) -> None:
@@ -331,7 +353,8 @@ def write_reports(res: dict, out: Path) -> None:
 
   # Compact summary (one row per dataset x estimator).
   srows = ["| data | estimator | speed-up vs AdamW-2T | speed-up vs AdamW-T | final val loss "
-           "IRE-T / AdamW-T / AdamW-2T | time/step IRE/AdamW | wall-clock speed-up vs 2T |",
+           "IRE-T / AdamW-T / AdamW-2T | time/step IRE/AdamW, median [min, max] | wall-clock "
+           "speed-up vs 2T, median [min, max] |",
            "|---|---|---|---|---|---|---|"]
   for dname, per_e in agg.items():
     label = res["datasets"][dname]["label"]
@@ -339,7 +362,8 @@ def write_reports(res: dict, out: Path) -> None:
       srows.append(
           f"| {label} | {e} | {fmt_agg(a['vs_2T'])} | {fmt_agg(a['vs_T'])} | "
           f"{fmt_ms(a['ire'], 3)} / {fmt_ms(a['a1'], 3)} / {fmt_ms(a['a2'], 3)} | "
-          f"{fmt_ms(a['ratio'], 2)} | {fmt_agg(a['wall'])} |")
+          f"{fmt_med(a['ratio'])} | {fmt_med([w['value'] for w in a['wall']], 'x')}"
+          f"{' (lower bounds)' if any(w['bound'] == 'lower' for w in a['wall']) else ''} |")
   verdicts = [f"- **{res['datasets'][d]['label']}** (paper's fisher estimator): "
               f"{verdict(agg[d]['fisher'])}" if "fisher" in agg[d] else
               f"- **{res['datasets'][d]['label']}**: "
@@ -347,19 +371,25 @@ def write_reports(res: dict, out: Path) -> None:
               for d in agg]
   others = [f"- {res['datasets'][d]['label']}, {e}: {verdict(a)}"
             for d in agg for e, a in agg[d].items() if e != "fisher"]
+  for d, per_e in agg.items():
+    a = next(iter(per_e.values()))
+    gap = float(np.mean(a["a2"]) - np.mean(a["a1"]))
+    others.append(f"- {res['datasets'][d]['label']}: AdamW-2T ends {gap:+.3f} nats/char from "
+                  f"AdamW-T ({'still learning at T' if gap < -0.01 else 'nearly converged at T'}"
+                  ").")
   summary = [
       f"IRE pre-training speed-up (AdamW+IRE-T vs AdamW-2T), Llama `{c['size']}` "
       f"(~{next(iter(res['datasets'].values()))['params'] / 1e6:.2g}M params), char-level, "
       f"T={c['steps']}, {len(c['seeds'])} seeds (mean ± std); WikiText-2 trained on valid.txt, "
       "evaluated on test.txt. Generated by `benchmarks/bench_pretraining.py`; details in "
-      "`benchmarks/results/pretraining.md`.",
+      f"`{shown_path(out / 'pretraining.md')}`.",
       "", *srows, "", "Verdict on the 2x claim:", *verdicts, *others, ""]
   (out / "pretraining_summary.md").write_text("\n".join(summary))
 
   # Full table: one row per dataset x seed x estimator.
   rows = ["| data | seed | estimator | L* (IRE-T final) | AdamW-T final | AdamW-2T final | "
           "2T steps to L* | IRE steps to L* | speed-up vs 2T | steps to AdamW-T final "
-          "(AdamW-T / IRE) | speed-up vs T | s/step AdamW-T / IRE | time/step ratio | "
+          "(AdamW-T / IRE) | speed-up vs T | s/step AdamW-T / 2T / IRE | time/step ratio | "
           "wall-clock speed-up vs 2T |",
           "|" + "---|" * 14]
   for dname, d in res["results"].items():
@@ -377,7 +407,8 @@ def write_reports(res: dict, out: Path) -> None:
             f"{step_txt(m['vs_2T']['fast_step'])} | {fmt_speedup(m['vs_2T'])} | "
             f"{step_txt(m['vs_T']['base_step'])} / {step_txt(m['vs_T']['fast_step'])} | "
             f"{fmt_speedup(m['vs_T'])} | {num(runs['adamw-T']['s_per_step'], 3)} / "
-            f"{num(ire['s_per_step'], 3)} | {num(m['time_per_step_ratio'], 2)} | {wtxt} |")
+            f"{num(runs['adamw-2T']['s_per_step'], 3)} / {num(ire['s_per_step'], 3)} | "
+            f"{num(m['time_per_step_ratio'], 2)} | {wtxt} |")
   run_rows = ["| data | seed | run | steps | final val loss | final train loss | s/step | "
               "first step s (compile) | wall s | IRE flat fraction at end |",
               "|" + "---|" * 10]
@@ -481,8 +512,15 @@ def machine() -> dict[str, Any]:
   except OSError:
     pass
   n = os.cpu_count()
-  return {"cpu": cpu, "cores": n, "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.default_backend(),
+  try:
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True, check=False).stdout.strip() or None
+  except OSError:
+    commit = None
+  return {"commit": commit, "cpu": cpu, "cores": n, "python": platform.python_version(),
+          "jax": jax.__version__, "backend": jax.default_backend(),
           "summary": f"{n}-core CPU ({cpu}), jax {jax.__version__} {jax.default_backend()}"}
 
 
@@ -514,6 +552,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--gamma", type=float, default=0.6, help="IRE gamma (%(default)s)")
   p.add_argument("--kappa-schedule", choices=("constant", "lr"), default="constant",
                  help="IRE kappa schedule (%(default)s)")
+  p.add_argument("--from-json", default=None, metavar="PATH",
+                 help="train nothing: rewrite the reports (md, csv, png, summary) from a "
+                      "pretraining.json of an earlier run")
+  p.add_argument("--reuse-baselines", default=None, metavar="JSON",
+                 help="take the AdamW-T and AdamW-2T runs from an earlier pretraining.json "
+                      "with the same settings instead of training them again (they are "
+                      "deterministic); for IRE ablations (other kappa)")
   p.add_argument("--keep-runs", default=None, metavar="DIR",
                  help="keep the per-run directories (metrics.jsonl, ...) under DIR "
                       "(default: a temporary directory, deleted at the end)")
@@ -522,6 +567,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.from_json:
+    res = json.loads(Path(args.from_json).read_text())
+    for per_seed in res["results"].values():  # recomputed: the metric code may be newer
+      for seed_res in per_seed.values():
+        for r in seed_res["runs"].values():
+          r["curve"] = [tuple(p) for p in r["curve"]]
+          r.setdefault("diverged", False)
+        seed_res["metrics"] = seed_metrics(seed_res["runs"], res["config"]["estimators"])
+    (Path(args.out) if args.out else Path(args.from_json).parent).mkdir(parents=True,
+                                                                        exist_ok=True)
+    out = Path(args.out) if args.out else Path(args.from_json).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_reports(res, out)
+    print((out / "pretraining_summary.md").read_text())
+    return res
   cfg: dict[str, Any] = dict(SMOKE if args.smoke else FULL)
   for key in ("steps", "seeds", "size", "batch_size", "seq_len", "eval_batches", "lr"):
     if getattr(args, key) is not None:
@@ -552,6 +612,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise SystemExit(f"bench_pretraining: {DATA} is absent (see ../shared/data/README.md); "
                      "only --smoke runs without it (on the offline CPython docs).")
 
+  reuse: dict[str, dict] = {}
+  if args.reuse_baselines:
+    prev = json.loads(Path(args.reuse_baselines).read_text())
+    keys = ("steps", "size", "batch_size", "seq_len", "eval_batches", "eval_every", "lr",
+            "warmup", "max_chars", "fast_compile")
+    diff = [k for k in keys if prev["config"].get(k) != cfg.get(k)]
+    if diff:
+      raise SystemExit(f"--reuse-baselines: {args.reuse_baselines} differs in {diff}.")
+    reuse = {dn: {sd: {k: v for k, v in sr["runs"].items() if k.startswith("adamw")}
+                  for sd, sr in per.items()} for dn, per in prev["results"].items()}
   run_root = Path(args.keep_runs) if args.keep_runs else Path(
       tempfile.mkdtemp(prefix="bench_pretraining_runs_"))
   kinds = run_kinds(cfg["estimators"])
@@ -562,6 +632,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{cfg['eval_every']} steps on {cfg['eval_batches']} batches"
         + (" [SMOKE]" if args.smoke else ""), flush=True)
 
+  load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   t_start = time.perf_counter()
   results: dict[str, dict] = {}
   i = 0
@@ -572,7 +643,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = {}
         for kind, est, mult in kinds:
           i += 1
-          r = one_run(cfg, d["spec"], seed, est, mult, run_root, f"{dname}-s{seed}-{kind}")
+          if est is None and kind in reuse.get(dname, {}).get(str(seed), {}):
+            # Deterministic: the same AdamW run as in the earlier file (checked config).
+            r = dict(reuse[dname][str(seed)][kind], reused_from=args.reuse_baselines)
+          else:
+            r = one_run(cfg, d["spec"], seed, est, mult, run_root, f"{dname}-s{seed}-{kind}")
           r.update(kind=kind, estimator=est)
           runs[kind] = r
           print(f"[{i}/{total}] {dname} seed {seed} {kind:<17} final val loss "
@@ -594,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   res = {
       "benchmark": "IRE speeds up AdamW pre-training (issue 8, benchmark 1)",
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": machine(),
+      "machine": dict(machine(), loadavg_start=load_start,
+                      loadavg_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
       "command": "python benchmarks/bench_pretraining.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
       "config": cfg,
