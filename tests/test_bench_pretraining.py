@@ -103,3 +103,7 @@ def test_smoke_run_writes_every_output(tmp_path):
   summary = (tmp_path / "pretraining_summary.md").read_text()
   assert summary.count("\n| ") <= 11  # header + at most 10 rows
   assert res["results"].keys() == data["results"].keys()
+  # The reports can be rewritten from the JSON alone (no training), identically.
+  bench.main(["--from-json", str(tmp_path / "pretraining.json"), "--out", str(tmp_path / "re")])
+  assert (tmp_path / "re" / "pretraining_summary.md").read_text() == summary.replace(
+      str(tmp_path / "pretraining.md"), str(tmp_path / "re" / "pretraining.md"))
