@@ -22,6 +22,16 @@ location = pathlib.Path(ire_optax.__file__).resolve()
 assert here not in location.parents, f"imported the checkout, not the install: {location}"
 assert importlib.resources.files("ire_optax").joinpath("py.typed").is_file(), "py.typed missing"
 
+# The native CPU histogram's source ships with the package and builds where a compiler is.
+from ire_optax._src import native, selection  # noqa: E402
+
+assert native._SOURCE.is_file(), f"{native._SOURCE} missing"
+if native._compiler() is not None:
+  assert native.enabled(), "the native CPU histogram did not build"
+  x = jnp.asarray([3.0, -0.0, 1.0, 2.0, float("nan")])
+  assert "ire_optax_hist" in jax.jit(lambda t: selection.kth_smallest(t, 3)).lower(x).as_text()
+  assert float(selection.kth_smallest(x, 3)) == 2.0
+
 
 def loss(p, batch):
   return jnp.mean((batch["x"] @ p["w"] + p["b"] - batch["y"]) ** 2)
@@ -57,4 +67,4 @@ report = sh.summary(loss, params, batch, key=jax.random.key(0), num_iters=4, num
 assert all(bool(jnp.isfinite(v)) for k, v in report.items() if k != "trace_se"), report
 
 print(f"ire_optax {ire_optax.__version__} from {location.parent} (python {sys.version.split()[0]},"
-      f" jax {jax.__version__}, optax {optax.__version__}): {len(optimizers) + 2} checks passed")
+      f" jax {jax.__version__}, optax {optax.__version__}): {len(optimizers) + 3} checks passed")

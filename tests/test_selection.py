@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ire_optax
-from ire_optax._src import selection
+from ire_optax._src import native, selection
 
 # Values drawn from a small pool produce many ties; the pool has both zeros,
 # negatives, denormals, huge values and infinities.
@@ -145,3 +145,78 @@ def test_jit_over_sharded_arrays_matches_one_device(axis_type, spec):
   assert got["w"].sharding.is_equivalent_to(sh, 2)
   hlo = f.lower(x).compile().as_text()
   assert "all-gather" not in hlo
+
+
+# -----------------------------------------------------------------------------
+# The native CPU histograms (ire_optax/_src/native) against XLA's scatter
+# -----------------------------------------------------------------------------
+
+
+needs_native = pytest.mark.skipif(not native.enabled(), reason="no C++ compiler here")
+SPECIAL = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-45, 1e-39, -1e-39,
+                    1.1754944e-38, -1.1754944e-38, 3.4e38, -3.4e38, 1.0, -1.0], np.float32)
+
+
+def _both_paths(fn, *args, monkeypatch):
+  """``fn(*args)`` jitted with the native histograms, then with XLA's scatter."""
+  native_out = jax.jit(fn)(*args)
+  monkeypatch.setenv("IRE_OPTAX_NATIVE", "0")
+  scatter_out = jax.jit(fn)(*args)
+  monkeypatch.delenv("IRE_OPTAX_NATIVE")
+  return native_out, scatter_out
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(0,), (), (7,), (33, 17), (2, 3, 1000)])
+def test_native_histograms_equal_xla_scatter(shape, monkeypatch):
+  rng = np.random.default_rng(sum(shape) + len(shape))
+  n = math.prod(shape)
+  x = rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.integers(-40, 38, n)
+  x[: min(n, SPECIAL.size)] = SPECIAL[: min(n, SPECIAL.size)]  # every special value, incl. NaN
+  x = jnp.asarray(x.reshape(shape))
+  a, b = _both_paths(selection._high_histogram, x, monkeypatch=monkeypatch)
+  np.testing.assert_array_equal(a, b)
+  assert int(np.asarray(a, np.int64).sum()) == n
+  keys = np.asarray(selection.ordered_keys(x)).ravel()
+  for high in {0, 0x7FFF, 0x8000, 0xFFFF, *(int(k) >> 16 for k in keys[:20])}:
+    a, b = _both_paths(selection._low_histogram, x, jnp.uint32(high), monkeypatch=monkeypatch)
+    np.testing.assert_array_equal(a, b)
+    assert int(np.asarray(a, np.int64).sum()) == int(np.sum((keys >> 16) == high))
+
+
+@needs_native
+def test_native_path_is_compiled_in_and_can_be_switched_off(monkeypatch):
+  tree = {"w": jnp.linspace(-1.0, 1.0, 100), "b": jnp.zeros(3, jnp.bfloat16)}
+  hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
+  assert "ire_optax_hist_high" in hlo and "ire_optax_hist_low" in hlo
+  monkeypatch.setenv("IRE_OPTAX_NATIVE", "0")
+  hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
+  assert "ire_optax_hist" not in hlo
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(tree_strategy, st.floats(0.01, 0.99))
+def test_native_selection_equals_a_full_sort(leaves, gamma):
+  tree = [jnp.asarray(x) for x in leaves]
+  flat = np.concatenate([np.ravel(x) for x in leaves]).astype(np.float32)
+  if flat.size == 0:
+    return
+  k = max(1, math.floor(gamma * flat.size))
+  got = np.asarray(selection.kth_smallest(tree, k))
+  want = np.sort(np.where(np.abs(flat) < 1.1754944e-38, 0.0, flat))[k - 1]  # denormals flush
+  assert got == want or (np.isnan(got) and np.isnan(want))
+
+
+def test_a_failed_build_falls_back_to_the_scatter_with_a_warning(monkeypatch, tmp_path):
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++")
+  monkeypatch.setattr(native, "_SOURCE", broken)
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("IRE_OPTAX_CACHE", str(tmp_path / "cache"))
+  with pytest.warns(RuntimeWarning, match="could not build the native CPU histogram"):
+    assert native.enabled() is False
+  assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left behind
+  x = jnp.asarray([3.0, 1.0, 2.0])
+  assert float(selection.kth_smallest(x, 2)) == 2.0
+  assert "ire_optax_hist" not in jax.jit(lambda t: selection.kth_smallest(t, 2)).lower(x).as_text()

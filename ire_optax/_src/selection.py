@@ -25,6 +25,12 @@ XLA compares them: denormals are flushed to zero on CPU/GPU, so they tie with
 ``0``. Cost: two histogram passes and one comparison pass over ``N`` float32
 values; the histograms are 256 KiB each.
 
+On the CPU the two histograms come from a small native kernel
+(:mod:`ire_optax._src.native`, compiled on first use) when the array is on one
+device: XLA:CPU runs a scatter-add as a sequential loop several times slower
+than the rest of an optimizer step. Elsewhere, and whenever the kernel cannot be
+built, XLA's scatter computes the same counts.
+
 Across devices, the per-device histograms combine with one ``psum`` each
 (``axis_name``), so a parameter tree partitioned over devices is ranked
 globally without gathering it. Counts are ``uint32``: the selection is exact
@@ -40,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ire_optax._src import utils
+from ire_optax._src import native, utils
 
 _BINS = 1 << 16
 _LOW_MASK = np.uint32(0xFFFF)
@@ -87,6 +93,16 @@ def num_elements(tree: Any) -> int:
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+def _explicit_mesh(x: jax.Array):
+  """The mesh ``x`` is explicitly sharded over (``AxisType.Explicit``), else ``None``."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  spec = getattr(sharding, "spec", None) or ()
+  if mesh is not None and not mesh.empty and any(a is not None for a in spec):
+    return mesh
+  return None
+
+
 def _histogram(indices: jax.Array, length: int) -> jax.Array:
   """Counts of each value of ``indices`` (any shape) in ``[0, length)``, as uint32.
 
@@ -98,13 +114,46 @@ def _histogram(indices: jax.Array, length: int) -> jax.Array:
   if indices.size == 0:
     return jnp.zeros((length,), jnp.uint32)
   kwargs: dict[str, Any] = {}
-  sharding = getattr(jax.typeof(indices), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  spec = getattr(sharding, "spec", None) or ()
-  if mesh is not None and not mesh.empty and any(a is not None for a in spec):
+  mesh = _explicit_mesh(indices)
+  if mesh is not None:
     kwargs["out_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   counts = jnp.zeros((length,), jnp.int32).at[indices].add(1, mode="drop", **kwargs)
   return counts.astype(jnp.uint32)
+
+
+def _native_ok(x: jax.Array) -> bool:
+  """Whether to use the native CPU histograms (:mod:`ire_optax._src.native`) for ``x``.
+
+  Only for arrays on one device: a custom call on an array sharded over a mesh
+  (any axis type, or inside ``shard_map``) would be gathered or mistyped, so
+  those keep XLA's scatter, whose per-shard histograms XLA all-reduces.
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  on_one_device = mesh is None or mesh.empty or mesh.size == 1
+  return (x.size > 0 and on_one_device and jax.default_backend() == "cpu"
+          and native.enabled())
+
+
+def _high_histogram(x: jax.Array) -> jax.Array:
+  """Pass 1: counts of the top 16 bits of the keys of ``x``."""
+  def scatter(x):
+    return _histogram((ordered_keys(x) >> 16).astype(jnp.int32), _BINS)
+
+  if not _native_ok(x):
+    return scatter(x)
+  return jax.lax.platform_dependent(x, cpu=native.histogram_high, default=scatter)
+
+
+def _low_histogram(x: jax.Array, high: jax.Array) -> jax.Array:
+  """Pass 2: counts of the low 16 bits of the keys of ``x`` in bucket ``high``."""
+  def scatter(x, high):
+    kk = ordered_keys(x)
+    idx = jnp.where((kk >> 16) == high, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
+    return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
+
+  if not _native_ok(x):
+    return scatter(x, high)
+  return jax.lax.platform_dependent(x, high, cpu=native.histogram_low, default=scatter)
 
 
 def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -134,22 +183,13 @@ def kth_smallest_key(
     uint32 scalar key.
   """
   leaves = _leaves_f32(tree)
-  keys = [ordered_keys(x) for x in leaves]
-  hist = sum(
-      (_histogram((kk >> 16).astype(jnp.int32), _BINS) for kk in keys),
-      start=jnp.zeros((_BINS,), jnp.uint32),
-  )
+  hist = sum((_high_histogram(x) for x in leaves), start=jnp.zeros((_BINS,), jnp.uint32))
   hist = _psum_if(hist, axis_name)
   total = jnp.sum(hist, dtype=jnp.uint32)
   rank = jnp.clip(jnp.asarray(k).astype(jnp.uint32), np.uint32(1), jnp.maximum(total, 1))
   high, below = _find_bucket(hist, rank)
-
-  def low_hist(kk):
-    in_bucket = (kk >> 16) == high
-    idx = jnp.where(in_bucket, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
-    return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
-
-  hist2 = sum((low_hist(kk) for kk in keys), start=jnp.zeros((_BINS,), jnp.uint32))
+  hist2 = sum((_low_histogram(x, high) for x in leaves),
+              start=jnp.zeros((_BINS,), jnp.uint32))
   hist2 = _psum_if(hist2, axis_name)
   low, _ = _find_bucket(hist2, rank - below)
   return (high << 16) | low
