@@ -161,11 +161,19 @@ def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def _find_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """First bucket whose cumulative count reaches ``rank`` (1-based), and the count below it."""
-  cum = jnp.cumsum(hist, dtype=jnp.uint32)
-  bucket = jnp.argmax(cum >= rank)
-  below = cum[bucket] - hist[bucket]
-  return bucket.astype(jnp.uint32), below
+  """First bucket whose cumulative count reaches ``rank`` (1-based), and the count below it.
+
+  Two levels of 256 (a cumulative sum over 65,536 bins is slow on XLA:CPU): the
+  row of 256 bins that holds the bucket, then the bucket within that row.
+  """
+  rows = hist.reshape(256, 256)
+  row_totals = jnp.sum(rows, axis=1, dtype=jnp.uint32)
+  row_cum = jnp.cumsum(row_totals, dtype=jnp.uint32)
+  r = jnp.argmax(row_cum >= rank)
+  row = rows[r]
+  cum = jnp.cumsum(row, dtype=jnp.uint32) + (row_cum[r] - row_totals[r])
+  c = jnp.argmax(cum >= rank)
+  return (r * 256 + c).astype(jnp.uint32), cum[c] - row[c]
 
 
 def kth_smallest_key(
