@@ -55,7 +55,8 @@ def _ire_rows(d: Any) -> Iterable[dict]:
     c = r["cpu"]
     yield _row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", "update (K=10)",
                c["amortized_ratio_K10"], "bench_ire",
-               f"refresh = {c['refresh_cost_adamw_updates']:.1f} AdamW updates (CPU time)")
+               f"refresh = {c['refresh_cost_adamw_updates']:.1f} AdamW updates (CPU time)",
+               variant="grad_sq")
 
 
 def _sam_rows(d: Any) -> Iterable[dict]:
@@ -108,7 +109,7 @@ def _multidevice_rows(d: Any) -> Iterable[dict]:
           yield _row(name, "AdamW", f"MLP {r['params']:,} params, digits, 1 device",
                      "train step", opts[key]["time_ratio_to_adamw"], "bench_multidevice",
                      f"jit over {placement}",
-                     variant="m=8, vmap" if key == "msam" else "")
+                     variant={"msam": "m=8, vmap", "adamw+ire": "grad_sq"}.get(key, ""))
 
 
 def _generalization_rows(d: Any) -> Iterable[dict]:
@@ -122,9 +123,21 @@ def _generalization_rows(d: Any) -> Iterable[dict]:
 def _pretraining_rows(d: Any) -> Iterable[dict]:
   if not d:
     return
-  for r in d.get("cost", []):
-    yield _row(r["optimizer"], r["base"], r["task"], "train step", r["ratio"],
-               "bench_pretraining", r.get("note", ""), r.get("variant", ""))
+  for key, seeds in d["results"].items():
+    ds = d["datasets"][key]
+    for est in d["config"]["estimators"]:
+      ratios = sorted(s["metrics"][est]["time_per_step_ratio"] for s in seeds.values()
+                      if est in s.get("metrics", {}))
+      if ratios:
+        yield _row("AdamW+IRE", "AdamW", f"Llama mini ({ds['params']:,} params), {ds['label']}",
+                   "train step", _median(ratios), "bench_pretraining",
+                   f"median of {len(ratios)} seeds; whole runs timed one after another",
+                   variant=est)
+
+
+def _median(values: list[float]) -> float:
+  v = sorted(values)
+  return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
 
 def cost_rows(results: Path = RESULTS) -> list[dict]:
@@ -182,9 +195,7 @@ def cost_digest(rows: list[dict]) -> str:
   for (opt, variant), vals in by.items():
     name = f"{opt} ({variant})" if variant else opt
     vals = sorted(vals)
-    mid = vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1]
-                                                              + vals[len(vals) // 2])
-    body.append([name, str(len(vals)), f"{mid:.2f}", f"{vals[0]:.2f}–{vals[-1]:.2f}"])
+    body.append([name, str(len(vals)), f"{_median(vals):.2f}", f"{vals[0]:.2f}–{vals[-1]:.2f}"])
   return _table(["optimizer", "models measured", "median time / base", "range"], body, "lrrr")
 
 
