@@ -25,7 +25,7 @@ warm-up. The peak lr is chosen for the tiny model (see ``--lr``).
 
 Usage (from the repository root; heavy runs serialise on a lock file)::
 
-  flock /tmp/ire_bench.lock python benchmarks/bench_pretraining.py   # ~25 min, 2 cores
+  flock /tmp/ire_bench.lock python benchmarks/bench_pretraining.py   # ~30 min alone, 2 cores
   python benchmarks/bench_pretraining.py --smoke --out /tmp/pt_smoke  # < 1 min
 
 Data: ``../shared/data/wikitext-2`` (no training split there: trains on
