@@ -167,19 +167,21 @@ def _both_paths(fn, *args, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(0,), (), (7,), (33, 17), (2, 3, 1000)])
-def test_native_histograms_equal_xla_scatter(shape, monkeypatch):
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("shape", [(0,), (), (7,), (33, 17), (2, 3, 1000), (2_100_003,)])
+def test_native_histograms_equal_xla_scatter(shape, square, monkeypatch):
   rng = np.random.default_rng(sum(shape) + len(shape))
   n = math.prod(shape)
   x = rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.integers(-40, 38, n)
   x[: min(n, SPECIAL.size)] = SPECIAL[: min(n, SPECIAL.size)]  # every special value, incl. NaN
   x = jnp.asarray(x.reshape(shape))
-  a, b = _both_paths(selection._high_histogram, x, monkeypatch=monkeypatch)
+  a, b = _both_paths(lambda x: selection._high_histogram(x, square), x, monkeypatch=monkeypatch)
   np.testing.assert_array_equal(a, b)
   assert int(np.asarray(a, np.int64).sum()) == n
-  keys = np.asarray(selection.ordered_keys(x)).ravel()
+  keys = np.asarray(selection.ordered_keys(jnp.square(x) if square else x)).ravel()
   for high in {0, 0x7FFF, 0x8000, 0xFFFF, *(int(k) >> 16 for k in keys[:20])}:
-    a, b = _both_paths(selection._low_histogram, x, jnp.uint32(high), monkeypatch=monkeypatch)
+    a, b = _both_paths(lambda x, h: selection._low_histogram(x, h, square), x,
+                       jnp.uint32(high), monkeypatch=monkeypatch)
     np.testing.assert_array_equal(a, b)
     assert int(np.asarray(a, np.int64).sum()) == int(np.sum((keys >> 16) == high))
 
@@ -220,3 +222,17 @@ def test_a_failed_build_falls_back_to_the_scatter_with_a_warning(monkeypatch, tm
   x = jnp.asarray([3.0, 1.0, 2.0])
   assert float(selection.kth_smallest(x, 2)) == 2.0
   assert "ire_optax_hist" not in jax.jit(lambda t: selection.kth_smallest(t, 2)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("native_on", ["1", "0"])
+@settings(max_examples=25, deadline=None)
+@given(leaves=tree_strategy, gamma=st.floats(0.01, 0.99))
+def test_square_selects_what_the_materialised_squares_select(leaves, gamma, native_on):
+  """``flat_mask(g, square=True) == flat_mask(g ** 2)``, ties and underflow included."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("IRE_OPTAX_NATIVE", native_on)
+    tree = [jnp.asarray(x) for x in leaves]
+    got = ire_optax.flat_mask(tree, gamma, square=True)
+    want = ire_optax.flat_mask([jnp.square(x) for x in tree], gamma)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g, w)

@@ -260,8 +260,10 @@ def ire(
       if curvature == "grad_sq" and ema_decay is None:
         # Square of the data-parallel *mean* gradient: the single-device g² of the
         # global batch, also when the caller passes local gradients (SAM-IRE).
+        # The squares are taken inside the selection (never materialised).
         g32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), updates)
-        h = curv.grad_sq_diag(utils.pmean_if(g32, axis_name))
+        return selection.flat_mask(utils.pmean_if(g32, axis_name), gamma,
+                                   axis_name=shard_axis_name, square=True)
       else:
         h = estimate(updates, params, ema, sub, extra_args)
         h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)

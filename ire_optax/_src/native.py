@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("native") / "histogram.cc"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _HIGH, _LOW = "ire_optax_hist_high", "ire_optax_hist_low"
 _BINS = 1 << 16
 
@@ -111,13 +111,14 @@ def _result() -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((_BINS,), jnp.uint32)
 
 
-def histogram_high(x: jax.Array) -> jax.Array:
-  """``uint32[65536]`` counts of the top 16 bits of ``ordered_keys(x)`` (CPU only)."""
+def histogram_high(x: jax.Array, *, square: bool = False) -> jax.Array:
+  """``uint32[65536]`` counts of the top 16 bits of ``ordered_keys(x)`` (of ``x * x``
+  with ``square``); CPU only."""
   return jax.ffi.ffi_call(_HIGH, _result(), vmap_method="sequential")(
-      jnp.asarray(x, jnp.float32))
+      jnp.asarray(x, jnp.float32), square=bool(square))
 
 
-def histogram_low(x: jax.Array, high: jax.Array) -> jax.Array:
-  """Counts of the low 16 bits of the keys of ``x`` whose top 16 bits are ``high``."""
+def histogram_low(x: jax.Array, high: jax.Array, *, square: bool = False) -> jax.Array:
+  """Counts of the low 16 bits of the keys of ``x`` (or ``x * x``) in bucket ``high``."""
   return jax.ffi.ffi_call(_LOW, _result(), vmap_method="sequential")(
-      jnp.asarray(x, jnp.float32), jnp.asarray(high, jnp.uint32))
+      jnp.asarray(x, jnp.float32), jnp.asarray(high, jnp.uint32), square=bool(square))

@@ -39,6 +39,7 @@ for up to 2**32 - 1 coordinates per call.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -134,26 +135,32 @@ def _native_ok(x: jax.Array) -> bool:
           and native.enabled())
 
 
-def _high_histogram(x: jax.Array) -> jax.Array:
-  """Pass 1: counts of the top 16 bits of the keys of ``x``."""
+def _square_if(x: jax.Array, square: bool) -> jax.Array:
+  return x * x if square else x
+
+
+def _high_histogram(x: jax.Array, square: bool = False) -> jax.Array:
+  """Pass 1: counts of the top 16 bits of the keys of ``x`` (or of ``x * x``)."""
   def scatter(x):
-    return _histogram((ordered_keys(x) >> 16).astype(jnp.int32), _BINS)
+    return _histogram((ordered_keys(_square_if(x, square)) >> 16).astype(jnp.int32), _BINS)
 
   if not _native_ok(x):
     return scatter(x)
-  return jax.lax.platform_dependent(x, cpu=native.histogram_high, default=scatter)
+  return jax.lax.platform_dependent(
+      x, cpu=functools.partial(native.histogram_high, square=square), default=scatter)
 
 
-def _low_histogram(x: jax.Array, high: jax.Array) -> jax.Array:
-  """Pass 2: counts of the low 16 bits of the keys of ``x`` in bucket ``high``."""
+def _low_histogram(x: jax.Array, high: jax.Array, square: bool = False) -> jax.Array:
+  """Pass 2: counts of the low 16 bits of the keys of ``x`` (or ``x * x``) in bucket ``high``."""
   def scatter(x, high):
-    kk = ordered_keys(x)
+    kk = ordered_keys(_square_if(x, square))
     idx = jnp.where((kk >> 16) == high, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
     return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
 
   if not _native_ok(x):
     return scatter(x, high)
-  return jax.lax.platform_dependent(x, high, cpu=native.histogram_low, default=scatter)
+  return jax.lax.platform_dependent(
+      x, high, cpu=functools.partial(native.histogram_low, square=square), default=scatter)
 
 
 def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -177,7 +184,7 @@ def _find_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def kth_smallest_key(
-    tree: Any, k: jax.Array | int, *, axis_name: str | None = None
+    tree: Any, k: jax.Array | int, *, axis_name: str | None = None, square: bool = False
 ) -> jax.Array:
   """The exact ordered key (see :func:`ordered_keys`) of the k-th smallest value.
 
@@ -186,17 +193,19 @@ def kth_smallest_key(
     k: 1-based rank, ``1 <= k <= N`` (clipped into that range).
     axis_name: if the tree is partitioned over a mapped axis (``shard_map``),
       the name of that axis; histograms are ``psum``-ed over it.
+    square: rank ``x * x`` (in float32) instead of ``x``, without materialising it.
 
   Returns:
     uint32 scalar key.
   """
   leaves = _leaves_f32(tree)
-  hist = sum((_high_histogram(x) for x in leaves), start=jnp.zeros((_BINS,), jnp.uint32))
+  hist = sum((_high_histogram(x, square) for x in leaves),
+             start=jnp.zeros((_BINS,), jnp.uint32))
   hist = _psum_if(hist, axis_name)
   total = jnp.sum(hist, dtype=jnp.uint32)
   rank = jnp.clip(jnp.asarray(k).astype(jnp.uint32), np.uint32(1), jnp.maximum(total, 1))
   high, below = _find_bucket(hist, rank)
-  hist2 = sum((_low_histogram(x, high) for x in leaves),
+  hist2 = sum((_low_histogram(x, high, square) for x in leaves),
               start=jnp.zeros((_BINS,), jnp.uint32))
   hist2 = _psum_if(hist2, axis_name)
   low, _ = _find_bucket(hist2, rank - below)
@@ -244,6 +253,7 @@ def flat_mask(
     *,
     axis_name: str | None = None,
     dtype: Any = jnp.uint8,
+    square: bool = False,
 ) -> Any:
   """Mask of the ``max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
 
@@ -253,6 +263,9 @@ def flat_mask(
     axis_name: axis over which ``tree`` is partitioned (``shard_map``), if any.
       ``N`` is then the global number of coordinates.
     dtype: dtype of the returned mask leaves (``uint8``: one byte a parameter).
+    square: select on ``tree ** 2`` (float32) instead of ``tree`` -- the same mask
+      as ``flat_mask(jax.tree.map(jnp.square, tree), gamma)`` without
+      materialising the squares (IRE's ``"grad_sq"`` curvature).
 
   Returns:
     A pytree like ``tree`` of 0/1 values: ``1[h_i <= τ]`` with τ the k-th
@@ -280,7 +293,9 @@ def flat_mask(
     n = n * jax.lax.psum(1, axis_name)
   k = num_selected(n, gamma)
   # NaN has the largest key; capping τ at the key of +inf keeps NaN out of the mask.
-  tau = key_to_float(jnp.minimum(kth_smallest_key(tree, k, axis_name=axis_name), _INF_KEY))
+  tau = key_to_float(jnp.minimum(
+      kth_smallest_key(tree, k, axis_name=axis_name, square=square), _INF_KEY))
   # A float comparison gives the same set as comparing keys (the zeros tie, NaN is never
   # <= anything) without re-keying every value.
-  return jax.tree.map(lambda x: (jnp.asarray(x, jnp.float32) <= tau).astype(dtype), tree)
+  return jax.tree.map(
+      lambda x: (_square_if(jnp.asarray(x, jnp.float32), square) <= tau).astype(dtype), tree)

@@ -6,14 +6,18 @@
 // about 1 ns per value. ire_optax compiles this file on first use (see native.py)
 // and falls back to the XLA scatter when it cannot.
 //
-//   IreHistHigh(x f32[...]) -> u32[65536]: counts of the top 16 bits of the keys.
-//   IreHistLow(x f32[...], high u32[]) -> u32[65536]: counts of the low 16 bits of
-//       the keys whose top 16 bits equal `high`.
+//   IreHistHigh(x f32[...]; square) -> u32[65536]: counts of the top 16 bits of the
+//       keys of x (of x * x if `square`).
+//   IreHistLow(x f32[...], high u32[]; square) -> u32[65536]: counts of the low 16
+//       bits of the keys whose top 16 bits equal `high`.
 //
 // Keys are those of selection.ordered_keys: unsigned order = float order, -0.0
 // and +0.0 tie, denormals tie with zero (XLA:CPU flushes them), NaN is largest.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -28,51 +32,108 @@ static inline uint32_t OrderedKey(uint32_t bits) {
   return key;
 }
 
-constexpr size_t kBlock = 512;
+// The key of x, or of x * x when `Square` (the "grad_sq" curvature, without
+// materialising it; a denormal square keys as zero, as XLA:CPU flushes it).
+template <bool Square>
+static inline uint32_t KeyOf(float x) {
+  const float v = Square ? x * x : x;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return OrderedKey(bits);
+}
 
-static ffi::Error HighImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist) {
-  uint32_t* h = hist->typed_data();
-  std::memset(h, 0, sizeof(uint32_t) * 65536);
-  const uint32_t* d = reinterpret_cast<const uint32_t*>(x.typed_data());
-  const size_t n = x.element_count();
+constexpr size_t kBlock = 512;
+constexpr size_t kBins = 65536;
+
+// Adds the counts of the top 16 bits of the keys of d[0, n) to h.
+template <bool Square>
+static void HighRange(const float* d, size_t n, uint32_t* h) {
   uint32_t keys[kBlock];
   for (size_t s = 0; s < n; s += kBlock) {
     const size_t m = n - s < kBlock ? n - s : kBlock;
-    for (size_t i = 0; i < m; ++i) keys[i] = OrderedKey(d[s + i]) >> 16;
+    for (size_t i = 0; i < m; ++i) keys[i] = KeyOf<Square>(d[s + i]) >> 16;
     for (size_t i = 0; i < m; ++i) h[keys[i]]++;
   }
-  return ffi::Error::Success();
 }
 
-static ffi::Error LowImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
-                          ffi::ResultBuffer<ffi::U32> hist) {
-  uint32_t* h = hist->typed_data();
-  std::memset(h, 0, sizeof(uint32_t) * 65536);
-  const uint32_t hi = high.typed_data()[0];
-  const uint32_t* d = reinterpret_cast<const uint32_t*>(x.typed_data());
-  const size_t n = x.element_count();
+// Adds the counts of the low 16 bits of the keys of d[0, n) in bucket `hi` to h.
+template <bool Square>
+static void LowRange(const float* d, size_t n, uint32_t hi, uint32_t* h) {
   // Blocks of 16: a vectorised test of the block, and a scalar pass only over the rare
   // blocks that hold a key of bucket `hi`.
   constexpr size_t kLanes = 16;
   size_t s = 0;
   for (; s + kLanes <= n; s += kLanes) {
     uint32_t any = 0;
-    for (size_t i = 0; i < kLanes; ++i) any |= (OrderedKey(d[s + i]) >> 16) == hi;
+    for (size_t i = 0; i < kLanes; ++i) any |= (KeyOf<Square>(d[s + i]) >> 16) == hi;
     if (!any) continue;
     for (size_t i = 0; i < kLanes; ++i) {
-      const uint32_t key = OrderedKey(d[s + i]);
+      const uint32_t key = KeyOf<Square>(d[s + i]);
       if ((key >> 16) == hi) h[key & 0xFFFFu]++;
     }
   }
   for (; s < n; ++s) {
-    const uint32_t key = OrderedKey(d[s]);
+    const uint32_t key = KeyOf<Square>(d[s]);
     if ((key >> 16) == hi) h[key & 0xFFFFu]++;
   }
+}
+
+// Runs count(d + begin, length, h_part) over up to hardware_concurrency() slices of
+// at least kMinPerThread values, each into its own histogram, and sums them into h.
+constexpr size_t kMinPerThread = size_t{1} << 20;
+
+template <typename Count>
+static void Histogram(const float* d, size_t n, uint32_t* h, Count count) {
+  std::memset(h, 0, sizeof(uint32_t) * kBins);
+  size_t threads = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), 8));
+  threads = std::max<size_t>(1, std::min(threads, n / kMinPerThread));
+  if (threads == 1) {
+    count(d, n, h);
+    return;
+  }
+  std::vector<std::vector<uint32_t>> parts(threads - 1, std::vector<uint32_t>(kBins, 0));
+  std::vector<std::thread> pool;
+  const size_t slice = (n + threads - 1) / threads;
+  for (size_t t = 1; t < threads; ++t) {
+    const size_t begin = t * slice, end = std::min(n, begin + slice);
+    uint32_t* part = parts[t - 1].data();
+    pool.emplace_back([=] { count(d + begin, end - begin, part); });
+  }
+  count(d, std::min(n, slice), h);
+  for (auto& worker : pool) worker.join();
+  for (const auto& part : parts)
+    for (size_t b = 0; b < kBins; ++b) h[b] += part[b];
+}
+
+template <bool Square>
+static void High(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist) {
+  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
+            [](const float* d, size_t n, uint32_t* h) { HighRange<Square>(d, n, h); });
+}
+
+template <bool Square>
+static void Low(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
+                ffi::ResultBuffer<ffi::U32> hist) {
+  const uint32_t hi = high.typed_data()[0];
+  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
+            [hi](const float* d, size_t n, uint32_t* h) { LowRange<Square>(d, n, hi, h); });
+}
+
+static ffi::Error HighImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist,
+                           bool square) {
+  square ? High<true>(x, hist) : High<false>(x, hist);
+  return ffi::Error::Success();
+}
+
+static ffi::Error LowImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
+                          ffi::ResultBuffer<ffi::U32> hist, bool square) {
+  square ? Low<true>(x, high, hist) : Low<false>(x, high, hist);
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IreHistHigh, HighImpl,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::U32>>());
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::U32>>()
+        .Attr<bool>("square"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IreHistLow, LowImpl,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>()
-        .Ret<ffi::Buffer<ffi::U32>>());
+        .Ret<ffi::Buffer<ffi::U32>>().Attr<bool>("square"));
