@@ -116,10 +116,20 @@ def _multidevice_rows(d: Any) -> Iterable[dict]:
 def _generalization_rows(d: Any) -> Iterable[dict]:
   if not d:
     return
-  for r in d.get("cost", []):
-    yield _row(r["optimizer"], r["base"], r["task"], "train step", r["ratio"],
-               "bench_generalization", r.get("note", ""), r.get("variant", ""),
-               interleaved=False)
+  bases = {"resnet": "SGD", "vit": "AdamW"}
+  models = {"resnet": "ResNet-8", "vit": "ViT"}
+  for a in d["aggregates"]:
+    name, base = a["optimizer"], bases.get(a["model"], "")
+    if name == base or a.get("time_ratio") is None:
+      continue
+    variant = ""
+    if name.startswith("mSAM-"):
+      name, variant = "mSAM", f"m={name.split('-')[1]}"
+    elif name.endswith("+IRE") and name != "SAM+IRE":
+      name, variant = f"{base}+IRE", "fisher"
+    yield _row(name, base, f"{models.get(a['model'], a['model'])}, {a['dataset']}",
+               "train step", a["time_ratio"], "bench_generalization",
+               f"median of {a['n']} seeds", variant, interleaved=False)
 
 
 def _pretraining_rows(d: Any) -> Iterable[dict]:
