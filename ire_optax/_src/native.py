@@ -6,7 +6,8 @@ updates on a CPU (``benchmarks/results/ire.md``). ``native/histogram.cc`` holds
 two XLA FFI handlers that compute the same histograms at about 1 ns per value.
 The first time a selection is traced for the CPU, this module compiles that
 file with the system's C++ compiler against the headers that ship with jaxlib
-(``jax.ffi.include_dir()``), caches the shared library and registers the
+(``jax.ffi.include_dir()``; ``-march=native`` when the compiler takes it, so the
+cache is keyed by the CPU too), caches the shared library and registers the
 handlers with ``jax.ffi``.
 
 Everything else is unchanged: on GPU and TPU, for explicitly sharded arrays, and
@@ -40,6 +41,9 @@ import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("native") / "histogram.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
+# Tuned for the machine that compiles (and caches per CPU); plain flags if the compiler
+# does not take it.
+_NATIVE_ARCH = ("-march=native",)
 _HIGH, _LOW = "ire_optax_hist_high", "ire_optax_hist_low"
 _BINS = 1 << 16
 
@@ -71,6 +75,16 @@ def _compiler() -> str | None:
   return None
 
 
+def _cpu_tag() -> bytes:
+  """What identifies this CPU for ``-march=native`` (a shared cache may serve several)."""
+  try:
+    info = Path("/proc/cpuinfo").read_text()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(lines).encode()
+  except OSError:
+    return (platform.processor() or platform.machine()).encode()
+
+
 def _build_and_register() -> bool:
   try:
     include = jax.ffi.include_dir()
@@ -79,8 +93,9 @@ def _build_and_register() -> bool:
     if cxx is None:
       return False
     tag = hashlib.sha256(b"\0".join([
-        source, " ".join(_FLAGS).encode(), cxx.encode(), jax.__version__.encode(),
-        platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
+        source, " ".join(_FLAGS + _NATIVE_ARCH).encode(), cxx.encode(),
+        jax.__version__.encode(), platform.machine().encode(), sys.platform.encode(),
+        _cpu_tag()])).hexdigest()[:16]
     lib_path = _cache_dir() / f"histogram-{tag}.so"
     if not lib_path.exists():
       lib_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +103,12 @@ def _build_and_register() -> bool:
       fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
       os.close(fd)
       try:
-        subprocess.run([cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp],
-                       check=True, capture_output=True, timeout=300)
+        command = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
+        try:
+          subprocess.run(command[:1] + list(_NATIVE_ARCH) + command[1:], check=True,
+                         capture_output=True, timeout=300)
+        except subprocess.CalledProcessError:
+          subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(tmp, lib_path)
       finally:
         if os.path.exists(tmp):
