@@ -264,9 +264,8 @@ def ire(
         g32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), updates)
         return selection.flat_mask(utils.pmean_if(g32, axis_name), gamma,
                                    axis_name=shard_axis_name, square=True)
-      else:
-        h = estimate(updates, params, ema, sub, extra_args)
-        h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
+      h = estimate(updates, params, ema, sub, extra_args)
+      h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
       return selection.flat_mask(h, gamma, axis_name=shard_axis_name)
 
     mask = utils.cond(refresh, new_mask, lambda: state.mask)

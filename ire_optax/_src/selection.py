@@ -94,11 +94,15 @@ def num_elements(tree: Any) -> int:
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
 
 
+def _mesh(x: jax.Array):
+  """The mesh in ``x``'s type (empty or ``None`` for an array on one device)."""
+  return getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+
+
 def _explicit_mesh(x: jax.Array):
   """The mesh ``x`` is explicitly sharded over (``AxisType.Explicit``), else ``None``."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  spec = getattr(sharding, "spec", None) or ()
+  mesh = _mesh(x)
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
   if mesh is not None and not mesh.empty and any(a is not None for a in spec):
     return mesh
   return None
@@ -129,10 +133,18 @@ def _native_ok(x: jax.Array) -> bool:
   (any axis type, or inside ``shard_map``) would be gathered or mistyped, so
   those keep XLA's scatter, whose per-shard histograms XLA all-reduces.
   """
-  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  mesh = _mesh(x)
   on_one_device = mesh is None or mesh.empty or mesh.size == 1
   return (x.size > 0 and on_one_device and jax.default_backend() == "cpu"
           and native.enabled())
+
+
+def _native_or_scatter(native_fn, scatter, x: jax.Array, *args: jax.Array) -> jax.Array:
+  """``native_fn(x, *args)`` where :func:`_native_ok`, lowered for the CPU only; else
+  ``scatter(x, *args)``."""
+  if not _native_ok(x):
+    return scatter(x, *args)
+  return jax.lax.platform_dependent(x, *args, cpu=native_fn, default=scatter)
 
 
 def _square_if(x: jax.Array, square: bool) -> jax.Array:
@@ -144,10 +156,7 @@ def _high_histogram(x: jax.Array, square: bool = False) -> jax.Array:
   def scatter(x):
     return _histogram((ordered_keys(_square_if(x, square)) >> 16).astype(jnp.int32), _BINS)
 
-  if not _native_ok(x):
-    return scatter(x)
-  return jax.lax.platform_dependent(
-      x, cpu=functools.partial(native.histogram_high, square=square), default=scatter)
+  return _native_or_scatter(functools.partial(native.histogram_high, square=square), scatter, x)
 
 
 def _low_histogram(x: jax.Array, high: jax.Array, square: bool = False) -> jax.Array:
@@ -157,10 +166,8 @@ def _low_histogram(x: jax.Array, high: jax.Array, square: bool = False) -> jax.A
     idx = jnp.where((kk >> 16) == high, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
     return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
 
-  if not _native_ok(x):
-    return scatter(x, high)
-  return jax.lax.platform_dependent(
-      x, high, cpu=functools.partial(native.histogram_low, square=square), default=scatter)
+  return _native_or_scatter(functools.partial(native.histogram_low, square=square), scatter,
+                            x, high)
 
 
 def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
