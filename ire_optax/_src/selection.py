@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ire_optax._src import native, utils
+from ire_optax._src import native, sharding, utils
 
 _BINS = 1 << 16
 _LOW_MASK = np.uint32(0xFFFF)
@@ -94,20 +94,6 @@ def num_elements(tree: Any) -> int:
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
 
 
-def _mesh(x: jax.Array):
-  """The mesh in ``x``'s type (empty or ``None`` for an array on one device)."""
-  return getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-
-
-def _explicit_mesh(x: jax.Array):
-  """The mesh ``x`` is explicitly sharded over (``AxisType.Explicit``), else ``None``."""
-  mesh = _mesh(x)
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None) or ()
-  if mesh is not None and not mesh.empty and any(a is not None for a in spec):
-    return mesh
-  return None
-
-
 def _histogram(indices: jax.Array, length: int) -> jax.Array:
   """Counts of each value of ``indices`` (any shape) in ``[0, length)``, as uint32.
 
@@ -119,9 +105,9 @@ def _histogram(indices: jax.Array, length: int) -> jax.Array:
   if indices.size == 0:
     return jnp.zeros((length,), jnp.uint32)
   kwargs: dict[str, Any] = {}
-  mesh = _explicit_mesh(indices)
+  mesh = sharding.explicit_mesh(indices)
   if mesh is not None:
-    kwargs["out_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    kwargs["out_sharding"] = sharding.replicated(mesh)
   counts = jnp.zeros((length,), jnp.int32).at[indices].add(1, mode="drop", **kwargs)
   return counts.astype(jnp.uint32)
 
@@ -133,9 +119,7 @@ def _native_ok(x: jax.Array) -> bool:
   (any axis type, or inside ``shard_map``) would be gathered or mistyped, so
   those keep XLA's scatter, whose per-shard histograms XLA all-reduces.
   """
-  mesh = _mesh(x)
-  on_one_device = mesh is None or mesh.empty or mesh.size == 1
-  return (x.size > 0 and on_one_device and jax.default_backend() == "cpu"
+  return (x.size > 0 and sharding.is_on_one_device(x) and jax.default_backend() == "cpu"
           and native.enabled())
 
 
