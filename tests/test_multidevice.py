@@ -55,7 +55,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import ire_optax
-from ire_optax._src import curvature as curv
+from ire_optax._src import estimators as curv
 from ire_optax._src import utils
 
 P = jax.sharding.PartitionSpec

@@ -596,7 +596,6 @@ _VEC_LOSS = lambda p, b: p["w"] ** 2
         (lambda: sh.hessian_diagonal(_LOSS, _P, None, key=_KEY, num_samples=0), "`num_samples`"),
         (lambda: sh.hessian_diagonal(_LOSS, _P, None, key=_KEY, method="exact"), "`method`"),
         (lambda: sh.hessian_diagonal(_LOSS, _P, None), "needs a PRNG `key`"),
-        (lambda: sh.hessian_diagonal(_LOSS, _P, None, key=_KEY, method="fisher"), "logits_fn"),
         (lambda: sh.hessian_diagonal(_VEC_LOSS, _P, None, key=_KEY), "must return a scalar"),
         (lambda: sh.sam_sharpness(_LOSS, _P, None, num_steps=0), "`num_steps`"),
         (lambda: sh.sam_sharpness(_LOSS, _P, None, rho=-0.1), "`rho`"),
@@ -613,6 +612,11 @@ _VEC_LOSS = lambda p, b: p["w"] ** 2
 def test_bad_input_raises_clear_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_missing_callback_is_the_same_type_error_as_in_ire():
+  with pytest.raises(TypeError, match="needs the keyword argument `logits_fn`"):
+    sh.hessian_diagonal(_LOSS, _P, None, key=_KEY, method="fisher")
 
 
 def test_static_counts_under_jit_must_not_be_traced():

@@ -257,7 +257,8 @@ BAD_INPUT = [
     _row("hessian_diagonal/bad key", lambda: sh.hessian_diagonal(_loss, P, 1.0, key=7),
          TypeError, "`key` must be one PRNG key"),
     _row("hessian_diagonal/fisher without logits_fn", lambda: sh.hessian_diagonal(
-        _loss, P, 1.0, key=KEY, method="fisher"), ValueError, "needs `logits_fn"),
+        _loss, P, 1.0, key=KEY, method="fisher"), TypeError,
+        "needs the keyword argument `logits_fn`"),
     _row("hessian_diagonal/num_samples=0", lambda: sh.hessian_diagonal(
         _loss, P, 1.0, key=KEY, num_samples=0), ValueError, "`num_samples` must be"),
     *[_row(f"sam_sharpness/rho={v!r}", lambda v=v: sh.sam_sharpness(_loss, P, 1.0, rho=v),

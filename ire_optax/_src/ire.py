@@ -31,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ire_optax._src import curvature as curv
-from ire_optax._src import selection, utils
+from ire_optax._src import estimators, selection, utils
 
 CurvatureFn = Callable[..., Any]
-CURVATURE_ESTIMATORS = ("grad_sq", "fisher", "hutchinson")
+CURVATURE_ESTIMATORS = estimators.NAMES
 
 
 class IREState(NamedTuple):
@@ -112,7 +111,8 @@ def ire(
       ``lambda t: kappa * lr_schedule(t) / peak_lr``. Published: 3-4 (Llama),
       2 (ViT).
     gamma: fraction γ ∈ (0, 1) of coordinates treated as flat. Published:
-      0.6 (Llama), 0.8 (ViT).
+      0.6 (Llama), 0.8 (ViT). k = max(1, ⌊γ₃₂N⌋) exactly, with γ₃₂ the float32
+      value of γ, however γ is passed (number, array, injected, traced).
     refresh_every: K >= 1, steps between mask refreshes (10 in every published
       run).
     warmup_steps: T_w >= 0, IRE is off before this many updates (the paper
@@ -158,8 +158,7 @@ def ire(
   """
   utils.check_transformation("base_optimizer", base_optimizer)
   utils.check_range("kappa", kappa, low=0.0)
-  utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-  utils.check_not_schedule("gamma", gamma, "the fraction of flat coordinates")
+  selection.check_fraction("gamma", gamma)  # (0, 1); an array (float32) may round to 1
   utils.check_int("refresh_every", refresh_every, low=1)
   utils.check_int("warmup_steps", warmup_steps, low=0)
   utils.check_int("num_samples", num_samples, low=1)
@@ -167,27 +166,9 @@ def ire(
   if ema_decay is not None:
     utils.check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     utils.check_not_schedule("ema_decay", ema_decay)
-  if isinstance(curvature, str):
-    if curvature not in CURVATURE_ESTIMATORS:
-      raise ValueError(
-          f"`curvature` must be one of {CURVATURE_ESTIMATORS} or a function "
-          f"(grads, params, key, **extra_args) -> pytree; got {curvature!r}."
-      )
-    if ema_decay is not None and curvature != "grad_sq":
-      raise ValueError("`ema_decay` applies to curvature='grad_sq' only.")
-  elif not callable(curvature):
-    raise TypeError(
-        f"`curvature` must be a string or a callable; got {type(curvature).__name__}."
-    )
-  if curvature == "hutchinson":
-    n = utils.concrete_value(num_samples)
-    if n is None:
-      raise TypeError(
-          "`num_samples` must be a static int (a loop count); with "
-          "optax.inject_hyperparams pass static_args=('num_samples',)."
-      )
-    num_samples = int(n)
-  base = utils.with_extra_args(base_optimizer)
+  estimator = estimators.resolve(curvature, ema_decay=ema_decay, num_samples=num_samples,
+                                 axis_name=axis_name)
+  base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: optax.Params) -> IREState:
     # zeros_like: the mask and EMA inherit the parameters' sharding.
@@ -201,47 +182,13 @@ def ire(
         count=jnp.zeros([], jnp.int32),
         mask=mask,
         curvature_ema=ema,
-        key=jax.random.PRNGKey(seed),
+        # Raw key data (uint32[2]), not a typed key: Orbax checkpoints plain arrays.
+        key=jax.random.key_data(jax.random.key(seed)),
         base_state=base.init(params),
     )
 
-  def estimate(grads, params, ema, key, extra_args):
-    # Model-based estimates are per device (then averaged over `axis_name`), also
-    # under shard_map(check_vma=True): see utils.per_device_if.
-    if callable(curvature):
-      return curvature(grads, utils.per_device_if(params, axis_name), key, **extra_args)
-    if curvature == "grad_sq":
-      return ema if ema_decay is not None else curv.grad_sq_diag(grads)
-    if curvature == "fisher":
-      logits_fn = utils.require_callable(
-          "logits_fn", extra_args.get("logits_fn"), who="ire(curvature='fisher')",
-          why="params -> logits on the current batch, used to sample labels",
-      )
-      return curv.fisher_diag(logits_fn, utils.per_device_if(params, axis_name), key)
-    grad_fn = utils.require_callable(
-        "grad_fn", extra_args.get("grad_fn"), who="ire(curvature='hutchinson')",
-        why="params -> gradient of the loss on the current batch, for Hessian-vector products",
-    )
-    local_grad_fn = lambda q: grad_fn(utils.per_device_if(q, axis_name))
-    return curv.hutchinson_diag(local_grad_fn, params, key, num_samples=num_samples)
-
   def update_fn(updates, state, params=None, **extra_args):
-    if curvature in ("fisher", "hutchinson") or callable(curvature):
-      if params is None:
-        raise ValueError("ire.update() needs `params` for a model-based curvature estimator "
-                         f"(curvature={curvature!r}); got None.")
-    # Fail early (at trace time) if a model-based estimator lacks its input.
-    if curvature == "fisher":
-      utils.require_callable("logits_fn", extra_args.get("logits_fn"),
-                             who="ire(curvature='fisher')",
-                             why="params -> logits on the current batch, used to sample labels")
-    elif curvature == "hutchinson":
-      utils.require_callable("grad_fn", extra_args.get("grad_fn"),
-                             who="ire(curvature='hutchinson')",
-                             why="params -> gradient of the loss, for Hessian-vector products")
-    elif curvature == "grad_sq" and updates is None:
-      raise TypeError("ire(curvature='grad_sq') ranks the gradient passed as `updates`; got None.")
-
+    estimator.check(updates, params, extra_args)  # fails at trace time, before any work
     base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
 
     count = state.count
@@ -254,19 +201,15 @@ def ire(
       ema = jax.tree.map(lambda e, g: d * e + (1 - d) * jnp.square(g.astype(jnp.float32)),
                          ema, updates)
 
-    key, sub = jax.random.split(state.key)
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
 
     def new_mask():
-      if curvature == "grad_sq" and ema_decay is None:
-        # Square of the data-parallel *mean* gradient: the single-device g² of the
-        # global batch, also when the caller passes local gradients (SAM-IRE).
-        # The squares are taken inside the selection (never materialised).
-        g32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), updates)
-        return selection.flat_mask(utils.pmean_if(g32, axis_name), gamma,
-                                   axis_name=shard_axis_name, square=True)
-      h = estimate(updates, params, ema, sub, extra_args)
-      h = utils.pmean_if(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), h), axis_name)
-      return selection.flat_mask(h, gamma, axis_name=shard_axis_name)
+      # "grad_sq" ranks the square of the data-parallel *mean* gradient: the
+      # single-device g² of the global batch, also when the caller passes local
+      # gradients (SAM-IRE); other estimates are averaged over `axis_name`.
+      source = ema if ema_decay is not None else updates
+      h = utils.pmean_if(estimator.estimate(source, params, sub, extra_args), axis_name)
+      return selection.flat_mask(h, gamma, axis_name=shard_axis_name, square=estimator.square)
 
     mask = utils.cond(refresh, new_mask, lambda: state.mask)
     kappa_t = utils.resolve(kappa, count)
@@ -281,17 +224,11 @@ def ire(
         count=optax.safe_int32_increment(count),
         mask=mask,
         curvature_ema=ema,
-        key=key,
+        key=jax.random.key_data(key),
         base_state=base_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _find_states(state: Any, cls: type) -> list[Any]:
-  return [
-      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)
-  ]
 
 
 def ire_flat_mask(state: optax.OptState) -> optax.Updates:
@@ -304,7 +241,7 @@ def ire_flat_mask(state: optax.OptState) -> optax.Updates:
   Raises:
     ValueError: if ``state`` contains no :class:`IREState`.
   """
-  found = _find_states(state, IREState)
+  found = utils.find_states(state, IREState)
   if not found:
     raise ValueError("ire_flat_mask: no IREState found in `state`.")
   return found[0].mask

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ire_optax._src import utils
+from ire_optax._src import sam, utils
 
 __all__ = ["SALAState", "sala", "sala_eval_params", "sala_stats"]
 
@@ -158,7 +158,7 @@ def sala(
   utils.check_range("rho", rho, low=0.0)
   utils.check_range("eps", eps, low=0.0)
   utils.check_not_schedule("eps", eps)
-  base = utils.with_extra_args(base_optimizer)
+  base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: optax.Params) -> SALAState:
     rho0 = utils.resolve(rho, jnp.zeros((), jnp.int32))
@@ -185,7 +185,7 @@ def sala(
     if params is None:
       raise ValueError("sala.update() needs `params` (the current fast weights).")
     grad_fn = utils.require_callable(
-        "grad_fn", grad_fn, who="sala",
+        "grad_fn", grad_fn, who="sala.update()",
         why="params -> gradient of the training loss on the current batch, used for the "
         "SAM step of stage-2 cycles",
     )
@@ -201,9 +201,9 @@ def sala(
     g = utils.pmean_if(updates, axis_name)
 
     def sam_grad():
-      scale = rho_t / (utils.tree_norm(g) + eps)
+      perturbed = sam.perturbed_params(phi, g, rho_t, eps=eps)
       # Per-device gradient also under shard_map(check_vma=True): utils.per_device_if.
-      g_sam = grad_fn(utils.per_device_if(utils.tree_add_scaled(phi, scale, g), axis_name))
+      g_sam = grad_fn(utils.per_device_if(perturbed, axis_name))
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)
 
     g_used = utils.cond(take_sam, sam_grad, lambda: g)
@@ -253,11 +253,7 @@ def sala(
 
 
 def _find_sala_state(state: Any) -> SALAState:
-  found = [
-      x
-      for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, SALAState))
-      if isinstance(x, SALAState)
-  ]
+  found = utils.find_states(state, SALAState)
   if not found:
     raise ValueError(
         "No SALAState found in the given optimizer state; pass the state of an "

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ire_optax._src import utils
+from ire_optax._src import sharding, utils
 
 Params = Any
 Batch = Any
@@ -70,22 +70,38 @@ def _validate(rho: Any, adaptive_eta: Any, eps: Any, adaptive: Any) -> None:
   utils.check_bool("adaptive", adaptive)
 
 
-def _perturbed_params(
+def perturbed_params(
     params: Params,
     grads: Any,
-    rho: jax.Array,
+    rho: Any,
     *,
-    adaptive: bool,
-    adaptive_eta: Any,
-    eps: Any,
+    adaptive: bool = False,
+    adaptive_eta: Any = 0.0,
+    eps: Any = 1e-12,
 ) -> Params:
-  """Returns ``θ + ε`` (the only parameter-sized buffer SAM adds).
+  r"""SAM's ascent point :math:`\theta + \epsilon`, the one copy every optimizer uses.
 
-  ``ε = ρ T² g / (‖T g‖ + eps)`` with ``T = |θ| + adaptive_eta`` if
-  ``adaptive`` else ``T = 1``. The norm is global over the tree and computed in
-  float32; the result has the dtypes of ``params``. ``T g`` and ``T² g`` are
-  elementwise expressions that XLA fuses into the norm and into the final
-  addition, so they are not materialised.
+  .. math::
+    \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \mathrm{eps}}
+
+  with :math:`T = |\theta| + \eta` (``adaptive``, :math:`\eta` =
+  ``adaptive_eta``) or :math:`T = 1`. The norm is global over the tree and
+  computed in float32; the result has the dtypes of ``params``. ``T g`` and
+  ``T² g`` are elementwise expressions that XLA fuses into the norm and into
+  the final addition, so the only parameter-sized buffer is the result.
+  Used by :func:`sam`, :func:`msam`, SALA's stage-2 step and
+  :func:`ire_optax.sharpness.sam_sharpness`.
+
+  Args:
+    params: the point :math:`\theta` where the ascent starts.
+    grads: the gradient :math:`g` at ``params`` (same structure).
+    rho: the radius :math:`\rho` (a scalar, possibly traced).
+    adaptive: scale by :math:`T = |\theta| + \eta` (ASAM, Kwon et al., 2021).
+    adaptive_eta: :math:`\eta \ge 0`.
+    eps: added to the norm, so a zero gradient gives :math:`\epsilon = 0`.
+
+  Returns:
+    :math:`\theta + \epsilon` with the structure and dtypes of ``params``.
   """
   if adaptive:
     eta = jnp.asarray(adaptive_eta, jnp.float32)
@@ -97,36 +113,55 @@ def _perturbed_params(
     direction = jax.tree.map(lambda p, tg: t(p) * tg, params, scaled)
   else:
     scaled = direction = grads
-  scale = rho / (utils.tree_norm(scaled) + jnp.asarray(eps, jnp.float32))
+  scale = jnp.asarray(rho, jnp.float32) / (utils.tree_norm(scaled) + jnp.asarray(eps, jnp.float32))
   return utils.tree_add_scaled(params, scale, direction)
 
 
-def _split_batch(batch: Batch, num_microbatches: int, sequential: bool = False) -> Batch:
+def split_batch(
+    batch: Batch,
+    num_microbatches: int,
+    *,
+    who: str,
+    layout: Literal["vmap", "scan", "replicated"] = "vmap",
+) -> Batch:
   """Reshapes every leaf ``(B, ...)`` of ``batch`` to ``(m, B // m, ...)``.
 
   Micro-batch ``j`` is the contiguous slice ``[j B/m, (j+1) B/m)``, which is
-  also how ``B`` rows are sharded over ``m`` devices.
+  also how ``B`` rows are sharded over ``m`` devices. The one micro-batch split
+  of the library (:func:`msam`, :func:`ire_optax.sharpness.m_sharpness`);
+  ``who`` names the caller in the errors. ``layout`` says what the caller does
+  with the micro-batch axis of a batch explicitly sharded over a mesh (see
+  :func:`_split_leading`): ``"vmap"`` or ``"scan"`` over it, or
+  ``"replicated"``, which gathers the batch first.
   """
   leaves = jax.tree.leaves(batch)
   if not leaves:
-    raise ValueError("msam.update(): `batch` has no array leaves to split into micro-batches.")
+    raise ValueError(f"{who}: `batch` has no array leaves to split into micro-batches (every "
+                     "leaf needs a leading batch axis).")
   if any(jnp.ndim(x) == 0 for x in leaves):
     raise ValueError(
-        "msam.update(): every leaf of `batch` needs a leading batch dimension; found a scalar."
+        f"{who}: every leaf of `batch` needs a leading batch dimension; found a scalar."
     )
   sizes = {int(jnp.shape(x)[0]) for x in leaves}
   if len(sizes) != 1:
     raise ValueError(
-        f"msam.update(): all leaves of `batch` must share the leading batch size; got "
-        f"{sorted(sizes)}."
+        f"{who}: all leaves of `batch` must share the leading batch size; got {sorted(sizes)}."
     )
   (size,) = sizes
   if size % num_microbatches:
     raise ValueError(
-        f"msam.update(): the leading size of `batch` ({size}) is not divisible by "
-        f"`num_microbatches` ({num_microbatches})."
+        f"{who}: the leading size of `batch` ({size}) is not divisible by `num_microbatches` "
+        f"({num_microbatches}); `num_microbatches`={num_microbatches} must divide the batch "
+        "size."
     )
-  return jax.tree.map(lambda x: _split_leading(x, num_microbatches, sequential), batch)
+  if layout == "replicated":
+    # vmap over a batch axis sharded in the type is not supported: gather first
+    # (explicit mode only; under GSPMD the reshape is free).
+    return jax.tree.map(
+        lambda x: jnp.reshape(sharding.reshard(jnp.asarray(x), jax.sharding.PartitionSpec()),
+                              (num_microbatches, size // num_microbatches) + x.shape[1:]),
+        batch)
+  return jax.tree.map(lambda x: _split_leading(x, num_microbatches, layout == "scan"), batch)
 
 
 def _split_leading(x: jax.Array, m: int, sequential: bool) -> jax.Array:
@@ -140,8 +175,7 @@ def _split_leading(x: jax.Array, m: int, sequential: bool) -> jax.Array:
   shards stay on the leading axis: each device keeps its micro-batches.)
   """
   shape = (m, jnp.shape(x)[0] // m) + tuple(jnp.shape(x)[1:])
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+  mesh, spec = sharding.mesh(x), sharding.spec(x)
   if mesh is None or mesh.empty or not spec or spec[0] is None:
     return jnp.reshape(x, shape)
   axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
@@ -220,8 +254,8 @@ def sam(
       step count. Typical: 0.05 (SGD on CIFAR), 0.1--0.2 for larger models; ASAM
       uses larger values, ρ ≈ 0.5--2.
     adaptive: use adaptive SAM (Kwon et al., 2021).
-    adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The DESIGN
-      formula is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
+    adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The formula
+      of docs/design.md §1.2 is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
       0.01 and applies :math:`T` to weight tensors only (biases and norm scales
       get :math:`T = 1`). Here :math:`T` applies to every leaf; to exempt some
       leaves, give them their own ``sam`` via :func:`optax.partition`.
@@ -251,7 +285,7 @@ def sam(
 
   def surrogate(updates, params, rho_t, extra_args):
     grad_fn = utils.require_callable(
-        "grad_fn", extra_args.pop("grad_fn", None), who="sam",
+        "grad_fn", extra_args.pop("grad_fn", None), who="sam.update()",
         why="params -> gradient of the training loss on the current batch",
     )
     if updates is None:
@@ -260,7 +294,7 @@ def sam(
           "(ire_optax.msam is the variant that computes its clean gradients itself)."
       )
     clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
-    perturbed = _perturbed_params(
+    perturbed = perturbed_params(
         params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
     )
     # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
@@ -397,7 +431,7 @@ def msam(
   def surrogate(updates, params, rho_t, extra_args):
     del updates  # mSAM computes its clean micro-batch gradients itself.
     grad_fn = utils.require_callable(
-        "grad_fn", extra_args.pop("grad_fn", None), who="msam",
+        "grad_fn", extra_args.pop("grad_fn", None), who="msam.update()",
         why="(params, microbatch) -> gradient of the training loss on that micro-batch",
     )
     batch = extra_args.pop("batch", None)
@@ -406,13 +440,14 @@ def msam(
           "msam.update() needs the keyword argument `batch` (a pytree whose leaves share "
           "the leading batch dimension); it was not given."
       )
-    microbatches = _split_batch(batch, num_microbatches, microbatch_mode != "vmap")
+    microbatches = split_batch(batch, num_microbatches, who="msam.update()",
+                               layout="vmap" if microbatch_mode == "vmap" else "scan")
     # Per-device gradients also under shard_map(check_vma=True), see utils.per_device_if.
     params = utils.per_device_if(params, axis_name)
 
     def perturbed_grad(microbatch):
       clean = grad_fn(params, microbatch)
-      perturbed = _perturbed_params(
+      perturbed = perturbed_params(
           params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
       )
       return grad_fn(perturbed, microbatch)
@@ -453,7 +488,7 @@ def _make(
   ``surrogate(updates, params, rho_t, extra_args)`` pops the extra arguments it
   consumes from the dict ``extra_args``; the rest is forwarded to the base.
   """
-  base = utils.with_extra_args(base_optimizer)
+  base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: Params) -> SAMState:
     return SAMState(count=jnp.zeros([], jnp.int32), base_state=base.init(params))
@@ -470,6 +505,7 @@ def _make(
     extra_args = dict(extra_args)
     g = surrogate(updates, params, rho_t, extra_args)
     new_updates, base_state = base.update(g, state.base_state, params, **extra_args)
-    return new_updates, SAMState(count=optax.safe_increment(state.count), base_state=base_state)
+    count = optax.safe_int32_increment(state.count)
+    return new_updates, SAMState(count=count, base_state=base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

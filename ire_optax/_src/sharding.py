@@ -53,3 +53,27 @@ def explicit_mesh(x: Any) -> Any:
 def replicated(m: Any) -> jax.sharding.NamedSharding:
   """A ``NamedSharding`` over mesh ``m`` that replicates the value on every device."""
   return jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
+
+
+def spec(x: Any) -> Any:
+  """The ``PartitionSpec`` in the type of ``x`` (``None`` when the type records none)."""
+  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+
+
+def explicit_sharding(x: Any) -> Any:
+  """The sharding of ``x`` if its mesh has ``AxisType.Explicit`` axes, else ``None``.
+
+  Only then does JAX need (and accept) :func:`jax.sharding.reshard` and
+  ``out_sharding=`` arguments; under GSPMD the compiler places the values.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+  if explicit is None or not any(t == explicit for t in axis_types):
+    return None
+  return sharding
+
+
+def reshard(x: Any, partition_spec: Any) -> Any:
+  """``jax.sharding.reshard(x, partition_spec)`` for explicit-mode arrays; identity otherwise."""
+  return x if explicit_sharding(x) is None else jax.sharding.reshard(x, partition_spec)

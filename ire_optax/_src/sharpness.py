@@ -45,16 +45,14 @@ function                       HVPs / gradients                        extra mem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ire_optax._src import curvature, utils
+from ire_optax._src import estimators, sam, selection, sharding, utils
 
 Params = Any
 Batch = Any
@@ -73,26 +71,10 @@ def _f32(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
-def _check_static_int(name: str, value: Any, *, low: int = 1) -> int:
-  """``value`` must be a concrete Python/NumPy integer ``>= low`` (it sets shapes)."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(
-        f"`{name}` must be a static integer >= {low}; got {value!r} "
-        f"(of type {type(value).__name__})."
-    )
-  utils.check_int(name, value, low=low)
-  return int(value)
-
-
 def _check_unroll(unroll: Any) -> int | bool:
   if isinstance(unroll, bool):
     return unroll
-  return _check_static_int("unroll", unroll)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+  return utils.check_static_int("unroll", unroll)
 
 
 def _check_key(key: Any) -> None:
@@ -127,10 +109,6 @@ def _check_loss(loss_fn: Any, params32: Params, batch: Batch) -> None:
     raise ValueError(f"loss_fn must return a real floating scalar, got dtype {leaves[0].dtype}.")
 
 
-def _num_params(params: Params) -> int:
-  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(params))
-
-
 def _scalar_loss(loss_fn: LossFn, batch: Batch) -> Callable[[Params], jax.Array]:
   return lambda p: jnp.asarray(loss_fn(p, batch), jnp.float32)
 
@@ -152,21 +130,6 @@ def _prepare(loss_fn: LossFn, params: Params, batch: Batch) -> Params:
   return params32
 
 
-def _explicit_sharding(x: Any) -> Any:
-  """The sharding of ``x`` if it is sharded over explicit mesh axes, else ``None``."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-  if explicit is None or not any(t == explicit for t in getattr(mesh, "axis_types", ())):
-    return None
-  return sharding
-
-
-def _reshard(x: jax.Array, spec: Any) -> jax.Array:
-  """``jax.sharding.reshard`` for explicit-mode arrays; identity otherwise (GSPMD)."""
-  return x if _explicit_sharding(x) is None else jax.sharding.reshard(x, spec)
-
-
 def _flat_hvp(loss_fn: LossFn, params32: Params, batch: Batch):
   """``(x0, unravel, matvec)``: flat float32 params and ``x -> H x`` on flat vectors.
 
@@ -178,14 +141,14 @@ def _flat_hvp(loss_fn: LossFn, params32: Params, batch: Batch):
   grad_fn = _grad_fn(loss_fn, batch)
 
   def to_tree(x):
-    return jax.tree.map(lambda t, p: _reshard(t, jax.typeof(p).sharding.spec)
-                        if _explicit_sharding(p) is not None else t, unravel(x), params32)
+    return jax.tree.map(lambda t, p: sharding.reshard(t, sharding.spec(p))
+                        if sharding.explicit_sharding(p) is not None else t, unravel(x), params32)
 
   def matvec(x):
-    hx = curvature.hvp(grad_fn, params32, to_tree(x))
-    return _reshard(ravel_pytree(hx)[0], jax.sharding.PartitionSpec())
+    hx = estimators.hvp(grad_fn, params32, to_tree(x))
+    return sharding.reshard(ravel_pytree(hx)[0], jax.sharding.PartitionSpec())
 
-  return _reshard(flat, jax.sharding.PartitionSpec()), to_tree, matvec
+  return sharding.reshard(flat, jax.sharding.PartitionSpec()), to_tree, matvec
 
 
 # -----------------------------------------------------------------------------
@@ -223,7 +186,7 @@ def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
       for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(params), strict=True)):
     raise ValueError("`v` must have the tree structure and shapes of `params`; got "
                      f"{jax.tree.map(jnp.shape, v)} for params {jax.tree.map(jnp.shape, params)}.")
-  return curvature.hvp(_grad_fn(loss_fn, batch), params32, _f32(v))
+  return estimators.hvp(_grad_fn(loss_fn, batch), params32, _f32(v))
 
 
 # -----------------------------------------------------------------------------
@@ -392,13 +355,13 @@ def top_hessian_eigs(
     >>> [round(float(x), 4) for x in vals]
     [4.0, 3.0]
   """
-  _check_choice("method", method, ("lanczos", "power"))
+  utils.check_choice("method", method, ("lanczos", "power"))
   _check_key(key)
   utils.check_bool("reorthogonalize", reorthogonalize)
   unroll = _check_unroll(unroll)
-  k = _check_static_int("k", k)
-  num_iters = _check_static_int("num_iters", num_iters)
-  n = _num_params(params)
+  k = utils.check_static_int("k", k)
+  num_iters = utils.check_static_int("num_iters", num_iters)
+  n = selection.num_elements(params)
   if k > n:
     raise ValueError(f"`k` must be in [1, {n}] (the number of parameters); got {k}.")
   if method == "lanczos" and num_iters < k:
@@ -473,15 +436,15 @@ def hessian_trace(
     >>> float(est), float(se)
     (6.0, 0.0)
   """
-  num_samples = _check_static_int("num_samples", num_samples)
+  num_samples = utils.check_static_int("num_samples", num_samples)
   _check_key(key)
   unroll = _check_unroll(unroll)
   params32 = _prepare(loss_fn, params, batch)
   grad_fn = _grad_fn(loss_fn, batch)
 
   def one(_, k):
-    z = curvature.rademacher_like(k, params32)
-    return None, _tree_vdot(z, curvature.hvp(grad_fn, params32, z))
+    z = estimators.rademacher_like(k, params32)
+    return None, _tree_vdot(z, estimators.hvp(grad_fn, params32, z))
 
   _, samples = jax.lax.scan(one, None, jax.random.split(key, num_samples), unroll=unroll)
   estimate = jnp.mean(samples)
@@ -504,7 +467,7 @@ def hessian_diagonal(
   r"""The Hessian-diagonal estimates that IRE ranks coordinates by.
 
   Exactly the estimators of :func:`ire_optax.ire`'s ``curvature=`` option
-  (``ire_optax._src.curvature``), so you can inspect what IRE calls flat:
+  (``ire_optax._src.estimators``), so you can inspect what IRE calls flat:
 
   * ``"hutchinson"``: :math:`\frac1S\sum_s z_s \odot H z_s`, Rademacher
     :math:`z_s`; unbiased for :math:`\operatorname{diag} H`. ``num_samples``
@@ -542,8 +505,8 @@ def hessian_diagonal(
     ...                     key=jax.random.key(0))
     Array([1., 2., 3.], dtype=float32)
   """
-  _check_choice("method", method, ("hutchinson", "fisher", "grad_sq"))
-  num_samples = _check_static_int("num_samples", num_samples)
+  utils.check_choice("method", method, ("hutchinson", "fisher", "grad_sq"))
+  num_samples = utils.check_static_int("num_samples", num_samples)
   if method != "grad_sq" and key is None:
     raise ValueError(f"hessian_diagonal(method={method!r}) needs a PRNG `key`.")
   if method != "grad_sq":
@@ -551,21 +514,19 @@ def hessian_diagonal(
   params32 = _f32(params)
   key = jax.random.key(0) if key is None else key  # not used by "grad_sq"
   if method == "fisher":
-    if not callable(logits_fn):
-      raise ValueError(
-          "hessian_diagonal(method='fisher') needs `logits_fn(params, batch) -> logits`."
-      )
-    logits_of = lambda p: logits_fn(p, batch)
+    fn = utils.require_callable("logits_fn", logits_fn, who="hessian_diagonal(method='fisher')",
+                                why="(params, batch) -> logits, used to sample labels")
+    logits_of = lambda p: fn(p, batch)
     if num_samples == 1:
-      return curvature.fisher_diag(logits_of, params32, key)
-    est = jax.lax.map(lambda k: curvature.fisher_diag(logits_of, params32, k),
+      return estimators.fisher_diag(logits_of, params32, key)
+    est = jax.lax.map(lambda k: estimators.fisher_diag(logits_of, params32, k),
                       jax.random.split(key, num_samples))
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), est)
   _check_loss(loss_fn, params32, batch)
   grad_fn = _grad_fn(loss_fn, batch)
   if method == "grad_sq":
-    return curvature.grad_sq_diag(grad_fn(params32))
-  return curvature.hutchinson_diag(grad_fn, params32, key, num_samples=num_samples)
+    return estimators.grad_sq_diag(grad_fn(params32))
+  return estimators.hutchinson_diag(grad_fn, params32, key, num_samples=num_samples)
 
 
 # -----------------------------------------------------------------------------
@@ -630,7 +591,7 @@ def sam_sharpness(
     >>> round(float(sh.sam_sharpness(loss, jnp.zeros(2), jnp.array([3., 4.]), rho=0.1)), 6)
     0.5
   """
-  num_steps = _check_static_int("num_steps", num_steps)
+  num_steps = utils.check_static_int("num_steps", num_steps)
   unroll = _check_unroll(unroll)
   utils.check_range("rho", rho, low=0.0)
   utils.check_not_schedule("rho", rho)
@@ -638,18 +599,9 @@ def sam_sharpness(
   params32 = _prepare(loss_fn, params, batch)
   loss = _scalar_loss(loss_fn, batch)
   rho = jnp.asarray(rho, jnp.float32)
-  scale = jax.tree.map(jnp.abs, params32) if adaptive else None
-
-  def perturbation(g):
-    if adaptive:
-      tg = jax.tree.map(jnp.multiply, scale, g)
-      denom = utils.tree_norm(tg) + _NORM_EPS
-      return jax.tree.map(lambda t, x: rho * t * x / denom, scale, tg)
-    denom = utils.tree_norm(g) + _NORM_EPS
-    return jax.tree.map(lambda x: rho * x / denom, g)
 
   def shifted(g):
-    return jax.tree.map(jnp.add, params32, perturbation(g))
+    return sam.perturbed_params(params32, g, rho, adaptive=adaptive, eps=_NORM_EPS)
 
   loss0, g = jax.value_and_grad(loss)(params32)
 
@@ -661,26 +613,6 @@ def sam_sharpness(
   g, best = jax.lax.fori_loop(0, num_steps - 1, step, (g, jnp.zeros((), jnp.float32)),
                               unroll=unroll)
   return jnp.maximum(best, loss(shifted(g)) - loss0)
-
-
-def _split_microbatches(batch: Batch, m: int) -> Batch:
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError("m_sharpness needs a batch with a leading batch axis to split; got "
-                     f"{batch!r}.")
-  for x in leaves:
-    shape = jnp.shape(x)
-    if not shape or shape[0] % m:
-      raise ValueError(
-          f"`num_microbatches`={m} must divide the batch size (the leading axis of every "
-          f"batch leaf); got a leaf of shape {shape}."
-      )
-  # Explicit-mode sharded batches are gathered first (vmap over a batch axis
-  # sharded in the type is not supported); under GSPMD the reshape is free.
-  return jax.tree.map(
-      lambda x: jnp.reshape(_reshard(jnp.asarray(x), jax.sharding.PartitionSpec()),
-                            (m, x.shape[0] // m) + x.shape[1:]),
-      batch)
 
 
 def m_sharpness(
@@ -726,13 +658,13 @@ def m_sharpness(
     >>> round(float(sh.m_sharpness(loss, jnp.zeros(2), b, rho=0.1, num_microbatches=2)), 6)
     0.3
   """
-  m = _check_static_int("num_microbatches", num_microbatches)
+  m = utils.check_static_int("num_microbatches", num_microbatches)
   unroll = _check_unroll(unroll)
-  num_steps = _check_static_int("num_steps", num_steps)
+  num_steps = utils.check_static_int("num_steps", num_steps)
   utils.check_range("rho", rho, low=0.0)
   utils.check_not_schedule("rho", rho)
   utils.check_bool("adaptive", adaptive)
-  micro = _split_microbatches(batch, m)
+  micro = sam.split_batch(batch, m, who="m_sharpness", layout="replicated")
   params32 = _f32(params)
   per_micro = jax.vmap(
       lambda b: sam_sharpness(loss_fn, params32, b, rho=rho, num_steps=num_steps,
@@ -776,12 +708,12 @@ def summary(
   _check_key(key)
   for name, value in (("num_iters", num_iters), ("num_samples", num_samples),
                       ("num_steps", num_steps)):
-    _check_static_int(name, value)  # all checked before any work is done
+    utils.check_static_int(name, value)  # all checked before any work is done
   utils.check_range("rho", rho, low=0.0)
   params32 = _prepare(loss_fn, params, batch)
   key_eig, key_trace = jax.random.split(key)
   vals, _ = top_hessian_eigs(loss_fn, params32, batch, key=key_eig, k=1,
-                             num_iters=min(num_iters, _num_params(params32)))
+                             num_iters=min(num_iters, selection.num_elements(params32)))
   trace, trace_se = hessian_trace(loss_fn, params32, batch, key=key_trace,
                                   num_samples=num_samples)
   return {

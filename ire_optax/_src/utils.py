@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -105,15 +104,49 @@ def check_transformation(name: str, value: Any) -> None:
 
 
 def require_callable(name: str, value: Any, *, who: str, why: str) -> Callable:
-  """Returns ``value`` if callable, else raises a ``TypeError`` that explains."""
+  """Returns ``value`` if callable, else raises a ``TypeError`` that explains.
+
+  The one error for a missing or non-callable callback (``grad_fn``,
+  ``logits_fn``): ``who`` names the call that needs it, e.g. ``"sam.update()"``.
+  """
   if value is None:
     raise TypeError(
-        f"{who}.update() needs the keyword argument `{name}` ({why}); it was "
-        "not given."
+        f"{who} needs the keyword argument `{name}` ({why}); it was not given."
     )
   if not callable(value):
-    raise TypeError(f"{who}.update(): `{name}` must be callable; got {type(value).__name__}.")
+    raise TypeError(f"{who}: `{name}` must be callable; got {type(value).__name__}.")
   return value
+
+
+def check_static_int(name: str, value: Any, *, low: int = 1) -> int:
+  """Returns ``value`` as an int; it must be a concrete Python/NumPy integer ``>= low``.
+
+  For integer settings that fix shapes or loop counts: a float, a bool, a
+  tracer or a schedule raises ``ValueError``.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(
+        f"`{name}` must be a static integer >= {low}; got {value!r} "
+        f"(of type {type(value).__name__})."
+    )
+  check_int(name, value, low=low)
+  return int(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+
+
+def find_states(state: Any, cls: type) -> list[Any]:
+  """Every sub-state of type ``cls`` in a (nested) optimizer state, outermost first.
+
+  Looks through ``optax.chain``, wrappers such as :func:`ire_optax.ire`,
+  ``optax.MultiSteps``, ``optax.inject_hyperparams`` and any other pytree.
+  """
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
+          if isinstance(s, cls)]
 
 
 # -----------------------------------------------------------------------------
@@ -187,11 +220,6 @@ def pmean_if(tree: Any, axis_name: str | None) -> Any:
   if axis_name is None:
     return tree
   return jax.lax.pmean(tree, axis_name)
-
-
-def with_extra_args(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Makes ``tx.update`` accept (and ignore, if it does not use) extra kwargs."""
-  return optax.with_extra_args_support(tx)
 
 
 def _varying_axes(x: Any) -> frozenset:
