@@ -1,26 +1,28 @@
 """Data-parallel training of the Llama-style decoder over every visible device (and host).
 
 The model, data, optimizer flags and the jitted train step are those of
-``examples/llama.py`` (``examples/common``); this script adds the placement:
+``python -m examples.llama`` (``examples/common``); this script adds the placement:
 
 * ``--data-parallel gspmd`` (default): the *unchanged* train step under
   ``jax.jit``; the training state is replicated over a ``("data",)`` mesh of
   all devices and every batch is split over it. XLA inserts the gradient
   all-reduces (and SAM's, IRE's, SALA's global reductions); the optimizers need
   no ``axis_name``. mSAM's micro-batches are then slices of the *global* batch.
-* ``--data-parallel shard_map``: an explicit SPMD step under ``jax.shard_map``
-  in which each device computes its own gradient and the optimizers are built
-  with ``axis_name="data"``: SAM/ASAM/SALA/IRE average across devices
-  themselves, and ``msam`` perturbs every device with its own micro-batches
-  (``--num-microbatches`` per device: m-sharpness over
-  ``devices x num_microbatches`` micro-batches).
+* ``--data-parallel shard_map``: the same train step as the body of a
+  ``jax.shard_map`` over ``"data"``, in which each device computes its own
+  gradient: the optimizer is built with ``axis_name="data"``
+  (``build_optimizer(..., axis_name=...)``, ``step_function(...,
+  axis_name=...)``), so SAM/ASAM/SALA/IRE average across devices themselves,
+  the step averages the plain optimizers' gradient, and ``msam`` perturbs every
+  device with its own micro-batches (``--num-microbatches`` per device:
+  m-sharpness over ``devices x num_microbatches`` micro-batches).
 
 ``--batch-size`` is the global batch; it must divide by the number of devices.
 
 Several hosts (one process per host, every process runs the same command)::
 
   # on host 0 (its address reachable by the others), and on host i = 1..N-1:
-  python examples/data_parallel.py --coordinator HOST0:12345 --num-processes N \\
+  python -m examples.data_parallel --coordinator HOST0:12345 --num-processes N \\
       --process-id i --opt adamw+ire --steps 2000
 
 On Cloud TPU pods and SLURM/Open MPI GPU clusters ``--coordinator auto`` lets
@@ -37,18 +39,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# JAX, the models and the optimizers are imported inside the functions: the
+# device options must be set (setup_devices) before anything touches a device.
 
 
 def make_parser() -> argparse.ArgumentParser:
   from examples.common import cli
 
   p = cli.make_parser("llama")
-  p.prog = "examples/data_parallel.py"
+  p.prog = "python -m examples.data_parallel"
   p.description = __doc__.split("\n\n")[0]
   g = p.add_argument_group("devices and hosts")
   g.add_argument("--data-parallel", choices=("gspmd", "shard_map"), default="gspmd",
@@ -80,90 +82,11 @@ def setup_devices(args: argparse.Namespace) -> None:
                                num_processes=args.num_processes, process_id=args.process_id)
 
 
-def shard_map_optimizer(args: argparse.Namespace, axis: str):
-  """The optimizer of ``--opt`` built with ``axis_name`` (for the shard_map step)."""
-  import ire_optax
-  from examples.common import optim
-
-  algo, use_ire = optim.parse_name(args.opt, getattr(args, "ire", False))
-  if algo == "lookahead":
-    raise ValueError("--data-parallel shard_map supports adamw, sgd, sam, asam, msam and sala "
-                     "(+ire); use --data-parallel gspmd for lookahead.")
-  warmup = optim.to_steps(args.warmup_steps, args.steps)
-  schedule = optim.lr_schedule(args.lr, args.steps, warmup, args.schedule, args.final_lr_ratio)
-  base = optim.build_base(args, algo if algo in ("adamw", "sgd") else args.base or "adamw",
-                          schedule)
-  rho = args.rho if args.rho is not None else optim.DEFAULT_RHO.get(algo, 0.05)
-  family = "plain"
-  if algo in ("sam", "asam"):
-    tx, family = ire_optax.sam(base, rho=rho, adaptive=algo == "asam", axis_name=axis), "sam"
-  elif algo == "msam":
-    tx, family = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,
-                                microbatch_mode=args.microbatch_mode, axis_name=axis), "msam"
-  elif algo == "sala":
-    tx, family = ire_optax.sala(base, sync_period=args.sala_sync_period,
-                                slow_step_size=args.sala_slow_step, rho=rho,
-                                axis_name=axis), "sam"
-  else:
-    tx = base
-  curvature = None
-  if use_ire:
-    curvature = args.ire_curvature
-    if algo == "msam" and curvature != "fisher":
-      raise ValueError("IRE over mSAM needs --ire-curvature fisher.")
-    ire_warm = warmup if args.ire_warmup is None else optim.to_steps(args.ire_warmup, args.steps)
-    tx = ire_optax.ire(tx, kappa=args.ire_kappa, gamma=args.ire_gamma,
-                       refresh_every=args.ire_refresh_every, warmup_steps=ire_warm,
-                       curvature=curvature, seed=args.seed, axis_name=axis)
-  return tx, family, curvature, schedule
-
-
-def shard_map_step(graphdef, stats, tx, family, curvature, mesh, axis: str):
-  """``(params, opt_state, batch) -> (params, opt_state, loss)`` as an SPMD program.
-
-  Inside, ``batch`` is this device's slice. ``jax.lax.pcast(..., to="varying")``
-  makes ``jax.grad`` return this device's gradient (under ``check_vma`` JAX
-  would otherwise sum it over the axis); the optimizers average it.
-  """
-  import jax
-  import optax
-
-  from examples.common import optim, train
-
-  P = jax.sharding.PartitionSpec
-
-  def loss_fn(q, b):
-    logits, _ = train.apply_model(graphdef, q, stats, b["x"], train=True)
-    return optim.cross_entropy(logits, b["y"])[0]
-
-  def step(params, opt_state, batch):
-    local = jax.lax.pcast(params, axis, to="varying")
-    extra = {}
-    if family == "msam":
-      loss, grads = loss_fn(local, batch), None
-      extra = {"grad_fn": jax.grad(loss_fn), "batch": batch}
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(local, batch)
-      if family == "plain":
-        grads = jax.lax.pmean(grads, axis)  # plain Optax and IRE: the step averages
-      if family == "sam" or curvature == "hutchinson":
-        extra["grad_fn"] = lambda q: jax.grad(loss_fn)(q, batch)
-    if curvature == "fisher":
-      extra["logits_fn"] = lambda q: train.apply_model(graphdef, q, stats, batch["x"],
-                                                       train=True)[0]
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, axis)
-
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(axis)),
-                               out_specs=(P(), P(), P())), donate_argnums=(0, 1))
-
-
 def main(argv: list[str] | None = None) -> dict:
   args = make_parser().parse_args(argv)
   setup_devices(args)
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from examples.common import data as data_lib
@@ -193,33 +116,25 @@ def main(argv: list[str] | None = None) -> dict:
   batcher = data_lib.TextBatcher(d.train, args.batch_size, args.seq_len, seed=args.seed)
   graphdef, params, stats = train.split_model(m.model)
 
+  loss_options = dict(num_classes=d.vocab_size, label_smoothing=args.label_smoothing,
+                      label_noise=args.label_noise, seed=args.seed)
   if args.data_parallel == "gspmd":
+    # The unchanged step: XLA partitions it along the batch's sharding.
     spec = optim.build_optimizer(args, args.steps, default_base="adamw")
     if spec.lookahead:
       raise SystemExit("the data-parallel example does not cover lookahead.")
-    opt_state = spec.tx.init(params)
-    state = put(train.TrainState(params, stats, opt_state), replicated)
-    step_fn = train.make_train_step(graphdef, spec, num_classes=d.vocab_size, seed=args.seed,
+    step_fn = train.make_train_step(graphdef, spec, **loss_options,
                                     fast_compile=args.fast_compile)
-
-    def run_step(state, batch, t):
-      state, metrics = step_fn(state, batch, jnp.asarray(t, jnp.int32))
-      return state, metrics["loss"]
-
-    params_of = lambda state: state.params
-    name = spec.name
   else:
-    tx, family, curvature, _ = shard_map_optimizer(args, axis)
-    opt_state = tx.init(params)
-    state = put((params, opt_state), replicated)
-    step_fn = shard_map_step(graphdef, stats, tx, family, curvature, mesh, axis)
-
-    def run_step(state, batch, t):
-      params, opt_state, loss = step_fn(*state, batch)
-      return (params, opt_state), loss
-
-    params_of = lambda state: state[0]
-    name = args.opt
+    spec = optim.build_optimizer(args, args.steps, default_base="adamw", axis_name=axis)
+    body = train.step_function(graphdef, spec, **loss_options, axis_name=axis)
+    # state and step replicated, the batch split; the returned state and metrics
+    # are replicated (the step averages what differs between devices).
+    step_fn = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P())),
+        donate_argnums=0, compiler_options=train.compiler_options(args.fast_compile))
+  state = put(train.TrainState(params, stats, spec.tx.init(params)), replicated)
+  name = spec.name
 
   run_name = args.name or f"data_parallel-{args.data_parallel}-{name}"
   out = Path(args.out) / run_name
@@ -235,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
   t_start = t_window = time.perf_counter()
   tokens, loss = 0, float("nan")
   for t in range(args.steps):
-    state, loss_arr = run_step(state, put(batcher.batch_at(t), split), t)
+    state, metrics = step_fn(state, put(batcher.batch_at(t), split), np.int32(t))
     tokens += args.batch_size * args.seq_len
     done = t + 1
     if done % args.log_every == 0 or done == args.steps:
-      loss = float(np.asarray(loss_arr.addressable_data(0)))
+      loss = float(np.asarray(metrics["loss"].addressable_data(0)))
       now = time.perf_counter()
       rec = {"step": done, "loss": loss, "tok_per_s": tokens / (now - t_window),
              "time": now - t_start}
@@ -250,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"step {done:6d} | loss {loss:.4f} | {rec['tok_per_s']:,.0f} tok/s", flush=True)
   if log is not None:
     log.close()
-  final_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params_of(state))
+  final_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
   if args.coordinator:
     jax.distributed.shutdown()
   return {"loss": loss, "params": final_params, "devices": n}

@@ -2,15 +2,10 @@
 
 Runs offline by default on the documentation text that ships with CPython (character level);
 `--data wikitext:DIR` or `--data text:PATH` for other corpora.
-`python examples/llama.py --help` lists every option.
+`python -m examples.llama --help` (from the repository root) lists every option.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.common import cli  # noqa: E402
+from examples.common import cli
 
 
 def main(argv=None):

@@ -1,22 +1,19 @@
 """Plot the curves of finished (or running) example runs into one PNG.
 
-    python examples/plot.py runs/llama-adamw runs/llama-adamw+ire -o llama.png
+    python -m examples.plot runs/llama-adamw runs/llama-adamw+ire -o llama.png
 
 Each argument is a run directory (holding ``metrics.jsonl``); the legend uses
 the directory names. Panels: training loss, held-out loss, held-out accuracy.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.common import train  # noqa: E402
+from examples.common import plots, train
 
 
 def main(argv=None) -> Path:
-  p = argparse.ArgumentParser(prog="examples/plot.py", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m examples.plot", description=__doc__.split("\n\n")[0],
                               epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("runs", nargs="+", help="run directories")
@@ -24,7 +21,7 @@ def main(argv=None) -> Path:
   p.add_argument("--title", default="", help="figure title")
   args = p.parse_args(argv)
   runs = {Path(r).name: train.read_metrics(r) for r in args.runs}
-  out = train.plot_runs(runs, args.output, title=args.title)
+  out = plots.plot_runs(runs, args.output, title=args.title)
   print(out)
   return out
 

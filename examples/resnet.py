@@ -1,15 +1,10 @@
 """Train a CIFAR-style ResNet (ResNet-20/56 family, BatchNorm) with any ire_optax optimizer.
 
 Runs offline by default on scikit-learn's bundled digits; `--data cifar10:DIR` for CIFAR.
-`python examples/resnet.py --help` lists every option.
+`python -m examples.resnet --help` (from the repository root) lists every option.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.common import cli  # noqa: E402
+from examples.common import cli
 
 
 def main(argv=None):

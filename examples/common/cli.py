@@ -17,10 +17,10 @@ EXAMPLES = {
         kind="image", base="sgd",
         defaults=dict(data="digits", size="resnet20", opt="sgd", lr=0.1, weight_decay=5e-4,
                       batch_size=128, steps=400, eval_every=100),
-        usage=["python examples/resnet.py --opt sam --rho 0.05",
-               "python examples/resnet.py --opt sgd+ire --ire-kappa 2 --ire-gamma 0.8 "
+        usage=["python -m examples.resnet --opt sam --rho 0.05",
+               "python -m examples.resnet --opt sgd+ire --ire-kappa 2 --ire-gamma 0.8 "
                "--ire-warmup 0.35",
-               "python examples/resnet.py --data cifar10:~/data/cifar-10-batches-py "
+               "python -m examples.resnet --data cifar10:~/data/cifar-10-batches-py "
                "--size resnet56 --steps 64000 --nesterov"]),
     "vit": dict(
         doc="Vision Transformer on images; default: a small ViT on scikit-learn's bundled "
@@ -28,8 +28,8 @@ EXAMPLES = {
         kind="image", base="adamw",
         defaults=dict(data="digits", size="mini", opt="adamw", lr=1e-3, weight_decay=0.05,
                       warmup_steps=0.05, batch_size=128, steps=400, eval_every=100),
-        usage=["python examples/vit.py --opt adamw+ire --ire-kappa 2 --ire-gamma 0.8",
-               "python examples/vit.py --data cifar100:~/data/cifar-100-python --size vit-s "
+        usage=["python -m examples.vit --opt adamw+ire --ire-kappa 2 --ire-gamma 0.8",
+               "python -m examples.vit --data cifar100:~/data/cifar-100-python --size vit-s "
                "--label-smoothing 0.1"]),
     "llama": dict(
         doc="Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU, causal attention) "
@@ -39,8 +39,8 @@ EXAMPLES = {
         defaults=dict(data="cpython-docs", size="mini", opt="adamw", lr=2e-3, b2=0.95,
                       weight_decay=0.1, clip_norm=1.0, warmup_steps=0.05, batch_size=16,
                       steps=500, eval_every=100, eval_batches=16),
-        usage=["python examples/llama.py --opt adamw+ire --ire-kappa 3 --ire-gamma 0.6",
-               "python examples/llama.py --data wikitext:~/data/wikitext-103 --tokenizer "
+        usage=["python -m examples.llama --opt adamw+ire --ire-kappa 3 --ire-gamma 0.6",
+               "python -m examples.llama --data wikitext:~/data/wikitext-103 --tokenizer "
                "t5-base --size 60m --seq-len 256 --lr 6e-4"]),
 }
 
@@ -50,8 +50,8 @@ def make_parser(example: str) -> argparse.ArgumentParser:
   ex = EXAMPLES[example]
   epilog = "examples:\n" + "\n".join(f"  {u}" for u in ex["usage"])
   p = argparse.ArgumentParser(
-      prog=f"examples/{example}.py", description=textwrap.fill(ex["doc"], 79), epilog=epilog,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      prog=f"python -m examples.{example}", description=textwrap.fill(ex["doc"], 79),
+      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
   g = p.add_argument_group("data and model")
   if ex["kind"] == "image":
     g.add_argument("--data", help="digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
@@ -149,6 +149,6 @@ def run_example(example: str, args: argparse.Namespace, *, quiet: bool = False
 
 
 def main(example: str, argv: list[str] | None = None) -> train.RunResult:
-  """Entry point of ``examples/<example>.py``."""
+  """Entry point of ``python -m examples.<example>``."""
   args = make_parser(example).parse_args(argv)
   return run_example(example, args)

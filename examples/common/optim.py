@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import ire_optax
+
 OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "msam", "sala", "lookahead")
 CURVATURES = ("fisher", "grad_sq", "hutchinson")
 DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "msam": 0.05, "sala": 0.2}
@@ -231,9 +233,21 @@ def lookahead_with_extra_args(fast: optax.GradientTransformation, *, sync_period
 
 
 def build_optimizer(args: argparse.Namespace, total_steps: int,
-                    default_base: str = "adamw") -> OptSpec:
-  """The optimizer named by ``args.opt`` (and ``args.ire``) with its hyperparameters."""
+                    default_base: str = "adamw", *, axis_name: str | None = None) -> OptSpec:
+  """The optimizer named by ``args.opt`` (and ``args.ire``) with its hyperparameters.
+
+  ``axis_name`` builds it for a data-parallel ``shard_map`` step in which every
+  device passes its own gradient: SAM, ASAM, mSAM, SALA and IRE then average
+  across the axis themselves (mSAM perturbs each device with its own
+  micro-batches). The train step of :func:`examples.common.train.step_function`
+  with the same ``axis_name`` averages the gradient of the plain optimizers.
+  Lookahead is not available with an ``axis_name``.
+  """
   algo, use_ire = parse_name(args.opt, getattr(args, "ire", False))
+  if axis_name is not None and algo == "lookahead":
+    raise ValueError("lookahead is not available with an axis_name (a shard_map step); "
+                     "use adamw, sgd, sam, asam, msam or sala (+ire), or train lookahead "
+                     "under plain jit.")
   warmup = to_steps(args.warmup_steps, total_steps)
   schedule = lr_schedule(args.lr, total_steps, warmup, args.schedule, args.final_lr_ratio)
 
@@ -251,35 +265,27 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
                      "micro-batch (hutchinson needs grad_fn(params)).")
 
   def with_ire(tx):
-    import ire_optax
-
     kappa: Any = args.ire_kappa
     if args.ire_kappa_schedule == "lr":
       kappa = lambda count: args.ire_kappa * schedule(count) / args.lr
     ire_warm = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
     return ire_optax.ire(tx, kappa=kappa, gamma=args.ire_gamma,
                          refresh_every=args.ire_refresh_every, warmup_steps=ire_warm,
-                         curvature=curvature, seed=args.seed)
+                         curvature=curvature, seed=args.seed, axis_name=axis_name)
 
   family, lookahead, sala = "plain", False, False
   if algo in ("adamw", "sgd"):
     tx = base
   elif algo in ("sam", "asam"):
-    import ire_optax
-
-    tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"))
+    tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name)
     family = "sam"
   elif algo == "msam":
-    import ire_optax
-
     tx = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,
-                        microbatch_mode=args.microbatch_mode)
+                        microbatch_mode=args.microbatch_mode, axis_name=axis_name)
     family = "msam"
   elif algo == "sala":
-    import ire_optax
-
     tx = ire_optax.sala(base, sync_period=args.sala_sync_period,
-                        slow_step_size=args.sala_slow_step, rho=rho)
+                        slow_step_size=args.sala_slow_step, rho=rho, axis_name=axis_name)
     family, sala = "sam", True
   else:  # lookahead: IRE goes on the fast optimizer
     fast = with_ire(base) if use_ire else base

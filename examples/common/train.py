@@ -48,7 +48,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import optim
+import ire_optax
+
+from . import optim, plots
 
 
 class TrainState(NamedTuple):
@@ -73,34 +75,50 @@ def apply_model(graphdef, params, stats, x, *, train: bool) -> tuple[jax.Array, 
 def eval_params(spec: optim.OptSpec, state: TrainState):
   """The weights to evaluate: SALA's and Lookahead's slow weights, else the params."""
   if spec.sala:
-    import ire_optax
-
     return ire_optax.sala_eval_params(state.opt_state)
   if spec.lookahead:
     return state.params.slow
   return state.params
 
 
-def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
-                    label_smoothing: float = 0.0, label_noise: float = 0.0,
-                    seed: int = 0, fast_compile: bool = False) -> Callable:
-  """The jitted ``(state, batch, step) -> (state, metrics)`` for this optimizer.
+def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
+                  label_smoothing: float = 0.0, label_noise: float = 0.0, seed: int = 0,
+                  axis_name: str | None = None) -> Callable:
+  """The pure ``(state, batch, step) -> (state, metrics)`` for this optimizer (not jitted).
 
   ``batch`` is ``{"x": inputs, "y": integer targets}``; ``step`` an int32 scalar
   (it seeds the label noise, so the same step always sees the same noise).
-  ``fast_compile`` compiles without XLA's backend optimisations: a few times
-  faster to compile, slower to run (for tests and smoke runs).
+
+  With ``axis_name`` the function is the body of a data-parallel
+  ``jax.shard_map`` over that axis: ``state`` and ``step`` are replicated,
+  ``batch`` is this device's slice, and ``spec`` must have been built with the
+  same ``axis_name`` (:func:`examples.common.optim.build_optimizer`). Every
+  device differentiates its own slice; the step averages the gradient of the
+  plain optimizers (AdamW, SGD and IRE over them), SAM, ASAM, mSAM and SALA
+  average theirs themselves, and the logged metrics and BatchNorm statistics are
+  averaged over the axis, so that the returned state and metrics are replicated.
   """
   tx = spec.tx
+  if axis_name is not None and spec.lookahead:
+    raise ValueError("lookahead is not available with an axis_name.")
+
+  def pmean(tree):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def step_fn(state: TrainState, batch, step):
     params, stats, opt_state = state
     y = batch["y"]
     if label_noise > 0:
       key = jax.random.fold_in(jax.random.key(seed), step)
+      if axis_name is not None:  # independent noise on every device's slice
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
       y = optim.label_noise(key, y, num_classes, label_noise)
     batch = {"x": batch["x"], "y": y}
     p = params.fast if spec.lookahead else params
+    if axis_name is not None:
+      # The parameters are replicated: marked as varying over the axis, jax.grad
+      # returns this device's gradient instead of its sum over the axis.
+      p = jax.lax.pcast(p, axis_name, to="varying")
 
     def loss_fn(q, b):
       logits, new_stats = apply_model(graphdef, q, stats, b["x"], train=True)
@@ -118,6 +136,8 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
       extra["batch"] = batch
     else:
       (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+      if spec.family == "plain":
+        grads = pmean(grads)  # plain Optax and IRE: the step averages the gradient
       if spec.family == "sam" or spec.curvature == "hutchinson":
         extra["grad_fn"] = grad_fn
     if spec.curvature == "fisher":
@@ -125,26 +145,38 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
 
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
+    loss, acc, new_stats = pmean((loss, acc, new_stats))
     metrics = {"loss": loss, "acc": acc, "lr": spec.schedule(step)}
     if grads is not None:
-      metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                          for g in jax.tree.leaves(grads)))
+      g = grads if spec.family == "plain" else pmean(grads)
+      metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                          for x in jax.tree.leaves(g)))
     if spec.curvature is not None:
-      import ire_optax
-
       mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
       metrics["ire_flat_fraction"] = (sum(jnp.sum(m, dtype=jnp.float32) for m in mask)
                                       / sum(m.size for m in mask))
     if spec.sala:
-      import ire_optax
-
       metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
     return TrainState(params, new_stats, opt_state), metrics
 
-  return jax.jit(step_fn, donate_argnums=0, compiler_options=_compiler_options(fast_compile))
+  return step_fn
 
 
-def _compiler_options(fast_compile: bool) -> dict | None:
+def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
+                    label_smoothing: float = 0.0, label_noise: float = 0.0,
+                    seed: int = 0, fast_compile: bool = False) -> Callable:
+  """:func:`step_function` under ``jax.jit`` (the state's buffers are donated).
+
+  ``fast_compile`` compiles without XLA's backend optimisations: a few times
+  faster to compile, slower to run (for tests and smoke runs).
+  """
+  step_fn = step_function(graphdef, spec, num_classes=num_classes,
+                          label_smoothing=label_smoothing, label_noise=label_noise, seed=seed)
+  return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(fast_compile))
+
+
+def compiler_options(fast_compile: bool) -> dict | None:
+  """XLA options of ``--fast-compile`` (backend optimisations off), else None."""
   return {"xla_backend_optimization_level": 0} if fast_compile else None
 
 
@@ -161,7 +193,7 @@ def _eval_sums(graphdef, params, stats, batch):
 def _eval_fn(fast_compile: bool) -> Callable:
   # One jitted function per setting, shared by all runs of this process: runs of
   # the same model (equal graphdefs) reuse its compilation.
-  return jax.jit(_eval_sums, static_argnums=0, compiler_options=_compiler_options(fast_compile))
+  return jax.jit(_eval_sums, static_argnums=0, compiler_options=compiler_options(fast_compile))
 
 
 def evaluate(graphdef, params, stats, batches: Iterable[dict], *,
@@ -215,40 +247,6 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
   """The records of a run's ``metrics.jsonl``."""
   path = Path(run_dir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") -> Path:
-  """Training loss, held-out loss and held-out accuracy against the step, as a PNG."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
-            ("eval_acc", "held-out accuracy")]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for (key, label), ax in zip(panels, axes, strict=True):
-    for name, recs in runs.items():
-      pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
-      if pts:
-        s, v = zip(*pts, strict=True)
-        if key == "loss" and len(v) > 20:  # light smoothing of the noisy training loss
-          k = max(1, len(v) // 50)
-          v = np.convolve(v, np.ones(k) / k, mode="valid")
-          s = s[k - 1:]
-        ax.plot(s, v, label=name)
-    ax.set_xlabel("step")
-    ax.set_title(label)
-    ax.grid(alpha=0.3)
-  axes[0].legend()
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +322,7 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   if spec.lookahead:
     params = optax.LookaheadParams.init_synced(params)
-  opt_state = jax.jit(spec.tx.init, compiler_options=_compiler_options(True))(params)
+  opt_state = jax.jit(spec.tx.init, compiler_options=compiler_options(True))(params)
   # The step donates its input buffers; an optimizer state may alias the params
   # (e.g. slow weights initialised to them), so give every leaf its own buffer.
   # Committed to one device, like restored checkpoints, so that a resumed run
@@ -436,7 +434,8 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
   }
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
   if not args.no_plot and log.records:
-    summary["plot"] = str(plot_runs({name: log.records}, run_dir / "curves.png", title=name))
+    summary["plot"] = str(plots.plot_runs({name: log.records}, run_dir / "curves.png",
+                                          title=name))
   if not quiet:
     ev = (f"held-out loss {summary['eval_loss']:.4f}, acc {summary['eval_acc']:.4f}"
           if summary["eval_loss"] is not None else "")
