@@ -1,6 +1,6 @@
 """Independent plain-NumPy references of the base optimizers and of IRE.
 
-Written from the formulas (DESIGN.md §1 and Optax's documented update rules),
+Written from the formulas (docs/design.md §1 and Optax's documented update rules),
 in float64, without calling optax or ire_optax.
 """
 

@@ -1,6 +1,6 @@
 """Tests of ire_optax.sam (SAM / ASAM) and ire_optax.msam against a NumPy reference.
 
-The reference below is written from the formulas in DESIGN.md §1 with plain
+The reference below is written from the formulas in docs/design.md §1 with plain
 NumPy (float64): the model's gradient is derived by hand, and the base
 optimizers (SGD with momentum / Nesterov, AdamW with decoupled weight decay)
 are written out. Nothing in it calls JAX, Optax or the code under test.
