@@ -65,12 +65,14 @@ def parse_opt(text: str) -> tuple[str, list[str]]:
   return name, argv
 
 
+def eval_curve(records: list[dict]) -> list[tuple[int, float]]:
+  """``(step, held-out loss)`` of the evaluated records of a run."""
+  return [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+
+
 def steps_to_reach(records: list[dict], target: float) -> int | None:
   """The first evaluated step whose held-out loss is <= ``target``."""
-  for r in records:
-    if r.get("eval_loss") is not None and r["eval_loss"] <= target + 1e-12:
-      return r["step"]
-  return None
+  return train.steps_to_reach(eval_curve(records), target)
 
 
 def format_table(rows: list[dict], *, text: bool) -> str:
@@ -111,8 +113,7 @@ def make_record(example: str, opts: list[str], argv: list[str], rows: list[dict]
                   "versions": {"ire_optax": ire_optax.__version__, "jax": jax.__version__,
                                "optax": optax.__version__, "flax": flax.__version__}},
       "rows": [dict({k: r[k] for k in keep},
-                    curve=[[x["step"], x["eval_loss"]] for x in r["records"]
-                           if x.get("eval_loss") is not None]) for r in rows],
+                    curve=[list(point) for point in eval_curve(r["records"])]) for r in rows],
   }
 
 
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
       [{k: v for k, v in r.items() if k != "records"} for r in rows], indent=2))
   if args.update_docs:
     given = sys.argv[1:] if argv is None else list(argv)
-    record = make_record(args.example, opts, [a for a in given if a != "--update-docs"], rows)
+    shown = [a for a in given if a not in ("--update-docs", "--progress", "--no-progress")]
+    record = make_record(args.example, opts, shown, rows)
     path = Path(str(RECORD).format(example=args.example))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

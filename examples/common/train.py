@@ -249,6 +249,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def steps_to_reach(curve: Iterable[tuple[int, float]], target: float) -> int | None:
+  """The first step of ``(step, loss)`` pairs whose loss is <= ``target``; None if never.
+
+  The speed-up measure of Wang et al. (2024) is the ratio of two such steps.
+  """
+  for step, loss in curve:
+    if loss <= target + 1e-12:
+      return int(step)
+  return None
+
+
 # -----------------------------------------------------------------------------
 # The loop
 # -----------------------------------------------------------------------------
