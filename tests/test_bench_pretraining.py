@@ -107,3 +107,72 @@ def test_smoke_run_writes_every_output(tmp_path):
   bench.main(["--from-json", str(tmp_path / "pretraining.json"), "--out", str(tmp_path / "re")])
   assert (tmp_path / "re" / "pretraining_summary.md").read_text() == summary.replace(
       str(tmp_path / "pretraining.md"), str(tmp_path / "re" / "pretraining.md"))
+
+
+def test_smoothed_training_curve_averages_the_trailing_window():
+  recs = [{"step": s, "loss": float(s)} for s in (2, 4, 6, 8)] + [{"step": 8, "eval_loss": 1.0}]
+  # Window 4: the logged steps in (step - 4, step].
+  assert bench.smooth_train_curve(recs, 4) == [(4, 3.0), (6, 5.0), (8, 7.0)]
+  assert bench.smooth_train_curve(recs, 100) == []
+
+
+def test_official_weight_decay_reaches_every_parameter():
+  """The authors decay every parameter; the examples' default decays matrices only."""
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from examples.common import cli, optim
+
+  args = cli.make_parser("llama").parse_args(
+      ["--weight-decay", "0.5", "--eps", "1e-16", "--clip-norm", "0"])
+  params = {"scale": jnp.ones(3), "kernel": jnp.ones((2, 2))}
+  zeros = {k: jnp.zeros_like(v) for k, v in params.items()}
+  lr = 0.1
+  for every, expect_scale in ((False, 0.0), (True, -lr * 0.5)):
+    with bench.decay_every_parameter(every):
+      tx = optim.build_base(args, "adamw", optax.constant_schedule(lr))
+    # Outside the context again: the mask was bound when the optimizer was built.
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    # Zero gradients: Adam's step is 0, only the decoupled decay -lr * wd * p remains.
+    np.testing.assert_allclose(updates["kernel"], -lr * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["scale"], expect_scale * np.ones(3), rtol=1e-6)
+
+
+def test_official_preset_smoke(tmp_path):
+  res = bench.main(["--preset", "official", "--smoke", "--out", str(tmp_path)])
+  for name in ("pretraining_official.json", "pretraining_official.md",
+               "pretraining_official.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  data = json.loads((tmp_path / "pretraining_official.json").read_text())
+  c = data["config"]
+  assert c["preset"] == "official" and data["complete"] is True
+  assert (c["eps"], c["decay_all"], c["b1"], c["b2"], c["final_lr_ratio"]) == (
+      1e-16, True, 0.9, 0.95, 0.05)
+  settings = c["ire_settings"]
+  assert {k: (v["gamma"], v["kappa"], v["kappa_schedule"], v["curvature"],
+              v["refresh_every"]) for k, v in settings.items()} == {
+      "g0.6-k3": (0.6, 3.0, "constant", "fisher", 10),
+      "g0.99-k5lr": (0.99, 5.0, "lr", "fisher", 10)}
+  T = c["steps"]
+  assert data["warmup_steps"] == max(1, round(0.1 * T))  # the smoke's warm-up fraction
+  runs = data["results"]["wikitext2" if "wikitext2" in data["results"] else "cpython-docs"]
+  runs = runs[str(c["seeds"][0])]
+  assert set(runs["runs"]) == {"adamw-T", "adamw-2T", "ire-g0.6-k3-T", "ire-g0.99-k5lr-T"}
+  for kind, r in runs["runs"].items():
+    assert r["train_curve"] and r["train_curve"][-1][0] == r["steps"], kind
+    assert all(math.isfinite(v) for _, v in r["train_curve"]), kind
+  for v in settings:
+    m = runs["metrics"][v]
+    assert m["train_vs_T"]["fast_step"] is not None or m["train_vs_T"]["bound"] == "upper"
+    assert m["train_l_star"] == runs["runs"][f"ire-{v}-T"]["train_curve"][-1][1]
+    # The flat fraction IRE reports is the setting's gamma.
+    assert runs["runs"][f"ire-{v}-T"]["ire_flat_fraction_end"] == pytest.approx(
+        settings[v]["gamma"], abs=0.01)
+  md = (tmp_path / "pretraining_official.md").read_text()
+  assert "eps 1e-16" in md and "every parameter" in md and "5.4x" in md
+  assert res["stem"] == "pretraining_official"
+  # Rewritten from the JSON alone, identically.
+  bench.main(["--from-json", str(tmp_path / "pretraining_official.json"), "--out",
+              str(tmp_path / "re")])
+  assert (tmp_path / "re" / "pretraining_official.md").read_text() == md
