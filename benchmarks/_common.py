@@ -12,6 +12,8 @@
   shared and noisy: slow drifts of the load cancel in the paired ratio).
   :class:`Stepper` turns a jitted ``step(carry, *args) -> carry`` into such
   a block.
+* **Models**: small pure-JAX networks (:func:`mlp_init`, :func:`cnn_init`)
+  and :func:`cross_entropy`.
 * **Machine**: :func:`machine` describes the CPU, the library versions, the
   commit and the load average (``os.getloadavg``) at the time of the call.
 * **Results**: every script writes ``benchmarks/results/NAME.json`` with
@@ -21,7 +23,8 @@
   ``details`` is whatever else the script's own report needs.
   ``benchmarks/report.py`` reads only the rows (:func:`read_rows`).
 * **Statistics**: :func:`mean_std` (NaNs dropped, sample std),
-  :func:`median`, :func:`steps_to_reach`.
+  :func:`median`, :func:`steps_to_reach`, :func:`paired_difference` (by
+  seed) and its :func:`verdict`.
 
 Benchmark scripts run as ``python benchmarks/NAME.py`` and start with
 ``import _common`` (the script's directory is on ``sys.path``); importing it
@@ -127,6 +130,82 @@ def read_text(data_dir: str | os.PathLike | None, *parts: str) -> tuple[str, str
   if p is not None:
     return _data.read_text_path(p), "/".join(parts)
   return _data.cpython_docs_text(), "CPython documentation text (data not found)"
+
+
+# -----------------------------------------------------------------------------
+# Models (pure JAX, float32): the small networks the cost benchmarks time
+# -----------------------------------------------------------------------------
+
+
+def mlp_init(key: Any, sizes: Sequence[int]) -> list[dict[str, Any]]:
+  """An MLP ``sizes[0] -> ... -> sizes[-1]``: He-normal weights (layer ``i`` from
+  ``fold_in(key, i)``), zero biases."""
+  import jax
+  import jax.numpy as jnp
+
+  return [{"w": jax.random.normal(jax.random.fold_in(key, i), (m, n)) * jnp.sqrt(2.0 / m),
+           "b": jnp.zeros(n)}
+          for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
+
+
+def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
+  """ReLU MLP on the flattened input."""
+  import jax
+
+  h = x.reshape(x.shape[0], -1)
+  for layer in params[:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def cnn_init(key: Any, *, channels: Sequence[int], strides: Sequence[int], image_size: int,
+             in_channels: int = 1, dense: Sequence[int] = (), num_classes: int = 10,
+             flatten: bool = False) -> dict[str, Any]:
+  """A CNN: 3x3 ``SAME`` convolutions with ``channels``/``strides`` and ReLU, then
+  a global mean pool (or, with ``flatten``, the flattened feature map), ReLU
+  dense layers of widths ``dense`` and a linear classifier. He-normal weights,
+  zero biases. ``image_size``: the (square) input's side."""
+  import jax
+  import jax.numpy as jnp
+
+  if len(channels) != len(strides):
+    raise ValueError("`channels` and `strides` need the same length.")
+  keys = iter(jax.random.split(key, len(channels) + len(dense) + 1))
+  conv, c_in, side = [], in_channels, image_size
+  for c, s in zip(channels, strides, strict=True):
+    conv.append({"w": jax.random.normal(next(keys), (3, 3, c_in, c)) * jnp.sqrt(2.0 / (9 * c_in)),
+                 "b": jnp.zeros(c)})
+    c_in, side = c, -(-side // s)
+  fan_in = c_in * side * side if flatten else c_in
+  head = []
+  for n in (*dense, num_classes):
+    head.append({"w": jax.random.normal(next(keys), (fan_in, n)) * jnp.sqrt(2.0 / fan_in),
+                 "b": jnp.zeros(n)})
+    fan_in = n
+  return {"conv": conv, "dense": head}
+
+
+def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int],
+               flatten: bool = False) -> Any:
+  """Logits of :func:`cnn_init`'s network on NHWC images ``x``."""
+  import jax
+
+  h = x
+  for layer, s in zip(params["conv"], strides, strict=True):
+    h = jax.lax.conv_general_dilated(h, layer["w"], (s, s), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + layer["b"])
+  h = h.reshape(h.shape[0], -1) if flatten else h.mean(axis=(1, 2))
+  for layer in params["dense"][:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ params["dense"][-1]["w"] + params["dense"][-1]["b"]
+
+
+def cross_entropy(logits: Any, labels: Any) -> Any:
+  """Mean softmax cross-entropy with integer labels."""
+  import optax
+
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -446,3 +525,37 @@ def steps_to_reach(curve: Iterable[tuple[int, float]], target: float) -> int | N
     if loss <= target + 1e-12:
       return int(step)
   return None
+
+
+def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]
+                      ) -> dict[str, Any] | None:
+  """``better - worse`` paired by key (seed): mean, sample std and standard error.
+
+  Only keys present in both count; None if there are none. ``se`` is NaN for
+  a single pair.
+  """
+  keys = sorted(set(worse) & set(better))
+  if not keys:
+    return None
+  diffs = [float(better[k]) - float(worse[k]) for k in keys]
+  m, sd = mean_std(diffs)
+  se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+  return {"mean": m, "std": sd, "se": se, "n": len(diffs), "diffs": diffs}
+
+
+def verdict(d: Mapping[str, Any] | None) -> str:
+  """Words for a paired difference (better - worse): reproduced needs mean >= 2 SE."""
+  if d is None:
+    return "not run"
+  if d["n"] < 2 or not math.isfinite(d["se"]):
+    return "one seed only: no verdict"
+  if d["se"] == 0.0:
+    return "reproduced" if d["mean"] > 0 else ("tie" if d["mean"] == 0 else "reversed")
+  t = d["mean"] / d["se"]
+  if t >= 2:
+    return "reproduced (>= 2 SE)"
+  if t > 0:
+    return "same direction, within noise"
+  if t > -2:
+    return "opposite direction, within noise"
+  return "reversed (>= 2 SE)"
