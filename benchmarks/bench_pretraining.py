@@ -37,15 +37,17 @@ written after every finished run (``--resume`` continues a stopped run).
 
 Usage (from the repository root; heavy runs serialise on a lock file)::
 
-  flock /tmp/ire_bench.lock python benchmarks/bench_pretraining.py   # ~30 min alone, 2 cores
-  python benchmarks/bench_pretraining.py --preset official           # ~1-2 h on one busy core
+  flock /tmp/ire_bench.lock python benchmarks/bench_pretraining.py --data-dir DIR  # ~30 min
+  python benchmarks/bench_pretraining.py --preset official --data-dir DIR  # 1-2 h, one core
   python benchmarks/bench_pretraining.py --smoke --out /tmp/pt_smoke  # < 1 min
 
-Data (``--data-dir``, default ``../shared/data``): ``wikitext-2`` (no training
-split there: trains on ``valid.txt``, evaluates on ``test.txt``) and
-``tinyshakespeare`` (last 10% held out), both character level. ``--smoke``
-falls back to the offline CPython documentation text when the directory is
-absent.
+Data (``--data-dir DIR``, default ``$IRE_OPTAX_DATA``): ``DIR/wikitext-2``
+(WikiText-2 raw; without its training split, as here, it trains on
+``valid.txt`` and evaluates on ``test.txt``) and
+``DIR/tinyshakespeare/input.txt`` (last 10% held out), both character level.
+``--smoke`` falls back to the offline CPython documentation text without
+them. Results: ``NAME.json`` in the benchmarks' common schema (its
+``details`` hold every setting, run and curve) and the Markdown/PNG reports.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -65,10 +66,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import _common as C  # puts the repository root on sys.path
+
+ROOT = C.ROOT
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,7 +86,7 @@ DATASETS = {
         note="Tiny Shakespeare: first 90% trained on, last 10% held out"),
 }
 OFFLINE = dict(kind="cpython-docs", label="CPython docs (offline fallback)",
-               note="../shared/data absent: the offline CPython documentation text "
+               note="no data directory: the offline CPython documentation text "
                     "(last 10% held out) stands in")
 # The benchmark's configuration; every value can be overridden on the command line.
 FULL = dict(steps=300, seeds=[0, 1, 2], size="mini", batch_size=16, seq_len=64,
@@ -127,12 +127,7 @@ OFFICIAL_SETTINGS = {
 # -----------------------------------------------------------------------------
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-  """The first evaluated step whose loss is <= ``target``; None if it never is."""
-  for step, loss in curve:
-    if loss <= target + 1e-12:
-      return int(step)
-  return None
+steps_to_reach = C.steps_to_reach  # the first evaluated step whose loss is <= a target
 
 
 def speedup(base: list[tuple[int, float]], fast: list[tuple[int, float]],
@@ -165,9 +160,7 @@ def fmt_speedup(s: dict[str, Any]) -> str:
   return f"{mark}{s['value']:.2f}x"
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-  a = np.asarray(values, np.float64)
-  return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+mean_std = C.mean_std  # mean and sample std (ddof=1; 0 for one value)
 
 
 def fmt_agg(entries: list[dict[str, Any]]) -> str:
@@ -621,7 +614,7 @@ def ablation_rows(res: dict) -> list[str]:
   rows = []
   for path in res.get("ablations", []):
     full = ROOT / path if not Path(path).is_absolute() else Path(path)
-    ab = json.loads(full.read_text())
+    ab = read_doc(full)
     c = ab["config"]
     for dname, per_e in aggregate(ab).items():
       for e, a in per_e.items():
@@ -834,6 +827,27 @@ def write_official_reports(res: dict, out: Path) -> None:
         f"Curves (mean over seeds): `{stem}.png`; every number, curve and setting: "
         f"`{stem}.json`. Command: `{res['command']}`.", ""]
   (out / f"{stem}.md").write_text("\n".join(md))
+  # The compact version the README's results block quotes.
+  n_seeds = max((a["n"] for per_v in agg.values() for a in per_v.values()), default=0)
+  short = ["| data | IRE setting | training loss: speed-up vs AdamW-T (claim 5.4x) | held-out: "
+           "speed-up vs AdamW-2T (claim 2x) | final held-out loss IRE-T / AdamW-T / AdamW-2T |",
+           "|---|---|---|---|---|"]
+  for dname, per_v in agg.items():
+    for v, a in per_v.items():
+      short.append(f"| {res['datasets'][dname]['label']} | {settings[v]['label']} | "
+                   f"{fmt_agg(a['train_vs_T'])} | {fmt_agg(a['vs_2T'])} | "
+                   f"{fmt_ms(a['ire'], 3)} / {fmt_ms(a['a1'], 3)} / {fmt_ms(a['a2'], 3)} |")
+  summary = [
+      f"AdamW+IRE-T vs AdamW-T and AdamW-2T with the IRE authors' settings (AdamW eps "
+      f"{c['eps']:g}, weight decay {c['weight_decay']:g} on every parameter, warm-up "
+      f"{c['warmup']:.0%}, Fisher estimator, K=10), {c['depth']}-layer d_model {c['dim']} "
+      f"Llama (~{next(iter(res['datasets'].values())).get('params', 0) / 1e3:.0f}k params), "
+      f"char-level, T={T}, {n_seeds} seed{'s' if n_seeds != 1 else ''} (mean ± std); "
+      "WikiText-2 trained on valid.txt, evaluated on test.txt"
+      + ("" if res.get("complete") else "; PARTIAL run (finished runs only)")
+      + f". Generated by `benchmarks/bench_pretraining.py --preset official`; details in "
+      f"`{shown_path(out / (stem + '.md'))}`.", "", *short, "", *verdicts, ""]
+  (out / f"{stem}_summary.md").write_text("\n".join(summary))
   if any(agg.values()):
     plot_official(res, out / f"{stem}.png")
 
@@ -888,30 +902,6 @@ def plot_official(res: dict, path: Path) -> None:
 # -----------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-  import jax
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  n = os.cpu_count()
-  try:
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                            capture_output=True, check=False).stdout.strip() or None
-  except OSError:
-    commit = None
-  return {"commit": commit, "cpu": cpu, "cores": n, "python": platform.python_version(),
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "summary": f"{n}-core CPU ({cpu}), jax {jax.__version__} {jax.default_backend()}"}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -920,9 +910,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="default: the small comparison of estimators (T=300, 2 datasets); "
                       "official: the IRE authors' settings (T=3000, WikiText-2, both "
                       "published IRE settings), results in pretraining_official.*")
-  p.add_argument("--data-dir", default=str(DATA),
-                 help="the data directory holding wikitext-2/ and tinyshakespeare/ "
-                      "(default: ../shared/data from the repository)")
+  C.add_data_dir_argument(p)
   p.add_argument("--resume", action="store_true",
                  help="reuse the runs already in the results JSON in --out (written after "
                       "each run; the settings must match)")
@@ -974,9 +962,64 @@ def variants_of(cfg: dict) -> list[str]:
   return list(cfg.get("variants") or cfg["estimators"])
 
 
+def read_doc(path: str | Path) -> dict:
+  """The benchmark's own record (the common schema's ``details``; older files: all of it)."""
+  doc = json.loads(Path(path).read_text())
+  return doc["details"] if doc.get("schema") == C.SCHEMA else doc
+
+
+def result_rows(res: dict) -> list[C.Row]:
+  """The common schema's rows: per data set and IRE variant, the speed-ups (mean over
+  seeds, std as spread, bounds in the note) and, for the default preset, the time/step
+  ratio (median over seeds; whole runs timed one after another, not interleaved). The
+  official preset records no time rows: it ran pinned to one core of a loaded machine."""
+  c = res["config"]
+  rows: list[C.Row] = []
+  for dname, per_seed in res["results"].items():
+    ds = res["datasets"][dname]
+    if c.get("preset") == "official":
+      task = (f"{c['depth']}-layer d_model {c['dim']} Llama ({ds.get('params', 0):,} params), "
+              f"{ds['label']}, char-level, T={c['steps']}")
+    else:
+      task = f"Llama {c['size']} ({ds.get('params', 0):,} params), {ds['label']}"
+    for v in variants_of(c):
+      ms = [sr["metrics"][v] for sr in per_seed.values() if v in sr.get("metrics", {})]
+      if not ms:
+        continue
+      if c.get("preset") != "official":
+        ratios = [m["time_per_step_ratio"] for m in ms if m["time_per_step_ratio"]]
+        if ratios:
+          rows.append(C.time_row("AdamW+IRE", "AdamW", task, "train step", C.median(ratios),
+                                 "bench_pretraining", f"median of {len(ratios)} seeds",
+                                 variant=v, interleaved=False, n=len(ratios)))
+      for key, metric, what in (
+          ("train_vs_T", "speedup_train_vs_T", "steps to AdamW-T's final training loss"),
+          ("train_vs_2T", "speedup_train_vs_2T", "steps to IRE-T's final training loss"),
+          ("vs_2T", "speedup_heldout_vs_2T", "steps to IRE-T's final held-out loss"),
+          ("vs_T", "speedup_heldout_vs_T", "steps to AdamW-T's final held-out loss")):
+        got = [m[key] for m in ms if key in m and m[key]["value"] is not None]
+        if not got:
+          continue
+        mean, std = C.mean_std([g["value"] for g in got])
+        bounds = sorted({g["bound"] for g in got} - {"exact"})
+        rows.append(C.Row(
+            optimizer="AdamW+IRE", task=task, metric=metric, value=mean, base="AdamW",
+            what=what, variant=v, n=len(got), spread=std, interleaved=False,
+            source="bench_pretraining",
+            note=("some seeds are bounds: " + ", ".join(bounds)) if bounds else ""))
+  return rows
+
+
+def write_json(res: dict, out: Path) -> Path:
+  """``<out>/<stem>.json`` in the benchmarks' common schema (atomic)."""
+  meta = {k: res[k] for k in ("date", "machine", "command", "complete") if k in res}
+  return C.write_results(out / res.get("stem", "pretraining"), benchmark="bench_pretraining",
+                         meta=meta, rows=result_rows(res), details=res)
+
+
 def load_results(path: Path) -> dict:
   """A results JSON with its curves as tuples and its per-seed metrics recomputed."""
-  res = json.loads(path.read_text())
+  res = read_doc(path)
   for per_seed in res["results"].values():  # recomputed: the metric code may be newer
     for seed_res in per_seed.values():
       for r in seed_res["runs"].values():
@@ -1003,9 +1046,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = load_results(Path(args.from_json))
     if args.ablation:
       res["ablations"] = list(args.ablation)
-    if args.out is None:  # keep the JSON consistent with the rewritten reports
-      Path(args.from_json).write_text(json.dumps(res, indent=1))
     out = Path(args.out) if args.out else Path(args.from_json).parent
+    if args.out is None:  # keep the JSON consistent with the rewritten reports
+      res.setdefault("stem", Path(args.from_json).stem)
+      write_json(res, out)
     out.mkdir(parents=True, exist_ok=True)
     shown = reports(res, out)
     if res["config"].get("preset") != "official":
@@ -1037,21 +1081,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       else ROOT / "benchmarks" / "results")
   out.mkdir(parents=True, exist_ok=True)
 
-  data_dir = Path(args.data_dir)
   datasets: dict[str, dict[str, Any]] = {}
   names = args.datasets or (list(DATASETS)[:1] if args.smoke or official else list(DATASETS))
-  if data_dir.is_dir():
+  found = {name: C.data_path(args.data_dir, *DATASETS[name]["path"].split("/"))
+           for name in names}
+  if all(found.values()):
     for name in names:
       d: dict[str, Any] = dict(DATASETS[name])
-      datasets[name] = dict(d, spec=f"{d['kind']}:{data_dir / d['path']}",
+      datasets[name] = dict(d, spec=f"{d['kind']}:{found[name]}",
                             shown=f"{d['kind']}:<data-dir>/{d['path']}")
   elif args.smoke:
-    print(f"bench_pretraining: {data_dir} is absent; the smoke run uses the offline CPython "
-          "documentation text instead.", flush=True)
+    print("bench_pretraining: no --data-dir with the data (or $IRE_OPTAX_DATA); the smoke run "
+          "uses the offline CPython documentation text instead.", flush=True)
     datasets["cpython-docs"] = dict(OFFLINE, spec="cpython-docs", shown="cpython-docs")
   else:
-    raise SystemExit(f"bench_pretraining: {data_dir} is absent (see --data-dir); only --smoke "
-                     "runs without it (on the offline CPython docs).")
+    missing = [DATASETS[n]["path"] for n, f in found.items() if f is None]
+    raise SystemExit(f"bench_pretraining: {missing} not found under --data-dir "
+                     f"{args.data_dir!r} (or $IRE_OPTAX_DATA); only --smoke runs without them "
+                     "(on the offline CPython docs).")
 
   # Runs already finished: deterministic, so an earlier file with the same settings stands in.
   reuse: dict[str, dict] = {}
@@ -1064,7 +1111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for source, what in ((args.reuse_baselines, "adamw"), (resume_from, "")):
     if not source or not Path(source).exists():
       continue
-    prev = json.loads(Path(source).read_text())
+    prev = read_doc(source)
     diff = [k for k in keys if prev["config"].get(k) != cfg.get(k)]
     if what == "" and prev["config"].get("ire_settings") != cfg.get("ire_settings"):
       diff.append("ire_settings")
@@ -1100,7 +1147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       else "IRE speeds up AdamW pre-training (issue 8, benchmark 1)"),
         "stem": stem, "complete": complete,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": dict(machine(), loadavg_start=load_start,
+        "machine": dict(C.machine(), loadavg_start=load_start,
                         loadavg_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None),
         "command": "python benchmarks/bench_pretraining.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
@@ -1143,13 +1190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  WARNING: non-finite held-out loss in {kind}", flush=True)
           results[dname][str(seed)]["metrics"] = seed_metrics(runs, variants_of(cfg))
           if not args.smoke:  # each finished run is kept: a partial run still reports
-            (out / f"{stem}.json").write_text(json.dumps(snapshot(False), indent=1))
+            write_json(snapshot(False), out)
   finally:
     if not args.keep_runs:
       shutil.rmtree(run_root, ignore_errors=True)
 
   res = snapshot(True)
-  (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+  write_json(res, out)
   shown = reports(res, out)
   if not official:
     print(shown.read_text())

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("flax")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _load():
@@ -79,7 +80,13 @@ def test_smoke_run_writes_every_output(tmp_path):
   for name in ("pretraining.json", "pretraining.csv", "pretraining.md", "pretraining.png",
                "pretraining_summary.md"):
     assert (tmp_path / name).stat().st_size > 0, name
-  data = json.loads((tmp_path / "pretraining.json").read_text())
+  doc = json.loads((tmp_path / "pretraining.json").read_text())
+  assert doc["schema"] == "ire_optax-benchmark/1" and doc["benchmark"] == "bench_pretraining"
+  data = doc["details"]
+  # One time row per (data set, estimator), as the cost table reads them.
+  times = [r for r in doc["rows"] if r["metric"] == "time_ratio"]
+  assert sorted(r["variant"] for r in times) == ["fisher", "grad_sq", "hutchinson"]
+  assert all(r["base"] == "AdamW" and not r["interleaved"] for r in times)
   assert data["config"]["smoke"] is True
   expected = {"adamw-T", "adamw-2T", "ire-fisher-T", "ire-grad_sq-T", "ire-hutchinson-T"}
   T = data["config"]["steps"]
@@ -142,9 +149,14 @@ def test_official_weight_decay_reaches_every_parameter():
 def test_official_preset_smoke(tmp_path):
   res = bench.main(["--preset", "official", "--smoke", "--out", str(tmp_path)])
   for name in ("pretraining_official.json", "pretraining_official.md",
-               "pretraining_official.png"):
+               "pretraining_official.png", "pretraining_official_summary.md"):
     assert (tmp_path / name).stat().st_size > 0, name
-  data = json.loads((tmp_path / "pretraining_official.json").read_text())
+  doc = json.loads((tmp_path / "pretraining_official.json").read_text())
+  data = doc["details"]
+  # Speed-up rows per setting; no time rows (the run's timings are not a cost measurement).
+  assert not [r for r in doc["rows"] if r["metric"] == "time_ratio"]
+  assert {(r["variant"], r["metric"]) for r in doc["rows"]} >= {
+      (v, "speedup_train_vs_T") for v in ("g0.6-k3", "g0.99-k5lr")}
   c = data["config"]
   assert c["preset"] == "official" and data["complete"] is True
   assert (c["eps"], c["decay_all"], c["b1"], c["b2"], c["final_lr_ratio"]) == (
