@@ -23,8 +23,12 @@ from ire_optax._src.ire import IREState, ire, ire_flat_mask
 from ire_optax._src.selection import flat_mask, kth_smallest
 # --- SAM / mSAM ---
 from ire_optax._src.sam import SAMState, msam, sam
+# --- GSAM ---
+from ire_optax._src.gsam import gsam
 # --- SALA ---
 from ire_optax._src.sala import SALAState, sala, sala_eval_params, sala_stats
+# --- schedules tied to the learning rate ---
+from ire_optax._src.schedules import lr_proportional
 # --- sharpness toolkit ---
 from ire_optax import sharpness
 
@@ -35,9 +39,11 @@ __all__ = [
     "SALAState",
     "SAMState",
     "flat_mask",
+    "gsam",
     "ire",
     "ire_flat_mask",
     "kth_smallest",
+    "lr_proportional",
     "msam",
     "sala",
     "sala_eval_params",

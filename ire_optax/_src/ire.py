@@ -59,7 +59,7 @@ def ire(
     base_optimizer: optax.GradientTransformation,
     *,
     kappa: utils.ScalarOrSchedule = 3.0,
-    gamma: float | jax.Array = 0.6,
+    gamma: utils.ScalarOrSchedule = 0.6,
     refresh_every: int = 10,
     warmup_steps: int = 0,
     curvature: str | CurvatureFn = "grad_sq",
@@ -108,10 +108,13 @@ def ire(
       ``optax.adamw``: "AdmIRE").
     kappa: amplification κ >= 0 of the flat coordinates' update, or a schedule
       of the step count. The paper's ``κ_t = κ·η_t/η_max`` is
-      ``lambda t: kappa * lr_schedule(t) / peak_lr``. Published: 3-4 (Llama),
-      2 (ViT).
-    gamma: fraction γ ∈ (0, 1) of coordinates treated as flat. Published:
-      0.6 (Llama), 0.8 (ViT). k = max(1, ⌊γ₃₂N⌋) exactly, with γ₃₂ the float32
+      ``ire_optax.lr_proportional(lr_schedule, max_value=kappa, lr_max=peak_lr)``.
+      Published: 3-4 (Llama), 2 (ViT).
+    gamma: fraction γ ∈ (0, 1) of coordinates treated as flat, or a schedule
+      of the step count evaluated at each refresh (its values clipped to
+      [0, 1]), e.g. a flat set that grows during training,
+      ``optax.linear_schedule(0.5, 0.8, num_steps)``. Published: 0.6 (Llama),
+      0.8 (ViT). k = max(1, ⌊γ₃₂N⌋) exactly, with γ₃₂ the float32
       value of γ, however γ is passed (number, array, injected, traced).
     refresh_every: K >= 1, steps between mask refreshes (10 in every published
       run).
@@ -158,7 +161,8 @@ def ire(
   """
   utils.check_transformation("base_optimizer", base_optimizer)
   utils.check_range("kappa", kappa, low=0.0)
-  selection.check_fraction("gamma", gamma)  # (0, 1); an array (float32) may round to 1
+  if not callable(gamma):  # a schedule's values are clipped to [0, 1] when it is evaluated
+    selection.check_fraction("gamma", gamma)  # (0, 1); an array (float32) may round to 1
   utils.check_int("refresh_every", refresh_every, low=1)
   utils.check_int("warmup_steps", warmup_steps, low=0)
   utils.check_int("num_samples", num_samples, low=1)
@@ -209,7 +213,10 @@ def ire(
       # gradients (SAM-IRE); other estimates are averaged over `axis_name`.
       source = ema if ema_decay is not None else updates
       h = utils.pmean_if(estimator.estimate(source, params, sub, extra_args), axis_name)
-      return selection.flat_mask(h, gamma, axis_name=shard_axis_name, square=estimator.square)
+      # A schedule is evaluated at the refresh step; a number goes as it is (k exact in Python).
+      gamma_t = jnp.clip(utils.resolve(gamma, count), 0.0, 1.0) if callable(gamma) else gamma
+      return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
+                                 square=estimator.square)
 
     mask = utils.cond(refresh, new_mask, lambda: state.mask)
     kappa_t = utils.resolve(kappa, count)

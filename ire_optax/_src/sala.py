@@ -64,6 +64,7 @@ def sala(
     rho: utils.ScalarOrSchedule = 0.2,
     eps: float = 1e-12,
     axis_name: str | None = None,
+    perturb_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Lookahead (SALA).
 
@@ -115,6 +116,9 @@ def sala(
       data axis: the clean and the SAM gradients are ``pmean``-ed over it
       (idempotent if already averaged). Params must be replicated across it,
       which makes the distance ``d`` global and identical on every device.
+    perturb_mask: which leaves the SAM step of stage-2 cycles perturbs (one
+      global norm over them), as in :func:`ire_optax.sam`. Lookahead's slow
+      weights and the distance ``d`` still cover every leaf.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates,
@@ -160,7 +164,10 @@ def sala(
   utils.check_not_schedule("eps", eps)
   base = optax.with_extra_args_support(base_optimizer)
 
+  mask_fn = sam.resolve_perturb_mask(perturb_mask)
+
   def init_fn(params: optax.Params) -> SALAState:
+    sam.check_not_masked(params, who="sala")
     rho0 = utils.resolve(rho, jnp.zeros((), jnp.int32))
     return SALAState(
         count=jnp.zeros((), jnp.int32),
@@ -184,6 +191,7 @@ def sala(
   ) -> tuple[optax.Updates, SALAState]:
     if params is None:
       raise ValueError("sala.update() needs `params` (the current fast weights).")
+    sam.check_not_masked(params, who="sala")
     grad_fn = utils.require_callable(
         "grad_fn", grad_fn, who="sala.update()",
         why="params -> gradient of the training loss on the current batch, used for the "
@@ -201,7 +209,7 @@ def sala(
     g = utils.pmean_if(updates, axis_name)
 
     def sam_grad():
-      perturbed = sam.perturbed_params(phi, g, rho_t, eps=eps)
+      perturbed = sam.perturbed_params(phi, g, rho_t, eps=eps, mask=mask_fn(phi))
       # Per-device gradient also under shard_map(check_vma=True): utils.per_device_if.
       g_sam = grad_fn(utils.per_device_if(perturbed, axis_name))
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)

@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ire_optax._src import sharding, utils
@@ -78,6 +79,7 @@ def perturbed_params(
     adaptive: bool = False,
     adaptive_eta: Any = 0.0,
     eps: Any = 1e-12,
+    mask: Any = None,
 ) -> Params:
   r"""SAM's ascent point :math:`\theta + \epsilon`, the one copy every optimizer uses.
 
@@ -99,10 +101,21 @@ def perturbed_params(
     adaptive: scale by :math:`T = |\theta| + \eta` (ASAM, Kwon et al., 2021).
     adaptive_eta: :math:`\eta \ge 0`.
     eps: added to the norm, so a zero gradient gives :math:`\epsilon = 0`.
+    mask: ``None`` (perturb every leaf) or a pytree of Python bools with the
+      structure of ``params`` (see :func:`resolve_perturb_mask`): only the
+      leaves marked ``True`` are perturbed, and the norm is taken over them
+      only (one global norm); the other leaves are returned unchanged.
 
   Returns:
     :math:`\theta + \epsilon` with the structure and dtypes of ``params``.
   """
+  if mask is not None:
+    # Unperturbed leaves: a zero gradient (constant-folded out of the norm) and
+    # their parameters returned as they are.
+    grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
+    out = perturbed_params(params, grads, rho, adaptive=adaptive, adaptive_eta=adaptive_eta,
+                           eps=eps)
+    return jax.tree.map(lambda o, p, m: o if m else p, out, params, mask)
   if adaptive:
     eta = jnp.asarray(adaptive_eta, jnp.float32)
 
@@ -187,6 +200,60 @@ def _split_leading(x: jax.Array, m: int, sequential: bool) -> jax.Array:
   return jnp.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, out))
 
 
+def resolve_perturb_mask(perturb_mask: Any) -> Callable[[Params], Any]:
+  """Checks ``perturb_mask`` and returns ``params -> mask`` (``None`` when there is no mask).
+
+  ``perturb_mask`` is, as for :func:`optax.masked`, ``None`` (perturb every
+  leaf), a pytree of Python bools with the structure of the params or a prefix
+  of it (``True``: perturb this leaf or subtree), or a function ``params ->``
+  such a pytree. The returned function expands a prefix to one bool per leaf
+  of ``params``.
+  """
+  if perturb_mask is None:
+    return lambda params: None
+  if not callable(perturb_mask):
+    _check_mask_leaves(perturb_mask)
+
+  def full(params: Params) -> Any:
+    mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
+    _check_mask_leaves(mask)
+    try:
+      return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "`perturb_mask` must have the structure of the params (or a prefix of it), one "
+          f"bool per leaf or subtree: {e}") from e
+
+  return full
+
+
+def _check_mask_leaves(mask: Any) -> None:
+  for m in jax.tree.leaves(mask):
+    if not isinstance(m, (bool, np.bool_)):
+      raise TypeError(
+          "`perturb_mask` leaves must be Python bools (True: perturb this leaf), fixed when "
+          f"the step is traced; got {type(m).__name__}.")
+
+
+def check_not_masked(params: Params, *, who: str) -> None:
+  """Raises a ``TypeError`` if ``params`` holds ``optax.MaskedNode`` leaves.
+
+  Inside :func:`optax.masked` / :func:`optax.partition` the masked-out
+  parameters are replaced by ``MaskedNode`` s, so ``grad_fn`` (which needs every
+  parameter to evaluate the loss) cannot be called, and the norm of the ascent
+  would be split between the parts.
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+    raise TypeError(
+        f"{who} cannot run inside optax.masked or optax.partition: the masked-out parameters "
+        "reach it as MaskedNode leaves, so its grad_fn cannot evaluate the loss, and each part "
+        f"would get its own norm. Perturb some leaves only with {who}(base, perturb_mask=mask) "
+        "(one global norm over the perturbed leaves), and put optax.masked / optax.partition "
+        f"inside the base optimizer: {who}(optax.partition(...), ...)."
+    )
+
+
 # -----------------------------------------------------------------------------
 # SAM / ASAM
 # -----------------------------------------------------------------------------
@@ -201,6 +268,8 @@ def sam(
     eps: float = 1e-12,
     axis_name: str | None = None,
     per_device_ascent: bool = False,
+    perturb_mask: Any = None,
+    every_k: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM).
 
@@ -263,6 +332,17 @@ def sam(
     axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
     per_device_ascent: with ``axis_name``, perturb every device with its local
       clean gradient instead of the averaged one.
+    perturb_mask: which leaves the ascent perturbs, like the ``mask`` of
+      :func:`optax.masked`: ``None`` (all), a pytree of bools with the
+      structure of the params (or a prefix of it), or a function ``params ->``
+      such a pytree. :math:`\epsilon = 0` on the other leaves and the norm is
+      global over the perturbed leaves only, e.g. weights but not biases and
+      norm scales, or the norm layers only ("SAM-ON"). The base optimizer still
+      updates every leaf. (``optax.masked(sam(...))`` cannot do this: it raises.)
+    every_k: ``None`` (every step) or ``k >= 1``: the ascent runs on the steps
+      with ``count % k == 0``; the other steps are plain base steps on the
+      (averaged) clean gradient and do not call ``grad_fn``, so a step costs
+      ``1 + 1/k`` gradients on average ("SAM every k steps").
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -282,8 +362,10 @@ def sam(
   utils.check_bool("per_device_ascent", per_device_ascent)
   if per_device_ascent and axis_name is None:
     raise ValueError("`per_device_ascent=True` needs an `axis_name` (the data-parallel axis).")
+  mask_fn = resolve_perturb_mask(perturb_mask)
 
-  def surrogate(updates, params, rho_t, extra_args):
+  def surrogate(updates, params, rho_t, extra_args, count):
+    del count
     grad_fn = utils.require_callable(
         "grad_fn", extra_args.pop("grad_fn", None), who="sam.update()",
         why="params -> gradient of the training loss on the current batch",
@@ -295,14 +377,16 @@ def sam(
       )
     clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
     perturbed = perturbed_params(
-        params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
+        params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
+        mask=mask_fn(params),
     )
     # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
     # params, else JAX sums its gradient over the axis implicitly.
     g_sam = utils.pmean_if(grad_fn(utils.per_device_if(perturbed, axis_name)), axis_name)
     return utils.tree_cast_like(g_sam, updates)
 
-  return _make(base_optimizer, rho, surrogate, who="sam")
+  return _make(base_optimizer, rho, surrogate, who="sam", every_k=every_k,
+               consumes=("grad_fn",), axis_name=axis_name)
 
 
 # -----------------------------------------------------------------------------
@@ -320,6 +404,7 @@ def msam(
     eps: float = 1e-12,
     axis_name: str | None = None,
     microbatch_mode: Literal["vmap", "scan", "unroll"] = "vmap",
+    perturb_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Micro-batch averaged SAM (mSAM) of Behdin et al. (2023).
 
@@ -404,6 +489,8 @@ def msam(
     axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
     microbatch_mode: ``"vmap"`` (vectorised), ``"scan"`` (sequential, bounded
       memory) or ``"unroll"`` (sequential, unrolled at compile time).
+    perturb_mask: which leaves every micro-batch's ascent perturbs, see
+      :func:`sam` (one norm per micro-batch, over the perturbed leaves).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -428,8 +515,10 @@ def msam(
         f"`microbatch_mode` must be 'vmap', 'scan' or 'unroll'; got {microbatch_mode!r}."
     )
 
-  def surrogate(updates, params, rho_t, extra_args):
-    del updates  # mSAM computes its clean micro-batch gradients itself.
+  mask_fn = resolve_perturb_mask(perturb_mask)
+
+  def surrogate(updates, params, rho_t, extra_args, count):
+    del updates, count  # mSAM computes its clean micro-batch gradients itself.
     grad_fn = utils.require_callable(
         "grad_fn", extra_args.pop("grad_fn", None), who="msam.update()",
         why="(params, microbatch) -> gradient of the training loss on that micro-batch",
@@ -448,7 +537,8 @@ def msam(
     def perturbed_grad(microbatch):
       clean = grad_fn(params, microbatch)
       perturbed = perturbed_params(
-          params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps
+          params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
+          mask=mask_fn(params),
       )
       return grad_fn(perturbed, microbatch)
 
@@ -479,18 +569,29 @@ def msam(
 def _make(
     base_optimizer: optax.GradientTransformation,
     rho: utils.ScalarOrSchedule,
-    surrogate: Callable[[Any, Params, jax.Array, dict[str, Any]], Any],
+    surrogate: Callable[[Any, Params, jax.Array, dict[str, Any], jax.Array], Any],
     *,
     who: str,
+    every_k: Any = None,
+    consumes: tuple[str, ...] = (),
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``init``/``update`` around ``surrogate`` (the gradient the base receives).
 
-  ``surrogate(updates, params, rho_t, extra_args)`` pops the extra arguments it
-  consumes from the dict ``extra_args``; the rest is forwarded to the base.
+  ``surrogate(updates, params, rho_t, extra_args, count)`` pops the extra
+  arguments it consumes from the dict ``extra_args``; the rest is forwarded to
+  the base. With ``every_k`` (``None``: every step) it runs under ``lax.cond``
+  on the steps with ``count % every_k == 0`` only; the other steps give the base
+  the clean gradient, ``pmean``-ed over ``axis_name``, and drop the
+  ``consumes`` arguments. ``every_k`` may be traced (``inject_hyperparams``).
   """
+  if every_k is not None:
+    utils.check_int("every_k", every_k, low=1)
+  every_step = every_k is None or utils.concrete_value(every_k) == 1
   base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: Params) -> SAMState:
+    check_not_masked(params, who=who)
     return SAMState(count=jnp.zeros([], jnp.int32), base_state=base.init(params))
 
   def update_fn(
@@ -501,9 +602,23 @@ def _make(
   ) -> tuple[optax.Updates, SAMState]:
     if params is None:
       raise ValueError(f"{who}.update() needs `params` (the point where the ascent starts).")
+    check_not_masked(params, who=who)
     rho_t = utils.resolve(rho, state.count)
     extra_args = dict(extra_args)
-    g = surrogate(updates, params, rho_t, extra_args)
+    if every_step:
+      g = surrogate(updates, params, rho_t, extra_args, state.count)
+    else:
+      if updates is None:
+        raise TypeError(f"{who}.update() needs the clean gradient at `params` as `updates`; "
+                        "got None.")
+      inner = dict(extra_args)
+      for key in consumes:
+        utils.require_callable(key, extra_args.pop(key, None), who=f"{who}.update()",
+                               why="params -> gradient of the training loss on the current batch")
+      ascent = state.count % jnp.asarray(every_k, jnp.int32) == 0
+      g = utils.cond(ascent,
+                     lambda: surrogate(updates, params, rho_t, dict(inner), state.count),
+                     lambda: utils.tree_cast_like(utils.pmean_if(updates, axis_name), updates))
     new_updates, base_state = base.update(g, state.base_state, params, **extra_args)
     count = optax.safe_int32_increment(state.count)
     return new_updates, SAMState(count=count, base_state=base_state)
