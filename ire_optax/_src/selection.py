@@ -3,45 +3,64 @@
 IRE needs, every ``K`` steps, the set of the ``k = max(1, ⌊γN⌋)`` coordinates
 with the smallest curvature among *all* ``N`` coordinates of the parameter
 tree. Sorting ``N`` numbers is ~50 optimizer updates at 10M parameters on a
-CPU, so this module uses a two-pass **radix select** over the float bits:
+CPU, so this module uses a **radix select** over the float bits:
 
 1. Each float32 value is mapped to a ``uint32`` key whose unsigned order is the
    float order (flip all bits of negatives, set the sign bit of positives;
    ``-0.0`` is first mapped to ``+0.0`` so the two zeros tie, and NaN maps to
    the largest key so it is never "flatter" than a number).
-2. Pass 1: a 65,536-bin histogram of the top 16 bits of every key, computed
-   leaf by leaf (no concatenation of the tree) and summed; its cumulative sum
-   gives the bucket ``b`` holding the k-th smallest key and the count below it.
-3. Pass 2: a 65,536-bin histogram of the low 16 bits of the keys in bucket
-   ``b`` gives the exact low half.
+2. The key of the k-th smallest value is found a few bits at a time, most
+   significant first, by counting keys leaf by leaf (no concatenation of the
+   tree). Three exact counting methods do this (see :func:`selection_method`):
+
+   * ``"native"`` (CPU): two passes of 65,536-bin histograms (top 16 bits, then
+     the low 16 bits inside the winning bucket) from a small C++ kernel
+     (:mod:`ire_optax._src.native`, compiled on first use).
+   * ``"scatter"``: the same two histograms as XLA scatter-adds.
+   * ``"threshold"`` (TPU, GPU): no scatter at all. Each of 8 passes counts
+     ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
+     into 16 equal parts -- one fused compare-and-reduce over the values -- and
+     resolves 4 bits.
+
+   ``"auto"`` (the default) picks per backend with ``lax.platform_dependent``:
+   ``"native"`` on the CPU for arrays on one device (``"scatter"`` when the
+   kernel is unavailable or the arrays are sharded), ``"threshold"`` elsewhere.
 
 The result is the exact k-th smallest value ``τ`` -- the same value a full
-sort gives, bit for bit -- and the mask ``h <= τ``. Ties at ``τ`` are all
-selected (as in the authors' code), so the mask holds *at least* ``k``
-coordinates: exactly ``k`` when the values are distinct, more only by the
-number of values equal to ``τ`` (and fewer only when fewer than ``k`` values
-are numbers: NaN is never selected, see :func:`flat_mask`). Values compare as
-XLA compares them: denormals are flushed to zero on CPU/GPU, so they tie with
-``0``. Cost: two histogram passes and one comparison pass over ``N`` float32
-values; the histograms are 256 KiB each.
+sort gives, bit for bit, whichever method counts -- and the mask ``h <= τ``.
+Ties at ``τ`` are all selected (as in the authors' code), so the mask holds
+*at least* ``k`` coordinates: exactly ``k`` when the values are distinct, more
+only by the number of values equal to ``τ`` (and fewer only when fewer than
+``k`` values are numbers: NaN is never selected, see :func:`flat_mask`).
+Values compare as XLA compares them: denormals are flushed to zero on CPU/GPU,
+so they tie with ``0``.
 
-On the CPU the two histograms come from a small native kernel
-(:mod:`ire_optax._src.native`, compiled on first use) when the array is on one
-device: XLA:CPU runs a scatter-add as a sequential loop several times slower
-than the rest of an optimizer step. Elsewhere, and whenever the kernel cannot be
-built, XLA's scatter computes the same counts.
+**Exact for any N below 2**64.** Each count is a ``uint32`` sum over a group
+of fewer than 2**32 values (a leaf with more values is cut into static
+slices); groups, leaves and devices are combined in two-word (``hi``, ``lo``)
+arithmetic, and a ``psum`` over ``axis_name`` adds 16-bit limbs (exact for up
+to 65,535 devices in the axis). When the global N is below 2**32 everything
+stays in single ``uint32`` words (the common case costs nothing extra).
 
-Across devices, the per-device histograms combine with one ``psum`` each
-(``axis_name``), so a parameter tree partitioned over devices is ranked
-globally without gathering it. Counts are ``uint32``: the selection is exact
-for up to 2**32 - 1 coordinates per call.
+Across devices, the per-device counts combine with one ``psum`` per pass
+(``axis_name``, inside ``shard_map`` or ``pmap``), so a parameter tree
+partitioned over devices is ranked globally without gathering it; under plain
+``jit`` over sharded arrays XLA all-reduces the counts.
+
+The selection is a piecewise-constant function of its input: it is computed
+under ``lax.stop_gradient`` (``jax.grad`` through IRE sees a constant mask).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fractions
 import functools
+import itertools
 import math
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +71,73 @@ from ire_optax._src import native, sharding, utils
 _BINS = 1 << 16
 _LOW_MASK = np.uint32(0xFFFF)
 _INF_KEY = np.uint32(0xFF800000)  # ordered_keys(+inf): the largest key of a number
+_U32 = jnp.uint32
+
+# Every count is an exact uint32 sum over fewer than this many values; larger sums are
+# two-word. (A module constant so that tests can exercise the two-word path on small trees.)
+_WORD_LIMIT = 1 << 32
+# Bits resolved by each pass of the "threshold" method (2**b - 1 thresholds per pass).
+_THRESHOLD_BITS = (4,) * 8
+# psum of 16-bit limbs stays below 2**32 for at most this many devices in the axis.
+_MAX_AXIS_SIZE = (1 << 16) - 1
+
+METHODS = ("auto", "native", "threshold", "scatter")
+# What "auto" uses per platform. GPU: unmeasured choice, see docs/selection.md.
+_AUTO = {"tpu": "threshold", "cuda": "threshold", "rocm": "threshold"}
+_CPU_FALLBACK = "scatter"  # CPU without the native kernel (or with sharded arrays)
+
+_method_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "ire_optax_selection_method", default="auto")
+
+
+# -----------------------------------------------------------------------------
+# Choosing the counting method
+# -----------------------------------------------------------------------------
+
+
+def _check_method(method: Any) -> str:
+  if method not in METHODS:
+    raise ValueError(f"selection method must be one of {METHODS}; got {method!r}.")
+  return method
+
+
+@contextlib.contextmanager
+def selection_method(method: str) -> Iterator[None]:
+  """Context in which every exact selection that is *traced* counts with ``method``.
+
+  ``method`` is one of ``"auto"`` (the default: per backend), ``"native"``
+  (the C++ CPU kernel; other platforms then use ``"scatter"``),
+  ``"threshold"`` (scatter-free compare-and-count passes) or ``"scatter"``
+  (XLA scatter-add histograms). Every method gives the same τ and mask, bit for
+  bit; the choice only changes speed. It is read when a function is traced:
+  a function ``jax.jit`` already compiled keeps the method it was traced with.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> with ire_optax.selection_method("threshold"):
+    ...   mask = jax.jit(lambda h: ire_optax.flat_mask(h, 0.5))(jnp.array([3., 1., 2., 0.]))
+    >>> mask.tolist()
+    [0, 1, 0, 1]
+
+  Raises:
+    ValueError: for an unknown method; on entering ``"native"`` contexts no check
+      is made, but tracing a selection raises if the kernel is unavailable.
+  """
+  token = _method_var.set(_check_method(method))
+  try:
+    yield
+  finally:
+    _method_var.reset(token)
+
+
+def current_method() -> str:
+  """The method set by the innermost :func:`selection_method` context (``"auto"`` outside)."""
+  return _method_var.get()
+
+
+# -----------------------------------------------------------------------------
+# Keys
+# -----------------------------------------------------------------------------
 
 
 def ordered_keys(x: jax.Array) -> jax.Array:
@@ -77,8 +163,9 @@ def key_to_float(key: jax.Array) -> jax.Array:
 
 def _leaves_f32(tree: Any) -> list[jax.Array]:
   # No ravel: reshaping an array sharded along a non-leading axis would force a
-  # reshard; histograms and comparisons work on any shape.
-  return [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+  # reshard; counts and comparisons work on any shape. The selection is piecewise
+  # constant: no tangent ever reaches the counting (nor the native kernel).
+  return [jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(tree)]
 
 
 def _check_real_leaves(name: str, tree: Any) -> None:
@@ -92,6 +179,276 @@ def _check_real_leaves(name: str, tree: Any) -> None:
 def num_elements(tree: Any) -> int:
   """Total number of scalars in a pytree (a static Python int)."""
   return int(sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def _square_if(x: jax.Array, square: bool) -> jax.Array:
+  return x * x if square else x
+
+
+# -----------------------------------------------------------------------------
+# Exact counts: one uint32 word, or two (hi, lo) when N >= 2**32
+# -----------------------------------------------------------------------------
+
+
+class Count(NamedTuple):
+  """A non-negative integer below 2**64 as uint32 words ``hi * 2**32 + lo``.
+
+  ``hi`` is ``None`` when every count of the selection is statically below
+  2**32 (the global N is); the operations below then reduce to uint32 ones.
+  """
+  lo: jax.Array
+  hi: jax.Array | None
+
+
+def _hi(a: Count) -> jax.Array:
+  return jnp.zeros_like(a.lo) if a.hi is None else a.hi
+
+
+def _narrow(*counts: Count) -> bool:
+  return all(c.hi is None for c in counts)
+
+
+def count_add(a: Count, b: Count) -> Count:
+  """``a + b`` (with carry)."""
+  lo = a.lo + b.lo
+  if _narrow(a, b):
+    return Count(lo, None)
+  return Count(lo, _hi(a) + _hi(b) + (lo < a.lo).astype(_U32))
+
+
+def count_sub(a: Count, b: Count) -> Count:
+  """``a - b`` for ``a >= b`` (with borrow)."""
+  lo = a.lo - b.lo
+  if _narrow(a, b):
+    return Count(lo, None)
+  return Count(lo, _hi(a) - _hi(b) - (a.lo < b.lo).astype(_U32))
+
+
+def count_ge(a: Count, b: Count) -> jax.Array:
+  """``a >= b`` (elementwise, broadcasting)."""
+  if _narrow(a, b):
+    return a.lo >= b.lo
+  ah, bh = _hi(a), _hi(b)
+  return (ah > bh) | ((ah == bh) & (a.lo >= b.lo))
+
+
+def _limbs(a: Count) -> jax.Array:
+  """The four 16-bit limbs of ``a`` along a new last axis (least significant first)."""
+  hi = _hi(a)
+  return jnp.stack([a.lo & _LOW_MASK, a.lo >> 16, hi & _LOW_MASK, hi >> 16], axis=-1)
+
+
+def _from_limbs(limbs: jax.Array) -> Count:
+  """Inverse of :func:`_limbs` for limbs that are sums of at most 65,535 limbs (carries)."""
+  carry = jnp.zeros(limbs.shape[:-1], _U32)
+  out = []
+  for i in range(4):
+    v = limbs[..., i] + carry
+    out.append(v & _LOW_MASK)
+    carry = v >> 16
+  return Count(out[0] | (out[1] << 16), out[2] | (out[3] << 16))
+
+
+def count_sum(a: Count, axis: int) -> Count:
+  """Sum over ``axis`` (at most 65,535 terms when two-word)."""
+  if a.hi is None:
+    return Count(jnp.sum(a.lo, axis=axis, dtype=_U32), None)
+  return _from_limbs(jnp.sum(_limbs(a), axis=axis, dtype=_U32))
+
+
+def count_cumsum(a: Count) -> Count:
+  """Cumulative sum of a 1-D count (at most 65,535 terms when two-word)."""
+  if a.hi is None:
+    return Count(jnp.cumsum(a.lo, dtype=_U32), None)
+  return _from_limbs(jnp.cumsum(_limbs(a), axis=0, dtype=_U32))
+
+
+def count_psum(a: Count, axis_name: Any) -> Count:
+  """``psum`` over ``axis_name`` (``None``: identity); two-word counts add as 16-bit limbs."""
+  if axis_name is None:
+    return a
+  if a.hi is None:
+    return Count(jax.lax.psum(a.lo, axis_name), None)
+  return _from_limbs(jax.lax.psum(_limbs(a), axis_name))
+
+
+def _take(a: Count, i: Any) -> Count:
+  return Count(a.lo[i], None if a.hi is None else a.hi[i])
+
+
+def _static_count(n: int, wide: bool) -> Count:
+  lo = jnp.asarray(n & 0xFFFFFFFF, _U32)
+  return Count(lo, jnp.asarray(n >> 32, _U32) if wide else None)
+
+
+def count_to_int(a: Count) -> Any:
+  """A concrete count as a Python int (or an int NumPy array)."""
+  lo = np.asarray(a.lo).astype(object)
+  return lo if a.hi is None else lo + (np.asarray(a.hi).astype(object) << 32)
+
+
+# -----------------------------------------------------------------------------
+# k = max(1, ⌊γ N⌋), one definition for every way γ is given
+# -----------------------------------------------------------------------------
+
+
+def check_fraction(name: str, gamma: Any) -> None:
+  """Raises unless a concrete ``gamma`` is in (0, 1) (or, as an array, (0, 1]).
+
+  An array holds γ's float32 value, which is 1 for every γ above
+  ``1 - 2**-25`` (``optax.inject_hyperparams`` stores γ so): such a γ selects
+  every coordinate, as the Python number would (see :func:`num_selected`).
+  """
+  array = isinstance(gamma, (jax.Array, np.ndarray))
+  utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=array)
+  utils.check_not_schedule(name, gamma, "the fraction of coordinates selected")
+
+
+def num_selected(num: int, gamma: Any) -> Any:
+  """``k = max(1, ⌊γ₃₂ N⌋)`` with γ₃₂ the float32 value of γ, computed exactly.
+
+  The same k whether γ is a Python float, a NumPy or JAX array, injected by
+  ``optax.inject_hyperparams`` or traced: γ is first rounded to float32 (as
+  an injected or traced γ already is), then ``⌊γ₃₂·N⌋`` is computed exactly --
+  in Python for a concrete γ (a Python ``int``), in integer arithmetic on the
+  device for a traced γ, also for N up to 2**64. Example: ``γ = 0.29`` has
+  γ₃₂ = 0.28999999165..., so N = 100 gives k = 28; ``γ = 0.99999999`` has
+  γ₃₂ = 1 and selects all N.
+
+  Returns:
+    A Python int for a concrete γ; for a traced γ a ``uint32`` array when
+    ``N < 2**32``, else a :class:`Count`.
+  """
+  k = _rank_from_fraction(num, gamma, wide=num >= _WORD_LIMIT)
+  if isinstance(k, Count) and k.hi is None:
+    return k.lo
+  return k
+
+
+def _rank_from_fraction(num: int, gamma: Any, *, wide: bool) -> int | Count:
+  g = utils.concrete_value(gamma)
+  if g is not None:
+    g32 = fractions.Fraction(float(np.float32(g)))
+    return min(num, max(1, math.floor(g32 * num)))
+  return _floor_times(jnp.asarray(gamma, jnp.float32), num, wide=wide)
+
+
+def _floor_times(g: jax.Array, num: int, *, wide: bool) -> Count:
+  """``clip(⌊g·num⌋, 1, num)`` exactly for a traced float32 ``g`` and a static ``num < 2**64``.
+
+  ``g = m · 2**-s`` (m the 24-bit significand): the product ``m · num`` is
+  formed in 16-bit limbs (each partial product < 2**32), then shifted right
+  by ``s`` bits.
+  """
+  bits = jax.lax.bitcast_convert_type(g, _U32)
+  exp = ((bits >> 23) & np.uint32(0xFF)).astype(jnp.int32)
+  frac = bits & np.uint32(0x7FFFFF)
+  m = jnp.where(exp > 0, frac | np.uint32(0x800000), frac)
+  shift = 150 - jnp.maximum(exp, 1)  # g = m * 2**-shift
+  m_limbs = [m & _LOW_MASK, m >> 16]
+  n_limbs = [(num >> (16 * j)) & 0xFFFF for j in range(4)]
+  acc = [jnp.zeros((), _U32) for _ in range(6)]
+  for i, mi in enumerate(m_limbs):
+    for j, nj in enumerate(n_limbs):
+      if nj:
+        p = mi * np.uint32(nj)  # < 2**32
+        acc[i + j] = acc[i + j] + (p & _LOW_MASK)
+        acc[i + j + 1] = acc[i + j + 1] + (p >> 16)
+  carry = jnp.zeros((), _U32)
+  limbs = []
+  for a in acc:  # each limb is a sum of at most 4 terms below 2**16: no overflow
+    v = a + carry
+    limbs.append(v & _LOW_MASK)
+    carry = v >> 16
+  product = jnp.stack(limbs)  # m * num in base 2**16
+  q = jnp.clip(shift, 0, 96) // 16
+  r = (jnp.clip(shift, 0, 96) % 16).astype(_U32)
+  idx = q + jnp.arange(5)
+  window = jnp.take(product, idx, mode="fill", fill_value=0)
+  out = [(window[t] >> r) | ((window[t + 1] << (16 - r)) & _LOW_MASK) for t in range(4)]
+  k = Count(out[0] | (out[1] << 16), out[2] | (out[3] << 16))
+  neg_or_nan = ~(g > 0)  # invalid traced γ: select one coordinate
+  one, top = _static_count(1, True), _static_count(num, True)
+  k = Count(jnp.where(neg_or_nan, one.lo, k.lo), jnp.where(neg_or_nan, _hi(one), _hi(k)))
+  k = _count_where(count_ge(k, one), k, one)
+  k = _count_where(count_ge(top, k), k, top)
+  return k if wide else Count(k.lo, None)
+
+
+def _count_where(c: jax.Array, a: Count, b: Count) -> Count:
+  hi = None if _narrow(a, b) else jnp.where(c, _hi(a), _hi(b))
+  return Count(jnp.where(c, a.lo, b.lo), hi)
+
+
+def _rank_from_int(k: Any, num: int, *, wide: bool) -> Count:
+  """``clip(k, 1, num)`` as a :class:`Count` (``k`` a Python int or an integer array)."""
+  kv = utils.concrete_value(k)
+  if kv is not None and not isinstance(k, jax.core.Tracer):
+    return _static_count(min(num, max(1, int(kv))), wide)
+  k = jnp.asarray(k)
+  if not jnp.issubdtype(k.dtype, jnp.integer):
+    k = k.astype(jnp.int32)
+  k = jnp.maximum(k, 1)
+  if k.dtype.itemsize == 8:
+    rank = Count((k & 0xFFFFFFFF).astype(_U32), (k >> 32).astype(_U32))
+  else:
+    rank = Count(k.astype(_U32), jnp.zeros((), _U32))
+  top = _static_count(num, True)
+  rank = _count_where(count_ge(top, rank), rank, top)
+  return rank if wide else Count(rank.lo, None)
+
+
+# -----------------------------------------------------------------------------
+# Counting passes
+# -----------------------------------------------------------------------------
+
+
+def _pieces(x: jax.Array, limit: int) -> list[jax.Array]:
+  """Static slices covering ``x``, each with fewer than ``limit`` elements (none if empty)."""
+  if x.size == 0:
+    return []
+  if x.size < limit:
+    return [x]
+  shape = x.shape
+  a = next(i for i in range(len(shape)) if math.prod(shape[i + 1:]) < limit)
+  rows = max(1, (limit - 1) // math.prod(shape[a + 1:]))
+  out = []
+  for lead in itertools.product(*(range(s) for s in shape[:a])):
+    for start in range(0, shape[a], rows):
+      out.append(x[tuple(lead) + (slice(start, min(start + rows, shape[a])),)])
+  return out
+
+
+def _total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
+           shape: tuple[int, ...], wide: bool) -> Count:
+  """Sum over the tree of ``count(piece)`` (exact uint32 counts of one piece) as a Count.
+
+  Pieces are summed in uint32 while their group holds fewer than 2**32 values
+  (no count can wrap), and groups in two words.
+  """
+  limit = _WORD_LIMIT
+  groups: list[jax.Array] = []
+  acc: jax.Array | None = None
+  size = 0
+  for x in leaves:
+    for p in _pieces(x, limit):
+      if acc is not None and size + p.size >= limit:
+        groups.append(acc)
+        acc, size = None, 0
+      c = count(p)
+      acc = c if acc is None else acc + c
+      size += p.size
+  if acc is not None:
+    groups.append(acc)
+  if not groups:
+    groups = [jnp.zeros(shape, _U32)]
+  if not wide:
+    assert len(groups) == 1
+    return Count(groups[0], None)
+  total = Count(groups[0], jnp.zeros(shape, _U32))
+  for g in groups[1:]:
+    total = count_add(total, Count(g, jnp.zeros(shape, _U32)))
+  return total
 
 
 def _histogram(indices: jax.Array, length: int) -> jax.Array:
@@ -109,106 +466,208 @@ def _histogram(indices: jax.Array, length: int) -> jax.Array:
   if mesh is not None:
     kwargs["out_sharding"] = sharding.replicated(mesh)
   counts = jnp.zeros((length,), jnp.int32).at[indices].add(1, mode="drop", **kwargs)
-  return counts.astype(jnp.uint32)
+  return counts.astype(jnp.uint32)  # int32 wraps as uint32 would: exact below 2**32
 
 
-def _native_ok(x: jax.Array) -> bool:
-  """Whether to use the native CPU histograms (:mod:`ire_optax._src.native`) for ``x``.
+def _scatter_high(x: jax.Array, square: bool) -> jax.Array:
+  return _histogram((ordered_keys(_square_if(x, square)) >> 16).astype(jnp.int32), _BINS)
+
+
+def _scatter_low(x: jax.Array, high: jax.Array, square: bool) -> jax.Array:
+  kk = ordered_keys(_square_if(x, square))
+  idx = jnp.where((kk >> 16) == high, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
+  return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
+
+
+def _native_available(leaves: list[jax.Array]) -> bool:
+  """Whether the native CPU histograms (:mod:`ire_optax._src.native`) can count ``leaves``.
 
   Only for arrays on one device: a custom call on an array sharded over a mesh
   (any axis type, or inside ``shard_map``) would be gathered or mistyped, so
   those keep XLA's scatter, whose per-shard histograms XLA all-reduces.
   """
-  return (x.size > 0 and sharding.is_on_one_device(x) and jax.default_backend() == "cpu"
-          and native.enabled())
-
-
-def _native_or_scatter(native_fn, scatter, x: jax.Array, *args: jax.Array) -> jax.Array:
-  """``native_fn(x, *args)`` where :func:`_native_ok`, lowered for the CPU only; else
-  ``scatter(x, *args)``."""
-  if not _native_ok(x):
-    return scatter(x, *args)
-  return jax.lax.platform_dependent(x, *args, cpu=native_fn, default=scatter)
-
-
-def _square_if(x: jax.Array, square: bool) -> jax.Array:
-  return x * x if square else x
+  return (jax.default_backend() == "cpu" and native.enabled()
+          and all(sharding.is_on_one_device(x) for x in leaves))
 
 
 def _high_histogram(x: jax.Array, square: bool = False) -> jax.Array:
-  """Pass 1: counts of the top 16 bits of the keys of ``x`` (or of ``x * x``)."""
-  def scatter(x):
-    return _histogram((ordered_keys(_square_if(x, square)) >> 16).astype(jnp.int32), _BINS)
-
-  return _native_or_scatter(functools.partial(native.histogram_high, square=square), scatter, x)
+  """Counts of the top 16 bits of the keys of ``x`` (or ``x * x``): native where available."""
+  if x.size and _native_available([x]):
+    return jax.lax.platform_dependent(
+        x, cpu=functools.partial(native.histogram_high, square=square),
+        default=functools.partial(_scatter_high, square=square))
+  return _scatter_high(x, square)
 
 
 def _low_histogram(x: jax.Array, high: jax.Array, square: bool = False) -> jax.Array:
-  """Pass 2: counts of the low 16 bits of the keys of ``x`` (or ``x * x``) in bucket ``high``."""
-  def scatter(x, high):
-    kk = ordered_keys(_square_if(x, square))
-    idx = jnp.where((kk >> 16) == high, (kk & _LOW_MASK).astype(jnp.int32), _BINS)
-    return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
-
-  return _native_or_scatter(functools.partial(native.histogram_low, square=square), scatter,
-                            x, high)
+  """Counts of the low 16 bits of the keys of ``x`` (or ``x * x``) in bucket ``high``."""
+  if x.size and _native_available([x]):
+    return jax.lax.platform_dependent(
+        x, high, cpu=functools.partial(native.histogram_low, square=square),
+        default=functools.partial(_scatter_low, square=square))
+  return _scatter_low(x, high, square)
 
 
-def _psum_if(x: jax.Array, axis_name: str | None) -> jax.Array:
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def _find_bucket(hist: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _find_bucket(hist: Count, rank: Count) -> tuple[jax.Array, Count]:
   """First bucket whose cumulative count reaches ``rank`` (1-based), and the count below it.
 
   Two levels of 256 (a cumulative sum over 65,536 bins is slow on XLA:CPU): the
   row of 256 bins that holds the bucket, then the bucket within that row.
   """
-  rows = hist.reshape(256, 256)
-  row_totals = jnp.sum(rows, axis=1, dtype=jnp.uint32)
-  row_cum = jnp.cumsum(row_totals, dtype=jnp.uint32)
-  r = jnp.argmax(row_cum >= rank)
-  row = rows[r]
-  cum = jnp.cumsum(row, dtype=jnp.uint32) + (row_cum[r] - row_totals[r])
-  c = jnp.argmax(cum >= rank)
-  return (r * 256 + c).astype(jnp.uint32), cum[c] - row[c]
+  rows = Count(hist.lo.reshape(256, 256), None if hist.hi is None else hist.hi.reshape(256, 256))
+  row_totals = count_sum(rows, 1)
+  row_cum = count_cumsum(row_totals)
+  r = jnp.argmax(count_ge(row_cum, rank))
+  row = _take(rows, r)
+  cum = count_add(count_cumsum(row), count_sub(_take(row_cum, r), _take(row_totals, r)))
+  c = jnp.argmax(count_ge(cum, rank))
+  return (r * 256 + c).astype(_U32), count_sub(_take(cum, c), _take(row, c))
+
+
+def _select_histograms(leaves, rank, *, high_fn, low_fn, axis_name, wide):
+  hist = count_psum(_total(leaves, high_fn, (_BINS,), wide), axis_name)
+  high, below = _find_bucket(hist, rank)
+  hist2 = count_psum(_total(leaves, lambda x: low_fn(x, high), (_BINS,), wide), axis_name)
+  low, _ = _find_bucket(hist2, count_sub(rank, below))
+  return (high << 16) | low
+
+
+def _threshold_counts(x: jax.Array, t: jax.Array, square: bool) -> jax.Array:
+  """``#{key(x_i) <= t_j}`` for every threshold ``t_j``: one fused compare-and-reduce."""
+  keys = ordered_keys(_square_if(x, square))
+  return jnp.sum(keys[..., None] <= t, axis=tuple(range(keys.ndim)), dtype=_U32)
+
+
+def _select_threshold(leaves, rank, *, square, axis_name, wide):
+  """Radix select by counting: each pass splits ``[base, base + 2**(s+b))`` into ``2**b``
+  parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key."""
+  assert sum(_THRESHOLD_BITS) == 32
+  base = jnp.zeros((), _U32)
+  s = 32
+  for b in _THRESHOLD_BITS:
+    s -= b
+    steps = (np.arange(1, 1 << b, dtype=np.uint64) << np.uint64(s)).astype(np.uint32)
+    t = base + steps - np.uint32(1)  # the keys below base + j * 2**s
+    counts = _total(leaves, functools.partial(_threshold_counts, t=t, square=square),
+                    (t.shape[0],), wide)
+    counts = count_psum(counts, axis_name)
+    digit = jnp.sum(~count_ge(counts, rank), dtype=_U32)  # parts entirely below the rank
+    base = base + (digit << s)
+  return base
+
+
+def _run(method: str, square: bool, axis_name: Any, wide: bool):
+  """The selection ``(leaves, rank) -> key`` counting with ``method`` (one callable per
+  setting, so that ``lax.platform_dependent`` merges equal branches)."""
+  if method == "threshold":
+    return functools.partial(_run_threshold, square=square, axis_name=axis_name, wide=wide)
+  if method == "native":
+    return functools.partial(_run_native, square=square, axis_name=axis_name, wide=wide)
+  return functools.partial(_run_scatter, square=square, axis_name=axis_name, wide=wide)
+
+
+def _run_threshold(leaves, rank, *, square, axis_name, wide):
+  return _select_threshold(leaves, rank, square=square, axis_name=axis_name, wide=wide)
+
+
+def _run_native(leaves, rank, *, square, axis_name, wide):
+  return _select_histograms(
+      leaves, rank, axis_name=axis_name, wide=wide,
+      high_fn=functools.partial(native.histogram_high, square=square),
+      low_fn=functools.partial(native.histogram_low, square=square))
+
+
+def _run_scatter(leaves, rank, *, square, axis_name, wide):
+  return _select_histograms(
+      leaves, rank, axis_name=axis_name, wide=wide,
+      high_fn=functools.partial(_scatter_high, square=square),
+      low_fn=functools.partial(_scatter_low, square=square))
+
+
+def _platform_methods(method: str, leaves: list[jax.Array]) -> dict[str, str]:
+  """The counting method per lowering platform (``"default"``: any other) for ``method``."""
+  if method == "auto":
+    cpu = "native" if _native_available(leaves) else _CPU_FALLBACK
+    return {"cpu": cpu, **_AUTO, "default": "threshold"}
+  if method == "native":
+    if not _native_available(leaves):
+      raise ValueError(
+          "selection method 'native' is unavailable here: it needs the CPU backend, arrays on "
+          "one device, a C++ compiler and IRE_OPTAX_NATIVE unset (use 'auto').")
+    return {"cpu": "native", "default": "scatter"}
+  return {"default": method}
+
+
+def _select_key(leaves: list[jax.Array], rank: Count, *, square: bool, axis_name: Any,
+                wide: bool, method: str | None) -> jax.Array:
+  chosen = _platform_methods(_check_method(current_method() if method is None else method),
+                             leaves)
+  fns: dict[str, Any] = {}
+  branches = {p: fns.setdefault(m, _run(m, square, axis_name, wide)) for p, m in chosen.items()}
+  if len(fns) == 1:
+    return branches["default"](leaves, rank)
+  default = branches.pop("default")
+  return jax.lax.platform_dependent(leaves, rank, default=default, **branches)
+
+
+# -----------------------------------------------------------------------------
+# Public selection
+# -----------------------------------------------------------------------------
+
+
+def _global_size(tree: Any, axis_name: Any) -> int:
+  n = num_elements(tree)
+  if axis_name is not None:
+    devices = int(jax.lax.psum(1, axis_name))
+    if n * devices >= _WORD_LIMIT and devices > _MAX_AXIS_SIZE:
+      raise ValueError(f"exact selection over {devices} devices in `axis_name` (at most "
+                       f"{_MAX_AXIS_SIZE} with 2**32 or more coordinates).")
+    n *= devices
+  return n
 
 
 def kth_smallest_key(
-    tree: Any, k: jax.Array | int, *, axis_name: str | None = None, square: bool = False
+    tree: Any, k: Any, *, axis_name: Any = None, square: bool = False,
+    method: str | None = None,
 ) -> jax.Array:
   """The exact ordered key (see :func:`ordered_keys`) of the k-th smallest value.
 
   Args:
     tree: pytree of arrays (any float dtype; ranked in float32).
-    k: 1-based rank, ``1 <= k <= N`` (clipped into that range).
-    axis_name: if the tree is partitioned over a mapped axis (``shard_map``),
-      the name of that axis; histograms are ``psum``-ed over it.
+    k: 1-based rank, ``1 <= k <= N`` (clipped into that range): a Python int,
+      an integer array, or a :class:`Count`.
+    axis_name: if the tree is partitioned over a mapped axis (``shard_map``,
+      ``pmap``), the name of that axis; counts are ``psum``-ed over it.
     square: rank ``x * x`` (in float32) instead of ``x``, without materialising it.
+    method: counting method (see :func:`selection_method`); ``None``: the context's.
 
   Returns:
     uint32 scalar key.
   """
   leaves = _leaves_f32(tree)
-  hist = sum((_high_histogram(x, square) for x in leaves),
-             start=jnp.zeros((_BINS,), jnp.uint32))
-  hist = _psum_if(hist, axis_name)
-  total = jnp.sum(hist, dtype=jnp.uint32)
-  rank = jnp.clip(jnp.asarray(k).astype(jnp.uint32), np.uint32(1), jnp.maximum(total, 1))
-  high, below = _find_bucket(hist, rank)
-  hist2 = sum((_low_histogram(x, high, square) for x in leaves),
-              start=jnp.zeros((_BINS,), jnp.uint32))
-  hist2 = _psum_if(hist2, axis_name)
-  low, _ = _find_bucket(hist2, rank - below)
-  return (high << 16) | low
+  n = _global_size(tree, axis_name)
+  wide = n >= _WORD_LIMIT
+  rank = k if isinstance(k, Count) else _rank_from_int(k, n, wide=wide)
+  if wide and rank.hi is None:
+    rank = Count(rank.lo, jnp.zeros((), _U32))
+  return _select_key(leaves, rank, square=square, axis_name=axis_name, wide=wide,
+                     method=method)
 
 
-def kth_smallest(tree: Any, k: jax.Array | int, *, axis_name: str | None = None) -> jax.Array:
+def kth_smallest(tree: Any, k: Any, *, axis_name: Any = None,
+                 method: str | None = None) -> jax.Array:
   """The exact k-th smallest value (1-based) over all leaves of ``tree``, as float32.
 
   Equals ``jnp.sort(jnp.concatenate([x.ravel() for x in leaves]))[k - 1]``
   (with ``-0.0`` reported as ``+0.0``), computed without sorting: see the
-  module docstring.
+  module docstring. The result is treated as a constant by ``jax.grad``.
+
+  Args:
+    tree: pytree of real arrays.
+    k: 1-based rank (Python int or integer array).
+    axis_name: mapped axis the tree is partitioned over (``shard_map``, ``pmap``).
+    method: ``"auto"``, ``"native"``, ``"threshold"`` or ``"scatter"`` (see
+      :func:`selection_method`); ``None`` uses the context's (``"auto"``).
 
   Example:
     >>> import jax.numpy as jnp
@@ -218,7 +677,8 @@ def kth_smallest(tree: Any, k: jax.Array | int, *, axis_name: str | None = None)
 
   Raises:
     ValueError: if a concrete ``k`` is not an integer in ``[1, N]`` (only
-      ``k >= 1`` is checked with ``axis_name``, where ``N`` is global).
+      ``k >= 1`` is checked with ``axis_name``, where ``N`` is global), or for
+      an unknown or unavailable ``method``.
     TypeError: if a leaf is not real (complex, bool, ...).
   """
   _check_real_leaves("tree", tree)
@@ -228,39 +688,40 @@ def kth_smallest(tree: Any, k: jax.Array | int, *, axis_name: str | None = None)
   if axis_name is None and kv is not None and kv > n:
     raise ValueError(f"`k` must be an integer in [1, {n}] (the number of elements of `tree`); "
                      f"got {k!r}.")
-  return key_to_float(kth_smallest_key(tree, k, axis_name=axis_name))
-
-
-def num_selected(num: int, gamma: Any) -> jax.Array | int:
-  """``k = max(1, ⌊γ N⌋)``; exact in Python when ``gamma`` is a Python number."""
-  if isinstance(gamma, (int, float, np.floating)):
-    return max(1, int(math.floor(float(gamma) * num)))
-  return jnp.maximum(1, jnp.floor(jnp.asarray(gamma, jnp.float32) * num)).astype(jnp.int32)
+  return key_to_float(kth_smallest_key(tree, k, axis_name=axis_name, method=method))
 
 
 def flat_mask(
     tree: Any,
     gamma: Any,
     *,
-    axis_name: str | None = None,
+    axis_name: Any = None,
     dtype: Any = jnp.uint8,
     square: bool = False,
+    method: str | None = None,
 ) -> Any:
-  """Mask of the ``max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
+  """Mask of the ``k = max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
+
+  ``⌊γN⌋`` is computed exactly from γ's float32 value however γ is given
+  (Python number, array, ``optax.inject_hyperparams``, traced): see
+  :func:`num_selected`.
 
   Args:
     tree: the curvature estimate ``h`` (pytree of arrays).
-    gamma: the fraction of coordinates to select, in (0, 1).
-    axis_name: axis over which ``tree`` is partitioned (``shard_map``), if any.
-      ``N`` is then the global number of coordinates.
+    gamma: the fraction of coordinates to select, in (0, 1].
+    axis_name: axis over which ``tree`` is partitioned (``shard_map``, ``pmap``),
+      if any. ``N`` is then the global number of coordinates.
     dtype: dtype of the returned mask leaves (``uint8``: one byte a parameter).
     square: select on ``tree ** 2`` (float32) instead of ``tree`` -- the same mask
       as ``flat_mask(jax.tree.map(jnp.square, tree), gamma)`` without
       materialising the squares (IRE's ``"grad_sq"`` curvature).
+    method: counting method, ``"auto"``, ``"native"``, ``"threshold"`` or
+      ``"scatter"`` (see :func:`selection_method`; every method gives the same
+      mask); ``None`` uses the context's (``"auto"``).
 
   Returns:
     A pytree like ``tree`` of 0/1 values: ``1[h_i <= τ]`` with τ the k-th
-    smallest value of ``h``.
+    smallest value of ``h``. The mask is a constant for ``jax.grad``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -273,20 +734,22 @@ def flat_mask(
   ``+inf`` are numbers here; ``-inf`` is the flattest value).
 
   Raises:
-    ValueError: if a concrete ``gamma`` is not in ``(0, 1]``.
+    ValueError: if a concrete ``gamma`` is not in ``(0, 1]``, or for an unknown
+      or unavailable ``method``.
     TypeError: if ``gamma`` is not a number or a leaf is not real.
   """
   utils.check_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
   utils.check_not_schedule("gamma", gamma, "the fraction of coordinates selected")
   _check_real_leaves("tree", tree)
-  n = num_elements(tree)
-  if axis_name is not None:
-    n = n * jax.lax.psum(1, axis_name)
-  k = num_selected(n, gamma)
+  n = _global_size(tree, axis_name)
+  wide = n >= _WORD_LIMIT
+  k = _rank_from_fraction(n, gamma, wide=wide)
+  rank = k if isinstance(k, Count) else _static_count(k, wide)
   # NaN has the largest key; capping τ at the key of +inf keeps NaN out of the mask.
-  tau = key_to_float(jnp.minimum(
-      kth_smallest_key(tree, k, axis_name=axis_name, square=square), _INF_KEY))
+  key = kth_smallest_key(tree, rank, axis_name=axis_name, square=square, method=method)
+  tau = key_to_float(jnp.minimum(key, _INF_KEY))
   # A float comparison gives the same set as comparing keys (the zeros tie, NaN is never
   # <= anything) without re-keying every value.
   return jax.tree.map(
-      lambda x: (_square_if(jnp.asarray(x, jnp.float32), square) <= tau).astype(dtype), tree)
+      lambda x: (_square_if(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), square)
+                 <= tau).astype(dtype), tree)
