@@ -20,7 +20,7 @@ diagonals, SAM sharpness). The algorithms' definitions are in docs/design.md.
 # both, and that docs/api.rst documents it).
 # --- IRE ---
 from ire_optax._src.ire import IREState, ire, ire_flat_mask
-from ire_optax._src.selection import flat_mask, kth_smallest
+from ire_optax._src.selection import flat_mask, kth_smallest, selection_method
 # --- SAM / mSAM ---
 from ire_optax._src.sam import SAMState, msam, sam
 # --- GSAM ---
@@ -49,5 +49,6 @@ __all__ = [
     "sala_eval_params",
     "sala_stats",
     "sam",
+    "selection_method",
     "sharpness",
 ]
