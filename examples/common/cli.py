@@ -18,6 +18,8 @@ EXAMPLES = {
         defaults=dict(data="digits", size="resnet20", opt="sgd", lr=0.1, weight_decay=5e-4,
                       batch_size=128, steps=400, eval_every=100),
         usage=["python -m examples.resnet --opt sam --rho 0.05",
+               "python -m examples.resnet --opt asam --rho 1.0 --perturb weights "
+               "--sam-every-k 2",
                "python -m examples.resnet --opt sgd+ire --ire-kappa 2 --ire-gamma 0.8 "
                "--ire-warmup 0.35",
                "python -m examples.resnet --data cifar10:~/data/cifar-10-batches-py "
@@ -29,6 +31,8 @@ EXAMPLES = {
         defaults=dict(data="digits", size="mini", opt="adamw", lr=1e-3, weight_decay=0.05,
                       warmup_steps=0.05, batch_size=128, steps=400, eval_every=100),
         usage=["python -m examples.vit --opt adamw+ire --ire-kappa 2 --ire-gamma 0.8",
+               "python -m examples.vit --opt gsam --rho 0.6 --rho-min 0.1 --rho-schedule lr "
+               "--gsam-alpha 0.6 --final-lr-ratio 0.01",
                "python -m examples.vit --data cifar100:~/data/cifar-100-python --size vit-s "
                "--label-smoothing 0.1"]),
     "llama": dict(

@@ -8,6 +8,7 @@ wrappers (SAM, ASAM, mSAM, SALA, Lookahead) drive:
 ``sgd``        ``optax.sgd`` with (Nesterov) momentum and L2 weight decay
 ``sam``        ``ire_optax.sam(base, rho)``                 (Foret et al. 2021)
 ``asam``       ``ire_optax.sam(base, rho, adaptive=True)``  (Kwon et al. 2021)
+``gsam``       ``ire_optax.gsam(base, rho, alpha)``         (Zhuang et al. 2022)
 ``msam``       ``ire_optax.msam(base, rho, num_microbatches)`` (Behdin et al. 2023)
 ``sala``       ``ire_optax.sala(base, sync_period, slow_step_size, rho)`` (Tan et al. 2024)
 ``lookahead``  ``optax.lookahead(base, sync_period, slow_step_size)`` (Zhang et al. 2019)
@@ -39,9 +40,9 @@ import optax
 
 import ire_optax
 
-OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "msam", "sala", "lookahead")
+OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "gsam", "msam", "sala", "lookahead")
 CURVATURES = ("fisher", "grad_sq", "hutchinson")
-DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "msam": 0.05, "sala": 0.2}
+DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "gsam": 0.05, "msam": 0.05, "sala": 0.2}
 
 
 def steps_or_fraction(text: str) -> float:
@@ -89,6 +90,19 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--rho", type=float, default=None,
                  help="SAM/ASAM/mSAM/SALA radius (default: sam 0.05, asam 1.0, msam 0.05, "
                       "sala 0.2)")
+  g.add_argument("--rho-schedule", choices=("constant", "lr"), default="constant",
+                 help="'lr': rho follows the learning rate from --rho (peak lr) down to "
+                      "--rho-min (final lr), GSAM's schedule (%(default)s)")
+  g.add_argument("--rho-min", type=float, default=0.0,
+                 help="radius at the final learning rate with --rho-schedule lr (%(default)s)")
+  g.add_argument("--gsam-alpha", type=float, default=0.6,
+                 help="GSAM's surrogate-gap weight alpha (%(default)s)")
+  g.add_argument("--sam-every-k", type=int, default=1,
+                 help="sam/asam/gsam: the ascent every k-th step only, plain base steps "
+                      "between (cost 1 + 1/k gradients) (%(default)s)")
+  g.add_argument("--perturb", choices=("all", "weights"), default="all",
+                 help="leaves the SAM ascent perturbs (one global norm): all, or weight "
+                      "matrices and kernels only, not biases and norm scales (%(default)s)")
   g.add_argument("--num-microbatches", type=int, default=2,
                  help="mSAM micro-batches per batch (%(default)s)")
   g.add_argument("--microbatch-mode", choices=("vmap", "scan"), default="vmap",
@@ -115,6 +129,9 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                       "the paper's), grad_sq (free), hutchinson (one HVP) (%(default)s)")
   g.add_argument("--ire-kappa-schedule", choices=("constant", "lr"), default="constant",
                  help="'lr': kappa_t = kappa * lr_t / lr_peak (%(default)s)")
+  g.add_argument("--ire-gamma-end", type=float, default=None,
+                 help="grow gamma linearly from --ire-gamma to this value over the run "
+                      "(default: constant gamma)")
 
   g = parser.add_argument_group("loss")
   g.add_argument("--label-smoothing", type=float, default=0.0, help="(%(default)s)")
@@ -256,7 +273,13 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   else:
     base_name = args.base or default_base
   base = build_base(args, base_name, schedule)
-  rho = args.rho if args.rho is not None else DEFAULT_RHO.get(algo, 0.05)
+  rho: Any = args.rho if args.rho is not None else DEFAULT_RHO.get(algo, 0.05)
+  if getattr(args, "rho_schedule", "constant") == "lr":
+    rho = ire_optax.lr_proportional(schedule, max_value=rho, min_value=args.rho_min,
+                                    lr_max=args.lr, lr_min=args.lr * args.final_lr_ratio)
+  perturb_mask = (None if getattr(args, "perturb", "all") == "all"
+                  else lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params))
+  every_k = getattr(args, "sam_every_k", 1)
 
   curvature = args.ire_curvature if use_ire else None
   if use_ire and algo == "msam" and curvature != "fisher":
@@ -267,9 +290,12 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   def with_ire(tx):
     kappa: Any = args.ire_kappa
     if args.ire_kappa_schedule == "lr":
-      kappa = lambda count: args.ire_kappa * schedule(count) / args.lr
+      kappa = ire_optax.lr_proportional(schedule, max_value=args.ire_kappa, lr_max=args.lr)
+    gamma: Any = args.ire_gamma
+    if getattr(args, "ire_gamma_end", None) is not None:
+      gamma = optax.linear_schedule(args.ire_gamma, args.ire_gamma_end, total_steps)
     ire_warm = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
-    return ire_optax.ire(tx, kappa=kappa, gamma=args.ire_gamma,
+    return ire_optax.ire(tx, kappa=kappa, gamma=gamma,
                          refresh_every=args.ire_refresh_every, warmup_steps=ire_warm,
                          curvature=curvature, seed=args.seed, axis_name=axis_name)
 
@@ -277,15 +303,22 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   if algo in ("adamw", "sgd"):
     tx = base
   elif algo in ("sam", "asam"):
-    tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name)
+    tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name,
+                       perturb_mask=perturb_mask, every_k=every_k)
+    family = "sam"
+  elif algo == "gsam":
+    tx = ire_optax.gsam(base, rho=rho, alpha=args.gsam_alpha, axis_name=axis_name,
+                        perturb_mask=perturb_mask, every_k=every_k)
     family = "sam"
   elif algo == "msam":
     tx = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,
-                        microbatch_mode=args.microbatch_mode, axis_name=axis_name)
+                        microbatch_mode=args.microbatch_mode, axis_name=axis_name,
+                        perturb_mask=perturb_mask)
     family = "msam"
   elif algo == "sala":
     tx = ire_optax.sala(base, sync_period=args.sala_sync_period,
-                        slow_step_size=args.sala_slow_step, rho=rho, axis_name=axis_name)
+                        slow_step_size=args.sala_slow_step, rho=rho, axis_name=axis_name,
+                        perturb_mask=perturb_mask)
     family, sala = "sam", True
   else:  # lookahead: IRE goes on the fast optimizer
     fast = with_ire(base) if use_ire else base
