@@ -260,6 +260,17 @@ def test_every_k_plain_steps_are_the_base_bit_for_bit():
   del got
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_every_k_under_inject_hyperparams(k):
+  """inject_hyperparams passes every_k as a traced int: the ascent steps are the same."""
+  params, batches = problem(11)
+  tx = optax.inject_hyperparams(ire_optax.sam)(optax.sgd(0.2), rho=0.3, every_k=k)
+  got, state = run(tx, params, batches, steps=6)
+  want = ref.np_run(params, batches, ref.NpSGDTree(0.2), 6, rho=0.3, every_k=k)
+  assert_close_to_np(got, want)
+  assert int(state.hyperparams["every_k"]) == k
+
+
 def test_ire_of_sam_every_k():
   params, batches = problem(9)
   tx = ire_optax.ire(ire_optax.sam(optax.sgd(0.1), rho=0.2, every_k=2), kappa=0.0, gamma=0.5)
@@ -280,13 +291,16 @@ def test_ire_of_sam_every_k():
     lambda ax: ire_optax.gsam(optax.adam(0.01), rho=0.3, alpha=0.4, every_k=2, axis_name=ax,
                               perturb_mask={"w": True, "b": False, "s": True}),
 ], ids=["gsam", "sam_every_2", "gsam_every_2_masked"])
-def test_eight_devices_equal_one(make):
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_eight_devices_equal_one(make, check_vma):
   params, batches = problem(10, batch=64, num_batches=2)
   mesh = jax.make_mesh((8,), ("d",), devices=jax.devices()[:8])
 
-  def step(tx):
+  def step(tx, vma=False):
     def fn(p, s, x, y):
-      u, s = tx.update(jax_grad(p, x, y), s, p, grad_fn=lambda q: jax_grad(q, x, y))
+      # Under check_vma the clean gradient is taken at per-device params (else JAX sums it).
+      local = jax.tree.map(lambda a: jax.lax.pcast(a, "d", to="varying"), p) if vma else p
+      u, s = tx.update(jax_grad(local, x, y), s, p, grad_fn=lambda q: jax_grad(q, x, y))
       return optax.apply_updates(p, u), s
     return fn
 
@@ -296,8 +310,9 @@ def test_eight_devices_equal_one(make):
   p8 = jax.device_put(p1, rep)
   s1, s8 = single_tx.init(p1), jax.device_put(multi_tx.init(p8), rep)
   one = jax.jit(step(single_tx))
-  eight = jax.jit(jax.shard_map(step(multi_tx), mesh=mesh, in_specs=(P(), P(), P("d"), P("d")),
-                                out_specs=(P(), P()), check_vma=False))
+  eight = jax.jit(jax.shard_map(step(multi_tx, check_vma), mesh=mesh,
+                                in_specs=(P(), P(), P("d"), P("d")), out_specs=(P(), P()),
+                                check_vma=check_vma))
   for t in range(4):
     x, y = batches[t % 2]
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
