@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import ire_optax
 from ire_optax._src import gsam as gsam_lib
+from ire_optax._src import utils
 from tests import np_sam_family as ref
 
 P = jax.sharding.PartitionSpec
@@ -342,3 +343,23 @@ def test_hypothesis_gap_direction(alpha, seed):
 def test_docstring_examples(name):
   failures, tried = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert tried > 0 and failures == 0
+
+
+# -----------------------------------------------------------------------------
+# The examples' command line builds them
+# -----------------------------------------------------------------------------
+
+
+def test_examples_cli_builds_gsam_every_k_masked_with_schedules():
+  from examples.common import cli, optim
+
+  args = cli.make_parser("resnet").parse_args(
+      ["--opt", "gsam+ire", "--gsam-alpha", "0.3", "--sam-every-k", "2", "--perturb", "weights",
+       "--rho", "0.2", "--rho-schedule", "lr", "--rho-min", "0.02", "--final-lr-ratio", "0.1",
+       "--ire-gamma-end", "0.9", "--ire-curvature", "grad_sq", "--ire-kappa-schedule", "lr"])
+  spec = optim.build_optimizer(args, 10, default_base="sgd")
+  assert spec.family == "sam"
+  params, batches = problem(12)
+  got, state = run(spec.tx, params, batches, steps=2)
+  assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(got))
+  assert int(utils.find_states(state, ire_optax.SAMState)[0].count) == 2

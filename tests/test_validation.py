@@ -87,8 +87,6 @@ BAD_INPUT = [
     _row("ire/kappa=str", lambda: ire_optax.ire(SGD, kappa="3"), TypeError, "`kappa`"),
     _row("ire/kappa=vector", lambda: ire_optax.ire(SGD, kappa=jnp.ones(2)), ValueError,
          "`kappa` must be a scalar"),
-    _row("ire/gamma=schedule", lambda: ire_optax.ire(SGD, gamma=lambda t: 0.5), TypeError,
-         "`gamma` must be a number, not a schedule"),
     _row("ire/gamma=True", lambda: ire_optax.ire(SGD, gamma=True), TypeError, "`gamma`"),
     _row("ire/refresh_every=schedule", lambda: ire_optax.ire(SGD, refresh_every=lambda t: 3),
          TypeError, "`refresh_every` must be an integer >= 1"),
@@ -130,6 +128,37 @@ BAD_INPUT = [
          "`adaptive` must be True or False"),
     _row("sam/per_device_ascent=str", lambda: ire_optax.sam(SGD, per_device_ascent="no"),
          TypeError, "`per_device_ascent` must be True or False"),
+    _row("sam/perturb_mask=int leaves", lambda: ire_optax.sam(SGD, perturb_mask={"w": 1}),
+         TypeError, "`perturb_mask` leaves must be Python bools"),
+    _row("sam.update/perturb_mask of another structure", lambda: ire_optax.sam(
+        SGD, perturb_mask={"v": True}).update(G, ire_optax.sam(SGD).init(P), P,
+                                              grad_fn=_grad_fn), ValueError, "`perturb_mask`"),
+    _row("sam.update/inside optax.masked", lambda: optax.masked(
+        ire_optax.sam(SGD), {"w": False}).init(P), TypeError, "perturb_mask"),
+    *[_row(f"sam/every_k={v!r}", lambda v=v: ire_optax.sam(SGD, every_k=v), ValueError,
+           "`every_k` must be an integer >= 1") for v in (0, 1.5)],
+    _row("sam/every_k=schedule", lambda: ire_optax.sam(SGD, every_k=lambda t: 2), TypeError,
+         "`every_k` must be an integer >= 1"),
+    # ---------------------------------------------------------------- gsam
+    _row("gsam/base_optimizer=str", lambda: ire_optax.gsam("sgd"), TypeError,
+         "`base_optimizer`"),
+    *[_row(f"gsam/alpha={v!r}", lambda v=v: ire_optax.gsam(SGD, alpha=v), ValueError,
+           "`alpha` must be in") for v in (-0.1, NAN, INF)],
+    _row("gsam/rho=-0.1", lambda: ire_optax.gsam(SGD, rho=-0.1), ValueError, "`rho` must be in"),
+    _row("gsam/every_k=0", lambda: ire_optax.gsam(SGD, every_k=0), ValueError, "`every_k`"),
+    _row("gsam.update/without grad_fn", lambda: ire_optax.gsam(SGD).update(
+        G, ire_optax.gsam(SGD).init(P), P), TypeError, "needs the keyword argument `grad_fn`"),
+    _row("gsam.update/updates=None", lambda: ire_optax.gsam(SGD).update(
+        None, ire_optax.gsam(SGD).init(P), P, grad_fn=_grad_fn), TypeError, "`updates`"),
+    # ---------------------------------------------------------------- lr_proportional
+    _row("lr_proportional/lr_min=lr_max", lambda: ire_optax.lr_proportional(
+        0.1, max_value=1.0, lr_max=0.1, lr_min=0.1), ValueError, "`lr_min`"),
+    _row("lr_proportional/min_value>max_value", lambda: ire_optax.lr_proportional(
+        0.1, max_value=1.0, min_value=2.0, lr_max=0.1), ValueError, "`min_value`"),
+    _row("lr_proportional/max_value=-1", lambda: ire_optax.lr_proportional(
+        0.1, max_value=-1.0, lr_max=0.1), ValueError, "`max_value`"),
+    _row("lr_proportional/lr_max=schedule", lambda: ire_optax.lr_proportional(
+        0.1, max_value=1.0, lr_max=lambda t: 0.1), TypeError, "`lr_max` must be a number"),
     _row("sam/per_device_ascent without axis_name",
          lambda: ire_optax.sam(SGD, per_device_ascent=True), ValueError,
          "`per_device_ascent=True` needs an `axis_name`"),
