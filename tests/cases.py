@@ -107,6 +107,13 @@ CASES: dict[str, Case] = {
                                            rho=0.02)),
     "ire_sam": Case(lambda: ire_optax.ire(ire_optax.sam(_sgdm(), rho=0.05), kappa=2.0, gamma=0.8,
                                           refresh_every=3)),
+    "gsam": Case(lambda: ire_optax.gsam(_adamw(), rho=0.05, alpha=0.5)),
+    # SAM every 3 steps (the ascent under lax.cond), perturbing the weights only.
+    "sam_every_3_masked": Case(lambda: ire_optax.sam(_sgdm(), rho=0.05, every_k=3,
+                                                     perturb_mask={"w": True, "b": False})),
+    "ire_gsam_every_2_gamma_schedule": Case(lambda: ire_optax.ire(
+        ire_optax.gsam(_sgdm(), rho=0.05, alpha=0.3, every_k=2), kappa=2.0,
+        gamma=optax.linear_schedule(0.5, 0.8, 12), refresh_every=3)),
     "ire_sala": Case(lambda: ire_optax.ire(
         ire_optax.sala(optax.sgd(0.05, momentum=0.9, nesterov=True), sync_period=2, rho=0.2),
         kappa=2.0, gamma=0.6, refresh_every=3)),
