@@ -188,3 +188,12 @@ def test_official_preset_smoke(tmp_path):
   bench.main(["--from-json", str(tmp_path / "pretraining_official.json"), "--out",
               str(tmp_path / "re")])
   assert (tmp_path / "re" / "pretraining_official.md").read_text() == md
+  # A learning-rate check (single runs at another lr) joins the report from their JSONs.
+  seed_runs = data["results"][next(iter(data["results"]))][str(c["seeds"][0])]["runs"]
+  other = dict(seed_runs["adamw-T"], lr=2 * c["lr"], variant=None)
+  (tmp_path / "lr.json").write_text(json.dumps(other))
+  bench.main(["--from-json", str(tmp_path / "pretraining_official.json"), "--out",
+              str(tmp_path / "lr"), "--lr-check", str(tmp_path / "lr.json")])
+  md_lr = (tmp_path / "lr" / "pretraining_official.md").read_text()
+  assert "## Learning-rate check" in md_lr and f"| {2 * c['lr']:g} | adamw-T |" in md_lr
+  assert f"| {c['lr']:g} (authors) | ire-g0.6-k3-T |" in md_lr
