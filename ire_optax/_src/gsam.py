@@ -66,7 +66,7 @@ def surrogate_gap_gradient(
   # <g, ĝ_p> with ĝ_p normalised first: |<g, ĝ_p>| <= ‖g‖, no overflow of g·g_p.
   dot = sum((jnp.sum(_wide(p) * inv * _wide(g)) for p, g in zip(leaves_p, leaves_g, strict=True)),
             jnp.zeros((), jnp.float32))
-  a = jnp.asarray(alpha, jnp.float32)
+  a = jnp.asarray(alpha)  # a Python number keeps its precision (float64 parameters)
 
   def combine(p, g):
     unit = _wide(p) * inv
@@ -192,7 +192,8 @@ def gsam(
     )
     g_p = utils.pmean_if(grad_fn(utils.per_device_if(perturbed, axis_name)), axis_name)
     g_p = utils.tree_cast_like(g_p, updates)
-    g = surrogate_gap_gradient(clean, g_p, utils.resolve(alpha, count), eps=eps)
+    alpha_t = utils.resolve(alpha, count) if callable(alpha) else alpha
+    g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
     # rho = 0: g_p is the clean gradient and g_perp vanishes; return g_p exactly.
     return jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)
 
