@@ -798,10 +798,10 @@ def write_official_reports(res: dict, out: Path) -> None:
           f"{fmt_ms(a['train_a1'], 3)} / {fmt_ms(a['train_a2'], 3)} | {fmt_ms(a['ire'], 3)} / "
           f"{fmt_ms(a['a1'], 3)} / {fmt_ms(a['a2'], 3)} | {fmt_med(a['ratio'])} |")
       verdicts += [
-          f"- {label}, `{v}`, training loss vs AdamW-T (the 5.4x claim): "
-          f"{official_verdict(a['train_vs_T'], 5.4)}.",
-          f"- {label}, `{v}`, held-out loss vs AdamW-2T (the 2x claim): "
-          f"{official_verdict(a['vs_2T'], 2.0)}."]
+          f"- {label}, `{v}`, training loss vs AdamW-T (the 5.4x claim), AdamW at the "
+          f"authors' lr: {official_verdict(a['train_vs_T'], 5.4)}.",
+          f"- {label}, `{v}`, held-out loss vs AdamW-2T (the 2x claim), AdamW at the "
+          f"authors' lr: {official_verdict(a['vs_2T'], 2.0)}."]
     both = [sr["runs"] for sr in res["results"][dname].values()
             if "adamw-T" in sr["runs"] and "adamw-2T" in sr["runs"]]
     if not both:
@@ -981,6 +981,13 @@ def plot_official(res: dict, path: Path) -> None:
                  if kind.startswith("adamw") else {"color": colors[(j - 2) % len(colors)]})
         ax.plot(steps, vals, label=kind.replace("-2T", f" (2T={2 * c['steps']})").replace(
             "-T", f" (T={c['steps']})"), lw=1.2, **style)
+      if dname == names[0]:  # the learning-rate check's single runs (seed 0)
+        for j, (name, r) in enumerate(sorted((res.get("lr_check") or {}).items())):
+          if r.get(key):
+            ax.plot([q[0] for q in r[key]], [q[1] for q in r[key]], lw=1.0, ls=":",
+                    color=("grey", "C4", "C5", "C6")[j % 4],
+                    label=f"{name.split('@')[0]} lr {r['lr']:g} (seed 0)")
+            tails.append(np.asarray([q[1] for q in r[key]])[len(r[key]) // 4:])
       ax.axvline(c["steps"], color="grey", lw=0.8, ls=":")
       tail = np.concatenate(tails)
       lo, hi = float(tail.min()), float(tail.max())
