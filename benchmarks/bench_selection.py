@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-amortized", action="store_true")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repetitions")
   parser.add_argument("--out", default=str(C.RESULTS / "selection"))
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the (keys, N) results already in --out, measure the rest")
   C.add_data_dir_argument(parser)
   args = parser.parse_args(argv)
   sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -201,8 +203,17 @@ def main(argv: list[str] | None = None) -> int:
           "command": " ".join(["python benchmarks/bench_selection.py", *_public_args(
               sys.argv[1:] if argv is None else argv)])}
   results: list[dict[str, Any]] = []
+  old = C.read_results(args.out + ".json") if args.resume else None
+  if old:
+    results = list(old["details"])
+    meta["command"] = old["meta"]["command"] + " ; then " + meta["command"]
+    meta["methods"] = sorted(set(meta["methods"]) | set(old["meta"]["methods"]),
+                             key=["native", "threshold", "scatter"].index)
+  done = {(r["kind"], r["n"]) for r in results}
   for n in sizes:
     for kind in kinds:
+      if (kind, n) in done:
+        continue
       t0 = time.perf_counter()
       r = measure(kind, n, methods, reps, g2, amortized=not args.no_amortized)
       results.append(r)
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"update (K={K})", v["median"], "bench_selection", n=reps)
                for x in results for m, v in x["amortized"].items()]
       C.write_results(args.out, benchmark="bench_selection", meta=meta, rows=rows,
-                      details=results, markdown=markdown(meta, results, methods))
+                      details=results, markdown=markdown(meta, results, meta["methods"]))
   return 0
 
 
