@@ -9,11 +9,13 @@ everywhere), a single scalar parameter and empty leaves.
 from __future__ import annotations
 
 import chex
+import hypothesis as hyp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
 import ire_optax
 from tests import cases
@@ -481,3 +483,129 @@ def test_trees_without_any_element(params):
     updates, state = tx.update(g, tx.init(params), params, **kw)
     chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
     chex.assert_tree_all_finite(state)
+
+
+# -----------------------------------------------------------------------------
+# float64: computed in the wider of float32 and the parameters' dtype
+# -----------------------------------------------------------------------------
+
+
+def test_float64_ire_amplification_sam_point_and_sala_slow_weights_stay_float64():
+  with jax.enable_x64(True):
+    w = jnp.array([1.0, 2.0], jnp.float64)
+    g = jnp.array([1 + 1e-12, 3.0], jnp.float64)
+    # IRE with κ = 0 is the base exactly; with κ = 2 the flat coordinate is 3·base in float64.
+    base, _ = optax.sgd(1.0).update(g, optax.sgd(1.0).init(w), w)
+    tx = ire_optax.ire(optax.sgd(1.0), kappa=0.0, gamma=0.5, refresh_every=1)
+    u, _ = tx.update(g, tx.init(w), w)
+    assert u.dtype == jnp.float64 and np.array_equal(u, base)
+    np.testing.assert_array_equal(u, [-(1 + 1e-12), -3.0])
+    tx = ire_optax.ire(optax.sgd(1.0), kappa=2.0, gamma=0.5, refresh_every=1)
+    u, _ = tx.update(g, tx.init(w), w)  # g² ranks w[0] flat
+    np.testing.assert_array_equal(u, [-3.0 * (1 + 1e-12), -3.0])
+    # SAM with ρ = 0 evaluates grad_fn exactly at params; ρ > 0 as NumPy in float64.
+    seen = []
+    grad_fn = lambda p: seen.append(p) or p
+    for adaptive in (False, True):
+      tx = ire_optax.sam(optax.sgd(1.0), rho=0.0, adaptive=adaptive)
+      tx.update(g, tx.init(w), w, grad_fn=grad_fn)
+      assert seen[-1].dtype == jnp.float64 and np.array_equal(seen[-1], w)
+    tx = ire_optax.sam(optax.sgd(1.0), rho=1e-9)
+    tx.update(g, tx.init(w), w, grad_fn=grad_fn)
+    g64 = np.array([1 + 1e-12, 3.0])
+    np.testing.assert_allclose(seen[-1], np.array([1.0, 2.0]) + 1e-9 * g64 / np.linalg.norm(g64),
+                               rtol=1e-15)
+    # SALA keeps a 1e-9 offset of the slow weights (float32 would round it away).
+    theta = jnp.array([1.0 + 1e-9, 2.0], jnp.float64)
+    tx = ire_optax.sala(optax.sgd(1e-9), sync_period=1, slow_step_size=0.5, rho=0.0)
+    u, s = tx.update(jnp.array([1.0, 1.0]), tx.init(theta), theta, grad_fn=lambda p: p)
+    phi = ire_optax.sala_eval_params(s)
+    assert phi.dtype == jnp.float64
+    np.testing.assert_allclose(phi, np.array([1.0 + 1e-9, 2.0]) - 0.5 * 1e-9, rtol=0, atol=1e-16)
+    np.testing.assert_allclose(theta + u, np.array([1.0 + 1e-9, 2.0]) - 1e-9, rtol=0, atol=1e-16)
+
+
+# -----------------------------------------------------------------------------
+# IRE over SALA: only the base step is amplified
+# -----------------------------------------------------------------------------
+
+
+def test_ire_over_sala_amplifies_the_base_step_only():
+  p0 = {"w": jnp.array([0.3, 1.5])}
+  grad_fn = lambda p: jax.tree.map(lambda x: 2.0 * x * jnp.array([1.0, 3.0]), p)
+  h = {"w": jnp.array([0.0, 1.0])}  # w[0] is the flat coordinate on every refresh
+  make_ire = lambda base: ire_optax.ire(base, kappa=1.0, gamma=0.5, refresh_every=1,
+                                        curvature=_const_curvature(h))
+  make_sala = lambda base: ire_optax.sala(base, sync_period=2, rho=10.0, slow_step_size=0.5)
+  outer, inner = make_ire(make_sala(optax.sgd(0.1))), make_sala(make_ire(optax.sgd(0.1)))
+  runs = []
+  for tx in (outer, inner):
+    p, s = p0, tx.init(p0)
+    for t in range(6):
+      u, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+      p = optax.apply_updates(p, u)
+      if t % 2 == 1:  # d < ρ = 10: a stage-2 reset, the fast weights are the slow ones
+        chex.assert_trees_all_close(p, ire_optax.sala_eval_params(s), rtol=1e-6, atol=1e-7)
+    runs.append(p)
+  # With a fixed mask, ire(sala(base)) is sala(ire(base)): the amplified base inside SALA.
+  chex.assert_trees_all_close(runs[0], runs[1], rtol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# No NaN from finite inputs, for every value validation accepts
+# -----------------------------------------------------------------------------
+
+F32_MAX, F32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
+_edges = lambda *v: st.sampled_from(v)
+
+
+def _edge_cases(kappa, rho, eps, eta, alpha):
+  """Every optimizer (one per example) with the given hyperparameters, and its update kwargs."""
+  grad_fn = lambda p: jax.tree.map(jnp.tanh, p)
+  # Plain SGD: a momentum trace of gradients near float32's max overflows in the base itself.
+  sgd = optax.sgd(1e-3)
+  kw = {"grad_fn": grad_fn}
+  return [
+      lambda: (ire_optax.ire(sgd, kappa=kappa, gamma=0.5, refresh_every=1), {}),
+      lambda: (ire_optax.ire(sgd, kappa=kappa, gamma=0.5, ema_decay=0.9), {}),
+      lambda: (ire_optax.ire(sgd, kappa=kappa, curvature="hutchinson"), kw),
+      lambda: (ire_optax.sam(sgd, rho=rho, eps=eps), kw),
+      lambda: (ire_optax.sam(sgd, rho=rho, eps=eps, adaptive=True, adaptive_eta=eta), kw),
+      lambda: (ire_optax.msam(sgd, rho=rho, eps=eps, adaptive=True, adaptive_eta=eta,
+                              num_microbatches=2),
+               {"grad_fn": lambda p, mb: grad_fn(p), "batch": jnp.ones((2, 1))}),
+      lambda: (ire_optax.sala(sgd, sync_period=1, rho=rho, eps=eps, slow_step_size=alpha), kw),
+      lambda: (ire_optax.ire(ire_optax.sala(sgd, sync_period=2, rho=rho, eps=eps,
+                                            slow_step_size=alpha), kappa=kappa), kw),
+  ]
+
+
+@hyp.settings(max_examples=24, deadline=None, phases=[hyp.Phase.explicit, hyp.Phase.generate],
+              suppress_health_check=[hyp.HealthCheck.too_slow])
+@hyp.given(
+    which=st.integers(0, 7),
+    values=st.lists(_edges(0.0, F32_TINY, -F32_TINY, 1e-30, 1.0, -3.0, 1e20, -1e20, 1e30),
+                    min_size=3, max_size=3),
+    grads=st.lists(_edges(0.0, F32_TINY, 1e-30, -1.0, 1e20, -1e20, F32_MAX, -F32_MAX),
+                   min_size=3, max_size=3),
+    kappa=_edges(0.0, F32_TINY, 3.0, F32_MAX),
+    rho=_edges(0.0, F32_TINY, 0.05, 1e20, F32_MAX),
+    eps=_edges(F32_TINY, 1e-12, 1.0, F32_MAX),
+    eta=_edges(0.0, 0.01, 1e20, F32_MAX),
+    alpha=_edges(0.0, 0.5, 1.0),
+)
+def test_no_optimizer_creates_a_nan_from_finite_inputs(which, values, grads, kappa, rho, eps,
+                                                       eta, alpha):
+  """Parameters up to 1e30, gradients up to float32's max, hyperparameters at their limits.
+
+  The loss's gradient is bounded (tanh), so every NaN would be the optimizer's. Updates
+  may overflow to ±inf (e.g. (1 + κ)·u with κ = 3.4e38); they are never NaN.
+  """
+  params = {"a": jnp.asarray(values[:2], jnp.float32), "b": jnp.asarray(values[2], jnp.float32)}
+  g = {"a": jnp.asarray(grads[:2], jnp.float32), "b": jnp.asarray(grads[2], jnp.float32)}
+  tx, extra = _edge_cases(kappa, rho, eps, eta, alpha)[which]()
+  p, state = params, tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(None if "batch" in extra else g, state, p, **extra)
+    assert not any(bool(jnp.isnan(x).any()) for x in jax.tree.leaves((updates, state)))
+    p = optax.apply_updates(p, updates)

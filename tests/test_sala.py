@@ -515,3 +515,33 @@ class SALAValidationTest(chex.TestCase):
     tx.update(params, tx.init(params), params, grad_fn=lambda p: p, foo=3)
     self.assertEqual(seen, {"foo": 3})
     self.assertIs(sala_lib.SALAState, ire_optax.SALAState)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sync_period", [1, 2, 3])
+def test_rho_0_and_slow_step_size_1_is_the_base_optimizer(dtype, sync_period):
+  """φ ← θ′ for α = 1 and no SAM step for ρ = 0: six jitted AdamW steps agree.
+
+  Up to the last bit: XLA may fuse θ + Δ differently inside SALA's step and in
+  ``optax.apply_updates`` (documented in docs/sala.md).
+  """
+  rng = np.random.default_rng(0)
+  p0 = {"a": jnp.asarray(rng.normal(size=(4, 3)), dtype),
+        "b": jnp.asarray(10 * rng.normal(size=3), dtype)}
+  loss = lambda p: sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) ** 2) for x in jax.tree.leaves(p))
+  grad_fn = lambda p: jax.tree.map(lambda g, x: g.astype(x.dtype), jax.grad(loss)(p), p)
+  base = optax.adamw(1e-2, weight_decay=1e-2)
+  runs = []
+  for tx in (optax.with_extra_args_support(base),
+             ire_optax.sala(base, sync_period=sync_period, rho=0.0, slow_step_size=1.0)):
+
+    @jax.jit
+    def step(p, s, tx=tx):
+      u, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+      return optax.apply_updates(p, u), s
+
+    p, s = p0, tx.init(p0)
+    for _ in range(6):
+      p, s = step(p, s)
+    runs.append(jax.tree.map(lambda x: np.asarray(x, np.float64), p))
+  chex.assert_trees_all_close(runs[0], runs[1], rtol=1e-6, atol=1e-7)

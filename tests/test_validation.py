@@ -50,6 +50,17 @@ def _mb_grad(p, mb):
   return jax.tree.map(lambda x: jnp.mean(mb["x"]) * x, p)
 
 
+C64 = {"w": jnp.ones(3, jnp.complex64)}
+BAD_GRAD = "the gradient returned by `grad_fn` must have the"
+# What a wrong `grad_fn` returns instead of a gradient like P.
+_BAD_GRADS = [
+    ("a scalar", lambda p: jnp.sum(p["w"])),
+    ("a (grads, aux) pair", lambda p: (_grad_fn(p), 1.0)),
+    ("wrong keys", lambda p: {"v": p["w"]}),
+    ("wrong shapes", lambda p: {"w": p["w"][:, None]}),
+]
+
+
 def _traced(f):
   """Calls ``f`` with a traced scalar (as ``inject_hyperparams`` does inside ``jit``)."""
   return lambda: jax.jit(f)(jnp.int32(2))
@@ -64,14 +75,20 @@ def _range(arg, text):
   return rf"`{arg}` must be in {text}"
 
 
+F32_MAX = r"3.40282e\+38"  # the largest float32: larger values would become inf
+F32_TINY = r"1.17549e-38"  # the smallest normal float32: smaller ones would become 0
+
 IRE_RANGES = [
-    ("kappa", v, _range("kappa", r"\[0, inf\)")) for v in (-0.1, NAN, INF, -INF)
+    ("kappa", v, _range("kappa", rf"\[0, {F32_MAX}\]")) for v in (-0.1, NAN, INF, -INF, 1e39)
 ] + [
     ("gamma", v, _range("gamma", r"\(0, 1\)")) for v in (0.0, 1.0, -0.5, 1.5, NAN)
 ] + [
-    ("refresh_every", v, r"`refresh_every` must be an integer >= 1") for v in (0, -1, 1.5, INF)
+    ("refresh_every", v, r"`refresh_every` must be an integer >= 1")
+    for v in (0, -1, 1.5, INF, 2.0, 10**30, 2**31)
 ] + [
-    ("warmup_steps", v, r"`warmup_steps` must be an integer >= 0") for v in (-1, 2.5)
+    ("warmup_steps", v, r"`warmup_steps` must be an integer >= 0") for v in (-1, 2.5, 2**31)
+] + [
+    ("seed", v, r"`seed` must be an integer") for v in (2**63, -(2**63) - 1, 2.0)
 ] + [
     ("num_samples", 0, r"`num_samples` must be an integer >= 1"),
     ("ema_decay", -0.1, _range("ema_decay", r"\[0, 1\)")),
@@ -95,6 +112,35 @@ BAD_INPUT = [
     _row("ire/curvature=name", lambda: ire_optax.ire(SGD, curvature="hessian"), ValueError,
          r"`curvature` must be one of \('grad_sq', 'fisher', 'hutchinson'\)"),
     _row("ire/curvature=3", lambda: ire_optax.ire(SGD, curvature=3), TypeError, "`curvature`"),
+    *[_row(f"ire/{a}=0", lambda a=a: ire_optax.ire(SGD, **{a: 0}), TypeError, f"`{a}`")
+      for a in ("axis_name", "shard_axis_name")],
+    _row("ire.update/updates of another tree", lambda: ire_optax.ire(SGD).update(
+        {"v": jnp.ones(3)}, ire_optax.ire(SGD).init(P), P), ValueError,
+        "`updates` must have the tree structure of `params`"),
+    _row("ire.update/updates of another shape", lambda: ire_optax.ire(SGD).update(
+        {"w": jnp.ones(4)}, ire_optax.ire(SGD).init(P), P), ValueError,
+        "`updates` must have the shapes of `params`"),
+    _row("ire.update/complex updates", lambda: ire_optax.ire(SGD).update(
+        {"w": jnp.ones(3, jnp.complex64)}, ire_optax.ire(SGD).init(P), P), TypeError,
+        "Complex parameters are not supported"),
+    _row("ire.update/bool params", lambda: ire_optax.ire(SGD).update(
+        G, ire_optax.ire(SGD).init(P), {"w": jnp.ones(3, bool)}), TypeError,
+        "every leaf of `params` must be a real floating array"),
+    *[_row(f"ire.update/hutchinson grad_fn returns {label}", lambda out=out: ire_optax.ire(
+        SGD, curvature="hutchinson").update(G, ire_optax.ire(SGD).init(P), P,
+                                            grad_fn=lambda p: out(p)),
+        ValueError, BAD_GRAD) for label, out in _BAD_GRADS],
+    *[_row(f"ire.update/fisher logits_fn returns {label}", lambda out=out: ire_optax.ire(
+        SGD, curvature="fisher").update(G, ire_optax.ire(SGD).init(P), P, logits_fn=out),
+        ValueError, "`logits_fn` must return") for label, out in [
+            ("a scalar", lambda p: jnp.sum(p["w"])), ("ints", lambda p: jnp.ones((2, 3), int))]],
+    *[_row(f"ire.update/custom curvature returns {label}", lambda out=out: ire_optax.ire(
+        SGD, curvature=lambda g, p, k: out(p)).update(G, ire_optax.ire(SGD).init(P), P), exc, m)
+      for label, out, exc, m in [
+          ("complex", lambda p: {"w": p["w"].astype(jnp.complex64)}, TypeError, "real numbers"),
+          ("bool", lambda p: {"w": p["w"] > 0}, TypeError, "real numbers"),
+          ("wrong keys", lambda p: {"v": p["w"]}, ValueError, "tree structure of `params`"),
+          ("wrong shapes", lambda p: {"w": p["w"][:2]}, ValueError, "shapes of `params`")]],
     _row("ire/ema_decay+fisher", lambda: ire_optax.ire(SGD, curvature="fisher", ema_decay=0.9),
          ValueError, "`ema_decay` applies to curvature='grad_sq' only"),
     _row("ire/num_samples=traced", _traced(
@@ -120,8 +166,11 @@ BAD_INPUT = [
     # ---------------------------------------------------------------- sam / asam
     _row("sam/base_optimizer=str", lambda: ire_optax.sam("sgd"), TypeError, "`base_optimizer`"),
     *[_row(f"sam/{a}={v!r}", lambda a=a, v=v: ire_optax.sam(SGD, **{a: v}), ValueError,
-           _range(a, r"\[0, inf\)"))
-      for a in ("rho", "adaptive_eta", "eps") for v in (-0.1, NAN, INF)],
+           _range(a, rf"\[0, {F32_MAX}\]"))
+      for a in ("rho", "adaptive_eta") for v in (-0.1, NAN, INF, 1e39)],
+    *[_row(f"sam/eps={v!r}", lambda v=v: ire_optax.sam(SGD, eps=v), ValueError,
+           _range("eps", rf"\[{F32_TINY}, {F32_MAX}\]")) for v in (-0.1, NAN, INF, 0.0, 1e-50)],
+    _row("sam/axis_name=0", lambda: ire_optax.sam(SGD, axis_name=0), TypeError, "`axis_name`"),
     _row("sam/eps=schedule", lambda: ire_optax.sam(SGD, eps=lambda t: 1e-12), TypeError,
          "`eps` must be a number, not a schedule"),
     _row("sam/adaptive=str", lambda: ire_optax.sam(SGD, adaptive="yes"), TypeError,
@@ -170,6 +219,17 @@ BAD_INPUT = [
         None, ire_optax.sam(SGD).init(P), P, grad_fn=_grad_fn), TypeError, "`updates`"),
     _row("sam.update/params=None", lambda: ire_optax.sam(SGD).update(
         G, ire_optax.sam(SGD).init(P), None, grad_fn=_grad_fn), ValueError, "`params`"),
+    *[_row(f"sam.update/grad_fn returns {label}", lambda out=out: ire_optax.sam(SGD).update(
+        G, ire_optax.sam(SGD).init(P), P, grad_fn=lambda p: out(p)), ValueError,
+        "the gradient returned by `grad_fn` must have the") for label, out in _BAD_GRADS],
+    _row("sam.update/complex params", lambda: ire_optax.sam(SGD).update(
+        {"w": jnp.ones(3, jnp.complex64)}, ire_optax.sam(SGD).init(P),
+        {"w": jnp.ones(3, jnp.complex64)}, grad_fn=_grad_fn), TypeError,
+        "Complex parameters are not supported"),
+    *[_row(f"msam.update/grad_fn returns {label}", lambda out=out: ire_optax.msam(
+        SGD, num_microbatches=2).update(None, ire_optax.msam(SGD, num_microbatches=2).init(P), P,
+                                        grad_fn=lambda p, mb: out(p), batch=BATCH),
+        ValueError, BAD_GRAD) for label, out in _BAD_GRADS],
     # ---------------------------------------------------------------- msam
     *[_row(f"msam/num_microbatches={v!r}",
            lambda v=v: ire_optax.msam(SGD, num_microbatches=v), ValueError,
@@ -181,12 +241,12 @@ BAD_INPUT = [
         lambda m: ire_optax.msam(SGD, num_microbatches=m).init(P)), TypeError,
         r"`num_microbatches` must be a static Python int"),
     _row("msam/rho=-1", lambda: ire_optax.msam(SGD, rho=-1.0, num_microbatches=2), ValueError,
-         _range("rho", r"\[0, inf\)")),
+         _range("rho", rf"\[0, {F32_MAX}\]")),
     _row("msam/adaptive=str", lambda: ire_optax.msam(SGD, num_microbatches=2, adaptive="no"),
          TypeError, "`adaptive` must be True or False"),
     _row("msam/microbatch_mode", lambda: ire_optax.msam(SGD, num_microbatches=2,
                                                           microbatch_mode="loop"),
-         ValueError, "`microbatch_mode` must be 'vmap', 'scan' or 'unroll'"),
+         ValueError, "`microbatch_mode` must be .*'vmap', 'scan' or 'unroll'"),
     _row("msam.update/without batch", lambda: ire_optax.msam(SGD, num_microbatches=2).update(
         None, ire_optax.msam(SGD, num_microbatches=2).init(P), P, grad_fn=_mb_grad),
         TypeError, "needs the keyword argument `batch`"),
@@ -223,14 +283,39 @@ BAD_INPUT = [
       for label, v in [("True", True), ("schedule", lambda t: 2), ("str", "2")]],
     *[_row(f"sala/slow_step_size={v!r}", lambda v=v: ire_optax.sala(SGD, slow_step_size=v),
            ValueError, _range("slow_step_size", r"\[0, 1\]")) for v in (-0.1, 1.5, NAN)],
-    *[_row(f"sala/{a}={v!r}", lambda a=a, v=v: ire_optax.sala(SGD, **{a: v}), ValueError,
-           _range(a, r"\[0, inf\)")) for a in ("rho", "eps") for v in (-0.01, INF)],
+    *[_row(f"sala/rho={v!r}", lambda v=v: ire_optax.sala(SGD, rho=v), ValueError,
+           _range("rho", rf"\[0, {F32_MAX}\]")) for v in (-0.01, INF, 1e39)],
+    *[_row(f"sala/eps={v!r}", lambda v=v: ire_optax.sala(SGD, eps=v), ValueError,
+           _range("eps", rf"\[{F32_TINY}, {F32_MAX}\]")) for v in (-0.01, INF, 0.0, 1e-50)],
+    _row("sala/sync_period=2**31", lambda: ire_optax.sala(SGD, sync_period=2**31), ValueError,
+         r"`sync_period` must be an integer >= 1 and <= 2147483647"),
+    _row("sala/axis_name=0", lambda: ire_optax.sala(SGD, axis_name=0), TypeError, "`axis_name`"),
+    _row("sala.update/updates=None", lambda: ire_optax.sala(SGD).update(
+        None, ire_optax.sala(SGD).init(P), P, grad_fn=_grad_fn), TypeError, "`updates`"),
+    _row("sala.update/updates of another tree", lambda: ire_optax.sala(SGD).update(
+        {"v": jnp.ones(3)}, ire_optax.sala(SGD).init(P), P, grad_fn=_grad_fn), ValueError,
+        "`updates` must have the tree structure of `params`"),
+    *[_row(f"sala.update/grad_fn returns {label}", lambda out=out: ire_optax.sala(SGD).update(
+        G, ire_optax.sala(SGD).init(P), P, grad_fn=lambda p: out(p)), ValueError,
+        "the gradient returned by `grad_fn` must have the")
+      for label, out in _BAD_GRADS],
+    _row("sala.update/int params", lambda: ire_optax.sala(SGD).update(
+        {"w": jnp.ones(3, jnp.int32)}, ire_optax.sala(SGD).init({"w": jnp.ones(3, jnp.int32)}),
+        {"w": jnp.ones(3, jnp.int32)}, grad_fn=_grad_fn), TypeError,
+        "every leaf of `params` must be a real floating array"),
+    _row("sala.update/complex params", lambda: ire_optax.sala(SGD).update(
+        C64, ire_optax.sala(SGD).init(C64), C64, grad_fn=_grad_fn), TypeError,
+        "Complex parameters are not supported"),
     _row("sala/eps=schedule", lambda: ire_optax.sala(SGD, eps=lambda t: 0.0), TypeError,
          "`eps` must be a number, not a schedule"),
     _row("sala.update/params=None", lambda: ire_optax.sala(SGD).update(
         G, ire_optax.sala(SGD).init(P), None, grad_fn=_grad_fn), ValueError, "`params`"),
     _row("sala.update/without grad_fn", lambda: ire_optax.sala(SGD).update(
         G, ire_optax.sala(SGD).init(P), P), TypeError, "needs the keyword argument `grad_fn`"),
+    _row("sam_aux/no SAMState with aux", lambda: ire_optax.sam_aux(SGD.init(P)), ValueError,
+         "no SAMState with an aux output"),
+    _row("selection_method/unknown method", lambda: ire_optax.selection_method("bogus").__enter__(),
+         ValueError, "must be one of"),
     _row("sala_eval_params/no SALAState", lambda: ire_optax.sala_eval_params(SGD.init(P)),
          ValueError, "No SALAState"),
     _row("sala_stats/no SALAState",
@@ -291,7 +376,7 @@ BAD_INPUT = [
     _row("hessian_diagonal/num_samples=0", lambda: sh.hessian_diagonal(
         _loss, P, 1.0, key=KEY, num_samples=0), ValueError, "`num_samples` must be"),
     *[_row(f"sam_sharpness/rho={v!r}", lambda v=v: sh.sam_sharpness(_loss, P, 1.0, rho=v),
-           ValueError, _range("rho", r"\[0, inf\)")) for v in (-1.0, NAN, INF)],
+           ValueError, _range("rho", rf"\[0, {F32_MAX}\]")) for v in (-1.0, NAN, INF, 1e39)],
     _row("sam_sharpness/num_steps=0", lambda: sh.sam_sharpness(_loss, P, 1.0, num_steps=0),
          ValueError, "`num_steps` must be"),
     _row("sam_sharpness/adaptive=str", lambda: sh.sam_sharpness(_loss, P, 1.0, adaptive="no"),
@@ -307,7 +392,7 @@ BAD_INPUT = [
         "`num_microbatches`=3 must divide the batch size"),
     _row("m_sharpness/rho=-1", lambda: sh.m_sharpness(
         _loss, P, jnp.ones((4, 3)), num_microbatches=2, rho=-1.0), ValueError,
-        _range("rho", r"\[0, inf\)")),
+        _range("rho", rf"\[0, {F32_MAX}\]")),
     *[_row(f"summary/{a}={v!r}", lambda a=a, v=v: sh.summary(_loss, P, 1.0, key=KEY, **{a: v}),
            ValueError, rf"`{a}` must be") for a, v in [("num_iters", 0), ("num_samples", 0),
                                                          ("rho", -1.0), ("num_steps", 0)]],

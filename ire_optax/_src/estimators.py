@@ -117,8 +117,18 @@ def fisher_diag(
   Returns:
     float32 pytree like ``params``.
   """
-  g = jax.grad(lambda p: sampled_label_loss(logits_fn(p), key))(params)
-  return grad_sq_diag(g)
+  def loss(p):
+    logits = logits_fn(p)
+    if not hasattr(logits, "shape") or jnp.ndim(logits) < 1:
+      raise ValueError("`logits_fn` must return an array of logits with the class axis last "
+                       "(shape (..., num_classes)); got "
+                       + (f"shape {jnp.shape(logits)}." if hasattr(logits, "shape") else
+                          f"a {type(logits).__name__}."))
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+      raise ValueError(f"`logits_fn` must return real floating logits; got dtype {logits.dtype}.")
+    return sampled_label_loss(logits, key)
+
+  return grad_sq_diag(jax.grad(loss)(params))
 
 
 # -----------------------------------------------------------------------------
@@ -189,6 +199,7 @@ def resolve(
         f"`curvature` must be a string or a callable; got {type(curvature).__name__}."
     )
   local = lambda tree: utils.per_device_if(tree, axis_name)
+  who = lambda name: f"ire(curvature={name!r}).update()"
 
   if curvature == "grad_sq":
     # The EMA of g² is ranked as it is; otherwise the (data-parallel mean)
@@ -212,10 +223,23 @@ def resolve(
 
     def hutchinson(g, p, k, x):
       grad_fn = x["grad_fn"]
-      return hutchinson_diag(lambda q: grad_fn(local(q)), p, k, num_samples=int(n))
+      checked = lambda q: utils.check_gradient(grad_fn(local(q)), q, who=who("hutchinson"))
+      return hutchinson_diag(checked, p, k, num_samples=int(n))
 
     return Estimator("hutchinson", hutchinson, square=False, callbacks=(("grad_fn", why),),
                      needs_params=True, needs_updates=False)
   fn: Callable[..., Any] = curvature  # type: ignore[assignment]  # a callable by now
-  return Estimator("custom", lambda g, p, k, x: _f32_leaves(fn(g, local(p), k, **x)),
-                   square=False, callbacks=(), needs_params=True, needs_updates=False)
+
+  def custom(g, p, k, x):
+    h = fn(g, local(p), k, **x)
+    utils.check_like(h, p, what="the curvature estimate returned by `curvature`",
+                     who=who("custom"))
+    for leaf in jax.tree.leaves(h):
+      dtype = jnp.result_type(leaf)
+      if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{who('custom')}: the curvature estimate returned by `curvature` must "
+                        f"be real numbers (float or int); got a leaf of dtype {dtype}.")
+    return _f32_leaves(h)
+
+  return Estimator("custom", custom, square=False, callbacks=(), needs_params=True,
+                   needs_updates=False)

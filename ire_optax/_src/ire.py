@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from ire_optax._src import estimators, selection, utils
+from ire_optax._src.sala import SALAState
 
 CurvatureFn = Callable[..., Any]
 CURVATURE_ESTIMATORS = estimators.NAMES
@@ -99,9 +100,25 @@ def ire(
   * a function ``fn(grads, params, key, **extra_args) -> pytree like params``.
 
   Model-based estimators run inside ``lax.cond`` and cost nothing on the other
-  steps. All extra keyword arguments of ``update`` are forwarded to the base
+  steps. On XLA:CPU, whose convolution weight gradients run many times slower
+  inside a conditional, a train loop that knows the refresh steps passes the
+  static keyword ``refresh_hint=True`` on them (``False`` on the others) and
+  compiles the two step variants: the refresh then runs outside ``lax.cond``
+  (selected with ``jnp.where``), with the same result; a wrong hint costs
+  time, never correctness (see ``docs/performance.md``).
+
+  All extra keyword arguments of ``update`` are forwarded to the base
   optimizer, so ``ire(sam(...))`` (SAM-IRE) and ``ire(sala(...))`` work; in
-  SAM-IRE the curvature is taken at the unperturbed point.
+  SAM-IRE the curvature is taken at the unperturbed point. Over SALA, IRE
+  amplifies SALA's base step only (SALA applies the mask to its base
+  optimizer's update); SALA's jumps back to the slow weights are not steps and
+  are never amplified, so after a stage-2 reset the fast weights are the slow
+  ones.
+
+  Parameters and updates must be real floating arrays (a complex, integer or
+  bool leaf raises ``TypeError`` at the first ``update``); the amplification
+  is computed in the wider of float32 and the update's dtype, so float64
+  updates (``jax_enable_x64``) stay float64.
 
   Args:
     base_optimizer: the optimizer whose update IRE amplifies (e.g.
@@ -160,13 +177,17 @@ def ire(
     ...   params = optax.apply_updates(params, updates)
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  utils.check_range("kappa", kappa, low=0.0)
+  # (1 + κ) must be a finite float32: κ·0 would otherwise be NaN.
+  utils.check_range("kappa", kappa, low=0.0, high=utils.FLOAT32_MAX)
   if not callable(gamma):  # a schedule's values are clipped to [0, 1] when it is evaluated
     selection.check_fraction("gamma", gamma)  # (0, 1); an array (float32) may round to 1
-  utils.check_int("refresh_every", refresh_every, low=1)
-  utils.check_int("warmup_steps", warmup_steps, low=0)
-  utils.check_int("num_samples", num_samples, low=1)
-  utils.check_int("seed", seed, low=-(2**63))  # any integer jax.random.PRNGKey accepts
+  # Compared with the int32 step count.
+  utils.check_int("refresh_every", refresh_every, low=1, high=utils.INT32_MAX)
+  utils.check_int("warmup_steps", warmup_steps, low=0, high=utils.INT32_MAX)
+  utils.check_int("num_samples", num_samples, low=1, high=utils.INT32_MAX)
+  utils.check_int("seed", seed, low=-(2**63), high=2**63 - 1)  # what jax.random.key accepts
+  utils.check_axis_name("axis_name", axis_name)
+  utils.check_axis_name("shard_axis_name", shard_axis_name)
   if ema_decay is not None:
     utils.check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     utils.check_not_schedule("ema_decay", ema_decay)
@@ -192,8 +213,14 @@ def ire(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    # A static guess, from the caller, of whether this step refreshes (performance only).
+    refresh_hint = extra_args.pop("refresh_hint", None)
     estimator.check(updates, params, extra_args)  # fails at trace time, before any work
-    base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+    if updates is not None:
+      utils.check_float_tree(updates, what="updates", who="ire.update()")
+      utils.check_like(updates, state.mask, what="`updates`", who="ire.update()")
+    if params is not None:
+      utils.check_float_tree(params, what="params", who="ire.update()")
 
     count = state.count
     since = count - jnp.asarray(warmup_steps, jnp.int32)
@@ -218,15 +245,25 @@ def ire(
       return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
                                  square=estimator.square)
 
-    mask = utils.cond(refresh, new_mask, lambda: state.mask)
-    kappa_t = utils.resolve(kappa, count)
+    mask = utils.cond(refresh, new_mask, lambda: state.mask, hint=refresh_hint)
+    # A schedule's κ is not validated: keep 1 + κ a finite float32.
+    kappa_t = jnp.minimum(utils.resolve(kappa, count), utils.FLOAT32_MAX)
 
     def amplify(u, m):
-      u32 = jnp.asarray(u, jnp.float32)
+      # In the wider of float32 and the update's dtype (float64 stays float64).
+      uw = jnp.asarray(u, utils.compute_dtype(u))
       # (1 + κ)·u, not u + κ·u: an infinite update stays infinite when κ = 0.
-      return jnp.where(m > 0, u32 * (1 + kappa_t), u32).astype(jnp.asarray(u).dtype)
+      return jnp.where(m > 0, uw * (1 + kappa_t), uw).astype(jnp.asarray(u).dtype)
 
-    new_updates = jax.tree.map(amplify, base_updates, mask)
+    amplify_tree = lambda tree: jax.tree.map(amplify, tree, mask)
+    if utils.find_states(state.base_state, SALAState):
+      # IRE over SALA: SALA amplifies its base optimizer's step only; its jumps
+      # back to the slow weights are not steps and must stay exact.
+      extra_args = {**extra_args, utils.IRE_AMPLIFY_KWARG: amplify_tree}
+      new_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+    else:
+      base_updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+      new_updates = amplify_tree(base_updates)
     return new_updates, IREState(
         count=optax.safe_int32_increment(count),
         mask=mask,

@@ -93,7 +93,13 @@ def sala(
   :func:`sala_eval_params` and follow the run with :func:`sala_stats`. The
   extra SAM gradient is evaluated under ``jax.lax.cond`` only on stage-2 cycle
   starts, so SALA costs ``1 + (fraction of stage-2 cycles) / k`` gradients per
-  step on average, at most ``1 + 1/k``.
+  step on average, at most ``1 + 1/k``. On XLA:CPU, whose convolution weight
+  gradients run many times slower inside a conditional, a train loop passes
+  the static keyword ``sam_hint=True`` on cycle starts (``t % k == 0``) and
+  ``False`` on the other steps, and compiles the two step variants: the SAM
+  gradient is then computed outside ``lax.cond`` on cycle starts and selected
+  with ``jnp.where`` (also in stage 1, where it is discarded), with the same
+  result (see ``docs/performance.md``).
 
   Note:
     The authors' code takes one plain base step before its first cycle; this
@@ -157,11 +163,12 @@ def sala(
     forward, 1 step back*, NeurIPS 2019.
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  utils.check_int("sync_period", sync_period, low=1)
   utils.check_range("slow_step_size", slow_step_size, low=0.0, high=1.0)
-  utils.check_range("rho", rho, low=0.0)
-  utils.check_range("eps", eps, low=0.0)
+  utils.check_int("sync_period", sync_period, low=1, high=utils.INT32_MAX)
+  utils.check_range("rho", rho, low=0.0, high=utils.FLOAT32_MAX)
+  utils.check_range("eps", eps, low=utils.FLOAT32_TINY, high=utils.FLOAT32_MAX)
   utils.check_not_schedule("eps", eps)
+  utils.check_axis_name("axis_name", axis_name)
   base = optax.with_extra_args_support(base_optimizer)
 
   mask_fn = sam.resolve_perturb_mask(perturb_mask)
@@ -187,6 +194,7 @@ def sala(
       params: optax.Params | None = None,
       *,
       grad_fn: Any = None,
+      sam_hint: bool | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, SALAState]:
     if params is None:
@@ -197,6 +205,13 @@ def sala(
         why="params -> gradient of the training loss on the current batch, used for the "
         "SAM step of stage-2 cycles",
     )
+    if updates is None:
+      raise TypeError("sala.update() needs the gradient at `params` (the fast weights) as "
+                      "`updates`; got None.")
+    utils.check_float_tree(params, what="params", who="sala.update()")
+    utils.check_like(updates, params, what="`updates`", who="sala.update()")
+    # Inside ire(): IRE's amplification of the base step (never of SALA's jumps).
+    amplify = extra_args.pop(utils.IRE_AMPLIFY_KWARG, None)
     k = jnp.asarray(sync_period, jnp.int32)
     pos = state.count % k
     is_start = pos == 0
@@ -211,34 +226,45 @@ def sala(
     def sam_grad():
       perturbed = sam.perturbed_params(phi, g, rho_t, eps=eps, mask=mask_fn(phi))
       # Per-device gradient also under shard_map(check_vma=True): utils.per_device_if.
-      g_sam = grad_fn(utils.per_device_if(perturbed, axis_name))
+      g_sam = utils.check_gradient(grad_fn(utils.per_device_if(perturbed, axis_name)), phi,
+                                   who="sala.update()")
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)
 
-    g_used = utils.cond(take_sam, sam_grad, lambda: g)
+    g_used = utils.cond(take_sam, sam_grad, lambda: g, hint=sam_hint)
 
     # At a cycle start the step is taken from the slow weights.
     base_params = jax.tree.map(lambda s, p: jnp.where(is_start, s, p), phi, params)
     delta, base_state = base.update(g_used, state.base_state, base_params, **extra_args)
+    if amplify is not None:
+      delta = amplify(delta)
 
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    # In the wider of float32 and the params' dtype (float64 stays float64).
+    dtype = utils.compute_dtype(params)
+    wide = lambda x: jnp.asarray(x, dtype)
     # theta' - theta: (phi - theta) + delta at a cycle start, delta otherwise.
     step = jax.tree.map(
-        lambda s, p, u: jnp.where(is_start, (f32(s) - f32(p)) + f32(u), f32(u)),
+        lambda s, p, u: jnp.where(is_start, (wide(s) - wide(p)) + wide(u), wide(u)),
         phi, params, delta,
     )
 
     def end_of_cycle():
-      theta_end = jax.tree.map(lambda p, u: f32(p) + u, params, step)
-      phi_new = jax.tree.map(
-          lambda s, te: te + (1.0 - alpha_t) * (f32(s) - te), phi, theta_end
-      )
-      d = utils.tree_norm(jax.tree.map(jnp.subtract, theta_end, phi_new))
+      theta_end = jax.tree.map(lambda p, u: wide(p) + u, params, step)
+      # φ + α(θ' − φ), exactly θ' for α = 1 and φ for α = 0 (also when the
+      # step overflowed to ±inf: no inf − inf or 0·inf).
+      def slow(s, te):
+        s = wide(s)
+        return jnp.where(alpha_t == 1, te, jnp.where(alpha_t == 0, s, s + alpha_t * (te - s)))
+
+      phi_new = jax.tree.map(slow, phi, theta_end)
+      # d = ‖θ' − φ_new‖ = (1 − α)‖θ' − φ‖ (inf, not NaN, for an infinite θ').
+      dist = utils.tree_norm(jax.tree.map(lambda s, te: te - wide(s), phi, theta_end))
+      d = jnp.where(alpha_t == 1, jnp.zeros_like(dist), (1.0 - alpha_t) * dist)
       reset = d < rho_t
       new_step = jax.tree.map(
-          lambda pn, p, st: jnp.where(reset, pn - f32(p), st), phi_new, params, step
+          lambda pn, p, st: jnp.where(reset, pn - wide(p), st), phi_new, params, step
       )
       stage = jnp.where(reset, 2, 1).astype(jnp.int32)
-      return new_step, utils.tree_cast_like(phi_new, phi), d, stage
+      return new_step, utils.tree_cast_like(phi_new, phi), d.astype(jnp.float32), stage
 
     def mid_cycle():
       return step, phi, state.distance, state.stage

@@ -51,10 +51,16 @@ class SAMState(NamedTuple):
     count: number of ``update`` calls so far (int32 scalar); the ``rho``
       schedule is evaluated at it.
     base_state: state of the base optimizer.
+    aux: with ``has_aux=True``, the auxiliary output of ``grad_fn`` in the last
+      update (:func:`sam`: at the perturbed point, e.g. the perturbed loss
+      L(θ + ε); :func:`msam`: of the clean micro-batch
+      passes, averaged over the micro-batches), with the structure and dtypes
+      of ``aux_init``; ``()`` otherwise. Read it with :func:`sam_aux`.
   """
 
   count: jax.Array  # type: ignore[assignment]  # (shadows tuple.count, as in Optax)
   base_state: optax.OptState
+  aux: Any = ()
 
 
 # -----------------------------------------------------------------------------
@@ -62,13 +68,82 @@ class SAMState(NamedTuple):
 # -----------------------------------------------------------------------------
 
 
-def _validate(rho: Any, adaptive_eta: Any, eps: Any, adaptive: Any) -> None:
-  utils.check_range("rho", rho, low=0.0)
-  utils.check_range("adaptive_eta", adaptive_eta, low=0.0)
-  utils.check_range("eps", eps, low=0.0)
+def _validate(rho: Any, adaptive_eta: Any, eps: Any, adaptive: Any,
+              axis_name: Any = None) -> None:
+  utils.check_range("rho", rho, low=0.0, high=utils.FLOAT32_MAX)
+  utils.check_range("adaptive_eta", adaptive_eta, low=0.0, high=utils.FLOAT32_MAX)
+  # eps > 0 as a float32 (a zero gradient then gives eps = 0, not 0/0).
+  utils.check_range("eps", eps, low=utils.FLOAT32_TINY, high=utils.FLOAT32_MAX)
   utils.check_not_schedule("adaptive_eta", adaptive_eta)
   utils.check_not_schedule("eps", eps)
   utils.check_bool("adaptive", adaptive)
+  utils.check_axis_name("axis_name", axis_name)
+
+
+def _aux_template(aux_init: Any, params: Params) -> Any:
+  """The ``aux`` field of a fresh state: ``aux_init`` (or ``aux_init(params)``) as arrays.
+
+  ``None`` means a float32 scalar (a loss value).
+  """
+  if aux_init is None:
+    return jnp.zeros((), jnp.float32)
+  tree = aux_init(params) if callable(aux_init) else aux_init
+  return jax.tree.map(jnp.asarray, tree)
+
+
+def _split_aux(out: Any, has_aux: bool, *, who: str) -> tuple[Any, Any]:
+  """``grad_fn``'s output as ``(gradient, aux)``; ``aux`` is ``()`` without ``has_aux``."""
+  if not has_aux:
+    return out, ()
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(f"{who}: with has_aux=True, `grad_fn` must return a pair (gradient, aux); "
+                    f"got a {type(out).__name__}.")
+  return out
+
+
+def _match_aux(aux: Any, template: Any, *, who: str) -> Any:
+  """``aux`` cast to the dtypes of ``template`` (the state's ``aux``); raises if it differs."""
+  if str(jax.tree.structure(aux)) != str(jax.tree.structure(template)):
+    raise ValueError(f"{who}: the aux output of `grad_fn` has the structure "
+                     f"{jax.tree.structure(aux)}, but `aux_init` gives "
+                     f"{jax.tree.structure(template)} (the state's aux keeps one structure).")
+  for a, t in zip(jax.tree.leaves(aux), jax.tree.leaves(template), strict=True):
+    if jnp.shape(a) != jnp.shape(t):
+      raise ValueError(f"{who}: an aux leaf of `grad_fn` has shape {jnp.shape(a)}; `aux_init` "
+                       f"has {jnp.shape(t)}.")
+  return utils.tree_cast_like(aux, template)
+
+
+def sam_aux(state: optax.OptState) -> Any:
+  """The auxiliary output of ``grad_fn`` kept by the first :func:`sam`/:func:`msam` state found.
+
+  With ``sam(..., has_aux=True)`` and ``grad_fn`` returning ``(gradient,
+  loss)``, this is the perturbed loss L_B(θ + ε) of the last step, computed
+  anyway, so the sharpness estimate L_B(θ + ε) − L_B(θ) costs nothing. With
+  ``msam(..., has_aux=True)`` it is the aux of the clean micro-batch passes,
+  averaged over the micro-batches (e.g. the loss and the BatchNorm statistics).
+  Works on nested states (``optax.chain``, :func:`ire_optax.ire`, ...).
+
+  Raises:
+    ValueError: if ``state`` holds no :class:`SAMState` with an aux output.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> loss = lambda p: jnp.sum(p ** 2)
+    >>> tx = ire_optax.sam(optax.sgd(0.1), rho=0.1, has_aux=True)
+    >>> params = jnp.array([1.0, 0.0])
+    >>> state = tx.init(params)
+    >>> vg = lambda p: jax.value_and_grad(loss)(p)[::-1]  # (gradient, loss)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params, grad_fn=vg)
+    >>> round(float(ire_optax.sam_aux(state)), 4)  # L(theta + eps) = (1 + 0.1)^2
+    1.21
+  """
+  found = [s for s in utils.find_states(state, SAMState)
+           if jax.tree.leaves(s.aux) or not isinstance(s.aux, tuple)]
+  if not found:
+    raise ValueError("sam_aux: no SAMState with an aux output (build sam/msam with "
+                     "has_aux=True).")
+  return found[0].aux
 
 
 def perturbed_params(
@@ -87,10 +162,14 @@ def perturbed_params(
     \epsilon = \rho \, \frac{T^2 g}{\lVert T g \rVert_2 + \mathrm{eps}}
 
   with :math:`T = |\theta| + \eta` (``adaptive``, :math:`\eta` =
-  ``adaptive_eta``) or :math:`T = 1`. The norm is global over the tree and
-  computed in float32; the result has the dtypes of ``params``. ``T g`` and
-  ``T² g`` are elementwise expressions that XLA fuses into the norm and into
-  the final addition, so the only parameter-sized buffer is the result.
+  ``adaptive_eta``) or :math:`T = 1`. The norm is global over the tree,
+  computed without overflow (scaled by the largest entry), in the wider of
+  float32 and the parameters' dtype; the result has the dtypes of ``params``.
+  :math:`\epsilon` is formed as :math:`\rho\, T u` with the unit vector
+  :math:`u = T g / (\lVert T g\rVert + \mathrm{eps})`, so no intermediate
+  overflows, and ``rho = 0`` returns ``params`` exactly. The elementwise
+  expressions are fused by XLA into the norm and into the final addition, so
+  the only parameter-sized buffer is the result.
   Used by :func:`sam`, :func:`msam`, SALA's stage-2 step and
   :func:`ire_optax.sharpness.sam_sharpness`.
 
@@ -116,18 +195,37 @@ def perturbed_params(
     out = perturbed_params(params, grads, rho, adaptive=adaptive, adaptive_eta=adaptive_eta,
                            eps=eps)
     return jax.tree.map(lambda o, p, m: o if m else p, out, params, mask)
+  # Computed in the wider of float32 and the parameters' dtype (float64 stays
+  # float64), without overflow for any finite θ, g, ρ, η: with scales s of the
+  # largest entries (utils.safe_scale), x = T g / s has entries of at most 256
+  # in magnitude and
+  #   u = T g / (‖T g‖ + eps) = x / (‖x‖ + eps / s),   ε = ρ T u,
+  # formed last. A zero gradient gives ε = 0 for any ρ, and ρ = 0 gives θ.
+  # NaN/inf in g give NaN/inf in ‖x‖ (their scale is 1), as documented.
+  dtype = utils.compute_dtype(params, grads)
+  rho = jnp.asarray(rho, dtype)
+  eps = jnp.asarray(eps, dtype)
+  grads = jax.tree.map(lambda g: jnp.asarray(g, dtype), grads)
+  b = utils.safe_scale(utils.tree_max_abs(grads))
+  x = jax.tree.map(lambda g: g / b, grads)
+  eps_x = eps / b
   if adaptive:
-    eta = jnp.asarray(adaptive_eta, jnp.float32)
+    eta = jnp.asarray(adaptive_eta, dtype)
+    t = lambda p: jnp.abs(jnp.asarray(p, dtype)) + eta
+    a = utils.safe_scale(utils.tree_max_abs(jax.tree.map(t, params)))
+    y = jax.tree.map(lambda p, g: (t(p) / a) * g, params, x)
+    c = utils.safe_scale(utils.tree_max_abs(y))  # T g / (a b c) has a largest entry of 1
+    x = jax.tree.map(lambda v: v / c, y)
+    eps_x = (eps_x / a) / c
+  den = jnp.sqrt(utils.tree_sum_sq(x)) + eps_x
+  den = jnp.where(den == 0, jnp.ones_like(den), den)  # x = 0 and eps / s underflowing
 
-    def t(p):
-      return jnp.abs(jnp.asarray(p, jnp.float32)) + eta
+  def shift(p, xi):
+    u = xi / den
+    e = rho * (t(p) * u) if adaptive else rho * u
+    return (jnp.asarray(p, dtype) + e).astype(jnp.asarray(p).dtype)
 
-    scaled = jax.tree.map(lambda p, g: t(p) * jnp.asarray(g, jnp.float32), params, grads)
-    direction = jax.tree.map(lambda p, tg: t(p) * tg, params, scaled)
-  else:
-    scaled = direction = grads
-  scale = jnp.asarray(rho, jnp.float32) / (utils.tree_norm(scaled) + jnp.asarray(eps, jnp.float32))
-  return utils.tree_add_scaled(params, scale, direction)
+  return jax.tree.map(shift, params, x)
 
 
 def split_batch(
@@ -270,6 +368,8 @@ def sam(
     per_device_ascent: bool = False,
     perturb_mask: Any = None,
     every_k: int | None = None,
+    has_aux: bool = False,
+    aux_init: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (SAM) and adaptive SAM (ASAM).
 
@@ -342,7 +442,18 @@ def sam(
     every_k: ``None`` (every step) or ``k >= 1``: the ascent runs on the steps
       with ``count % k == 0``; the other steps are plain base steps on the
       (averaged) clean gradient and do not call ``grad_fn``, so a step costs
-      ``1 + 1/k`` gradients on average ("SAM every k steps").
+      ``1 + 1/k`` gradients on average ("SAM every k steps"). On XLA:CPU a
+      train loop passes the static keyword ``sam_hint=True`` on the ascent
+      steps and ``False`` on the others (two compiled step variants), see
+      :func:`ire_optax.ire`'s ``refresh_hint``.
+    has_aux: ``grad_fn`` returns ``(gradient, aux)``; ``aux`` at the perturbed
+      point, e.g. the perturbed loss :math:`L_B(\theta + \epsilon)` (computed
+      anyway, so the sharpness :math:`L_B(\theta+\epsilon) - L_B(\theta)` is
+      free), is kept in the state: :func:`sam_aux`. (With ``every_k``, steps
+      without an ascent keep the previous value.)
+    aux_init: the ``aux`` of a fresh state, which fixes its structure, shapes
+      and dtypes: a pytree or a function ``params -> pytree``; ``None``: a
+      float32 scalar (a loss value).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -358,8 +469,9 @@ def sam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  _validate(rho, adaptive_eta, eps, adaptive)
+  _validate(rho, adaptive_eta, eps, adaptive, axis_name)
   utils.check_bool("per_device_ascent", per_device_ascent)
+  utils.check_bool("has_aux", has_aux)
   if per_device_ascent and axis_name is None:
     raise ValueError("`per_device_ascent=True` needs an `axis_name` (the data-parallel axis).")
   mask_fn = resolve_perturb_mask(perturb_mask)
@@ -375,6 +487,8 @@ def sam(
           "sam.update() needs the clean gradient at `params` as `updates`; got None "
           "(ire_optax.msam is the variant that computes its clean gradients itself)."
       )
+    utils.check_float_tree(params, what="params", who="sam.update()")
+    utils.check_like(updates, params, what="`updates`", who="sam.update()")
     clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
     perturbed = perturbed_params(
         params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
@@ -382,11 +496,15 @@ def sam(
     )
     # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
     # params, else JAX sums its gradient over the axis implicitly.
-    g_sam = utils.pmean_if(grad_fn(utils.per_device_if(perturbed, axis_name)), axis_name)
-    return utils.tree_cast_like(g_sam, updates)
+    g_sam, aux = _split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux,
+                            who="sam.update()")
+    g_sam = utils.check_gradient(g_sam, params, who="sam.update()")
+    g_sam = utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), updates)
+    return (g_sam, utils.pmean_if(aux, axis_name)) if has_aux else g_sam
 
   return _make(base_optimizer, rho, surrogate, who="sam", every_k=every_k,
-               consumes=("grad_fn",), axis_name=axis_name)
+               consumes=("grad_fn",), axis_name=axis_name, has_aux=has_aux,
+               aux_init=aux_init)
 
 
 # -----------------------------------------------------------------------------
@@ -403,8 +521,10 @@ def msam(
     adaptive_eta: float = 0.0,
     eps: float = 1e-12,
     axis_name: str | None = None,
-    microbatch_mode: Literal["vmap", "scan", "unroll"] = "vmap",
+    microbatch_mode: Literal["auto", "vmap", "scan", "unroll"] = "auto",
     perturb_mask: Any = None,
+    has_aux: bool = False,
+    aux_init: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Micro-batch averaged SAM (mSAM) of Behdin et al. (2023).
 
@@ -439,7 +559,10 @@ def msam(
   micro-batches, and every mode costs two full-batch gradients' worth of
   arithmetic:
 
-  * ``microbatch_mode="vmap"`` (default): the micro-batches run vectorised.
+  * ``microbatch_mode="auto"`` (default): ``"unroll"`` on CPU, ``"vmap"`` on
+    the other platforms (chosen when the step is compiled, with
+    :func:`jax.lax.platform_dependent`; only the chosen one is compiled).
+  * ``"vmap"``: the micro-batches run vectorised.
     Memory of ``m`` gradients and ``m`` perturbed copies of the parameters.
     In the perturbed pass every micro-batch has its own weights, so matrix
     products become batched products and convolutions become grouped
@@ -452,11 +575,13 @@ def msam(
     time grows with ``m``; XLA schedules the micro-batches freely, so memory is
     between the other two).
 
-  The mean clean gradient :math:`\frac1m \sum_j g_j` is not kept; the loss
-  value and BatchNorm statistics of the clean pass are not returned (compute
-  them with a forward pass if you need them, or use ``sam(...,
-  per_device_ascent=True)`` with one micro-batch per device, where your train
-  step computes the clean pass itself).
+  The mean clean gradient :math:`\frac1m \sum_j g_j` is not kept. With
+  ``has_aux=True``, ``grad_fn(params, microbatch)`` returns ``(gradient,
+  aux)`` (e.g. ``aux = (loss, batch_stats)``); the aux of the *clean* passes,
+  averaged over the micro-batches, is kept in the state (:func:`sam_aux`), so a
+  train step needs no extra forward pass for its logged loss or its BatchNorm
+  statistics (which are then those of the micro-batches, averaged). The aux of
+  the perturbed passes is dropped. Its leaves must be floating point.
 
   Multiple devices (``axis_name``): every device splits its local batch into
   ``m`` micro-batches, and only :math:`g_{\mathrm{mSAM}}` is ``pmean``-ed; with
@@ -487,10 +612,15 @@ def msam(
     adaptive_eta: :math:`\eta` of the adaptive scaling, see :func:`sam`.
     eps: added to each micro-batch gradient norm.
     axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
-    microbatch_mode: ``"vmap"`` (vectorised), ``"scan"`` (sequential, bounded
-      memory) or ``"unroll"`` (sequential, unrolled at compile time).
+    microbatch_mode: ``"auto"`` (per platform), ``"vmap"`` (vectorised),
+      ``"scan"`` (sequential, bounded memory) or ``"unroll"`` (sequential,
+      unrolled at compile time).
     perturb_mask: which leaves every micro-batch's ascent perturbs, see
       :func:`sam` (one norm per micro-batch, over the perturbed leaves).
+    has_aux: ``grad_fn`` returns ``(gradient, aux)``; the clean passes' aux,
+      averaged over the micro-batches, is kept in the state (:func:`sam_aux`).
+    aux_init: the ``aux`` of a fresh state (a pytree or ``params -> pytree``),
+      which fixes its structure; ``None``: a float32 scalar (the loss).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -501,7 +631,7 @@ def msam(
     <https://arxiv.org/abs/2302.09693>`_, 2023.
   """
   utils.check_transformation("base_optimizer", base_optimizer)
-  _validate(rho, adaptive_eta, eps, adaptive)
+  _validate(rho, adaptive_eta, eps, adaptive, axis_name)
   if utils.concrete_value(num_microbatches) is None:
     raise TypeError(
         "`num_microbatches` must be a static Python int, not a traced value or a "
@@ -510,10 +640,11 @@ def msam(
     )
   utils.check_int("num_microbatches", num_microbatches, low=1)
   num_microbatches = int(num_microbatches)
-  if microbatch_mode not in ("vmap", "scan", "unroll"):
+  if microbatch_mode not in ("auto", "vmap", "scan", "unroll"):
     raise ValueError(
-        f"`microbatch_mode` must be 'vmap', 'scan' or 'unroll'; got {microbatch_mode!r}."
+        f"`microbatch_mode` must be 'auto', 'vmap', 'scan' or 'unroll'; got {microbatch_mode!r}."
     )
+  utils.check_bool("has_aux", has_aux)
 
   mask_fn = resolve_perturb_mask(perturb_mask)
 
@@ -529,36 +660,60 @@ def msam(
           "msam.update() needs the keyword argument `batch` (a pytree whose leaves share "
           "the leading batch dimension); it was not given."
       )
-    microbatches = split_batch(batch, num_microbatches, who="msam.update()",
-                               layout="vmap" if microbatch_mode == "vmap" else "scan")
+    utils.check_float_tree(params, what="params", who="msam.update()")
     # Per-device gradients also under shard_map(check_vma=True), see utils.per_device_if.
     params = utils.per_device_if(params, axis_name)
+    dtype = utils.compute_dtype(params)  # float32, or float64 for float64 params
+
+    def checked_grad(p, mb):
+      g, aux = _split_aux(grad_fn(p, mb), has_aux, who="msam.update()")
+      return utils.check_gradient(g, params, who="msam.update()"), aux
 
     def perturbed_grad(microbatch):
-      clean = grad_fn(params, microbatch)
+      clean, aux = checked_grad(params, microbatch)
       perturbed = perturbed_params(
           params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
           mask=mask_fn(params),
       )
-      return grad_fn(perturbed, microbatch)
+      return checked_grad(perturbed, microbatch)[0], aux
 
-    if microbatch_mode == "vmap":
-      stacked = jax.vmap(perturbed_grad)(microbatches)
-      g_msam = jax.tree.map(lambda g: jnp.mean(jnp.asarray(g, jnp.float32), axis=0), stacked)
-    else:
+    def wide(x):
+      if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise TypeError("msam.update(): the aux leaves of `grad_fn` must be floating point "
+                        f"(they are averaged over the micro-batches); got {jnp.result_type(x)}.")
+      return jnp.asarray(x, utils.compute_dtype(x))
+
+    def run(mode, batch):
+      microbatches = split_batch(batch, num_microbatches, who="msam.update()",
+                                 layout="vmap" if mode == "vmap" else "scan")
+      if mode == "vmap":
+        stacked = jax.vmap(perturbed_grad)(microbatches)
+        mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
+        return (jax.tree.map(lambda g: jnp.mean(jnp.asarray(g, dtype), axis=0), stacked[0]),
+                jax.tree.map(mean, stacked[1]))
 
       def body(acc, microbatch):
-        g = perturbed_grad(microbatch)
-        return jax.tree.map(lambda a, x: a + jnp.asarray(x, jnp.float32), acc, g), None
+        g, aux = perturbed_grad(microbatch)
+        # The (small) aux of every micro-batch is stacked and averaged after the loop.
+        return jax.tree.map(lambda a, x: a + jnp.asarray(x, dtype), acc, g), aux
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
       zeros = utils.per_device_if(zeros, axis_name)
-      total, _ = jax.lax.scan(body, zeros, microbatches, unroll=microbatch_mode == "unroll")
-      g_msam = jax.tree.map(lambda a: a / num_microbatches, total)
-    g_msam = utils.pmean_if(g_msam, axis_name)
-    return utils.tree_cast_like(g_msam, params)
+      total, auxes = jax.lax.scan(body, zeros, microbatches, unroll=mode == "unroll")
+      mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
+      return jax.tree.map(lambda a: a / num_microbatches, total), jax.tree.map(mean, auxes)
 
-  return _make(base_optimizer, rho, surrogate, who="msam")
+    if microbatch_mode == "auto":
+      # Sequential on CPU (vmap turns the perturbed convolutions into slow
+      # grouped ones there), vectorised elsewhere; only one is compiled.
+      g_msam, aux = jax.lax.platform_dependent(
+          batch, cpu=lambda b: run("unroll", b), default=lambda b: run("vmap", b))
+    else:
+      g_msam, aux = run(microbatch_mode, batch)
+    g_msam = utils.tree_cast_like(utils.pmean_if(g_msam, axis_name), params)
+    return (g_msam, utils.pmean_if(aux, axis_name)) if has_aux else g_msam
+
+  return _make(base_optimizer, rho, surrogate, who="msam", has_aux=has_aux, aux_init=aux_init)
 
 
 # -----------------------------------------------------------------------------
@@ -575,6 +730,8 @@ def _make(
     every_k: Any = None,
     consumes: tuple[str, ...] = (),
     axis_name: str | None = None,
+    has_aux: bool = False,
+    aux_init: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``init``/``update`` around ``surrogate`` (the gradient the base receives).
 
@@ -584,6 +741,8 @@ def _make(
   on the steps with ``count % every_k == 0`` only; the other steps give the base
   the clean gradient, ``pmean``-ed over ``axis_name``, and drop the
   ``consumes`` arguments. ``every_k`` may be traced (``inject_hyperparams``).
+  With ``has_aux`` the surrogate returns ``(gradient, aux)`` and ``aux`` goes
+  to the state's ``aux`` (its fresh value from ``aux_init``).
   """
   if every_k is not None:
     utils.check_int("every_k", every_k, low=1)
@@ -592,7 +751,8 @@ def _make(
 
   def init_fn(params: Params) -> SAMState:
     check_not_masked(params, who=who)
-    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base.init(params))
+    aux = _aux_template(aux_init, params) if has_aux else ()
+    return SAMState(count=jnp.zeros([], jnp.int32), base_state=base.init(params), aux=aux)
 
   def update_fn(
       updates: optax.Updates,
@@ -605,8 +765,16 @@ def _make(
     check_not_masked(params, who=who)
     rho_t = utils.resolve(rho, state.count)
     extra_args = dict(extra_args)
+    hint = extra_args.pop("sam_hint", None)  # static guess of an ascent step (performance)
+
+    def ascend(args):
+      out = surrogate(updates, params, rho_t, args, state.count)
+      if not has_aux:
+        return out, ()
+      return out[0], _match_aux(out[1], state.aux, who=f"{who}.update()")
+
     if every_step:
-      g = surrogate(updates, params, rho_t, extra_args, state.count)
+      g, aux = ascend(extra_args)
     else:
       if updates is None:
         raise TypeError(f"{who}.update() needs the clean gradient at `params` as `updates`; "
@@ -616,11 +784,13 @@ def _make(
         utils.require_callable(key, extra_args.pop(key, None), who=f"{who}.update()",
                                why="params -> gradient of the training loss on the current batch")
       ascent = state.count % jnp.asarray(every_k, jnp.int32) == 0
-      g = utils.cond(ascent,
-                     lambda: surrogate(updates, params, rho_t, dict(inner), state.count),
-                     lambda: utils.tree_cast_like(utils.pmean_if(updates, axis_name), updates))
+      g, aux = utils.cond(
+          ascent, lambda: ascend(dict(inner)),
+          lambda: (utils.tree_cast_like(utils.pmean_if(updates, axis_name), updates),
+                   state.aux),
+          hint=hint)
     new_updates, base_state = base.update(g, state.base_state, params, **extra_args)
     count = optax.safe_int32_increment(state.count)
-    return new_updates, SAMState(count=count, base_state=base_state)
+    return new_updates, SAMState(count=count, base_state=base_state, aux=aux)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -593,7 +593,7 @@ def sam_sharpness(
   """
   num_steps = utils.check_static_int("num_steps", num_steps)
   unroll = _check_unroll(unroll)
-  utils.check_range("rho", rho, low=0.0)
+  utils.check_range("rho", rho, low=0.0, high=utils.FLOAT32_MAX)
   utils.check_not_schedule("rho", rho)
   utils.check_bool("adaptive", adaptive)
   params32 = _prepare(loss_fn, params, batch)
@@ -661,7 +661,7 @@ def m_sharpness(
   m = utils.check_static_int("num_microbatches", num_microbatches)
   unroll = _check_unroll(unroll)
   num_steps = utils.check_static_int("num_steps", num_steps)
-  utils.check_range("rho", rho, low=0.0)
+  utils.check_range("rho", rho, low=0.0, high=utils.FLOAT32_MAX)
   utils.check_not_schedule("rho", rho)
   utils.check_bool("adaptive", adaptive)
   micro = sam.split_batch(batch, m, who="m_sharpness", layout="replicated")
@@ -709,7 +709,7 @@ def summary(
   for name, value in (("num_iters", num_iters), ("num_samples", num_samples),
                       ("num_steps", num_steps)):
     utils.check_static_int(name, value)  # all checked before any work is done
-  utils.check_range("rho", rho, low=0.0)
+  utils.check_range("rho", rho, low=0.0, high=utils.FLOAT32_MAX)
   params32 = _prepare(loss_fn, params, batch)
   key_eig, key_trace = jax.random.split(key)
   vals, _ = top_hessian_eigs(loss_fn, params32, batch, key=key_eig, k=1,

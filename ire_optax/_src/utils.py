@@ -26,6 +26,13 @@ import numpy as np
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
+# The range of float32, in which hyperparameters are applied: a larger number
+# becomes inf there, and a positive number below the smallest normal float32
+# becomes 0 (denormals are flushed to zero on CPU and GPU).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+INT32_MAX = 2**31 - 1
+
 
 # -----------------------------------------------------------------------------
 # Validation
@@ -79,19 +86,100 @@ def check_range(
     raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{hb}; got {value!r}.")
 
 
-def check_int(name: str, value: Any, *, low: int) -> None:
-  """Raises if a concrete ``value`` is not an integer ``>= low`` (or is not a number at all).
+def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+  """Raises if a concrete ``value`` is not an integer in ``[low, high]`` (or not a number).
 
-  An integer setting is never a schedule: a callable raises ``TypeError``.
+  An integer setting is never a schedule: a callable raises ``TypeError``. A
+  float, even an integral one such as ``2.0``, is not an integer
+  (``ValueError``). ``high`` is typically :data:`INT32_MAX` for a setting
+  compared with an int32 step count.
   """
   if callable(value):
     raise TypeError(f"`{name}` must be an integer >= {low}, not a {type(value).__name__}.")
   check_scalar(name, value)
-  v = concrete_value(value)
+  if isinstance(value, int):  # exact, also beyond the range of a float
+    v: float | int | None = value
+  else:
+    v = concrete_value(value)
   if v is None:
     return
-  if not math.isfinite(v) or v != int(v) or v < low:
-    raise ValueError(f"`{name}` must be an integer >= {low}; got {value!r}.")
+  floating = jnp.issubdtype(jnp.result_type(value), jnp.floating) and not isinstance(value, int)
+  if (floating or not math.isfinite(v) or v != int(v) or v < low
+      or (high is not None and v > high)):
+    span = f">= {low}" if high is None else f">= {low} and <= {high}"
+    raise ValueError(f"`{name}` must be an integer {span}; got {value!r}.")
+
+
+def check_axis_name(name: str, value: Any) -> None:
+  """Raises ``TypeError`` unless ``value`` is ``None``, an axis name (str) or a tuple of them."""
+  if value is None or isinstance(value, str):
+    return
+  if isinstance(value, tuple) and value and all(isinstance(a, str) for a in value):
+    return
+  raise TypeError(f"`{name}` must be None, an axis name (a str) or a tuple of axis names; got "
+                  f"{value!r} ({type(value).__name__}).")
+
+
+def check_float_tree(tree: Any, *, what: str, who: str) -> None:
+  """Raises ``TypeError`` unless every leaf of ``tree`` is a real floating array.
+
+  The optimizers reject complex leaves (their norms, rankings and comparisons
+  are defined for real numbers) and integer/bool leaves (which have no
+  gradient step); checked at trace time, on the first ``update``.
+  """
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
+              "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
+              " Keep integer/bool leaves out of the optimizer (optax.masked or "
+              "optax.partition with optax.set_to_zero).")
+      raise TypeError(f"{who}: every leaf of `{what}` must be a real floating array; got a "
+                      f"leaf of dtype {dtype}.{hint}")
+
+
+def check_like(out: Any, like: Any, *, what: str, who: str, hint: str = "") -> None:
+  """Raises unless ``out`` has the tree structure and leaf shapes of ``like``.
+
+  For what a callback returns (``grad_fn``'s gradient, a curvature estimate):
+  ``ValueError`` naming ``what`` and ``who``, with ``hint`` appended.
+  """
+  if jax.tree.structure(out) != jax.tree.structure(like):  # type: ignore[operator]
+    raise ValueError(
+        f"{who}: {what} must have the tree structure of `params` "
+        f"{jax.tree.structure(like)}; got {jax.tree.structure(out)}.{hint}")
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(like), strict=True):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f"{who}: {what} must have the shapes of `params`; got a leaf of shape "
+                       f"{jnp.shape(a)} where the parameter has shape {jnp.shape(b)}.{hint}")
+
+
+def check_gradient(out: Any, like: Any, *, who: str) -> Any:
+  """Returns ``out`` (what ``grad_fn`` returned) after checking it is a gradient like ``like``."""
+  check_like(out, like, what="the gradient returned by `grad_fn`", who=who,
+             hint=" `grad_fn` must return only the gradient, a pytree like `params` (for a "
+             "loss with auxiliary outputs, drop them: lambda p: jax.grad(loss, has_aux=True)"
+             "(p)[0]).")
+  return out
+
+
+# The keyword argument by which ire() hands its amplification to a wrapper that
+# is not a plain step (SALA): the wrapper applies it to its base optimizer's step.
+IRE_AMPLIFY_KWARG = "ire_amplify"
+
+
+def compute_dtype(*trees: Any) -> Any:
+  """The dtype the transformations compute in: the widest of float32 and the trees' floats.
+
+  float32 for float32/bfloat16/float16 (and integer) leaves, float64 when a
+  leaf is float64 (``jax_enable_x64``).
+  """
+  dtype = jnp.dtype(jnp.float32)
+  for x in jax.tree.leaves(trees):
+    d = jnp.result_type(x)
+    if jnp.issubdtype(d, jnp.floating):
+      dtype = jnp.promote_types(dtype, d)
+  return dtype
 
 
 def check_transformation(name: str, value: Any) -> None:
@@ -167,24 +255,49 @@ def resolve(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def tree_sum_sq(tree: Any) -> jax.Array:
-  """Sum of squares over all leaves, accumulated in float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return sum((jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves),
-             jnp.zeros((), jnp.float32))
+  """Sum of squares over all leaves, accumulated in :func:`compute_dtype` (float32 or wider)."""
+  dtype = compute_dtype(tree)
+  return sum((jnp.sum(jnp.square(jnp.asarray(x, dtype))) for x in jax.tree.leaves(tree)),
+             jnp.zeros((), dtype))
+
+
+def tree_max_abs(tree: Any, *, axis_name: str | None = None) -> jax.Array:
+  """``max |x|`` over all leaves (0 for a tree without elements), in :func:`compute_dtype`."""
+  dtype = compute_dtype(tree)
+  m = jnp.zeros((), dtype)
+  for x in jax.tree.leaves(tree):
+    if jnp.size(x):
+      m = jnp.maximum(m, jnp.max(jnp.abs(jnp.asarray(x, dtype))))
+  return m if axis_name is None else jax.lax.pmax(m, axis_name)
+
+
+def safe_scale(m: jax.Array) -> jax.Array:
+  """A divisor for values of magnitude up to ``m``: ``m`` clipped to ``[2**-120, 2**120]``.
+
+  Dividing by it brings the values to at most 256 in magnitude without
+  overflow, and its reciprocal is a normal float32 (XLA divides by multiplying
+  with the reciprocal, and flushes denormals to zero: ``x / 3e38`` is 0 on
+  CPU). ``m = 0``, inf or NaN gives 1, so the values pass unchanged and a
+  NaN/inf still shows in what is computed from them.
+  """
+  ok = (m > 0) & jnp.isfinite(m)
+  return jnp.where(ok, jnp.clip(m, 2.0**-120, 2.0**120), jnp.ones_like(m))
 
 
 def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
-  """Global L2 norm in float32; with ``axis_name`` the squares are ``psum``-ed.
+  """Global L2 norm, without overflow or underflow; with ``axis_name`` over all devices.
 
-  Use ``axis_name`` only when the tree is *partitioned* across that axis
-  (each device holds a different piece), not when it is replicated.
+  Computed as ``m · sqrt(Σ (x/m)²)`` with ``m = max |x|`` (the squares of
+  values above ~1.8e19 overflow float32), in :func:`compute_dtype`. NaN
+  anywhere gives NaN, ±inf gives inf, a zero tree gives 0. Use ``axis_name``
+  only when the tree is *partitioned* across that axis (each device holds a
+  different piece), not when it is replicated.
   """
-  sq = tree_sum_sq(tree)
+  scale = safe_scale(tree_max_abs(tree, axis_name=axis_name))
+  sq = tree_sum_sq(jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) / scale, tree))
   if axis_name is not None:
     sq = jax.lax.psum(sq, axis_name)
-  return jnp.sqrt(sq)
+  return scale * jnp.sqrt(sq)
 
 
 def tree_cast_like(tree: Any, like: Any) -> Any:
@@ -193,24 +306,39 @@ def tree_cast_like(tree: Any, like: Any) -> Any:
 
 
 def tree_add_scaled(x: Any, scale: jax.Array, y: Any) -> Any:
-  """``x + scale * y`` computed in float32, returned in ``x``'s dtypes."""
-  return jax.tree.map(
-      lambda a, b: (jnp.asarray(a, jnp.float32) + scale * jnp.asarray(b, jnp.float32)).astype(
-          jnp.asarray(a).dtype
-      ),
-      x,
-      y,
-  )
+  """``x + scale * y`` computed in the wider of float32 and ``x``'s dtype, returned in ``x``'s."""
+
+  def one(a, b):
+    dtype = compute_dtype(a)
+    return (jnp.asarray(a, dtype) + scale * jnp.asarray(b, dtype)).astype(jnp.asarray(a).dtype)
+
+  return jax.tree.map(one, x, y)
 
 
-def cond(pred: jax.Array, true_fn: Any, false_fn: Any) -> Any:
+def cond(pred: jax.Array, true_fn: Any, false_fn: Any, *, hint: bool | None = None) -> Any:
   """``lax.cond`` that runs only the taken branch, also outside ``jit``.
 
   Under tracing this is ``jax.lax.cond`` (only the taken branch executes). With
   a concrete predicate (eager execution) the branch is called directly, which
   avoids compiling both branches on every call.
+
+  ``hint`` is the caller's static guess of ``pred`` (a Python bool, or None:
+  no guess). With ``hint=True`` both branches are traced at the level of the
+  caller and the result is selected with ``jnp.where(pred, ...)``: the same
+  values as ``lax.cond`` (a wrong hint costs the ``true_fn`` work, never a
+  different result), without the conditional. XLA:CPU runs some work many
+  times slower inside a conditional's branch (convolution weight gradients:
+  20-40x), so a caller that knows which steps take the branch compiles one
+  step with ``hint=True`` for them and one with ``hint=False`` for the others
+  (see ``docs/performance.md``).
   """
+  if hint is not None and not isinstance(hint, (bool, np.bool_)):
+    raise TypeError(f"a branch hint must be a static Python bool or None; got "
+                    f"{type(hint).__name__} (pass it as a static argument of jit).")
   if isinstance(pred, jax.core.Tracer):
+    if hint:
+      taken, other = true_fn(), false_fn()
+      return jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken, other)
     return jax.lax.cond(pred, true_fn, false_fn)
   return true_fn() if bool(pred) else false_fn()
 
