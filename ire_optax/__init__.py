@@ -22,7 +22,7 @@ diagonals, SAM sharpness). The algorithms' definitions are in docs/design.md.
 from ire_optax._src.ire import IREState, ire, ire_flat_mask
 from ire_optax._src.selection import flat_mask, kth_smallest, selection_method
 # --- SAM / mSAM ---
-from ire_optax._src.sam import SAMState, msam, sam
+from ire_optax._src.sam import SAMState, msam, sam, sam_aux
 # --- GSAM ---
 from ire_optax._src.gsam import gsam
 # --- SALA ---
@@ -49,6 +49,7 @@ __all__ = [
     "sala_eval_params",
     "sala_stats",
     "sam",
+    "sam_aux",
     "selection_method",
     "sharpness",
 ]
