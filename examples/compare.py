@@ -108,7 +108,7 @@ def make_record(example: str, opts: list[str], argv: list[str], rows: list[dict]
           "speedup", "steps_per_s", "wall_s")
   return {
       "example": example, "opts": opts, "argv": argv,
-      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+      "machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
                   "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                   "versions": {"ire_optax": ire_optax.__version__, "jax": jax.__version__,
                                "optax": optax.__version__, "flax": flax.__version__}},

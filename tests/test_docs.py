@@ -40,3 +40,85 @@ def test_page_python_blocks_run(page):
   namespace: dict = {}
   for i, block in enumerate(blocks):
     exec(compile(block, f"docs/{page}[block {i}]", "exec"), namespace)
+
+
+# -----------------------------------------------------------------------------
+# The public API and the version
+# -----------------------------------------------------------------------------
+
+
+def test_all_lists_every_public_name_and_api_rst_documents_it():
+  public = sorted(n for n in vars(ire_optax) if not n.startswith("_"))
+  assert sorted(ire_optax.__all__) == public
+  api = (DOCS / "api.rst").read_text()
+  missing = [n for n in public if n != "sharpness" and not re.search(rf"\b{n}\b", api)]
+  assert not missing, f"docs/api.rst does not document {missing}"
+
+
+def test_version_is_written_once():
+  pyproject = (DOCS.parent / "pyproject.toml").read_text()
+  project = pyproject.split("[project]", 1)[1].split("\n[", 1)[0]
+  assert re.search(r'^dynamic = \["version"\]', project, re.M)
+  assert not re.search(r"^version\s*=", project, re.M)
+  assert 'version = { attr = "ire_optax.__version__" }' in pyproject
+  assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", ire_optax.__version__)
+
+
+# -----------------------------------------------------------------------------
+# The demo's table in docs/examples.md is generated from its committed record
+# -----------------------------------------------------------------------------
+
+
+def _compare():
+  pytest.importorskip("flax")
+  from examples import compare
+
+  return compare
+
+
+def test_demo_table_is_generated_from_its_record():
+  compare = _compare()
+  record = compare.read_record("llama")
+  page = (DOCS / "examples.md").read_text()
+  start, end = page.index(compare.BEGIN), page.index(compare.END) + len(compare.END)
+  assert page[start:end] == compare.docs_block(record), (
+      "run `python -m examples.compare --update-docs`")
+  # The record is the plain demo of today's defaults (the page presents it as such).
+  assert record["argv"] == [] and record["opts"] == compare.DEFAULT_OPTS["llama"]
+  assert [r["label"] for r in record["rows"]] == record["opts"]
+  assert all(r["steps"] == 300 and r["curve"][-1][0] == 300 for r in record["rows"])
+
+
+def test_demo_block_replacement():
+  compare = _compare()
+  text = f"a\n{compare.BEGIN}\nold\n{compare.END}\nb\n"
+  assert compare.replace_block(text, "NEW") == "a\nNEW\nb\n"
+  with pytest.raises(ValueError, match="block"):
+    compare.replace_block("no markers", "NEW")
+
+
+@pytest.mark.slow  # compiles the demo model (full XLA optimisation) and trains 25 steps
+def test_demo_record_still_comes_out_of_the_code(tmp_path):
+  """The first 25 steps of the demo's AdamW+IRE run give the recorded held-out loss.
+
+  Same command line as the demo (same schedule over 300 steps), stopped after the first
+  evaluation: a change of behaviour of the library or the examples shows up here, and
+  then the demo must be rerun with ``--update-docs``.
+  """
+  compare = _compare()
+  from examples.common import cli, train
+
+  record = compare.read_record("llama")
+  row = next(r for r in record["rows"] if r["label"] == "adamw+ire")
+  step, want = row["curve"][0]
+  _, opt_argv = compare.parse_opt(row["label"])
+  args = cli.make_parser("llama").parse_args(
+      compare.DEMO_DEFAULTS["llama"] + opt_argv + [
+          "--stop-after", str(step), "--out", str(tmp_path), "--no-checkpoint", "--no-plot",
+          "--no-progress"])
+  result = cli.run_example("llama", args, quiet=True)
+  got = [r["eval_loss"] for r in train.read_metrics(result.summary["run_dir"])
+         if r["step"] == step]
+  assert got == [pytest.approx(want, abs=1e-3)], (
+      f"the demo's record is stale (step {step}: {got} vs {want}): run "
+      "`python -m examples.compare --update-docs`")

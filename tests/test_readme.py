@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import re
 
 import jax
 import numpy as np
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_readme_python_blocks_run():
@@ -23,3 +25,18 @@ def test_readme_python_blocks_run():
   # the blocks actually trained: finite params, SALA took its steps
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(namespace["params"]))
   assert int(namespace["stats"]["cycles"]) == 2
+
+
+def test_the_commands_in_the_readme_and_docs_name_runnable_modules():
+  """``python -m examples.X`` everywhere (run from the repository root); no script paths."""
+  pages = [README, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+  modules = set()
+  for page in pages:
+    text = page.read_text()
+    assert not re.search(r"python3? examples/", text), f"{page.name}: use python -m examples.X"
+    modules |= set(re.findall(r"python3? -m (examples(?:\.\w+)+)", text))
+  assert "examples.compare" in modules
+  for name in sorted(modules):
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin, name
+    assert "def main(" in pathlib.Path(spec.origin).read_text(), name
