@@ -206,6 +206,11 @@ def test_gsam_update_needs_grad_fn_and_updates():
     tx.update(p, s, p)
   with pytest.raises(TypeError, match="updates"):
     tx.update(None, s, p, grad_fn=lambda q: q)
+  with pytest.raises(ValueError, match="the gradient returned by `grad_fn`"):
+    tx.update(p, s, p, grad_fn=lambda q: (q, {}))
+  with pytest.raises(TypeError, match="params"):
+    c = {"w": jnp.ones(2, jnp.complex64)}
+    tx.update(c, tx.init(c), c, grad_fn=lambda q: q)
 
 
 # -----------------------------------------------------------------------------
@@ -363,3 +368,24 @@ def test_examples_cli_builds_gsam_every_k_masked_with_schedules():
   got, state = run(spec.tx, params, batches, steps=2)
   assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(got))
   assert int(utils.find_states(state, ire_optax.SAMState)[0].count) == 2
+
+
+def test_gsam_float64_matches_numpy_in_float64():
+  # Hyperparameters exact in float32 (schedules are evaluated in float32): what is left is
+  # the arithmetic, which must be float64 (float32 would be off by ~1e-7).
+  with jax.enable_x64(True):
+    params, batches = problem(13)
+    tx = ire_optax.gsam(optax.sgd(0.25, momentum=0.5), rho=0.25, alpha=0.5, every_k=2,
+                        perturb_mask={"w": True, "b": True, "s": False})
+    p, s = to_jax(params, jnp.float64), None
+    s = tx.init(p)
+    for t in range(4):
+      x, y = batches[t % len(batches)]
+      g = jax_grad(p, jnp.asarray(x), jnp.asarray(y))
+      u, s = tx.update(g, s, p, grad_fn=lambda q, x=x, y=y: jax_grad(q, jnp.asarray(x),
+                                                                     jnp.asarray(y)))
+      p = optax.apply_updates(p, u)
+    chex.assert_trees_all_equal_dtypes(p, to_jax(params, jnp.float64))
+    want = ref.np_run(params, batches, ref.NpSGDTree(0.25, momentum=0.5), 4, rho=0.25, alpha=0.5,
+                      every_k=2, mask={"w": True, "b": True, "s": False})[-1]
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, p), want, rtol=1e-12, atol=1e-13)

@@ -184,13 +184,16 @@ def gsam(
     )
     if updates is None:
       raise TypeError("gsam.update() needs the clean gradient at `params` as `updates`; got None.")
-    sam_lib.check_not_masked(params, who="gsam")
+    utils.check_float_tree(params, what="params", who="gsam.update()")
+    utils.check_like(updates, params, what="`updates`", who="gsam.update()")
     clean = utils.pmean_if(updates, axis_name)
     perturbed = sam_lib.perturbed_params(
         params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
         mask=mask_fn(params),
     )
-    g_p = utils.pmean_if(grad_fn(utils.per_device_if(perturbed, axis_name)), axis_name)
+    g_p = utils.check_gradient(grad_fn(utils.per_device_if(perturbed, axis_name)), params,
+                               who="gsam.update()")
+    g_p = utils.pmean_if(g_p, axis_name)
     g_p = utils.tree_cast_like(g_p, updates)
     alpha_t = utils.resolve(alpha, count) if callable(alpha) else alpha
     g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
