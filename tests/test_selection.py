@@ -123,9 +123,10 @@ def test_partitioned_tree_is_ranked_globally_with_one_psum():
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expect[key]))
 
 
+@pytest.mark.parametrize("method", ["auto", "threshold"])
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 @pytest.mark.parametrize("spec", [("p", None), (None, "p")])
-def test_jit_over_sharded_arrays_matches_one_device(axis_type, spec):
+def test_jit_over_sharded_arrays_matches_one_device(axis_type, spec, method):
   """Plain jit over FSDP-style sharded arrays (GSPMD or explicit sharding): same selection.
 
   The histograms are combined by an all-reduce of the bins; the parameter
@@ -137,7 +138,7 @@ def test_jit_over_sharded_arrays_matches_one_device(axis_type, spec):
   types = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
   mesh = jax.make_mesh((n,), ("p",), axis_types=(types[axis_type],))
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-  f = jax.jit(lambda t: ire_optax.flat_mask(t, 0.7))
+  f = jax.jit(lambda t: ire_optax.flat_mask(t, 0.7, method=method))
   x = jax.device_put(tree, sh)
   got = f(x)
   np.testing.assert_array_equal(np.asarray(got["w"]),
