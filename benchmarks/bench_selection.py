@@ -159,8 +159,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], methods: list[
       if r["amortized"]:
         lines.append(f"| {r['kind']} | {r['n']:.0e} | "
                      + " | ".join(_fmt(r["amortized"].get(m)) for m in methods) + " |")
-  lines += ["", "`auto` uses `native` on the CPU, `threshold` on TPU and GPU. TPU and GPU "
-            "numbers need such a device: none was available for this table."]
+  lines += ["", "–: not measured at that size (see the command). `auto` uses `native` on the "
+            "CPU, `threshold` on TPU and GPU; TPU and GPU numbers need such a device: none was "
+            "available for this table."]
   return "\n".join(lines)
 
 
