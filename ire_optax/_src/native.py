@@ -10,10 +10,12 @@ file with the system's C++ compiler against the headers that ship with jaxlib
 cache is keyed by the CPU too), caches the shared library and registers the
 handlers with ``jax.ffi``.
 
-Everything else is unchanged: on GPU and TPU, for explicitly sharded arrays, and
+This is the ``"native"`` counting method of the selection, which ``"auto"``
+uses on the CPU for arrays on one device. On the CPU with sharded arrays, and
 whenever the library cannot be built (no compiler, a failed build, or
-``IRE_OPTAX_NATIVE=0`` in the environment), the selection uses XLA's scatter.
-Both paths give the same histograms, bit for bit (tested).
+``IRE_OPTAX_NATIVE=0`` in the environment), the selection uses XLA's scatter
+instead (the same histograms, bit for bit: tested); TPU and GPU use the
+scatter-free ``"threshold"`` method (see ``docs/selection.md``).
 
 Environment:
   ``IRE_OPTAX_NATIVE``: ``0`` disables the native path.
