@@ -8,7 +8,11 @@ import numpy as np
 
 
 def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") -> Path:
-  """Training loss, held-out loss and held-out accuracy against the step, as a PNG."""
+  """Training loss, held-out loss and held-out accuracy against the step, as a PNG.
+
+  A fourth panel shows the SAM runs' per-step sharpness ``L(θ+ε) − L(θ)``
+  (logged for free as ``"sharpness"``) when a run has it.
+  """
   import matplotlib
 
   matplotlib.use("Agg")  # files only; imported on first use (runs with --no-plot never load it)
@@ -16,13 +20,15 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") 
 
   panels = [("loss", "training loss"), ("eval_loss", "held-out loss"),
             ("eval_acc", "held-out accuracy")]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  if any("sharpness" in r for recs in runs.values() for r in recs):
+    panels.append(("sharpness", "SAM sharpness L(θ+ε) − L(θ)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
   for (key, label), ax in zip(panels, axes, strict=True):
     for name, recs in runs.items():
       pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
       if pts:
         s, v = zip(*pts, strict=True)
-        if key == "loss" and len(v) > 20:  # light smoothing of the noisy training loss
+        if key in ("loss", "sharpness") and len(v) > 20:  # light smoothing of noisy curves
           k = max(1, len(v) // 50)
           v = np.convolve(v, np.ones(k) / k, mode="valid")
           s = s[k - 1:]
