@@ -1041,7 +1041,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=None, help="(T/20)")
   p.add_argument("--eval-batches", type=int, default=None, help="(16)")
   p.add_argument("--lr", type=float, default=None, help="peak lr (4e-3)")
-  p.add_argument("--lr-note", default=None, help="why this lr (goes into the report)")
+  p.add_argument("--lr-note", default=None,
+                 help="why this lr (goes into the report; with --from-json: replaces the "
+                      "file's)")
   p.add_argument("--warmup", type=float, default=None,
                  help="lr warm-up as a fraction of T, the same steps for the 2T run (0.05)")
   p.add_argument("--kappa", type=float, default=3.0, help="IRE kappa (%(default)s)")
@@ -1160,6 +1162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       res["ablations"] = list(args.ablation)
     res["notes"] = list(res.get("notes", [])) + [n for n in args.note
                                                  if n not in res.get("notes", [])]
+    if args.lr_note:
+      res["config"]["lr_note"] = args.lr_note
     for path in args.lr_check:
       r = json.loads(Path(path).read_text())
       r["curve"] = [tuple(q) for q in r["curve"]]
