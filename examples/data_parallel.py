@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
                       label_noise=args.label_noise, seed=args.seed)
   if args.data_parallel == "gspmd":
     # The unchanged step: XLA partitions it along the batch's sharding.
-    spec = optim.build_optimizer(args, args.steps, default_base="adamw")
+    spec = optim.build_optimizer(args, args.steps, default_base="adamw", model_stats=stats)
     if spec.lookahead:
       raise SystemExit("the data-parallel example does not cover lookahead.")
     step_fn = train.make_train_step(graphdef, spec, **loss_options,
                                     fast_compile=args.fast_compile)
   else:
-    spec = optim.build_optimizer(args, args.steps, default_base="adamw", axis_name=axis)
+    spec = optim.build_optimizer(args, args.steps, default_base="adamw", axis_name=axis,
+                                 model_stats=stats)
     body = train.step_function(graphdef, spec, **loss_options, axis_name=axis)
     # state and step replicated, the batch split; the returned state and metrics
     # are replicated (the step averages what differs between devices).

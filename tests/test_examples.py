@@ -128,9 +128,9 @@ def test_optimizer_names():
 def _bn_setup(opt, *extra):
   args = cli.make_parser("resnet").parse_args(
       TOY["resnet"] + ["--opt", opt, "--rho", "0.5", "--fast-compile", *extra])
-  spec = optim.build_optimizer(args, 10)
   m = models.build_resnet("toy", num_classes=10, in_channels=1, seed=0)
   graphdef, params, stats = train.split_model(m.model)
+  spec = optim.build_optimizer(args, 10, model_stats=stats)
   # Non-trivial running statistics, so that "unchanged" and "updated" differ.
   stats = jax.tree.map(lambda s: s + 0.3, stats)
   d = cli._images("digits")
@@ -149,8 +149,15 @@ def test_batchnorm_statistics_from_clean_pass_only(opt):
 
   @jax.jit
   def reference(params, stats, batch):
-    # What a single clean forward pass in training mode does to the statistics...
-    _, clean = train.apply_model(graphdef, params, stats, batch["x"], train=True)
+    # What a single clean forward pass in training mode does to the statistics
+    # (mSAM: its clean micro-batch passes, averaged over the micro-batches)...
+    if opt == "msam":
+      m = args.num_microbatches
+      parts = [train.apply_model(graphdef, params, stats, xb, train=True)[1]
+               for xb in jnp.split(batch["x"], m)]
+      clean = jax.tree.map(lambda *a: sum(a) / m, *parts)
+    else:
+      _, clean = train.apply_model(graphdef, params, stats, batch["x"], train=True)
 
     # ...and what the perturbed pass would do to them, were its statistics kept.
     def loss(p):

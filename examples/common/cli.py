@@ -110,7 +110,6 @@ def run_example(example: str, args: argparse.Namespace, *, quiet: bool = False
                 ) -> train.RunResult:
   """Loads the data, builds the model and the optimizer, and trains."""
   ex = EXAMPLES[example]
-  spec = optim.build_optimizer(args, args.steps, default_base=ex["base"])
   if ex["kind"] == "image":
     d = _images(args.data)
     h, w, c = d.image_shape
@@ -142,6 +141,9 @@ def run_example(example: str, args: argparse.Namespace, *, quiet: bool = False
     num_classes, unit, per_example = d.vocab_size, "tok", args.seq_len
     desc = (f"{d.name}: {len(d.train)} train / {len(d.valid)} held-out tokens, "
             f"vocabulary {d.vocab_size} ({args.tokenizer})")
+  # After the model: mSAM's auxiliary output carries its BatchNorm statistics.
+  spec = optim.build_optimizer(args, args.steps, default_base=ex["base"],
+                               model_stats=train.split_model(m.model)[2])
   if not quiet:
     print(f"{example} {args.size} ({m.num_params:,} parameters) | {desc} | "
           f"optimizer {spec.name}" + (f" over {args.base or ex['base']}"

@@ -105,8 +105,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                       "matrices and kernels only, not biases and norm scales (%(default)s)")
   g.add_argument("--num-microbatches", type=int, default=2,
                  help="mSAM micro-batches per batch (%(default)s)")
-  g.add_argument("--microbatch-mode", choices=("vmap", "scan"), default="vmap",
-                 help="mSAM: vmap (faster) or scan (less memory) over micro-batches")
+  g.add_argument("--microbatch-mode", choices=("auto", "vmap", "scan", "unroll"),
+                 default="auto",
+                 help="mSAM over micro-batches: vmap (vectorised), scan (sequential, least "
+                      "memory), unroll (sequential, unrolled: fastest on CPU), auto (unroll "
+                      "on CPU, vmap elsewhere) (%(default)s)")
   g.add_argument("--sala-sync-period", type=int, default=2, help="SALA k (%(default)s)")
   g.add_argument("--sala-slow-step", type=float, default=0.5, help="SALA alpha (%(default)s)")
   g.add_argument("--la-sync-period", type=int, default=5, help="Lookahead k (%(default)s)")
@@ -155,6 +158,16 @@ class OptSpec:
     curvature: the IRE estimator if IRE is on (``"fisher"`` needs
       ``logits_fn``, ``"hutchinson"`` needs ``grad_fn(params)``), else None.
     schedule: the learning-rate schedule (for logging).
+    hints: ``step -> ((keyword, bool), ...)``, the static branch hints of
+      this step (IRE's ``refresh_hint``, SALA's and SAM-every-k's
+      ``sam_hint``): which steps do the occasional extra work. A train loop on
+      CPU compiles one step per distinct value and passes them to
+      ``tx.update`` (see ``docs/performance.md``); None: no such steps.
+    sam_aux: SAM/ASAM built with ``has_aux=True``: ``grad_fn(params)``
+      returns ``(gradient, loss)`` and ``ire_optax.sam_aux(opt_state)`` is
+      the perturbed loss. (mSAM always has an aux: ``grad_fn(params,
+      microbatch)`` returns ``(gradient, {"loss", "acc", "stats"})`` of the
+      clean micro-batch pass.)
   """
 
   tx: optax.GradientTransformationExtraArgs
@@ -164,6 +177,8 @@ class OptSpec:
   sala: bool
   curvature: str | None
   schedule: Callable[[Any], Any]
+  hints: Callable[[int], tuple] | None = None
+  sam_aux: bool = False
 
 
 def parse_name(name: str, ire_flag: bool = False) -> tuple[str, bool]:
@@ -250,8 +265,13 @@ def lookahead_with_extra_args(fast: optax.GradientTransformation, *, sync_period
 
 
 def build_optimizer(args: argparse.Namespace, total_steps: int,
-                    default_base: str = "adamw", *, axis_name: str | None = None) -> OptSpec:
+                    default_base: str = "adamw", *, axis_name: str | None = None,
+                    model_stats: Any = None) -> OptSpec:
   """The optimizer named by ``args.opt`` (and ``args.ire``) with its hyperparameters.
+
+  ``model_stats`` (the model's non-parameter state, e.g. BatchNorm statistics;
+  None: none) fixes the structure of mSAM's auxiliary output, through which
+  the clean micro-batch passes return the loss and the new statistics.
 
   ``axis_name`` builds it for a data-parallel ``shard_map`` step in which every
   device passes its own gradient: SAM, ASAM, mSAM, SALA and IRE then average
@@ -299,12 +319,14 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
                          refresh_every=args.ire_refresh_every, warmup_steps=ire_warm,
                          curvature=curvature, seed=args.seed, axis_name=axis_name)
 
-  family, lookahead, sala = "plain", False, False
+  family, lookahead, sala, sam_aux = "plain", False, False, False
   if algo in ("adamw", "sgd"):
     tx = base
   elif algo in ("sam", "asam"):
+    # The perturbed loss for logging (free), unless IRE's hutchinson shares grad_fn.
+    sam_aux = curvature != "hutchinson"
     tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name,
-                       perturb_mask=perturb_mask, every_k=every_k)
+                       perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
     family = "sam"
   elif algo == "gsam":
     tx = ire_optax.gsam(base, rho=rho, alpha=args.gsam_alpha, axis_name=axis_name,
@@ -313,7 +335,10 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   elif algo == "msam":
     tx = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,
                         microbatch_mode=args.microbatch_mode, axis_name=axis_name,
-                        perturb_mask=perturb_mask)
+                        perturb_mask=perturb_mask, has_aux=True,
+                        aux_init={"loss": jnp.zeros((), jnp.float32),
+                                  "acc": jnp.zeros((), jnp.float32),
+                                  "stats": {} if model_stats is None else model_stats})
     family = "msam"
   elif algo == "sala":
     tx = ire_optax.sala(base, sync_period=args.sala_sync_period,
@@ -329,7 +354,26 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
     tx = with_ire(tx)
   tx = optax.with_extra_args_support(tx)
   name = algo + ("+ire" if use_ire else "")
-  return OptSpec(tx, name, family, lookahead, sala, curvature, schedule)
+  return OptSpec(tx, name, family, lookahead, sala, curvature, schedule,
+                 hints=_branch_hints(args, algo, use_ire, warmup, total_steps, every_k),
+                 sam_aux=sam_aux)
+
+
+def _branch_hints(args: argparse.Namespace, algo: str, use_ire: bool, warmup: int,
+                  total_steps: int, every_k: Any) -> Callable[[int], tuple] | None:
+  """``step -> static hints``: the steps of IRE's refreshes and of SALA's/SAM-every-k's ascents."""
+  parts: list[Callable[[int], tuple[str, bool]]] = []
+  if use_ire:
+    k = args.ire_refresh_every
+    t_w = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
+    parts.append(lambda t: ("refresh_hint", t >= t_w and (t - t_w) % k == 0))
+  if algo == "sala":
+    parts.append(lambda t: ("sam_hint", t % args.sala_sync_period == 0))
+  elif algo in ("sam", "asam", "gsam") and every_k not in (None, 1):
+    parts.append(lambda t: ("sam_hint", t % every_k == 0))
+  if not parts:
+    return None
+  return lambda t: tuple(f(int(t)) for f in parts)
 
 
 # -----------------------------------------------------------------------------

@@ -12,9 +12,12 @@ the optimizer family (:class:`~examples.common.optim.OptSpec`):
 * plain (AdamW, SGD, Lookahead, IRE over them): one ``value_and_grad``.
 * SAM, ASAM, SALA: the clean ``value_and_grad`` plus ``grad_fn(params)`` for the
   optimizer to call at the perturbed point.
-* mSAM: a forward pass for the logged loss and the BatchNorm statistics, and
-  ``grad_fn(params, microbatch)`` + ``batch``; mSAM computes every gradient
-  (clean and perturbed, per micro-batch) itself.
+* mSAM: ``grad_fn(params, microbatch)`` + ``batch``; mSAM computes every
+  gradient (clean and perturbed, per micro-batch) itself, and its clean passes
+  return the logged loss and the BatchNorm statistics (``ire_optax.sam_aux``):
+  two gradients' worth in all, no extra forward pass.
+* SAM and ASAM log the perturbed loss ``L(θ+ε)`` their ``grad_fn`` computes
+  anyway and the sharpness ``L(θ+ε) − L(θ)`` (free).
 * IRE adds ``logits_fn(params)`` ("fisher": labels sampled from the model) or
   ``grad_fn(params)`` ("hutchinson").
 
@@ -105,7 +108,7 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
   def pmean(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
-  def step_fn(state: TrainState, batch, step):
+  def step_fn(state: TrainState, batch, step, hints: tuple = ()):
     params, stats, opt_state = state
     y = batch["y"]
     if label_noise > 0:
@@ -128,25 +131,39 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
     def grad_fn(q, b=batch):  # gradient only: its BatchNorm statistics are dropped
       return jax.grad(loss_fn, has_aux=True)(q, b)[0]
 
-    extra: dict[str, Any] = {}
+    def micro_grad_fn(q, b):  # mSAM: the clean passes' loss and statistics come back as aux
+      (loss, (new_stats, acc)), g = jax.value_and_grad(loss_fn, has_aux=True)(q, b)
+      return g, {"loss": loss, "acc": acc, "stats": new_stats}
+
+    def grad_and_loss_fn(q, b=batch):  # SAM: the perturbed loss comes back as aux
+      (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(q, b)
+      return g, loss
+
+    extra: dict[str, Any] = dict(hints)  # static branch hints (spec.hints)
     if spec.family == "msam":
-      loss, (new_stats, acc) = loss_fn(p, batch)
       grads = None
-      extra["grad_fn"] = grad_fn
+      extra["grad_fn"] = micro_grad_fn
       extra["batch"] = batch
     else:
       (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
       if spec.family == "plain":
         grads = pmean(grads)  # plain Optax and IRE: the step averages the gradient
       if spec.family == "sam" or spec.curvature == "hutchinson":
-        extra["grad_fn"] = grad_fn
+        extra["grad_fn"] = grad_and_loss_fn if spec.sam_aux else grad_fn
     if spec.curvature == "fisher":
       extra["logits_fn"] = lambda q: apply_model(graphdef, q, stats, batch["x"], train=True)[0]
 
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
+    if spec.family == "msam":
+      aux = ire_optax.sam_aux(opt_state)
+      loss, acc, new_stats = aux["loss"], aux["acc"], aux["stats"]
     loss, acc, new_stats = pmean((loss, acc, new_stats))
     metrics = {"loss": loss, "acc": acc, "lr": spec.schedule(step)}
+    if spec.sam_aux:
+      perturbed = pmean(ire_optax.sam_aux(opt_state))
+      metrics["perturbed_loss"] = perturbed
+      metrics["sharpness"] = perturbed - loss
     if grads is not None:
       g = grads if spec.family == "plain" else pmean(grads)
       metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
@@ -164,15 +181,35 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
 
 def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                     label_smoothing: float = 0.0, label_noise: float = 0.0,
-                    seed: int = 0, fast_compile: bool = False) -> Callable:
+                    seed: int = 0, fast_compile: bool = False,
+                    branch_hints: str = "auto") -> Callable:
   """:func:`step_function` under ``jax.jit`` (the state's buffers are donated).
 
-  ``fast_compile`` compiles without XLA's backend optimisations: a few times
-  faster to compile, slower to run (for tests and smoke runs).
+  Returns ``(state, batch, step) -> (state, metrics)``. ``fast_compile``
+  compiles without XLA's backend optimisations: a few times faster to compile,
+  slower to run (for tests and smoke runs). ``branch_hints``: ``"on"`` passes
+  the optimizer the static hints of the step (``spec.hints``: which steps do
+  IRE's refresh or SALA's SAM step), one compiled step per distinct hint, the
+  step number read on the host; ``"off"`` one compiled step whose occasional
+  work runs under ``lax.cond``; ``"auto"``: on for the CPU backend, where work
+  inside a conditional can run many times slower (``docs/performance.md``).
+  The results are the same.
   """
   step_fn = step_function(graphdef, spec, num_classes=num_classes,
                           label_smoothing=label_smoothing, label_noise=label_noise, seed=seed)
-  return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(fast_compile))
+  jitted = jax.jit(step_fn, donate_argnums=0, static_argnames="hints",
+                   compiler_options=compiler_options(fast_compile))
+  if branch_hints not in ("auto", "on", "off"):
+    raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
+  use = branch_hints == "on" or (branch_hints == "auto" and jax.default_backend() == "cpu")
+  if spec.hints is None or not use:
+    return jitted
+  hints_at = spec.hints
+
+  def step(state, batch, step):
+    return jitted(state, batch, step, hints=hints_at(int(step)))
+
+  return step
 
 
 def compiler_options(fast_compile: bool) -> dict | None:
@@ -280,6 +317,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--fast-compile", action="store_true",
                  help="compile without XLA backend optimisations: starts sooner, runs "
                       "slower (smoke tests)")
+  g.add_argument("--branch-hints", choices=("auto", "on", "off"), default="auto",
+                 help="compile one step per kind of step (IRE refresh, SALA SAM step) and "
+                      "pick it on the host, instead of lax.cond; auto: on CPU, where work "
+                      "inside lax.cond runs slowly (%(default)s)")
   g = parser.add_argument_group("output")
   g.add_argument("--out", default="runs", help="output root directory (%(default)s)")
   g.add_argument("--name", default=None,
@@ -349,7 +390,8 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
     _STEP_CACHE[key] = make_train_step(graphdef, spec, num_classes=num_classes,
                                        label_smoothing=args.label_smoothing,
                                        label_noise=args.label_noise, seed=args.seed,
-                                       fast_compile=args.fast_compile)
+                                       fast_compile=args.fast_compile,
+                                       branch_hints=getattr(args, "branch_hints", "auto"))
   step_fn = _STEP_CACHE[key]
 
   ckpt_dir = (run_dir / "checkpoints").absolute()
