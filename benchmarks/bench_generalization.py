@@ -28,18 +28,18 @@ compilation cache in a temporary directory (the step of a given optimizer and
 model is the same XLA program for every seed: the seed enters only through the
 initial state and the batches).
 
-Data: MNIST from ``../shared/data/mnist`` (the 17,435-image training subset
-that is available there; evaluated on the official 10,000-image test set) and
-scikit-learn's bundled digits (8x8, 1,437 train / 360 test images, fixed split).
-Without ``../shared/data`` only digits is run, and the report says so.
+Data: MNIST from ``--data-dir`` (default ``$IRE_OPTAX_DATA``; the committed
+results used a 17,435-image training subset and the official 10,000-image
+test set) and scikit-learn's bundled digits (8x8, 1,437 train / 360 test
+images, fixed split). Without MNIST only digits is run, and the report says so.
 
 Usage::
 
   # the full run (102 runs, ~23 min on a shared 2-core CPU) -> benchmarks/results/
   # generalization.{json,csv,md,png} and generalization_summary.md
-  flock /tmp/ire_bench.lock python benchmarks/bench_generalization.py
+  flock /tmp/ire_bench.lock python benchmarks/bench_generalization.py --data-dir DIR
   # one model at a time (same settings)
-  flock /tmp/ire_bench.lock python benchmarks/bench_generalization.py --models resnet
+  flock /tmp/ire_bench.lock python benchmarks/bench_generalization.py --data-dir DIR --models resnet
   # smoke run: a few steps, tiny models, one seed, every optimizer kind once, writes to a
   # temporary directory (~1-2 min on a loaded 2-core CPU)
   python benchmarks/bench_generalization.py --smoke
@@ -51,10 +51,7 @@ import argparse
 import csv
 import datetime
 import functools
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -62,16 +59,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common as C
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from examples.common import cli, models, optim, train
+from ire_optax import sharpness
 
-from examples.common import cli, models, optim, train  # noqa: E402
-from ire_optax import sharpness  # noqa: E402
-
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+ROOT = C.ROOT
 DATASETS = ("digits", "mnist")
 MODELS = ("resnet", "vit")
 BASE = {"resnet": "SGD", "vit": "AdamW"}
@@ -137,12 +132,8 @@ ORDERINGS = [
 # -----------------------------------------------------------------------------
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; 0 for a single value), NaNs dropped."""
-  v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-  if not v:
-    return float("nan"), float("nan")
-  return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+mean_std = C.mean_std
+verdict = C.verdict
 
 
 def time_ratios(rows: list[dict]) -> dict[tuple[str, str, str], float]:
@@ -161,33 +152,9 @@ def time_ratios(rows: list[dict]) -> dict[tuple[str, str, str], float]:
 def paired_difference(rows: list[dict], model: str, dataset: str, worse: str, better: str,
                       key: str = "test_acc") -> dict | None:
   """``better - worse`` of ``key``, paired by seed: mean, std and standard error of the mean."""
-  by = {(r["optimizer"], r["seed"]): r[key] for r in rows
-        if r["model"] == model and r["dataset"] == dataset}
-  seeds = sorted({s for (o, s) in by if o == worse} & {s for (o, s) in by if o == better})
-  if not seeds:
-    return None
-  diffs = [by[better, s] - by[worse, s] for s in seeds]
-  m, sd = mean_std(diffs)
-  se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-  return {"mean": m, "std": sd, "se": se, "n": len(diffs), "diffs": diffs}
-
-
-def verdict(d: dict | None) -> str:
-  """Words for a paired accuracy difference (better - worse)."""
-  if d is None:
-    return "not run"
-  if d["n"] < 2 or not math.isfinite(d["se"]):
-    return "one seed only: no verdict"
-  if d["se"] == 0.0:
-    return "reproduced" if d["mean"] > 0 else ("tie" if d["mean"] == 0 else "reversed")
-  t = d["mean"] / d["se"]
-  if t >= 2:
-    return "reproduced (>= 2 SE)"
-  if t > 0:
-    return "same direction, within noise"
-  if t > -2:
-    return "opposite direction, within noise"
-  return "reversed (>= 2 SE)"
+  by = lambda o: {r["seed"]: r[key] for r in rows
+                  if r["model"] == model and r["dataset"] == dataset and r["optimizer"] == o}
+  return C.paired_difference(by(worse), by(better))
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -237,15 +204,15 @@ def _sharpness_jit(fast_compile: bool):
 # -----------------------------------------------------------------------------
 
 
-def data_spec(dataset: str) -> str:
-  return "digits" if dataset == "digits" else f"mnist:{MNIST_DIR}"
+def data_spec(dataset: str, data_dir: str | None) -> str:
+  return "digits" if dataset == "digits" else f"mnist:{C.mnist_dir(data_dir)}"
 
 
 def run_one(model: str, dataset: str, label: str, opt_argv: list[str], seed: int,
             cfg: argparse.Namespace, runs_dir: Path) -> dict:
   """Trains one configuration; returns its row of results."""
   argv = (cfg.model_argv[model] + opt_argv + [
-      "--data", data_spec(dataset), "--steps", str(cfg.steps[dataset]),
+      "--data", data_spec(dataset, cfg.data_dir), "--steps", str(cfg.steps[dataset]),
       "--batch-size", str(cfg.batch_size), "--seed", str(seed), "--eval-every", "0",
       "--log-every", "1", "--no-checkpoint", "--no-plot", "--no-progress",
       "--out", str(runs_dir), "--name", f"{model}-{dataset}-{label.replace('+', '_')}-s{seed}"])
@@ -465,9 +432,10 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, verdict_file: str | N
   out.mkdir(parents=True, exist_ok=True)
   aggs = aggregate(rows)
   order_text, found = orderings_md(rows)
-  (out / "generalization.json").write_text(json.dumps(
-      {"meta": meta, "runs": rows, "aggregates": aggs, "orderings": found}, indent=1,
-      default=float))
+  details = {"meta": meta, "runs": rows, "aggregates": aggs, "orderings": found}
+  C.write_results(out / "generalization", benchmark="bench_generalization",
+                  meta={"machine": meta["machine"], "command": meta["command"]},
+                  rows=result_rows(details), details=details)
   with (out / "generalization.csv").open("w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
@@ -495,15 +463,35 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, verdict_file: str | N
 # -----------------------------------------------------------------------------
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """The time-per-step ratios to the base (whole runs one after another: not interleaved)."""
+  models_ = {"resnet": "ResNet-8", "vit": "ViT"}
+  out = []
+  for a in details["aggregates"]:
+    name, base = a["optimizer"], BASE.get(a["model"], "")
+    if name == base or a.get("time_ratio") is None or not math.isfinite(a["time_ratio"]):
+      continue
+    variant = ""
+    if name.startswith("mSAM-"):
+      name, variant = "mSAM", f"m={name.split('-')[1]}"
+    elif name.endswith("+IRE") and name != "SAM+IRE":
+      name, variant = f"{base}+IRE", "fisher"
+    out.append(C.time_row(name, base, f"{models_.get(a['model'], a['model'])}, {a['dataset']}",
+                          "train step", a["time_ratio"], "bench_generalization",
+                          f"median of {a['n']} seeds", variant, interleaved=False, n=a["n"]))
+  return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+  C.add_data_dir_argument(p)
   p.add_argument("--smoke", action="store_true",
                  help="a few steps, tiny models, one seed, fast compilation (< 90 s)")
   p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
   p.add_argument("--datasets", nargs="+", choices=DATASETS, default=None,
-                 help="default: both (digits only when ../shared/data/mnist is absent)")
+                 help="default: both (digits only when MNIST is not in --data-dir)")
   p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")
   p.add_argument("--steps", type=int, default=None,
                  help="training steps for every dataset (default: mnist 150, digits 200)")
@@ -529,19 +517,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
   cfg = parse_args(argv)
   if cfg.report_only:
-    saved = json.loads(Path(cfg.report_only).read_text())
+    saved = C.read_results(cfg.report_only)["details"]
     out = Path(cfg.out) if cfg.out else Path(cfg.report_only).parent
     result = write_outputs(saved["runs"], saved["meta"], out, cfg.verdict_file)
     return {"out": str(out), "rows": saved["runs"], "meta": saved["meta"], **result}
   t_start = time.perf_counter()
-  have_mnist = MNIST_DIR.is_dir()
+  have_mnist = C.mnist_dir(cfg.data_dir) is not None
   note = ""
   datasets = cfg.datasets or (["digits", "mnist"] if have_mnist else ["digits"])
   if "mnist" in datasets and not have_mnist:
     datasets = [d for d in datasets if d != "mnist"] or ["digits"]
-    note = f"MNIST requested but {MNIST_DIR} is absent: ran scikit-learn digits only."
+    note = "MNIST requested but not found in --data-dir: ran scikit-learn digits only."
   elif not have_mnist:
-    note = f"{MNIST_DIR} is absent: ran scikit-learn digits only."
+    note = "no MNIST in --data-dir: ran scikit-learn digits only."
   if note:
     print(note, flush=True)
   cfg.seeds = cfg.seeds or ([0] if cfg.smoke else [0, 1, 2])
@@ -616,7 +604,7 @@ def build_meta(cfg, datasets, rows, argv, wall, note) -> dict:
   data = []
   for d in datasets:
     if d == "mnist":
-      data.append("MNIST from ../shared/data/mnist: trained on the 17,435-image training "
+      data.append("MNIST from --data-dir: trained on the 17,435-image training "
                   "subset available there, evaluated on the official 10,000-image test set "
                   "(28x28, standardised, no downsampling)")
     else:
@@ -633,11 +621,9 @@ def build_meta(cfg, datasets, rows, argv, wall, note) -> dict:
                  for m in cfg.models}
   cmd = "python benchmarks/bench_generalization.py" + (" " + " ".join(argv) if argv else
                                                        " " + " ".join(sys.argv[1:]))
-  cpu = platform.processor() or platform.machine()
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "machine": f"{os.cpu_count()}-core CPU ({cpu}, {platform.system()}), jax "
-                 f"{jax.__version__} on {jax.devices()[0].platform}",
+      "machine": C.machine()["summary"],
       "command": cmd.strip(), "total_wall_s": wall, "num_runs": len(rows),
       "seeds": cfg.seeds, "steps": cfg.steps, "batch_size": cfg.batch_size,
       "steps_text": ", ".join(f"{d} {s} steps" for d, s in cfg.steps.items())

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
+from typing import Any
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,6 @@ import optax
 
 import ire_optax
 from ire_optax._src import native, selection
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def make_tree(n: int, seed: int = 0):
@@ -148,30 +147,40 @@ def bench(n: int, reps: int, with_sort: bool):
   return row
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """The cost rows of ``details`` (``{"meta", "rows"}``): amortized ratio per size (CPU clock)."""
+  out = []
+  for r in details["rows"]:
+    c = r["cpu"]
+    out.append(C.time_row(
+        "AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", "update (K=10)",
+        c["amortized_ratio_K10"], "bench_ire",
+        f"refresh = {c['refresh_cost_adamw_updates']:.1f} AdamW updates (CPU time)",
+        variant="grad_sq"))
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7])
   ap.add_argument("--reps", type=int, default=9)
   ap.add_argument("--sort-max", type=float, default=1e7, help="largest N timed with jnp.sort")
-  ap.add_argument("--out", default=os.path.join(HERE, "results", "ire"))
+  ap.add_argument("--out", default=str(C.RESULTS / "ire"))
   args = ap.parse_args()
   rows = []
   for n in args.sizes:
     r = bench(int(n), args.reps, with_sort=n <= args.sort_max)
     print(json.dumps(r))
     rows.append(r)
+  machine = C.machine()
   meta = {
       "what": "AdamW+IRE (kappa=3, gamma=0.6, K=10, grad_sq) vs optax.adamw update+apply, jitted",
-      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                 f"jax {jax.__version__} ({jax.default_backend()})",
+      "machine": machine["summary"],
       "statistic": f"median over {args.reps} interleaved repetitions of a 10-step cycle "
                    "per size, same process, donated buffers",
       "selection": ("native CPU histograms" if native.enabled() else "XLA scatter "
                     "(the native kernel could not be built)"),
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [
       "# IRE update cost vs optax.adamw",
       "",
@@ -219,8 +228,9 @@ def main():
         f"{c['native_histogram_pass_ns_per_value']:.2f} | "
         f"{c['radix_select_xla_scatter_adamw_updates']:.2f} | "
         f"{c['radix_select_adamw_updates']:.2f} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  details = {"meta": meta, "rows": rows}
+  C.write_results(args.out, benchmark="bench_ire", meta={"machine": machine},
+                  rows=result_rows(details), details=details, markdown="\n".join(lines))
   print("\n".join(lines))
   try:
     import matplotlib

@@ -39,15 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+import _common as C
+
+ROOT, RESULTS = C.ROOT, C.RESULTS
 DEVICE_COUNTS = (1, 2, 4, 8)
 GLOBAL_BATCH = int(os.environ.get("BENCH_GLOBAL_BATCH", 1024))
 HIDDEN = int(os.environ.get("BENCH_HIDDEN", 512))
@@ -66,10 +66,8 @@ TARGETS = {"adamw+ire": 1.15, "sam": 2.05, "msam": 2.05 * 1.15}
 
 def worker(num_devices: int, reps: int) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
-  from sklearn.datasets import load_digits
 
   import ire_optax
 
@@ -78,25 +76,16 @@ def worker(num_devices: int, reps: int) -> dict:
   NS = jax.sharding.NamedSharding
   mesh = jax.make_mesh((num_devices,), ("d",))
 
-  x, y = load_digits(return_X_y=True)
+  digits = C.load_images(None)  # scikit-learn's digits, 8x8 = 64 features
   rng = np.random.default_rng(0)
-  idx = rng.integers(0, len(x), GLOBAL_BATCH)
-  batch = {"x": (x[idx] / 16.0).astype(np.float32), "y": y[idx].astype(np.int32)}
-  params = {
-      "w1": rng.normal(0, 0.1, (64, HIDDEN)).astype(np.float32),
-      "b1": np.zeros(HIDDEN, np.float32),
-      "w2": rng.normal(0, 0.03, (HIDDEN, HIDDEN)).astype(np.float32),
-      "b2": np.zeros(HIDDEN, np.float32),
-      "w3": rng.normal(0, 0.03, (HIDDEN, 10)).astype(np.float32),
-      "b3": np.zeros(10, np.float32),
-  }
-  num_params = sum(v.size for v in params.values())
+  idx = rng.integers(0, len(digits.x_train), GLOBAL_BATCH)
+  batch = {"x": digits.x_train[idx].reshape(GLOBAL_BATCH, -1), "y": digits.y_train[idx]}
+  # NumPy copies: every device_put below makes fresh buffers (the steps donate theirs).
+  params = jax.tree.map(np.asarray, C.mlp_init(jax.random.key(0), (64, HIDDEN, HIDDEN, 10)))
+  num_params = sum(v.size for v in jax.tree.leaves(params))
 
   def loss(p, b):
-    h = jax.nn.relu(b["x"] @ p["w1"] + p["b1"])
-    h = jax.nn.relu(h @ p["w2"] + p["b2"])
-    logits = h @ p["w3"] + p["b3"]
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]))
+    return C.cross_entropy(C.mlp_logits(p, b["x"]), b["y"])
 
   grad = jax.grad(loss)
 
@@ -139,27 +128,14 @@ def worker(num_devices: int, reps: int) -> dict:
       p = jax.device_put(params, rep_sh)
       s = jax.device_put(tx.init(params), rep_sh)
       f = step_fn(name, tx, axis)
-      for _ in range(STEPS_PER_REP):  # compile + warm up (one IRE refresh included)
-        p, s = f(p, s, gbatch)
-      jax.block_until_ready(p)
-      runs[name] = [f, p, s]
-    times = {name: [] for name in OPTS}
-    for r in range(reps):
-      order = OPTS[r % len(OPTS):] + OPTS[:r % len(OPTS)]
-      for name in order:
-        f, p, s = runs[name]
-        t0 = time.perf_counter()
-        for _ in range(STEPS_PER_REP):
-          p, s = f(p, s, gbatch)
-        jax.block_until_ready((p, s))
-        times[name].append((time.perf_counter() - t0) / STEPS_PER_REP)
-        runs[name][1:] = [p, s]
+      # One block: STEPS_PER_REP steps (one IRE refresh); the warm-up round compiles.
+      runs[name] = C.Stepper(lambda c, f=f: f(*c, gbatch), (p, s), STEPS_PER_REP)
+    t = C.time_interleaved(runs, baseline="adamw", reps=reps, units=STEPS_PER_REP, warmup=1)
     res = {}
     for name in OPTS:
-      med = statistics.median(times[name])
-      ratio = statistics.median(t / a for t, a in zip(times[name], times["adamw"], strict=True))
+      med = t.median(name)
       res[name] = {"ms_per_step": 1e3 * med, "examples_per_s": GLOBAL_BATCH / med,
-                   "time_ratio_to_adamw": ratio}
+                   "time_ratio_to_adamw": t.ratio(name)}
     out["placements"][placement] = res
 
   # IRE refresh: sharded vs replicated parameters.
@@ -172,25 +148,16 @@ def worker(num_devices: int, reps: int) -> dict:
     ire_tx = ire_optax.ire(optax.adamw(1e-3), kappa=3.0, gamma=0.6, refresh_every=1)
     adamw_tx = optax.adamw(1e-3)
     fns = {}
-    for name, tx in (("ire_refresh", ire_tx), ("adamw", adamw_tx)):
-      state = tx.init(tp)
-      f = jax.jit(tx.update)
-      jax.block_until_ready(f(tg, state, tp))
-      fns[name] = (f, state)
-    ts = {name: [] for name in fns}
-    for r in range(reps):
-      for name in (("ire_refresh", "adamw") if r % 2 else ("adamw", "ire_refresh")):
-        f, state = fns[name]
-        t0 = time.perf_counter()
-        for _ in range(3):
-          u, _ = f(tg, state, tp)
-        jax.block_until_ready(u)
-        ts[name].append((time.perf_counter() - t0) / 3)
+    for name, tx in (("adamw", adamw_tx), ("ire_refresh", ire_tx)):
+      # The same state every call: every call of ire_tx (K = 1) is a refresh.
+      f, state = jax.jit(tx.update), tx.init(tp)
+      fns[name] = C.Stepper(lambda c, f=f, state=state, tg=tg, tp=tp: f(tg, state, tp)[0],
+                            None, 3)
+    ts = C.time_interleaved(fns, baseline="adamw", reps=reps, units=3, warmup=1)
     refresh[placement] = {
-        "ire_refresh_ms": 1e3 * statistics.median(ts["ire_refresh"]),
-        "adamw_update_ms": 1e3 * statistics.median(ts["adamw"]),
-        "refresh_over_adamw": statistics.median(
-            a / b for a, b in zip(ts["ire_refresh"], ts["adamw"], strict=True)),
+        "ire_refresh_ms": 1e3 * ts.median("ire_refresh"),
+        "adamw_update_ms": 1e3 * ts.median("adamw"),
+        "refresh_over_adamw": ts.ratio("ire_refresh"),
     }
   out["refresh"] = refresh
   out["refresh_params"] = int(np.prod(REFRESH_SHAPE))
@@ -252,7 +219,7 @@ def write_tables(results: list[dict], reps: int, wall_s: float, load: float | No
   lines = [
       "# Data-parallel throughput on emulated devices (benchmarks/bench_multidevice.py)",
       "",
-      f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared by all D emulated "
+      f"- Machine: {C.machine()['summary']}; the CPU cores are shared by all D emulated "
       f"devices (`--xla_force_host_platform_device_count=D`, one subprocess per D), "
       f"jax {jax.__version__}; shared with other jobs ("
       + (f"load average {load:.1f} at the end)." if load == load
@@ -350,6 +317,23 @@ def plot(results: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """The single-device train-step ratios to AdamW, per placement."""
+  names = {"adamw+ire": "AdamW+IRE", "sam": "SAM", "msam": "mSAM"}
+  out = []
+  for r in details["results"]:
+    if r["devices"] != 1:
+      continue
+    for placement, opts in r["placements"].items():
+      for key, name in names.items():
+        if key in opts:
+          out.append(C.time_row(
+              name, "AdamW", f"MLP {r['params']:,} params, digits, 1 device", "train step",
+              opts[key]["time_ratio_to_adamw"], "bench_multidevice", f"jit over {placement}",
+              variant={"msam": "m=8, vmap", "adamw+ire": "grad_sq"}.get(key, "")))
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--reps", type=int, default=9)
@@ -359,7 +343,7 @@ def main() -> None:
                   help="only rewrite the markdown from the saved JSON")
   args = ap.parse_args()
   if args.render:
-    saved = json.loads((RESULTS / "multidevice.json").read_text())
+    saved = C.read_results(RESULTS / "multidevice.json")["details"]
     (RESULTS / "multidevice.md").write_text(
         write_tables(saved["results"], saved["reps"], saved["wall_s"], saved.get("load")))
     plot(saved["results"], RESULTS / "multidevice.png")
@@ -372,16 +356,15 @@ def main() -> None:
   t0 = time.perf_counter()
   results = run_all(reps, counts)
   wall_s = time.perf_counter() - t0
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  load = C.loadavg()
   md = write_tables(results, reps, wall_s, load)
   print(md)
   if not args.quick:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "multidevice.md").write_text(md)
-    (RESULTS / "multidevice.json").write_text(json.dumps(
-        {"reps": reps, "global_batch": GLOBAL_BATCH, "targets": TARGETS, "results": results,
-         "wall_s": wall_s, "load": load},
-        indent=2))
+    details = {"reps": reps, "global_batch": GLOBAL_BATCH, "targets": TARGETS,
+               "results": results, "wall_s": wall_s, "load": load}
+    C.write_results(RESULTS / "multidevice", benchmark="bench_multidevice",
+                    meta={"machine": C.machine()}, rows=result_rows(details), details=details,
+                    markdown=md)
     plot(results, RESULTS / "multidevice.png")
 
 

@@ -1,14 +1,14 @@
 """Benchmark: SALA on a real small training run, against its base, Lookahead and SAM.
 
 Trains the same MLP (784-512-256-10, ReLU, float32, pure JAX) on MNIST
-(``../shared/data/mnist``: the 17,435 available training images, the official
-10,000 test images; scikit-learn's digits when MNIST is absent) with
+(from ``--data-dir``: the training images found there, the official 10,000
+test images; scikit-learn's digits without it) with
 
 * ``base``      -- SGD, Nesterov momentum 0.9, lr 0.05 cosine-decayed to 0,
   weight decay 5e-4 added to the gradient (``add_decayed_weights`` + ``sgd``),
   the authors' base optimizer;
 * ``lookahead`` -- ``optax.lookahead(base, sync_period=5, slow_step_size=0.8)``;
-* ``sam``       -- SAM with ρ = 0.05 (``ire_optax.sam`` when available);
+* ``sam``       -- ``ire_optax.sam(base, rho=0.05)``;
 * ``sala``      -- ``ire_optax.sala(base, sync_period=2, slow_step_size=0.5, rho=0.2)``,
 
 all from the same initialisation and the same batch order, in one process.
@@ -26,32 +26,25 @@ the slow weights for SALA and Lookahead.
 
 Usage::
 
-  python benchmarks/bench_sala.py            # full run, writes benchmarks/results/sala.{md,json}
+  python benchmarks/bench_sala.py --data-dir DIR  # full run, writes results/sala.{md,json}
   python benchmarks/bench_sala.py --quick    # smoke run, prints only
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ire_optax  # noqa: E402
+import ire_optax
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 SALA_K, SALA_ALPHA, SALA_RHO = 2, 0.5, 0.2
 LA_K, LA_ALPHA = 5, 0.8
@@ -64,40 +57,15 @@ HIDDEN = (512, 256)
 # -----------------------------------------------------------------------------
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-  with gzip.open(path) as f:
-    return np.frombuffer(f.read(), np.uint8, offset=offset)
+def load_data(data_dir):
+  img = C.load_images(data_dir, scale="unit")
+  flat = lambda x: x.reshape(len(x), -1)
+  return ((flat(img.x_train), img.y_train), (flat(img.x_test), img.y_test),
+          C.describe_images(img))
 
 
-def load_data():
-  d = DATA / "mnist"
-  files = [d / f"{s}-{k}" for s in ("train", "t10k")
-           for k in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz")]
-  if all(f.exists() for f in files):
-    xtr = _read_idx(files[0], 16).reshape(-1, 784).astype(np.float32) / 255.0
-    ytr = _read_idx(files[1], 8).astype(np.int32)
-    xte = _read_idx(files[2], 16).reshape(-1, 784).astype(np.float32) / 255.0
-    yte = _read_idx(files[3], 8).astype(np.int32)
-    return (xtr, ytr), (xte, yte), "MNIST (17,435 train / 10,000 test)"
-  from sklearn.datasets import load_digits
-
-  dg = load_digits()
-  x, y = (dg.data / 16.0).astype(np.float32), dg.target.astype(np.int32)
-  return (x[:1400], y[:1400]), (x[1400:], y[1400:]), "sklearn digits (MNIST not found)"
-
-
-def init_mlp(key, sizes):
-  params = []
-  for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-    k = jax.random.fold_in(key, i)
-    params.append({"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)})
-  return params
-
-
-def logits_fn(params, x):
-  for layer in params[:-1]:
-    x = jax.nn.relu(x @ layer["w"] + layer["b"])
-  return x @ params[-1]["w"] + params[-1]["b"]
+init_mlp = C.mlp_init
+logits_fn = C.mlp_logits
 
 
 def loss_fn(params, x, y):
@@ -115,17 +83,6 @@ grad_of = jax.grad(loss_fn)
 def make_base(total_steps):
   lr = optax.cosine_decay_schedule(LR, total_steps)
   return optax.chain(optax.add_decayed_weights(WD), optax.sgd(lr, momentum=MOMENTUM, nesterov=True))
-
-
-def inline_sam(base, rho):
-  """SAM fallback when ire_optax.sam is not available."""
-
-  def update(updates, state, params, *, grad_fn, **extra):
-    scale = rho / (optax.tree.norm(updates) + 1e-12)
-    g = grad_fn(jax.tree.map(lambda p, u: p + scale * u, params, updates))
-    return base.update(g, state, params)
-
-  return optax.GradientTransformationExtraArgs(base.init, update)
 
 
 def make_runner(name, total_steps):
@@ -150,8 +107,7 @@ def make_runner(name, total_steps):
   if name == "base":
     tx = base
   elif name == "sam":
-    tx = (ire_optax.sam(base, rho=SAM_RHO) if hasattr(ire_optax, "sam")
-          else inline_sam(base, SAM_RHO))
+    tx = ire_optax.sam(base, rho=SAM_RHO)
   elif name == "sala":
     tx = ire_optax.sala(base, sync_period=SALA_K, slow_step_size=SALA_ALPHA, rho=SALA_RHO)
   else:
@@ -258,8 +214,7 @@ def step_costs(data, batch, sizes, reps, block, log):
   configs = {
       "base": lambda b: b,
       "lookahead (k=5)": lambda b: optax.lookahead(b, sync_period=LA_K, slow_step_size=LA_ALPHA),
-      "sam": lambda b: (ire_optax.sam(b, rho=SAM_RHO) if hasattr(ire_optax, "sam")
-                        else inline_sam(b, SAM_RHO)),
+      "sam": lambda b: ire_optax.sam(b, rho=SAM_RHO),
       "sala k=2 (rho=0)": lambda b: ire_optax.sala(b, sync_period=2, rho=0.0),
       "sala k=2 (always stage 2)": lambda b: ire_optax.sala(b, sync_period=2, rho=1.0),
       "sala k=5 (always stage 2)": lambda b: ire_optax.sala(b, sync_period=5, rho=1.0),
@@ -289,45 +244,60 @@ def step_costs(data, batch, sizes, reps, block, log):
         p = optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p0))
       f = jax.jit(step, donate_argnums=0)
       c = f((p, tx.init(p)))
-      steps[name] = [f, jax.block_until_ready(c)]
-    times = {n: [] for n in configs}
-    for r in range(reps):
-      order = list(configs)[r % len(configs):] + list(configs)[: r % len(configs)]
-      for n in order:
-        f, c = steps[n]
-        t0 = time.perf_counter()
-        for _ in range(block):
-          c = f(c)
-        jax.block_until_ready(c)
-        times[n].append(time.perf_counter() - t0)
-        steps[n][1] = c
+      steps[name] = C.Stepper(f, jax.block_until_ready(c), block)
+    t = C.time_interleaved(steps, baseline="base", reps=reps, units=block, warmup=0)
     key = "-".join(str(h) for h in (xtr.shape[1], *hidden, 10))
     out[key] = dict(
         params=n_params,
-        base_step_ms=1e3 * statistics.median(times["base"]) / block,
-        ratios={n: statistics.median(a / b for a, b in zip(times[n], times["base"], strict=True))
-                for n in configs},
-        min_ratios={n: min(times[n]) / min(times["base"]) for n in configs},
+        base_step_ms=1e3 * t.median("base"),
+        ratios={n: t.ratio(n) for n in configs},
+        min_ratios={n: t.min_ratio(n) for n in configs},
         sala_stage2_fraction={
-            n: float(ire_optax.sala_stats(steps[n][1][1])["stage2_fraction"])
+            n: float(ire_optax.sala_stats(steps[n].carry[1])["stage2_fraction"])
             for n in configs if n.startswith("sala")},
         all_finite=all(bool(jnp.all(jnp.isfinite(v)))
-                       for n in configs for v in jax.tree.leaves(steps[n][1][0])),
+                       for n in configs for v in jax.tree.leaves(steps[n].carry[0])),
     )
     log(f"step cost {key}: " + ", ".join(
         f"{n} {out[key]['min_ratios'][n]:.3f} ({v:.3f})" for n, v in out[key]["ratios"].items()))
   return out
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """The cost rows of ``details``: the training run's and the fixed-batch step ratios."""
+  names = {"lookahead": "Lookahead", "sam": "SAM", "sala": "SALA"}
+  out = []
+  for key, name in names.items():
+    s = details["summary"].get(key)
+    if s:
+      note = (f"stage-2 fraction {details['stage2_fraction']:.2f}"
+              if key == "sala" and "stage2_fraction" in details else "")
+      k = details["config"].get(key, {}).get("k")
+      out.append(C.time_row(name, "SGD", "MLP 784-512-256-10, MNIST training run", "train step",
+                            s["time_ratio_median"], "bench_sala", note,
+                            variant=f"k={k}" if k else ""))
+  for task, r in details["step_costs"].items():
+    for label, ratio in r["ratios"].items():
+      if label == "base":
+        continue
+      name = label.split()[0]
+      name = names.get(name, name)
+      variant = label[len(label.split()[0]):].strip(" ()").replace(" (", ", ")
+      out.append(C.time_row(name, "SGD", f"MLP {task}, fixed batch", "train step", ratio,
+                            "bench_sala", variant=variant))
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  C.add_data_dir_argument(ap)
   ap.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
   ap.add_argument("--epochs", type=int, default=8)
   ap.add_argument("--seeds", type=int, default=2)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--reps", type=int, default=30, help="step-cost repetitions")
   args = ap.parse_args()
-  data = load_data()
+  data = load_data(args.data_dir)
   data_name = data[2]
   data = data[:2]
   sizes = [(256, 128), HIDDEN, (1024, 1024)]
@@ -370,9 +340,9 @@ def main():
     )
   frac_epochs = [statistics.mean(r["frac_per_epoch"][e] for r in runs) for e in range(args.epochs)]
 
-  machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs, "
-             f"noisy), jax {jax.__version__}, optax {optax.__version__}")
-  sam_impl = "ire_optax.sam" if hasattr(ire_optax, "sam") else "inline SAM"
+  mach = C.machine()
+  machine = f"{mach['summary']} (shared with other jobs, noisy)"
+  sam_impl = "ire_optax.sam"
   n_rounds = len(ratios["base"])
   lines = [
       "# SALA benchmark: real training run, cost and accuracy vs base, Lookahead and SAM",
@@ -448,17 +418,16 @@ def main():
   table = "\n".join(lines)
   print(table)
   if not args.quick:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sala.md").write_text(table)
-    (out / "sala.json").write_text(json.dumps(dict(
+    details = dict(
         config=dict(data=data_name, epochs=args.epochs, seeds=args.seeds, batch=args.batch,
                     hidden=HIDDEN, lr=LR, momentum=MOMENTUM, wd=WD,
                     sala=dict(k=SALA_K, alpha=SALA_ALPHA, rho=SALA_RHO),
                     lookahead=dict(k=LA_K, alpha=LA_ALPHA), sam=dict(rho=SAM_RHO, impl=sam_impl),
                     machine=machine, wall_s=wall),
         summary=summary, stage2_fraction=frac, stage2_fraction_per_epoch=frac_epochs,
-        step_costs=costs, runs=runs), indent=1))
+        step_costs=costs, runs=runs)
+    C.write_results(C.RESULTS / "sala", benchmark="bench_sala", meta={"machine": mach},
+                    rows=result_rows(details), details=details, markdown=table)
 
 
 if __name__ == "__main__":

@@ -16,42 +16,36 @@ and the peak memory of each compiled step from XLA's ``memory_analysis()``
 (arguments + outputs + temporaries − aliased buffers, params and optimizer
 state donated), as a ratio to ``base`` and as extra parameter-sized buffers.
 
-Models (pure JAX, float32): a small CNN on MNIST (``../shared/data/mnist``, or
-scikit-learn's digits when it is absent) and a small causal char-level
+Models (pure JAX, float32): a small CNN on MNIST (from ``--data-dir``, or
+scikit-learn's digits without it) and a small causal char-level
 transformer on Tiny Shakespeare (or CPython's own source text), two sizes each.
 
 Usage::
 
-  python benchmarks/bench_sam.py                 # full run, writes benchmarks/results/sam.{md,json}
+  python benchmarks/bench_sam.py --data-dir DIR  # full run, writes benchmarks/results/sam.{md,json}
   python benchmarks/bench_sam.py --quick         # smoke run, prints only
 
-Targets (DESIGN/issue 3): sam / base ≤ 2.05, msam(m=8) / sam ≤ 1.15,
+Targets (docs/design.md §2, §4): sam / base ≤ 2.05, msam(m=8) / sam ≤ 1.15,
 sam / optax_sam ≤ 1.0.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import os
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ire_optax  # noqa: E402
+import ire_optax
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 LR, RHO, ASAM_RHO, M = 0.05, 0.05, 0.5, 8
+CNN_STRIDES = (1, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -59,30 +53,18 @@ LR, RHO, ASAM_RHO, M = 0.05, 0.05, 0.5, 8
 # -----------------------------------------------------------------------------
 
 
-def mnist_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
-  img = DATA / "mnist" / "train-images-idx3-ubyte.gz"
-  lab = DATA / "mnist" / "train-labels-idx1-ubyte.gz"
-  if img.exists() and lab.exists():
-    with gzip.open(img) as f:
-      x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(lab) as f:
-      y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return x[:n, :, :, None].astype(np.float32) / 255.0, y[:n].astype(np.int32), "MNIST"
-  from sklearn.datasets import load_digits
-
-  d = load_digits()
-  return (d.images[:n, :, :, None] / 16.0).astype(np.float32), d.target[:n].astype(np.int32), \
-      "sklearn digits (MNIST not found)"
+def mnist_images(n: int, data_dir) -> tuple[np.ndarray, np.ndarray, str]:
+  img = C.load_images(data_dir, scale="unit")
+  name = "MNIST" if img.name == "mnist" else "sklearn digits (MNIST not found)"
+  return img.x_train[:n], img.y_train[:n], name
 
 
-def char_tokens(n: int) -> tuple[np.ndarray, int, str]:
-  path = DATA / "tinyshakespeare" / "input.txt"
-  if path.exists():
-    text, name = path.read_text()[: 4 * n], "Tiny Shakespeare"
-  else:
-    text, name = Path(os.__file__).read_text()[: 4 * n], "CPython os.py source"
-  vocab = sorted(set(text))
-  ids = np.array([vocab.index(c) for c in text[:n]], np.int32)
+def char_tokens(n: int, data_dir) -> tuple[np.ndarray, int, str]:
+  text, name = C.read_text(data_dir, "tinyshakespeare", "input.txt")
+  text = text[: 4 * n]
+  name = "Tiny Shakespeare" if "tinyshakespeare" in name else name
+  vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+  ids = np.array([vocab[c] for c in text[:n]], np.int32)
   return ids, len(vocab), name
 
 
@@ -91,23 +73,12 @@ def char_tokens(n: int) -> tuple[np.ndarray, int, str]:
 # -----------------------------------------------------------------------------
 
 
-def cnn_init(key, width):
-  k = jax.random.split(key, 3)
-  he = lambda kk, shape, fan_in: jax.random.normal(kk, shape) * np.sqrt(2.0 / fan_in)
-  return {
-      "c1": he(k[0], (3, 3, 1, width), 9),
-      "c2": he(k[1], (3, 3, width, 2 * width), 9 * width),
-      "out": he(k[2], (2 * width, 10), 2 * width),
-  }
+def cnn_init(key, width, image_size):
+  return C.cnn_init(key, channels=(width, 2 * width), strides=CNN_STRIDES, image_size=image_size)
 
 
 def cnn_loss(p, batch):
-  dn = ("NHWC", "HWIO", "NHWC")
-  h = jax.nn.relu(jax.lax.conv_general_dilated(batch["x"], p["c1"], (1, 1), "SAME",
-                                               dimension_numbers=dn))
-  h = jax.nn.relu(jax.lax.conv_general_dilated(h, p["c2"], (2, 2), "SAME", dimension_numbers=dn))
-  logits = h.mean(axis=(1, 2)) @ p["out"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+  return C.cross_entropy(C.cnn_logits(p, batch["x"], strides=CNN_STRIDES), batch["y"])
 
 
 def tfm_init(key, vocab, d, layers, seq):
@@ -227,26 +198,19 @@ def bench_task(name, loss, params, batches, *, reps, steps):
   same = max(float(jnp.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True))
 
-  times = {opt: [] for opt in runners}
-  order = list(runners)
-  for r in range(reps):
-    rot = order[r % len(order):] + order[: r % len(order)]  # interleave, rotate the order
-    for opt in rot:
-      compiled, p, state = runners[opt]
-      t0 = time.perf_counter()
-      for i in range(steps):
-        p, state, _ = compiled(p, state, batches[(i + 1) % len(batches)])
-      jax.block_until_ready(p)
-      times[opt].append((time.perf_counter() - t0) / steps)
-      runners[opt][1:] = [p, state]
-  med = {opt: statistics.median(v) for opt, v in times.items()}
+  blocks = {
+      opt: C.Stepper(lambda c, b, f=compiled: f(*c, b)[:2], (p, state), steps,
+                     args_at=lambda i: (batches[(i % steps + 1) % len(batches)],))
+      for opt, (compiled, p, state) in runners.items()}
+  timings = C.time_interleaved(blocks, baseline="base", reps=reps, units=steps, warmup=0)
+  times = timings.seconds
+  med = {opt: timings.median(opt) for opt in times}
   # Paired ratios: both optimizers of a pair ran in the same repetition, a few
   # seconds apart, so slow drifts of the machine's load cancel.
   pairs = {"sam/base": ("sam", "base"), "asam/base": ("asam", "base"),
            "sam/optax_sam": ("sam", "optax_sam"), "msam8_vmap/sam": ("msam8_vmap", "sam"),
            "msam8_scan/sam": ("msam8_scan", "sam"), "msam8_unroll/sam": ("msam8_unroll", "sam")}
-  ratios = {k: statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-            for k, (a, b) in pairs.items()}
+  ratios = {k: timings.ratio(a, baseline=b) for k, (a, b) in pairs.items()}
   return {
       "task": name,
       "n_params": int(n_params),
@@ -260,16 +224,16 @@ def bench_task(name, loss, params, batches, *, reps, steps):
   }
 
 
-def tasks(quick):
-  x, y, img_name = mnist_images(4 * 128)
+def tasks(quick, data_dir):
+  x, y, img_name = mnist_images(4 * 128, data_dir)
   bs = 64 if quick else 128
   img_batches = [{"x": jnp.asarray(x[i:i + bs]), "y": jnp.asarray(y[i:i + bs])}
                  for i in range(0, 4 * bs, bs)][:4]
-  ids, vocab, txt_name = char_tokens(200_000)
+  ids, vocab, txt_name = char_tokens(200_000, data_dir)
   out = []
   for width in ((8,) if quick else (8, 16)):
     out.append((f"CNN w={width} ({img_name}, batch {bs}, {x.shape[1]}x{x.shape[2]})", cnn_loss,
-                cnn_init(jax.random.PRNGKey(0), width), img_batches))
+                cnn_init(jax.random.key(0), width, x.shape[1]), img_batches))
   for d, layers, seq, b in (((32, 1, 32, 16),) if quick else ((64, 2, 64, 32), (128, 2, 64, 32))):
     rng = np.random.default_rng(0)
     batches = []
@@ -277,7 +241,7 @@ def tasks(quick):
       starts = rng.integers(0, len(ids) - seq - 1, size=b)
       batches.append({"tokens": jnp.asarray(np.stack([ids[s:s + seq + 1] for s in starts]))})
     out.append((f"char transformer d={d} L={layers} (seq {seq}, batch {b}, {txt_name})",
-                tfm_loss, tfm_init(jax.random.PRNGKey(0), vocab, d, layers, seq), batches))
+                tfm_loss, tfm_init(jax.random.key(0), vocab, d, layers, seq), batches))
   return out
 
 
@@ -349,26 +313,42 @@ NOTES = """
 """
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """The cost rows of ``details`` (``{"results": [...]}``): SAM, ASAM, mSAM vs the base."""
+  out = []
+  for r in details["results"]:
+    t, s, p = r["task"], r["median_step_s"], r["median_paired_ratio"]
+    out.append(C.time_row("SAM", "SGD", t, "train step", p["sam/base"], "bench_sam"))
+    out.append(C.time_row("ASAM", "SGD", t, "train step", p["asam/base"], "bench_sam"))
+    for mode in ("vmap", "scan", "unroll"):
+      key = f"msam8_{mode}"
+      if key in s:
+        out.append(C.time_row("mSAM", "SGD", t, "train step", s[key] / s["base"], "bench_sam",
+                              "ratio of median step times", variant=f"m=8, {mode}"))
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  C.add_data_dir_argument(ap)
   ap.add_argument("--reps", type=int, default=9)
   ap.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
   ap.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
-  ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sam"))
+  ap.add_argument("--out", default=str(C.RESULTS / "sam"))
   args = ap.parse_args(argv)
   reps = 2 if args.quick else args.reps
   steps = 2 if args.quick else args.steps
   t0 = time.time()
   results = []
-  for name, loss, params, batches in tasks(args.quick):
+  for name, loss, params, batches in tasks(args.quick, args.data_dir):
     print(f"[bench_sam] {name} ...", flush=True)
     results.append(bench_task(name, loss, params, batches, reps=reps, steps=steps))
-  machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__} "
-             f"({jax.default_backend()}), optax {optax.__version__}")
+  mach = C.machine()
+  machine = mach["summary"]
   md = (
       "# SAM / ASAM / mSAM train-step cost (benchmarks/bench_sam.py)\n\n"
-      f"Machine: {machine}; shared with other jobs (load average "
-      f"{os.getloadavg()[0]:.1f} at the end), so single timings vary by tens of percent. "
+      f"Machine: {machine} at the end; shared with other jobs, so single timings vary by "
+      "tens of percent. "
       f"One process. A repetition runs {steps} jitted train steps of every optimizer in "
       "turn (rotating order; compilation and one warm-up step excluded; "
       "`jax.block_until_ready`). Each ratio is the median over "
@@ -389,10 +369,9 @@ def main(argv=None):
   )
   print(md)
   if not args.quick:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text(md)
-    Path(args.out + ".json").write_text(json.dumps(
-        {"machine": machine, "reps": reps, "steps": steps, "results": results}, indent=1))
+    details = {"machine": machine, "reps": reps, "steps": steps, "results": results}
+    C.write_results(Path(args.out), benchmark="bench_sam", meta={"machine": mach},
+                    rows=result_rows(details), details=details, markdown=md)
     print(f"wrote {args.out}.md and .json")
 
 

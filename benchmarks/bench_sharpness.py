@@ -2,8 +2,8 @@
 
 For an MLP (784-h-h-10, ReLU) and a small CNN (on 14x14 images: three 3x3
 convolutions with widths c, 2c, 2c, the last two with stride 2, global mean
-pool, dense) on a batch of 128 MNIST images (``../shared/data/mnist``; scikit-learn's digits,
-upsampled to 28x28, when MNIST is absent), at three sizes each, this times in
+pool, dense) on a batch of 128 MNIST images (from ``--data-dir``; scikit-learn's digits,
+upsampled to 28x28, without it), at three sizes each, this times in
 one process
 
 * ``grad``  -- ``jax.grad(loss)(params, batch)`` (the unit),
@@ -27,7 +27,7 @@ repetitions of that ratio (the machine is shared and loaded).
 
 Usage::
 
-  python benchmarks/bench_sharpness.py           # writes benchmarks/results/sharpness.{md,json}
+  python benchmarks/bench_sharpness.py --data-dir DIR  # writes results/sharpness.{md,json}
   python benchmarks/bench_sharpness.py --quick   # smoke run, prints only
 """
 
@@ -35,25 +35,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
-import json
-import os
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
+import _common as C
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ire_optax.sharpness as sh  # noqa: E402
+import ire_optax.sharpness as sh
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 BATCH = 128
+CNN_STRIDES = (1, 2, 2)
 
 # name -> (function of (loss, params, batch, key), HVPs per call, gradients per call)
 MEASURES = {
@@ -85,63 +77,28 @@ MEASURES = {
 # -----------------------------------------------------------------------------
 
 
-def load_batch():
-  images = DATA / "mnist" / "train-images-idx3-ubyte.gz"
-  labels = DATA / "mnist" / "train-labels-idx1-ubyte.gz"
-  if images.exists() and labels.exists():
-    with gzip.open(images) as f:
-      x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:BATCH]
-    with gzip.open(labels) as f:
-      y = np.frombuffer(f.read(), np.uint8, offset=8)[:BATCH]
-    return "MNIST (first 128 training images)", x.astype(np.float32) / 255.0, y.astype(np.int32)
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  x = np.kron(d.images[:BATCH], np.ones((4, 4)))[:, 2:30, 2:30] / 16.0  # 8x8 -> 28x28
-  return "scikit-learn digits upsampled to 28x28 (MNIST absent)", x.astype(np.float32), \
-      d.target[:BATCH].astype(np.int32)
-
-
-def _ce(logits, y):
-  picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+def load_batch(data_dir):
+  img = C.load_images(data_dir, scale="unit")
+  x, y = img.x_train[:BATCH, :, :, 0], img.y_train[:BATCH]
+  if img.name == "mnist":
+    return "MNIST (first 128 training images)", x, y
+  x = np.kron(x, np.ones((4, 4), np.float32))[:, 2:30, 2:30]  # 8x8 -> 28x28
+  return "scikit-learn digits upsampled to 28x28 (MNIST absent)", x, y
 
 
 def mlp(width: int, key):
-  sizes = (784, width, width, 10)
-  keys = jax.random.split(key, len(sizes) - 1)
-  params = [{"w": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), "b": jnp.zeros((b,))}
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
-
-  def loss(params, batch):
-    h = batch["x"].reshape(batch["x"].shape[0], -1)
-    for i, layer in enumerate(params):
-      h = h @ layer["w"] + layer["b"]
-      if i < len(params) - 1:
-        h = jax.nn.relu(h)
-    return _ce(h, batch["y"])
-
-  return params, loss
+  params = C.mlp_init(key, (784, width, width, 10))
+  return params, lambda p, batch: C.cross_entropy(C.mlp_logits(p, batch["x"]), batch["y"])
 
 
 def cnn(width: int, key):
-  chans = (1, width, 2 * width, 2 * width)
-  keys = jax.random.split(key, 4)
-  params = {
-      "conv": [{"w": jax.random.normal(k, (3, 3, a, b)) * np.sqrt(2.0 / (9 * a)),
-                "b": jnp.zeros((b,))}
-               for k, a, b in zip(keys[:3], chans[:-1], chans[1:], strict=True)],
-      "dense": {"w": jax.random.normal(keys[3], (chans[-1], 10)) / np.sqrt(chans[-1]),
-                "b": jnp.zeros((10,))},
-  }
+  params = C.cnn_init(key, channels=(width, 2 * width, 2 * width), strides=CNN_STRIDES,
+                      image_size=14)
 
   def loss(params, batch):
     x = batch["x"]
     h = x.reshape(x.shape[0], 14, 2, 14, 2).mean((2, 4))[..., None]  # 28x28 -> 14x14
-    for layer, stride in zip(params["conv"], (1, 2, 2), strict=True):
-      h = jax.lax.conv_general_dilated(h, layer["w"], (stride, stride), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      h = jax.nn.relu(h + layer["b"])
-    return _ce(h.mean((1, 2)) @ params["dense"]["w"] + params["dense"]["b"], batch["y"])
+    return C.cross_entropy(C.cnn_logits(params, h, strides=CNN_STRIDES), batch["y"])
 
   return params, loss
 
@@ -159,34 +116,34 @@ def bench_one(loss, params, batch, reps: int, names):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(params, batch, key))
     compile_s[name] = time.perf_counter() - t0
-  times = {name: [] for name in fns}
-  for rep in range(reps):
-    names = list(fns)
-    names = names[rep % len(names):] + names[:rep % len(names)]  # rotate the order
-    for name in names:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[name](params, batch, key))
-      times[name].append(time.perf_counter() - t0)
-  ratios = {name: [t / g for t, g in zip(times[name], times["grad"], strict=True)]
-            for name in fns}
+  blocks = {name: functools.partial(fn, params, batch, key) for name, fn in fns.items()}
+  t = C.time_interleaved(blocks, baseline="grad", reps=reps, warmup=0)
+  s = t.summary()
   return {
-      "grad_ms": 1e3 * statistics.median(times["grad"]),
-      "ratio_median": {n: statistics.median(r) for n, r in ratios.items()},
-      "ratio_min": {n: min(r) for n, r in ratios.items()},
-      "ratio_max": {n: max(r) for n, r in ratios.items()},
-      "seconds_median": {n: statistics.median(t) for n, t in times.items()},
+      "grad_ms": 1e3 * t.median("grad"),
+      "ratio_median": s["ratio"], "ratio_min": s["ratio_min"], "ratio_max": s["ratio_max"],
+      "seconds_median": s["median_s"],
       "compile_s": compile_s,
   }
 
 
+def result_rows(details: dict[str, Any]) -> list[C.Row]:
+  """One row per (model, measure): its cost in gradients (median ratio to ``grad``)."""
+  return [C.Row(name, f"{r['model']} width {r['width']} ({r['num_params']:,} params)",
+                "grad_ratio", v, base="grad", what=MEASURES[name][2], n=details["reps"],
+                source="bench_sharpness")
+          for r in details["rows"] for name, v in r["ratio_median"].items() if name != "grad"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  C.add_data_dir_argument(parser)
   parser.add_argument("--quick", action="store_true", help="one small size, 2 reps, no files")
   parser.add_argument("--reps", type=int, default=7)
   args = parser.parse_args()
   reps = 2 if args.quick else args.reps
-  data_name, x, y = load_batch()
-  batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+  data_name, x, y = load_batch(args.data_dir)
+  batch = {"x": jax.numpy.asarray(x), "y": jax.numpy.asarray(y)}
   configs = [("mlp", mlp, w) for w in (128, 512, 1024)] + [("cnn", cnn, c) for c in (4, 8, 16)]
   if args.quick:
     configs = [("mlp", mlp, 128), ("cnn", cnn, 4)]
@@ -207,6 +164,7 @@ def main():
   total = time.perf_counter() - start
   if args.quick:
     return
+  machine = C.machine()
 
   header = [
       "# Sharpness toolkit: cost relative to one gradient",
@@ -216,8 +174,7 @@ def main():
       "(c→2c), conv3x3/2 (2c→2c), ReLU, global mean pool, dense (2c→10). Power iteration is "
       "timed on the MLPs only (same HVP count as Lanczos), the `unroll=True` variants on the "
       "CNNs only.",
-      f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs, "
-      f"loaded), jax {jax.__version__}, backend {jax.default_backend()}. One process; every "
+      f"- Machine: {machine['summary']} (shared with other jobs, loaded). One process; every "
       "function jitted with the batch as an argument and compiled before timing; functions "
       f"timed round-robin (rotating order) in each of {reps} repetitions; each time is divided "
       "by the gradient time of the same repetition; table: median ratio (min–max). "
@@ -265,13 +222,12 @@ def main():
       "columns. The machine is shared and loaded, so ratios vary between repetitions (see the "
       "min–max ranges).",
   ]
-  out = ROOT / "benchmarks" / "results"
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "sharpness.md").write_text("\n".join(header + table + footer) + "\n")
-  (out / "sharpness.json").write_text(json.dumps(
-      {"data": data_name, "batch": BATCH, "reps": reps, "jax": jax.__version__,
-       "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "total_s": total,
-       "hvps_per_call": {n: m[1] for n, m in MEASURES.items()}, "rows": rows}, indent=1))
+  details = {"data": data_name, "batch": BATCH, "reps": reps, "jax": jax.__version__,
+             "machine": machine["summary"], "total_s": total,
+             "hvps_per_call": {n: m[1] for n, m in MEASURES.items()}, "rows": rows}
+  C.write_results(C.RESULTS / "sharpness", benchmark="bench_sharpness",
+                  meta={"machine": machine}, rows=result_rows(details), details=details,
+                  markdown="\n".join(header + table + footer))
   print("\n".join(table))
 
 

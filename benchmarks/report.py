@@ -2,15 +2,18 @@
 
 Every number here is read from the machine-readable results that the benchmark
 scripts write under ``benchmarks/results/`` (nothing is measured or typed in
-by hand):
+by hand). Every script writes its results in one schema
+(``_common.write_results``: a list of ``Row`` records plus the script's own
+details); this script reads only the rows:
 
 * ``cost.md`` / ``cost.json``: the per-step cost of every optimizer relative
-  to its base optimizer, gathered from ``bench_ire``, ``bench_sam``,
-  ``bench_sala``, ``bench_multidevice``, ``bench_generalization`` and
-  ``bench_pretraining``, one row per (optimizer, model, source).
+  to its base optimizer (every row with ``metric == "time_ratio"``), one row
+  per (optimizer, model, source).
 * the block of ``README.md`` between ``<!-- results:begin -->`` and
-  ``<!-- results:end -->``: the summary tables of the two paper-claim
-  benchmarks and a digest of the cost table.
+  ``<!-- results:end -->``: the summary tables of the paper-claim
+  benchmarks and a digest of the cost table;
+* the block of ``docs/choosing.md`` between ``<!-- claims:begin -->`` and
+  ``<!-- claims:end -->``: every accuracy claim tested, paired by seed.
 
 Usage::
 
@@ -24,126 +27,50 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+ROOT, RESULTS = C.ROOT, C.RESULTS
 README = ROOT / "README.md"
+CHOOSING = ROOT / "docs" / "choosing.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+CLAIMS_BEGIN, CLAIMS_END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
-# Optimizers in the order the cost table lists them.
+# Optimizers in the order the cost table lists them, and the benchmarks within each.
 ORDER = ("AdamW+IRE", "SGD+IRE", "SAM", "SAM+IRE", "ASAM", "mSAM", "SALA", "Lookahead")
-
-
-def _load(results: Path, name: str) -> Any:
-  path = results / name
-  return json.loads(path.read_text()) if path.exists() else None
+SOURCES = ("bench_ire", "bench_selection", "bench_sam", "bench_sala", "bench_multidevice",
+           "bench_train_step", "bench_generalization", "bench_label_noise", "bench_pretraining")
 
 
 def _row(optimizer: str, base: str, task: str, what: str, ratio: float, source: str,
          note: str = "", variant: str = "", *, interleaved: bool = True) -> dict:
-  """One cost measurement. ``interleaved``: optimizer and base timed in alternation."""
+  """One cost-table entry. ``interleaved``: optimizer and base timed in alternation."""
   return dict(optimizer=optimizer, variant=variant, base=base, task=task, what=what,
               ratio=float(ratio), source=source, note=note, interleaved=interleaved)
 
 
-def _ire_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
-  for r in d["rows"]:
-    c = r["cpu"]
-    yield _row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", "update (K=10)",
-               c["amortized_ratio_K10"], "bench_ire",
-               f"refresh = {c['refresh_cost_adamw_updates']:.1f} AdamW updates (CPU time)",
-               variant="grad_sq")
-
-
-def _sam_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
-  for r in d["results"]:
-    t, s, p = r["task"], r["median_step_s"], r["median_paired_ratio"]
-    yield _row("SAM", "SGD", t, "train step", p["sam/base"], "bench_sam")
-    yield _row("ASAM", "SGD", t, "train step", p["asam/base"], "bench_sam")
-    for mode in ("vmap", "scan", "unroll"):
-      key = f"msam8_{mode}"
-      if key in s:
-        yield _row("mSAM", "SGD", t, "train step", s[key] / s["base"], "bench_sam",
-                   "ratio of median step times", variant=f"m=8, {mode}")
-
-
-def _sala_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
-  names = {"lookahead": "Lookahead", "sam": "SAM", "sala": "SALA"}
-  for key, name in names.items():
-    s = d["summary"].get(key)
-    if s:
-      note = (f"stage-2 fraction {d['stage2_fraction']:.2f}"
-              if key == "sala" and "stage2_fraction" in d else "")
-      k = d["config"].get(key, {}).get("k")
-      yield _row(name, "SGD", "MLP 784-512-256-10, MNIST training run", "train step",
-                 s["time_ratio_median"], "bench_sala", note, variant=f"k={k}" if k else "")
-  for task, r in d["step_costs"].items():
-    for label, ratio in r["ratios"].items():
-      if label == "base":
-        continue
-      name = label.split()[0]
-      name = names.get(name, name)
-      variant = label[len(label.split()[0]):].strip(" ()").replace(" (", ", ")
-      yield _row(name, "SGD", f"MLP {task}, fixed batch", "train step", ratio, "bench_sala",
-                 variant=variant)
-
-
-def _multidevice_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
-  names = {"adamw+ire": "AdamW+IRE", "sam": "SAM", "msam": "mSAM"}
-  for r in d["results"]:
-    if r["devices"] != 1:
-      continue
-    for placement, opts in r["placements"].items():
-      for key, name in names.items():
-        if key in opts:
-          yield _row(name, "AdamW", f"MLP {r['params']:,} params, digits, 1 device",
-                     "train step", opts[key]["time_ratio_to_adamw"], "bench_multidevice",
-                     f"jit over {placement}",
-                     variant={"msam": "m=8, vmap", "adamw+ire": "grad_sq"}.get(key, ""))
-
-
-def _generalization_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
-  bases = {"resnet": "SGD", "vit": "AdamW"}
-  models = {"resnet": "ResNet-8", "vit": "ViT"}
-  for a in d["aggregates"]:
-    name, base = a["optimizer"], bases.get(a["model"], "")
-    if name == base or a.get("time_ratio") is None:
-      continue
-    variant = ""
-    if name.startswith("mSAM-"):
-      name, variant = "mSAM", f"m={name.split('-')[1]}"
-    elif name.endswith("+IRE") and name != "SAM+IRE":
-      name, variant = f"{base}+IRE", "fisher"
-    yield _row(name, base, f"{models.get(a['model'], a['model'])}, {a['dataset']}",
-               "train step", a["time_ratio"], "bench_generalization",
-               f"median of {a['n']} seeds", variant, interleaved=False)
-
-
-def _pretraining_rows(d: Any) -> Iterable[dict]:
-  if not d:
-    return
+def _legacy_pretraining_rows(results: Path) -> list[dict]:
+  """``pretraining.json`` written before the common schema (read until it is re-run)."""
+  path = results / "pretraining.json"
+  if not path.exists():
+    return []
+  d = json.loads(path.read_text())
+  if d.get("schema") == C.SCHEMA:
+    return []  # read with the other files
+  rows = []
   for key, seeds in d["results"].items():
     ds = d["datasets"][key]
     for est in d["config"]["estimators"]:
-      ratios = sorted(s["metrics"][est]["time_per_step_ratio"] for s in seeds.values()
-                      if est in s.get("metrics", {}))
+      ratios = [s["metrics"][est]["time_per_step_ratio"] for s in seeds.values()
+                if est in s.get("metrics", {})]
       if ratios:
-        yield _row("AdamW+IRE", "AdamW", f"Llama mini ({ds['params']:,} params), {ds['label']}",
-                   "train step", _median(ratios), "bench_pretraining",
-                   f"median of {len(ratios)} seeds", variant=est, interleaved=False)
+        rows.append(_row("AdamW+IRE", "AdamW",
+                         f"Llama mini ({ds['params']:,} params), {ds['label']}", "train step",
+                         _median(ratios), "bench_pretraining", f"median of {len(ratios)} seeds",
+                         variant=est, interleaved=False))
+  return rows
 
 
 def _median(values: list[float]) -> float:
@@ -152,20 +79,21 @@ def _median(values: list[float]) -> float:
 
 
 def cost_rows(results: Path = RESULTS) -> list[dict]:
-  """Every per-step cost ratio found in the committed results, in table order."""
-  rows = [
-      *_ire_rows(_load(results, "ire.json")),
-      *_sam_rows(_load(results, "sam.json")),
-      *_sala_rows(_load(results, "sala.json")),
-      *_multidevice_rows(_load(results, "multidevice.json")),
-      *_generalization_rows(_load(results, "generalization.json")),
-      *_pretraining_rows(_load(results, "pretraining.json")),
-  ]
+  """Every optimizer's per-step time ratio in the results (rows with ``metric ==
+  "time_ratio"`` whose optimizer is one of ``ORDER``: micro-benchmarks of internal pieces
+  stay in their own tables), in table order."""
+  rows = [_row(r.optimizer, r.base, r.task, r.what, r.value, r.source, r.note, r.variant,
+               interleaved=r.interleaved)
+          for r in C.read_rows(results)
+          if r.metric == "time_ratio" and r.optimizer.split(" ")[0] in ORDER]
+  rows += _legacy_pretraining_rows(results)
   for r in rows:
     if not (math.isfinite(r["ratio"]) and r["ratio"] > 0):
       raise ValueError(f"bad cost ratio in {r}")
   rank = {name: i for i, name in enumerate(ORDER)}
-  return sorted(rows, key=lambda r: rank.get(r["optimizer"].split(" ")[0], len(ORDER)))
+  src = {name: i for i, name in enumerate(SOURCES)}
+  return sorted(rows, key=lambda r: (rank.get(r["optimizer"].split(" ")[0], len(ORDER)),
+                                     src.get(r["source"], len(SOURCES))))
 
 
 def _table(head: list[str], rows: list[list[str]], align: str) -> str:
@@ -228,7 +156,10 @@ def readme_block(results: Path = RESULTS) -> str:
   parts = [BEGIN, "<!-- generated by `python benchmarks/report.py`; edit that script, not this "
            "block -->", ""]
   for name, title in (("pretraining_summary.md", "IRE and AdamW pre-training"),
-                      ("generalization_summary.md", "Generalization (ResNet, ViT)")):
+                      ("pretraining_official_summary.md",
+                       "IRE and AdamW pre-training with the authors' settings"),
+                      ("generalization_summary.md", "Generalization (ResNet, ViT)"),
+                      ("label_noise_summary.md", "Robustness to label noise (MNIST, small CNN)")):
     path = results / name
     if path.exists():
       parts += [f"**{title}** ([full table](benchmarks/results/{name.replace('_summary', '')}))",
@@ -242,21 +173,49 @@ def readme_block(results: Path = RESULTS) -> str:
   return "\n".join(parts)
 
 
-def replace_block(text: str, block: str) -> str:
+def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
   """``text`` with the part between the markers (inclusive) replaced by ``block``."""
-  i, j = text.find(BEGIN), text.find(END)
+  i, j = text.find(begin), text.find(end)
   if i < 0 or j < i:
-    raise ValueError(f"README.md has no {BEGIN} ... {END} block")
-  return text[:i] + block + text[j + len(END):]
+    raise ValueError(f"the file has no {begin} ... {end} block")
+  return text[:i] + block + text[j + len(end):]
 
 
-def outputs(results: Path = RESULTS, readme: Path = README) -> dict[Path, str]:
+_MODEL = {"resnet": "ResNet-8", "vit": "ViT"}
+
+
+def claims_block(results: Path = RESULTS) -> str:
+  """``docs/choosing.md``'s table of the papers' accuracy claims, paired by seed, from the
+  generalization and label-noise results."""
+  lines = [CLAIMS_BEGIN, "<!-- generated by `python benchmarks/report.py` from the results' "
+           "JSON; edit that script, not this block -->", "",
+           "| claim (better than worse) | setting | Δ test accuracy (pp), mean ± std over seeds "
+           "| verdict | source |", "|---|---|---:|---|---|"]
+  gen = C.read_results(results / "generalization.json")
+  for c in (gen["details"].get("orderings", []) if gen else []):
+    lines.append(f"| {c['better']} > {c['worse']} | {_MODEL.get(c['model'], c['model'])}, "
+                 f"{c['dataset']}, clean labels | {100 * c['mean']:+.2f} ± {100 * c['std']:.2f} "
+                 f"| {c['verdict']} | `generalization.md` |")
+  ln = C.read_results(results / "label_noise.json")
+  for c in (ln["details"].get("claims", []) if ln else []):
+    when = "final" if c["metric"] == "eval_acc_final" else "best epoch"
+    lines.append(f"| {c['better']} > {c['worse']} | small CNN, MNIST, "
+                 f"{round(100 * c['noise'])}% label noise, {when} | {100 * c['mean']:+.2f} ± "
+                 f"{100 * c['std']:.2f} | {c['verdict']} | `label_noise.md` |")
+  lines.append(CLAIMS_END)
+  return "\n".join(lines)
+
+
+def outputs(results: Path = RESULTS, readme: Path = README,
+            choosing: Path = CHOOSING) -> dict[Path, str]:
   """What the report writes: ``{path: content}``."""
   rows = cost_rows(results)
   return {
       results / "cost.md": cost_markdown(rows),
       results / "cost.json": json.dumps(rows, indent=1) + "\n",
       readme: replace_block(readme.read_text(), readme_block(results)),
+      choosing: replace_block(choosing.read_text(), claims_block(results), CLAIMS_BEGIN,
+                              CLAIMS_END),
   }
 
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _common as C  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = os.environ.get(C.DATA_ENV)
 
 
 def test_data_dir_argument_defaults_to_the_environment(monkeypatch):
@@ -43,7 +44,7 @@ def test_images_fall_back_to_digits_without_a_data_dir(tmp_path):
   assert len(text) > 10_000 and "CPython" in name
 
 
-@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="the MNIST data directory is absent")
+@pytest.mark.skipif(C.mnist_dir(DATA) is None, reason="$IRE_OPTAX_DATA/mnist not present")
 def test_mnist_from_the_data_dir_in_both_scales():
   unit = C.load_images(DATA, scale="unit")
   assert unit.name == "mnist" and unit.x_train.shape[1:] == (28, 28, 1)

@@ -22,7 +22,7 @@ def test_smoke_run_writes_every_output(tmp_path):
   for name in ("generalization.json", "generalization.csv", "generalization.md",
                "generalization.png", "generalization_summary.md"):
     assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
-  rows = json.loads((tmp_path / "generalization.json").read_text())["runs"]
+  rows = json.loads((tmp_path / "generalization.json").read_text())["details"]["runs"]
   with (tmp_path / "generalization.csv").open() as f:
     assert len(list(csv.DictReader(f))) == len(rows)
   # Every optimizer kind ran once (split between the two models) and nothing else.

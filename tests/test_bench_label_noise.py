@@ -82,3 +82,30 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="other settings"):
     bl.main(["--smoke", "--out", str(tmp_path), "--epochs", "1"])
   assert res["out"] == str(tmp_path)
+
+
+def test_merge_adds_the_other_process_runs_once(tmp_path):
+  config = {"batch": 128, "epochs": 10, "seeds": [0, 1, 2]}
+  meta = {"command": "c", "machine": {"summary": "m"}, "config": config, "lr": 0.1,
+          "data": "d", "wall_s": 60.0, "params": 1}
+  a = [_run("SGD", 0, 0.90, 0.01), _run("SAM", 0, 0.93, 0.02)]
+  b = [_run("SAM", 0, 0.50, 0.02), _run("SGD", 1, 0.92, 0.01), _run("SAM", 1, 0.95, 0.02)]
+  for name, runs, wall in (("a", a, 60.0), ("b", b, 120.0)):
+    (tmp_path / name).mkdir()
+    C.write_results(tmp_path / name / "label_noise", benchmark="bench_label_noise",
+                    meta=dict(meta, wall_s=wall),
+                    details={"config": config, "grid": [], "runs": runs})
+  (tmp_path / "c").mkdir()
+  C.write_results(tmp_path / "c" / "label_noise", benchmark="bench_label_noise", meta=meta,
+                  details={"config": dict(config, epochs=5), "grid": [], "runs": b})
+  with pytest.raises(SystemExit, match="other settings"):
+    bl.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "c" / "label_noise.json")])
+  bl.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b" / "label_noise.json")])
+  doc = C.read_results(tmp_path / "a" / "label_noise.json")
+  got = {(r["seed"], r["optimizer"]): r["eval_acc_final"] for r in doc["details"]["runs"]}
+  # The first file's run wins for a key both have; the others are added.
+  assert got == {(0, "SGD"): 0.90, (0, "SAM"): 0.93, (1, "SGD"): 0.92, (1, "SAM"): 0.95}
+  assert doc["meta"]["wall_s"] == 120.0
+  sam = [c for c in doc["details"]["claims"] if c["worse"] == "SGD" and c["better"] == "SAM"
+         and c["metric"] == "eval_acc_final"]
+  assert sam[0]["n"] == 2 and sam[0]["diffs"] == pytest.approx([0.03, 0.03])

@@ -42,8 +42,16 @@ def test_replace_block_and_digest(tmp_path):
   rows.append(report._row("SAM", "SGD", "u", "update (K=10)", 99.0, "x"))  # not a train step
   digest = report.cost_digest(rows)
   assert "| SAM | 4 | 2.50 | 1.00–10.00 |" in digest
+  # Every results file is read through its rows: time ratios only, in table order.
+  common = report.C
+  common.write_results(tmp_path / "a", benchmark="x", meta={}, rows=[
+      common.time_row("SALA", "SGD", "t", "train step", 1.2, "bench_sala"),
+      common.time_row("SAM", "SGD", "t", "train step", 2.0, "bench_sam"),
+      common.Row("SAM", "t", "test_acc", 0.9)])  # not a cost
+  (tmp_path / "legacy.json").write_text(json.dumps({"results": []}))  # other schema: skipped
+  got = report.cost_rows(tmp_path)
+  assert [(r["optimizer"], r["ratio"]) for r in got] == [("SAM", 2.0), ("SALA", 1.2)]
   with pytest.raises(ValueError, match="bad cost ratio"):
-    (tmp_path / "sam.json").write_text(json.dumps({"results": [{
-        "task": "t", "median_step_s": {"base": 1.0}, "median_paired_ratio": {
-            "sam/base": float("nan"), "asam/base": 1.0}}]}))
+    common.write_results(tmp_path / "b", benchmark="x", meta={}, rows=[
+        common.time_row("SAM", "SGD", "t", "train step", float("nan"), "bench_sam")])
     report.cost_rows(tmp_path)
