@@ -45,7 +45,7 @@ and a restarted run resumes from them.
 
 Usage::
 
-  python benchmarks/bench_label_noise.py --data-dir DIR      # 45 runs; ~40 min on one idle core
+  python benchmarks/bench_label_noise.py --data-dir DIR      # 45 runs (committed: 76 min, 2 procs)
   # two processes sharing the runs, then one report:
   python benchmarks/bench_label_noise.py --data-dir DIR --out A
   python benchmarks/bench_label_noise.py --data-dir DIR --out B --only SALA Lookahead --reverse
