@@ -19,8 +19,13 @@ Targets (on each model): IRE (every estimator) <= 1.15x its base, SAM/ASAM
 
 Usage::
 
-  flock /tmp/ire_bench.lock python benchmarks/bench_train_step.py        # ~15 min, 2 cores
-  python benchmarks/bench_train_step.py --smoke                          # seconds (tests)
+  python benchmarks/bench_train_step.py --lock LOCKFILE   # compiles ~15 steps per model
+  python benchmarks/bench_train_step.py --smoke            # toy sizes (the tests)
+
+``--lock`` holds an exclusive ``flock`` on a file while timing only (not while
+compiling), so that timings of several benchmarks never overlap; ``--part``
+writes one model's measurements and ``--merge`` the table from several parts
+(one process per model, run side by side).
 """
 
 from __future__ import annotations
