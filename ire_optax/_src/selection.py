@@ -76,8 +76,8 @@ _U32 = jnp.uint32
 # Every count is an exact uint32 sum over fewer than this many values; larger sums are
 # two-word. (A module constant so that tests can exercise the two-word path on small trees.)
 _WORD_LIMIT = 1 << 32
-# Bits resolved by each pass of the "threshold" method (2**b - 1 thresholds per pass).
-_THRESHOLD_BITS = (4,) * 8
+# Bits resolved by each pass of the "threshold" method (2**b - 1 thresholds, 32 / b passes).
+_THRESHOLD_BITS = 4
 # psum of 16-bit limbs stays below 2**32 for at most this many devices in the axis.
 _MAX_AXIS_SIZE = (1 << 16) - 1
 
@@ -540,20 +540,24 @@ def _threshold_counts(x: jax.Array, t: jax.Array, square: bool) -> jax.Array:
 
 def _select_threshold(leaves, rank, *, square, axis_name, wide):
   """Radix select by counting: each pass splits ``[base, base + 2**(s+b))`` into ``2**b``
-  parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key."""
-  assert sum(_THRESHOLD_BITS) == 32
-  base = jnp.zeros((), _U32)
-  s = 32
-  for b in _THRESHOLD_BITS:
-    s -= b
-    steps = (np.arange(1, 1 << b, dtype=np.uint64) << np.uint64(s)).astype(np.uint32)
-    t = base + steps - np.uint32(1)  # the keys below base + j * 2**s
+  parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key.
+
+  The passes are one ``fori_loop`` (one compiled body instead of 32 / b).
+  """
+  b = _THRESHOLD_BITS
+  assert 32 % b == 0
+  j = jnp.arange(1, 1 << b, dtype=_U32)
+
+  def one_pass(i, base):
+    s = (32 - b * (i + 1)).astype(_U32)
+    t = base + (j << s) - np.uint32(1)  # the largest keys below base + j * 2**s
     counts = _total(leaves, functools.partial(_threshold_counts, t=t, square=square),
-                    (t.shape[0],), wide)
+                    (j.shape[0],), wide)
     counts = count_psum(counts, axis_name)
     digit = jnp.sum(~count_ge(counts, rank), dtype=_U32)  # parts entirely below the rank
-    base = base + (digit << s)
-  return base
+    return base + (digit << s)
+
+  return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32))
 
 
 def _run(method: str, square: bool, axis_name: Any, wide: bool):
