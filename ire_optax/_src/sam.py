@@ -103,14 +103,8 @@ def _split_aux(out: Any, has_aux: bool, *, who: str) -> tuple[Any, Any]:
 
 def _match_aux(aux: Any, template: Any, *, who: str) -> Any:
   """``aux`` cast to the dtypes of ``template`` (the state's ``aux``); raises if it differs."""
-  if str(jax.tree.structure(aux)) != str(jax.tree.structure(template)):
-    raise ValueError(f"{who}: the aux output of `grad_fn` has the structure "
-                     f"{jax.tree.structure(aux)}, but `aux_init` gives "
-                     f"{jax.tree.structure(template)} (the state's aux keeps one structure).")
-  for a, t in zip(jax.tree.leaves(aux), jax.tree.leaves(template), strict=True):
-    if jnp.shape(a) != jnp.shape(t):
-      raise ValueError(f"{who}: an aux leaf of `grad_fn` has shape {jnp.shape(a)}; `aux_init` "
-                       f"has {jnp.shape(t)}.")
+  utils.check_like(aux, template, what="the aux output of `grad_fn`", who=who,
+                   like_name="`aux_init`", hint=" (the state's aux keeps one structure)")
   return utils.tree_cast_like(aux, template)
 
 

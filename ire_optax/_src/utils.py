@@ -138,20 +138,23 @@ def check_float_tree(tree: Any, *, what: str, who: str) -> None:
                       f"leaf of dtype {dtype}.{hint}")
 
 
-def check_like(out: Any, like: Any, *, what: str, who: str, hint: str = "") -> None:
+def check_like(out: Any, like: Any, *, what: str, who: str, hint: str = "",
+               like_name: str = "`params`") -> None:
   """Raises unless ``out`` has the tree structure and leaf shapes of ``like``.
 
-  For what a callback returns (``grad_fn``'s gradient, a curvature estimate):
-  ``ValueError`` naming ``what`` and ``who``, with ``hint`` appended.
+  For what a callback returns (``grad_fn``'s gradient or aux output, a curvature estimate):
+  ``ValueError`` naming ``what``, ``who`` and ``like_name``, with ``hint`` appended. Tree
+  structures are compared by their printed form, so trees whose node types compare by
+  identity (as some model-state containers do) still match.
   """
-  if jax.tree.structure(out) != jax.tree.structure(like):  # type: ignore[operator]
+  if str(jax.tree.structure(out)) != str(jax.tree.structure(like)):
     raise ValueError(
-        f"{who}: {what} must have the tree structure of `params` "
+        f"{who}: {what} must have the tree structure of {like_name} "
         f"{jax.tree.structure(like)}; got {jax.tree.structure(out)}.{hint}")
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(like), strict=True):
     if jnp.shape(a) != jnp.shape(b):
-      raise ValueError(f"{who}: {what} must have the shapes of `params`; got a leaf of shape "
-                       f"{jnp.shape(a)} where the parameter has shape {jnp.shape(b)}.{hint}")
+      raise ValueError(f"{who}: {what} must have the shapes of {like_name}; got a leaf of shape "
+                       f"{jnp.shape(a)} where {like_name} has shape {jnp.shape(b)}.{hint}")
 
 
 def check_gradient(out: Any, like: Any, *, who: str) -> Any:
