@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from examples.common import data as _data  # noqa: E402
+from examples.common.train import steps_to_reach  # noqa: E402,F401  (re-exported)
 
 DATA_ENV = "IRE_OPTAX_DATA"
 SCHEMA = "ire_optax-benchmark/1"
@@ -252,6 +253,15 @@ class Timings:
   seconds: dict[str, list[float]]
   baseline: str
   clock: str = "wall"
+  by_clock: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+
+  def on(self, clock: str) -> Timings:
+    """The same repetitions read on another clock (``"wall"`` or ``"cpu"``)."""
+    if clock == self.clock:
+      return self
+    if clock not in self.by_clock:
+      raise ValueError(f"clock {clock!r} was not recorded; have {sorted(self.by_clock)}.")
+    return Timings(self.by_clock[clock], self.baseline, clock, self.by_clock)
 
   def median(self, name: str) -> float:
     return statistics.median(self.seconds[name])
@@ -300,25 +310,27 @@ def time_interleaved(blocks: Mapping[str, Callable[[], Any]], *, baseline: str, 
     units: units of work per block call (time is divided by it: s/step).
     warmup: untimed rounds before timing.
     clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (this process's
-      CPU time, all threads: robust to other processes on the machine).
+      CPU time, all threads: robust to other processes on the machine). Both
+      are recorded; :meth:`Timings.on` reads the other one.
   """
   if baseline not in blocks:
     raise ValueError(f"baseline {baseline!r} is not one of {list(blocks)}.")
   if clock not in ("wall", "cpu"):
     raise ValueError(f"`clock` must be 'wall' or 'cpu'; got {clock!r}.")
-  now = time.perf_counter if clock == "wall" else time.process_time
   names = list(blocks)
   for _ in range(warmup):
     for n in names:
       _block(blocks[n]())
-  seconds: dict[str, list[float]] = {n: [] for n in names}
+  by_clock: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names}
+                                                 for c in ("wall", "cpu")}
   for r in range(reps):
     k = r % len(names)
     for n in names[k:] + names[:k]:
-      t0 = now()
+      w0, c0 = time.perf_counter(), time.process_time()
       _block(blocks[n]())
-      seconds[n].append((now() - t0) / units)
-  return Timings(seconds, baseline, clock)
+      by_clock["wall"][n].append((time.perf_counter() - w0) / units)
+      by_clock["cpu"][n].append((time.process_time() - c0) / units)
+  return Timings(by_clock[clock], baseline, clock, by_clock)
 
 
 # -----------------------------------------------------------------------------
@@ -517,14 +529,6 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
   lo = math.floor(pos)
   hi = min(lo + 1, len(sorted_values) - 1)
   return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def steps_to_reach(curve: Iterable[tuple[int, float]], target: float) -> int | None:
-  """The first step of ``(step, loss)`` pairs whose loss is <= ``target``; None if never."""
-  for step, loss in curve:
-    if loss <= target + 1e-12:
-      return int(step)
-  return None
 
 
 def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]

@@ -6,10 +6,11 @@ times, interleaved and repeated:
 * one AdamW update (``optax.adamw`` update + ``apply_updates``, jitted, buffers
   donated) -- the unit;
 * AdamW+IRE over real 10-step cycles (K = 10): nine plain steps and one
-  refresh step (grad_sq estimator, exact radix selection over all N values);
+  refresh step (grad_sq estimator, exact radix selection over all N values),
+  and a plain step and a refresh step alone;
 * for reference, an exact selection by ``jnp.sort`` (what we avoid).
 
-Reported: amortized ratio with K = 10 ((9·plain + 1·refresh) / (10·AdamW)),
+Reported: amortized ratio with K = 10 (ten IRE steps over ten AdamW steps),
 refresh cost in AdamW updates ((refresh − plain) / AdamW), and optimizer-state
 bytes per parameter beyond AdamW's.
 
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from typing import Any
 
 import _common as C
@@ -49,101 +48,76 @@ def bench(n: int, reps: int, with_sort: bool):
   """Times real 10-step cycles (K = 10: one refresh, nine plain steps), donated buffers."""
   params = make_tree(n)
   grads = make_tree(n, seed=1)
-  adamw = optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
-  ire = ire_optax.ire(optax.adamw(1e-3, b2=0.95, weight_decay=0.1), kappa=3.0, gamma=0.6,
-                      refresh_every=10)
 
-  def make_step(tx):
-    def step(p, s, g):
+  def adamw():
+    return optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
+
+  def ire(refresh_every: int):
+    return ire_optax.ire(adamw(), kappa=3.0, gamma=0.6, refresh_every=refresh_every)
+
+  def stepper(tx, steps: int):
+    def step(carry, g):
+      p, s = carry
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
-    return jax.jit(step, donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)  # each stepper donates its own buffers
+    return C.Stepper(jax.jit(step, donate_argnums=0), (p, tx.init(p)), steps,
+                     lambda i: (grads,))
 
-  step_a, step_i = make_step(adamw), make_step(ire)
-  copy = lambda t: jax.tree.map(jnp.copy, t)
-  pa, sa = copy(params), adamw.init(params)
-  pi, si = copy(params), ire.init(params)
-  state_bytes = {
-      "adamw": sum(x.nbytes for x in jax.tree.leaves(sa)),
-      "ire": sum(x.nbytes for x in jax.tree.leaves(si)),
-  }
+  def state_bytes(tx) -> int:
+    shapes = jax.tree.leaves(jax.eval_shape(tx.init, params))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in shapes)
+
   h = jax.tree.map(jnp.square, grads)
   k = int(0.6 * n)
-  sort_sel = jax.jit(lambda t: jnp.sort(
-      jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)]))[k - 1])
-  radix_sel = jax.jit(lambda t: selection.kth_smallest(t, k))
   # One histogram pass over all N values (the radix select makes two): XLA's scatter-add and
-  # the native CPU kernel, and the whole selection forced onto XLA's scatter.
+  # the native CPU kernel, and the whole selection forced onto each counting method.
   hist_xla = jax.jit(lambda t: sum(
       selection._histogram((selection.ordered_keys(x) >> 16).astype(jnp.int32), 1 << 16)
       for x in jax.tree.leaves(t)))
   hist_native = jax.jit(lambda t: sum(selection._high_histogram(x) for x in jax.tree.leaves(t)))
-  radix_xla = jax.jit(lambda t: selection.kth_smallest(t, k))
-  os.environ["IRE_OPTAX_NATIVE"] = "0"  # read when tracing: radix_xla is traced now
-  jax.block_until_ready(radix_xla(h))
-  del os.environ["IRE_OPTAX_NATIVE"]
-  # compile and warm up (one full cycle each)
-  for _ in range(10):
-    pa, sa = jax.block_until_ready(step_a(pa, sa, grads))
-    pi, si = jax.block_until_ready(step_i(pi, si, grads))
-  jax.block_until_ready(radix_sel(h))
-  jax.block_until_ready(hist_xla(h))
-  jax.block_until_ready(hist_native(h))
+  radix_sel = jax.jit(lambda t: selection.kth_smallest(t, k))
+  radix_xla = jax.jit(lambda t: selection.kth_smallest(t, k, method="scatter"))
+  blocks: dict[str, Any] = {
+      "adamw": stepper(adamw(), 1),
+      # refresh_every = 1: every step refreshes; INT32_MAX: only the (untimed) first one does.
+      "ire_refresh": stepper(ire(1), 1),
+      "ire_plain": stepper(ire(2**31 - 1), 1),
+      "cycle_adamw": stepper(adamw(), 10),
+      "cycle_ire": stepper(ire(10), 10),
+      "radix": lambda: radix_sel(h),
+      "radix_xla": lambda: radix_xla(h),
+      "hist_xla": lambda: hist_xla(h),
+      "hist_native": lambda: hist_native(h),
+  }
   if with_sort:
-    jax.block_until_ready(sort_sel(h))
+    sort_sel = jax.jit(lambda t: jnp.sort(
+        jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)]))[k - 1])
+    blocks["sort"] = lambda: sort_sel(h)
+  # Interleaved in a rotating order, so that machine noise hits all alike; the warm-up round
+  # compiles and aligns the 10-step cycles with the refresh.
+  t = C.time_interleaved(blocks, baseline="adamw", reps=reps, warmup=1)
 
-  def timed(fn):
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - w0, time.process_time() - c0
-
-  t = {key: {"wall": [], "cpu": []} for key in
-       ("adamw", "ire_plain", "ire_refresh", "cycle_adamw", "cycle_ire", "radix", "sort",
-        "radix_xla", "hist_xla", "hist_native")}
-
-  def add(key, w, c):
-    t[key]["wall"].append(w)
-    t[key]["cpu"].append(c)
-
-  for _ in range(reps):  # interleaved so that machine noise hits all alike
-    cyc_a, cyc_i = [0.0, 0.0], [0.0, 0.0]
-    for _ in range(10):
-      (pa, sa), w, c = timed(lambda: step_a(pa, sa, grads))  # noqa: B023
-      add("adamw", w, c)
-      cyc_a[0] += w
-      cyc_a[1] += c
-      refresh = int(si.count) % 10 == 0
-      (pi, si), w, c = timed(lambda: step_i(pi, si, grads))  # noqa: B023
-      add("ire_refresh" if refresh else "ire_plain", w, c)
-      cyc_i[0] += w
-      cyc_i[1] += c
-    add("cycle_adamw", *cyc_a)
-    add("cycle_ire", *cyc_i)
-    add("radix", *timed(lambda: radix_sel(h))[1:])
-    add("radix_xla", *timed(lambda: radix_xla(h))[1:])
-    add("hist_xla", *timed(lambda: hist_xla(h))[1:])
-    add("hist_native", *timed(lambda: hist_native(h))[1:])
-    if with_sort:
-      add("sort", *timed(lambda: sort_sel(h))[1:])
-
-  row = {"n": n, "reps": reps}
+  row: dict[str, Any] = {"n": n, "reps": reps}
   for clock in ("wall", "cpu"):
-    med = {key: float(np.median(v[clock])) if v[clock] else float("nan") for key, v in t.items()}
+    tc = t.on(clock)
+    med = {key: tc.median(key) for key in tc.seconds}
+    med.setdefault("sort", float("nan"))
     a = med["adamw"]
     row[clock] = {
         "adamw_ms": a * 1e3,
-        "ire_plain_ratio": med["ire_plain"] / a,
-        "ire_refresh_ratio": med["ire_refresh"] / a,
-        "amortized_ratio_K10": med["cycle_ire"] / med["cycle_adamw"],
+        "ire_plain_ratio": tc.ratio("ire_plain"),
+        "ire_refresh_ratio": tc.ratio("ire_refresh"),
+        "amortized_ratio_K10": tc.ratio("cycle_ire", "cycle_adamw"),
         "refresh_cost_adamw_updates": (med["ire_refresh"] - med["ire_plain"]) / a,
-        "radix_select_adamw_updates": med["radix"] / a,
+        "radix_select_adamw_updates": tc.ratio("radix"),
         "sort_select_adamw_updates": med["sort"] / a,
-        "radix_select_xla_scatter_adamw_updates": med["radix_xla"] / a,
+        "radix_select_xla_scatter_adamw_updates": tc.ratio("radix_xla"),
         "xla_histogram_pass_ns_per_value": med["hist_xla"] / n * 1e9,
         "native_histogram_pass_ns_per_value": med["hist_native"] / n * 1e9,
         "adamw_ns_per_param": a / n * 1e9,
     }
-  row["extra_state_bytes_per_param"] = (state_bytes["ire"] - state_bytes["adamw"]) / n
+  row["extra_state_bytes_per_param"] = (state_bytes(ire(10)) - state_bytes(adamw())) / n
   return row
 
 
@@ -189,7 +163,7 @@ def main():
       f"- Statistic: {meta['statistic']}. Command: `python benchmarks/bench_ire.py`.",
       "- `wall` is elapsed time; `cpu` is this process's CPU time (all threads), which is",
       "  robust to other processes loading the shared machine. Ratios are per clock.",
-      "- Targets (issue 2): amortized ratio <= 1.15 at 10M, refresh <= 2 AdamW updates, "
+      "- Targets: amortized ratio <= 1.15 at 10M, refresh <= 2 AdamW updates, "
       "mask <= 1 byte/param.",
       "",
       "| params | clock | AdamW update (ms) | IRE plain step / AdamW | IRE refresh step / AdamW | "

@@ -163,23 +163,29 @@ def run_seed(seed, data, epochs, batch, names, log, chunk=34):
     step.lower(carries[n], xtr[:batch], ytr[:batch]).compile()
   rng = np.random.default_rng(seed)
   times = {n: [] for n in names}
-  frac_per_epoch, prev, rnd = [], (0, 0), 0
+  frac_per_epoch, prev = [], (0, 0)
   chunks = [(i, min(i + chunk, steps_per_epoch)) for i in range(0, steps_per_epoch, chunk)]
+
+  def next_chunk(n, todo):
+    """A timing block: optimizer ``n`` trains on its next chunk of the epoch's batches."""
+    def block():
+      lo, hi = next(todo)
+      step, c = runners[n][1], carries[n]
+      for i in range(lo, hi):
+        c = step(c, xb[i], yb[i])
+      carries[n] = c
+      return c
+    return block
+
   for ep in range(epochs):
     perm = rng.permutation(len(xtr))[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
     xb, yb = jnp.asarray(xtr[perm]), jnp.asarray(ytr[perm])
-    for lo, hi in chunks:  # one round: the same chunk of steps for every optimizer
-      order = names[rnd % len(names):] + names[: rnd % len(names)]
-      rnd += 1
-      for n in order:
-        _, step, _ = runners[n]
-        c = carries[n]
-        t0 = time.perf_counter()
-        for i in range(lo, hi):
-          c = step(c, xb[i], yb[i])
-        jax.block_until_ready(c)
-        times[n].append(time.perf_counter() - t0)
-        carries[n] = c
+    # One repetition is one round: the same chunk of steps for every optimizer, in a rotating
+    # order.
+    t = C.time_interleaved({n: next_chunk(n, iter(chunks)) for n in names}, baseline="base",
+                           reps=len(chunks), warmup=0)
+    for n in names:
+      times[n] += t.seconds[n]
     st = ire_optax.sala_stats(carries["sala"][1])
     eg, cy = int(st["extra_grads"]), int(st["cycles"])
     frac_per_epoch.append((eg - prev[0]) / max(cy - prev[1], 1))

@@ -51,33 +51,6 @@ def _row(optimizer: str, base: str, task: str, what: str, ratio: float, source: 
               ratio=float(ratio), source=source, note=note, interleaved=interleaved)
 
 
-def _legacy_pretraining_rows(results: Path) -> list[dict]:
-  """``pretraining.json`` written before the common schema (read until it is re-run)."""
-  path = results / "pretraining.json"
-  if not path.exists():
-    return []
-  d = json.loads(path.read_text())
-  if d.get("schema") == C.SCHEMA:
-    return []  # read with the other files
-  rows = []
-  for key, seeds in d["results"].items():
-    ds = d["datasets"][key]
-    for est in d["config"]["estimators"]:
-      ratios = [s["metrics"][est]["time_per_step_ratio"] for s in seeds.values()
-                if est in s.get("metrics", {})]
-      if ratios:
-        rows.append(_row("AdamW+IRE", "AdamW",
-                         f"Llama mini ({ds['params']:,} params), {ds['label']}", "train step",
-                         _median(ratios), "bench_pretraining", f"median of {len(ratios)} seeds",
-                         variant=est, interleaved=False))
-  return rows
-
-
-def _median(values: list[float]) -> float:
-  v = sorted(values)
-  return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
-
-
 def cost_rows(results: Path = RESULTS) -> list[dict]:
   """Every optimizer's per-step time ratio in the results (rows with ``metric ==
   "time_ratio"`` whose optimizer is one of ``ORDER``: micro-benchmarks of internal pieces
@@ -86,7 +59,6 @@ def cost_rows(results: Path = RESULTS) -> list[dict]:
                interleaved=r.interleaved)
           for r in C.read_rows(results)
           if r.metric == "time_ratio" and r.optimizer.split(" ")[0] in ORDER]
-  rows += _legacy_pretraining_rows(results)
   for r in rows:
     if not (math.isfinite(r["ratio"]) and r["ratio"] > 0):
       raise ValueError(f"bad cost ratio in {r}")
@@ -147,7 +119,7 @@ def cost_digest(rows: list[dict]) -> str:
   for (opt, variant), vals in by.items():
     name = f"{opt} ({variant})" if variant else opt
     vals = sorted(vals)
-    body.append([name, str(len(vals)), f"{_median(vals):.2f}", f"{vals[0]:.2f}–{vals[-1]:.2f}"])
+    body.append([name, str(len(vals)), f"{C.median(vals):.2f}", f"{vals[0]:.2f}–{vals[-1]:.2f}"])
   return _table(["optimizer", "models measured", "median time / base", "range"], body, "lrrr")
 
 

@@ -66,6 +66,12 @@ def test_interleaved_timer_rotates_and_pairs_by_repetition():
                          reps=3, units=2, warmup=1)
   assert order == list("abc") + list("abc") + list("bca") + list("cab")
   assert {k: len(v) for k, v in t.seconds.items()} == {"a": 3, "b": 3, "c": 3}
+  # Both clocks are recorded for the same repetitions; ``on`` reads the other one.
+  cpu = t.on("cpu")
+  assert t.clock == "wall" and cpu.clock == "cpu" and cpu.on("wall").seconds == t.seconds
+  assert {k: len(v) for k, v in cpu.seconds.items()} == {"a": 3, "b": 3, "c": 3}
+  with pytest.raises(ValueError, match="clock"):
+    C.Timings({"a": [1.0]}, "a").on("cpu")
   with pytest.raises(ValueError, match="baseline"):
     C.time_interleaved({"a": block("a")}, baseline="z", reps=1)
   # Ratios pair the blocks of the same repetition: b is 2x a in every repetition although
