@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", default="1e6,1e7,5e7", help="comma-separated N values")
   parser.add_argument("--kinds", default=",".join(KINDS))
-  parser.add_argument("--methods", default=None, help="default: every method available here")
+  parser.add_argument("--methods", default=None, help="default: every method this backend has")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--no-amortized", action="store_true")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repetitions")
