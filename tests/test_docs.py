@@ -42,6 +42,20 @@ def test_page_python_blocks_run(page):
     exec(compile(block, f"docs/{page}[block {i}]", "exec"), namespace)
 
 
+def test_sam_page_complete_examples_run():
+  """docs/sam.md from its complete train step to the multi-device section (the earlier
+  blocks are fragments): plain JAX, the auxiliary output, Flax NNX with BatchNorm and mSAM."""
+  text = (DOCS / "sam.md").read_text()
+  text = text[text.index("## A complete jitted train step"):text.index("## Multiple devices")]
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert len(blocks) == 4
+  namespace: dict = {}
+  exec("import jax, jax.numpy as jnp, optax, ire_optax", namespace)
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"docs/sam.md[complete block {i}]", "exec"), namespace)
+  assert namespace["loss"].shape == () and float(namespace["clean_loss"]) > 0
+
+
 # -----------------------------------------------------------------------------
 # The public API and the version
 # -----------------------------------------------------------------------------
