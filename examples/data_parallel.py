@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
   graphdef, params, stats = train.split_model(m.model)
 
   loss_options = dict(num_classes=d.vocab_size, label_smoothing=args.label_smoothing,
-                      label_noise=args.label_noise, seed=args.seed)
+                      label_noise=args.label_noise, seed=args.seed, precision=args.precision)
   if args.data_parallel == "gspmd":
     # The unchanged step: XLA partitions it along the batch's sharding.
     spec = optim.build_optimizer(args, args.steps, default_base="adamw", model_stats=stats)
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_fn = jax.jit(
         jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P())),
         donate_argnums=0, compiler_options=train.compiler_options(args.fast_compile))
-  state = put(train.TrainState(params, stats, spec.tx.init(params)), replicated)
+  state = put(train.TrainState(params, stats, spec.tx.init(params),
+                               train.initial_loss_scale(args.precision)), replicated)
   name = spec.name
 
   run_name = args.name or f"data_parallel-{args.data_parallel}-{name}"

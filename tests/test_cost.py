@@ -162,6 +162,30 @@ class SAMAuxTest(parameterized.TestCase):
     np.testing.assert_allclose(np.asarray(updates), -0.1 * _np_grad(p + eps, x, y), rtol=1e-4,
                                atol=1e-7)
 
+  def test_gsam_keeps_the_perturbed_loss_and_its_update(self):
+    p, x, y = _lsq()
+    rho, alpha = 0.2, 0.5
+    mb = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    vg = lambda q: jax.value_and_grad(_loss)(q, mb)[::-1]
+    tx = ire_optax.gsam(optax.sgd(0.1), rho=rho, alpha=alpha, has_aux=True)
+    plain = ire_optax.gsam(optax.sgd(0.1), rho=rho, alpha=alpha)
+    g0 = jax.grad(_loss)(jnp.asarray(p), mb)
+    updates, state = jax.jit(lambda g, s, q: tx.update(g, s, q, grad_fn=vg))(
+        g0, tx.init(jnp.asarray(p)), jnp.asarray(p))
+    g = _np_grad(p, x, y)
+    eps = rho * g / (np.linalg.norm(g) + 1e-12)
+    np.testing.assert_allclose(float(ire_optax.sam_aux(state)), _np_loss(p + eps, x, y),
+                               rtol=1e-5)
+    # The surrogate gap h = L(θ+ε) − L(θ) is free; the update is GSAM's, as without aux.
+    gp = _np_grad(p + eps, x, y)
+    gp_hat = gp / (np.linalg.norm(gp) + 1e-12)
+    g_perp = g - np.dot(g, gp_hat) * gp_hat
+    np.testing.assert_allclose(np.asarray(updates), -0.1 * (gp - alpha * g_perp), rtol=1e-4,
+                               atol=1e-7)
+    want, _ = plain.update(g0, plain.init(jnp.asarray(p)), jnp.asarray(p),
+                           grad_fn=lambda q: jax.grad(_loss)(q, mb))
+    chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=1e-8)
+
   def test_no_aux_raises_in_sam_aux(self):
     tx = ire_optax.sam(optax.sgd(0.1))
     with pytest.raises(ValueError, match="has_aux"):

@@ -501,3 +501,63 @@ def test_model_errors():
     models.build_llama("1b", vocab_size=10)
   with pytest.raises(ValueError, match="patch size"):
     models.ViT(num_classes=10, image_size=8, patch_size=3, rngs=nnx.Rngs(0))
+
+
+# -----------------------------------------------------------------------------
+# --precision: float16 compute with one dynamic loss scale per step
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["sam", "msam", "sala"])
+def test_float16_step_matches_float32_and_skips_on_overflow(opt):
+  # SGD: a step linear in the gradient (Adam's first step is sign(g), which flips on noise)
+  args, spec, graphdef, params, stats, batch = _bn_setup(opt, "--base", "sgd",
+                                                         "--sala-sync-period", "1")
+  opt_state = spec.tx.init(params)
+
+  def run(precision, scale=train.INITIAL_LOSS_SCALE):
+    state = train.TrainState(params, stats, opt_state,
+                             train.initial_loss_scale(precision, scale))
+    step = train.make_train_step(graphdef, spec, num_classes=10, fast_compile=True,
+                                 precision=precision, branch_hints="off")
+    return step(jax.tree.map(jnp.copy, state), batch, jnp.int32(0))
+
+  def delta(state):
+    return np.concatenate([np.ravel(np.asarray(a - b)) for a, b in
+                           zip(jax.tree.leaves(state.params), jax.tree.leaves(params),
+                               strict=True)])
+
+  ref, ref_m = run("float32")
+  # The same step up to the compute dtype's rounding (measured on this toy ResNet: the step
+  # is off by 28% in bfloat16 and at most 6% in float16, the loss by 0.05% and 0.01%); an
+  # unscaled gradient would be 2^15 times too large.
+  for precision, step_tol, loss_tol in (("bfloat16", 0.4, 2e-3), ("float16", 0.1, 5e-4)):
+    got, m = run(precision)
+    assert abs(float(m["loss"]) - float(ref_m["loss"])) < loss_tol * float(ref_m["loss"])
+    err = np.linalg.norm(delta(got) - delta(ref)) / np.linalg.norm(delta(ref))
+    assert err < step_tol, (precision, err)
+  _, m = run("float16")
+  assert float(m["skipped"]) == 0.0 and float(m["loss_scale"]) == train.INITIAL_LOSS_SCALE
+  # A scale of 2^100 overflows float16's backward pass: the step is skipped (parameters,
+  # statistics and optimizer state unchanged) and the scale halves.
+  skipped, m = run("float16", 2.0**100)
+  assert float(m["skipped"]) == 1.0
+  chex.assert_trees_all_equal(skipped.params, params)
+  chex.assert_trees_all_equal(skipped.stats, stats)
+  chex.assert_trees_all_equal(skipped.opt_state, opt_state)
+  assert float(skipped.loss_scale["scale"]) == 2.0**99
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(skipped.params))
+
+
+def test_precision_flag_runs_the_example_and_logs_the_scale(tmp_path):
+  out = tmp_path / "runs"
+  train_args = TOY["resnet"] + QUICK + ["--opt", "sam", "--precision", "float16",
+                                        "--out", str(out), "--name", "fp16"]
+  from examples import resnet
+
+  resnet.main(train_args)
+  recs = [json.loads(line) for line in (out / "fp16" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["loss_scale"] for r in recs] == [train.INITIAL_LOSS_SCALE] * 2
+  assert all(r["skipped"] == 0.0 and math.isfinite(r["loss"]) for r in recs)
+  with pytest.raises(ValueError, match="precision"):
+    train.initial_loss_scale("float8")

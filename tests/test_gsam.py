@@ -43,13 +43,17 @@ def to_jax(tree, dtype=jnp.float32):
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
 
 
-def run(tx, params, batches, steps=STEPS, *, jit=True, calls=None):
-  """Runs ``steps`` steps of a SAM-convention optimizer; returns params after each step."""
+def run(tx, params, batches, steps=STEPS, *, jit=True, calls=None, has_aux=False):
+  """Runs ``steps`` steps of a SAM-convention optimizer; returns params after each step.
+
+  ``has_aux``: ``grad_fn`` returns ``(gradient, 0.0)`` (an optimizer built with has_aux).
+  """
   def step(p, s, x, y):
     def grad_fn(q):
       if calls is not None:
         calls.append(1)
-      return jax_grad(q, x, y)
+      g = jax_grad(q, x, y)
+      return (g, jnp.zeros((), jnp.float32)) if has_aux else g
     u, s = tx.update(jax_grad(p, x, y), s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, u), s
 
@@ -363,9 +367,9 @@ def test_examples_cli_builds_gsam_every_k_masked_with_schedules():
        "--rho", "0.2", "--rho-schedule", "lr", "--rho-min", "0.02", "--final-lr-ratio", "0.1",
        "--ire-gamma-end", "0.9", "--ire-curvature", "grad_sq", "--ire-kappa-schedule", "lr"])
   spec = optim.build_optimizer(args, 10, default_base="sgd")
-  assert spec.family == "sam"
+  assert spec.family == "sam" and spec.sam_aux  # grad_fn also returns the perturbed loss
   params, batches = problem(12)
-  got, state = run(spec.tx, params, batches, steps=2)
+  got, state = run(spec.tx, params, batches, steps=2, has_aux=True)
   assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(got))
   assert int(utils.find_states(state, ire_optax.SAMState)[0].count) == 2
 

@@ -322,15 +322,15 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   family, lookahead, sala, sam_aux = "plain", False, False, False
   if algo in ("adamw", "sgd"):
     tx = base
-  elif algo in ("sam", "asam"):
+  elif algo in ("sam", "asam", "gsam"):
     # The perturbed loss for logging (free), unless IRE's hutchinson shares grad_fn.
     sam_aux = curvature != "hutchinson"
-    tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name,
-                       perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
-    family = "sam"
-  elif algo == "gsam":
-    tx = ire_optax.gsam(base, rho=rho, alpha=args.gsam_alpha, axis_name=axis_name,
-                        perturb_mask=perturb_mask, every_k=every_k)
+    if algo == "gsam":
+      tx = ire_optax.gsam(base, rho=rho, alpha=args.gsam_alpha, axis_name=axis_name,
+                          perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
+    else:
+      tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name,
+                         perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
     family = "sam"
   elif algo == "msam":
     tx = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,

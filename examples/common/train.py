@@ -60,6 +60,21 @@ class TrainState(NamedTuple):
   params: Any  # pure dict (or optax.LookaheadParams of pure dicts)
   stats: Any  # pure dict of the non-parameter state (BatchNorm statistics)
   opt_state: Any
+  # --precision float16: the dynamic loss scale {"scale": float32, "counter": int32}
+  loss_scale: Any = ()
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+INITIAL_LOSS_SCALE = 2.0**15
+
+
+def initial_loss_scale(precision: str, scale: float = INITIAL_LOSS_SCALE) -> Any:
+  """The ``loss_scale`` field of a fresh :class:`TrainState` for ``precision``."""
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+  if precision != "float16":
+    return ()
+  return {"scale": jnp.asarray(scale, jnp.float32), "counter": jnp.zeros((), jnp.int32)}
 
 
 def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
@@ -86,11 +101,21 @@ def eval_params(spec: optim.OptSpec, state: TrainState):
 
 def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
                   label_smoothing: float = 0.0, label_noise: float = 0.0, seed: int = 0,
-                  axis_name: str | None = None) -> Callable:
+                  axis_name: str | None = None, precision: str = "float32") -> Callable:
   """The pure ``(state, batch, step) -> (state, metrics)`` for this optimizer (not jitted).
 
   ``batch`` is ``{"x": inputs, "y": integer targets}``; ``step`` an int32 scalar
   (it seeds the label noise, so the same step always sees the same noise).
+
+  ``precision`` is the dtype of the training passes' compute (the parameters,
+  the optimizer and evaluation stay float32). ``"float16"`` uses dynamic loss
+  scaling (``jmp``, ``docs/mixed_precision.md``): every gradient of the step --
+  the clean one and those the optimizer takes through ``grad_fn`` (SAM's
+  perturbed pass, mSAM's micro-batches, SALA's SAM step, Hutchinson's HVPs) --
+  is scaled by the same ``state.loss_scale`` and unscaled before the optimizer
+  sees it; a step whose gradient or update is not finite is skipped (parameters,
+  statistics and optimizer state unchanged) and the scale halves. IRE's
+  ``fisher`` pass runs in float32.
 
   With ``axis_name`` the function is the body of a data-parallel
   ``jax.shard_map`` over that axis: ``state`` and ``step`` are replicated,
@@ -104,12 +129,25 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
   tx = spec.tx
   if axis_name is not None and spec.lookahead:
     raise ValueError("lookahead is not available with an axis_name.")
+  initial_loss_scale(precision)  # checks the name
+  compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[precision]
+  scaled = precision == "float16"
+  if scaled:
+    import jmp  # the examples' [examples] extra
+
+  def to_compute(tree):
+    if compute_dtype is None:
+      return tree
+    return jax.tree.map(
+        lambda v: v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
 
   def pmean(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def step_fn(state: TrainState, batch, step, hints: tuple = ()):
-    params, stats, opt_state = state
+    params, stats, opt_state, loss_scale = state
+    if scaled:
+      ls = jmp.DynamicLossScale(loss_scale["scale"], loss_scale["counter"])
     y = batch["y"]
     if label_noise > 0:
       key = jax.random.fold_in(jax.random.key(seed), step)
@@ -124,19 +162,34 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
       p = jax.lax.pcast(p, axis_name, to="varying")
 
     def loss_fn(q, b):
-      logits, new_stats = apply_model(graphdef, q, stats, b["x"], train=True)
-      loss, acc = optim.cross_entropy(logits, b["y"], label_smoothing=label_smoothing)
+      logits, new_stats = apply_model(graphdef, to_compute(q), stats, to_compute(b["x"]),
+                                      train=True)
+      new_stats = jax.tree.map(lambda n, o: n.astype(o.dtype), new_stats, stats)
+      loss, acc = optim.cross_entropy(logits.astype(jnp.float32), b["y"],
+                                      label_smoothing=label_smoothing)
       return loss, (new_stats, acc)
 
+    def value_and_grad(q, b):
+      """``((loss, (stats, acc)), gradient)``; under loss scaling the gradient is unscaled."""
+      if not scaled:
+        return jax.value_and_grad(loss_fn, has_aux=True)(q, b)
+
+      def scaled_loss(q):
+        loss, aux = loss_fn(q, b)
+        return ls.scale(loss), (loss, aux)
+
+      (_, out), g = jax.value_and_grad(scaled_loss, has_aux=True)(q)
+      return out, ls.unscale(g)
+
     def grad_fn(q, b=batch):  # gradient only: its BatchNorm statistics are dropped
-      return jax.grad(loss_fn, has_aux=True)(q, b)[0]
+      return value_and_grad(q, b)[1]
 
     def micro_grad_fn(q, b):  # mSAM: the clean passes' loss and statistics come back as aux
-      (loss, (new_stats, acc)), g = jax.value_and_grad(loss_fn, has_aux=True)(q, b)
+      (loss, (new_stats, acc)), g = value_and_grad(q, b)
       return g, {"loss": loss, "acc": acc, "stats": new_stats}
 
     def grad_and_loss_fn(q, b=batch):  # SAM: the perturbed loss comes back as aux
-      (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(q, b)
+      (loss, _), g = value_and_grad(q, b)
       return g, loss
 
     extra: dict[str, Any] = dict(hints)  # static branch hints (spec.hints)
@@ -145,7 +198,7 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
       extra["grad_fn"] = micro_grad_fn
       extra["batch"] = batch
     else:
-      (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+      (loss, (new_stats, acc)), grads = value_and_grad(p, batch)
       if spec.family == "plain":
         grads = pmean(grads)  # plain Optax and IRE: the step averages the gradient
       if spec.family == "sam" or spec.curvature == "hutchinson":
@@ -153,6 +206,7 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
     if spec.curvature == "fisher":
       extra["logits_fn"] = lambda q: apply_model(graphdef, q, stats, batch["x"], train=True)[0]
 
+    old = (params, stats, opt_state)
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     if spec.family == "msam":
@@ -160,6 +214,18 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
       loss, acc, new_stats = aux["loss"], aux["acc"], aux["stats"]
     loss, acc, new_stats = pmean((loss, acc, new_stats))
     metrics = {"loss": loss, "acc": acc, "lr": spec.schedule(step)}
+    if scaled:
+      # Every gradient of the step shares the scale: a non-finite one makes the update
+      # non-finite, and the whole step is skipped (on every device alike).
+      finite = jmp.all_finite((grads, updates))
+      if axis_name is not None:
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
+      metrics["loss_scale"] = ls.loss_scale
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+      ls = ls.adjust(finite)
+      loss_scale = {"scale": ls.loss_scale, "counter": ls.counter}
+      params, new_stats, opt_state = jmp.select_tree(finite, (params, new_stats, opt_state),
+                                                     old)
     if spec.sam_aux:
       perturbed = pmean(ire_optax.sam_aux(opt_state))
       metrics["perturbed_loss"] = perturbed
@@ -174,7 +240,7 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
                                       / sum(m.size for m in mask))
     if spec.sala:
       metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
-    return TrainState(params, new_stats, opt_state), metrics
+    return TrainState(params, new_stats, opt_state, loss_scale), metrics
 
   return step_fn
 
@@ -182,7 +248,7 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
 def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                     label_smoothing: float = 0.0, label_noise: float = 0.0,
                     seed: int = 0, fast_compile: bool = False,
-                    branch_hints: str = "auto") -> Callable:
+                    branch_hints: str = "auto", precision: str = "float32") -> Callable:
   """:func:`step_function` under ``jax.jit`` (the state's buffers are donated).
 
   Returns ``(state, batch, step) -> (state, metrics)``. ``fast_compile``
@@ -196,7 +262,8 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
   The results are the same.
   """
   step_fn = step_function(graphdef, spec, num_classes=num_classes,
-                          label_smoothing=label_smoothing, label_noise=label_noise, seed=seed)
+                          label_smoothing=label_smoothing, label_noise=label_noise, seed=seed,
+                          precision=precision)
   jitted = jax.jit(step_fn, donate_argnums=0, static_argnames="hints",
                    compiler_options=compiler_options(fast_compile))
   if branch_hints not in ("auto", "on", "off"):
@@ -321,6 +388,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                  help="compile one step per kind of step (IRE refresh, SALA SAM step) and "
                       "pick it on the host, instead of lax.cond; auto: on CPU, where work "
                       "inside lax.cond runs slowly (%(default)s)")
+  g.add_argument("--precision", choices=PRECISIONS, default="float32",
+                 help="compute dtype of the training passes (params, optimizer and evaluation "
+                      "stay float32); float16 uses dynamic loss scaling shared by all of a "
+                      "step's gradients and skips non-finite steps (%(default)s)")
   g = parser.add_argument_group("output")
   g.add_argument("--out", default="runs", help="output root directory (%(default)s)")
   g.add_argument("--name", default=None,
@@ -379,8 +450,9 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
   # (e.g. slow weights initialised to them), so give every leaf its own buffer.
   # Committed to one device, like restored checkpoints, so that a resumed run
   # hits the same compiled step.
-  state = jax.device_put(TrainState(params, stats, opt_state), jax.devices()[0],
-                         may_alias=False)
+  precision = getattr(args, "precision", "float32")
+  state = jax.device_put(TrainState(params, stats, opt_state, initial_loss_scale(precision)),
+                         jax.devices()[0], may_alias=False)
   # Runs of this process with the same model and the same arguments (a resumed
   # run, a repeated comparison) reuse one compiled step.
   key = (graphdef, num_classes, tuple(sorted((k, str(v)) for k, v in vars(args).items()
@@ -391,7 +463,8 @@ def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
                                        label_smoothing=args.label_smoothing,
                                        label_noise=args.label_noise, seed=args.seed,
                                        fast_compile=args.fast_compile,
-                                       branch_hints=getattr(args, "branch_hints", "auto"))
+                                       branch_hints=getattr(args, "branch_hints", "auto"),
+                                       precision=precision)
   step_fn = _STEP_CACHE[key]
 
   ckpt_dir = (run_dir / "checkpoints").absolute()

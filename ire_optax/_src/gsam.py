@@ -88,6 +88,8 @@ def gsam(
     axis_name: str | None = None,
     perturb_mask: Any = None,
     every_k: int | None = None,
+    has_aux: bool = False,
+    aux_init: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap guided SAM (GSAM, Zhuang et al., ICLR 2022).
 
@@ -158,6 +160,11 @@ def gsam(
     every_k: ``None`` (every step) or ``k >= 1``: the ascent and the gap term
       run on the steps with ``count % k == 0``, plain base steps on the clean
       gradient otherwise (see :func:`ire_optax.sam`).
+    has_aux: ``grad_fn`` returns ``(gradient, aux)``; ``aux`` at the perturbed
+      point (e.g. the perturbed loss, so the surrogate gap
+      :math:`h = L_B(\theta+\epsilon) - L_B(\theta)` is free to log) is kept in
+      the state: :func:`ire_optax.sam_aux` (see :func:`ire_optax.sam`).
+    aux_init: the aux of the state made by ``init`` (see :func:`ire_optax.sam`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state
@@ -175,6 +182,7 @@ def gsam(
   sam_lib.sam(base_optimizer, rho=rho, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
               axis_name=axis_name)
   utils.check_range("alpha", alpha, low=0.0, high=float(np.finfo(np.float32).max))
+  utils.check_bool("has_aux", has_aux)
   mask_fn = sam_lib.resolve_perturb_mask(perturb_mask)
 
   def surrogate(updates, params, rho_t, extra_args, count):
@@ -191,14 +199,17 @@ def gsam(
         params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
         mask=mask_fn(params),
     )
-    g_p = utils.check_gradient(grad_fn(utils.per_device_if(perturbed, axis_name)), params,
-                               who="gsam.update()")
+    g_p, aux = sam_lib._split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux,
+                                  who="gsam.update()")
+    g_p = utils.check_gradient(g_p, params, who="gsam.update()")
     g_p = utils.pmean_if(g_p, axis_name)
     g_p = utils.tree_cast_like(g_p, updates)
     alpha_t = utils.resolve(alpha, count) if callable(alpha) else alpha
     g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
     # rho = 0: g_p is the clean gradient and g_perp vanishes; return g_p exactly.
-    return jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)
+    g = jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)
+    return (g, utils.pmean_if(aux, axis_name)) if has_aux else g
 
   return sam_lib._make(base_optimizer, rho, surrogate, who="gsam", every_k=every_k,
-                       consumes=("grad_fn",), axis_name=axis_name)
+                       consumes=("grad_fn",), axis_name=axis_name, has_aux=has_aux,
+                       aux_init=aux_init)
