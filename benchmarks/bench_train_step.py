@@ -138,25 +138,17 @@ def build_step(model: Model, opt: Opt, base: str, seed: int = 0, fast_compile: b
   args = cli.make_parser(model.example).parse_args(argv)
   rng = np.random.default_rng(seed)
   b = args.batch_size
+  m = build_model(model, args, seed)
   if model.example == "llama":
-    m = models.build_llama(args.size, vocab_size=model.vocab, seed=seed, dim=args.dim,
-                           depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim)
     num_classes = model.vocab
     tokens = rng.integers(0, model.vocab, (b, model.seq_len + 1)).astype(np.int32)
     batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
   else:
     h, w, c = model.image_shape
-    if model.example == "resnet":
-      m = models.build_resnet(args.size, num_classes=model.num_classes, in_channels=c,
-                              seed=seed, depth=args.depth, width=args.width)
-    else:
-      m = models.build_vit(args.size, num_classes=model.num_classes, image_size=h,
-                           in_channels=c, seed=seed, dim=args.dim, depth=args.depth,
-                           heads=args.heads, mlp_dim=args.mlp_dim, patch_size=args.patch_size)
     num_classes = model.num_classes
     batch = {"x": rng.standard_normal((b, h, w, c)).astype(np.float32),
              "y": rng.integers(0, num_classes, b).astype(np.int32)}
-  graphdef, params, stats = train.split_model(m.model)
+  graphdef, params, stats = train.split_model(m)
   spec = optim.build_optimizer(args, 10_000, default_base=cli.EXAMPLES[model.example]["base"],
                                model_stats=stats)
   if spec.lookahead:
@@ -200,6 +192,54 @@ def measure(model: Model, opts: list[Opt], base: str, reps: int, *, fast_compile
           "stage2_fraction": stage2}
 
 
+def hvp_cost(model: Model, reps: int, *, fast_compile: bool, lock: str | None) -> dict:
+  """One Hessian-vector product (what a Hutchinson probe costs) over one gradient.
+
+  Both of the example's training loss on one batch, jitted, timed interleaved: the HVP is
+  ``estimators.hvp`` (forward-over-reverse, the one IRE's ``"hutchinson"`` uses).
+  """
+  from ire_optax._src import estimators
+
+  _, state, batch, _ = build_step(model, Opt("base", "", "", ()), "sgd",
+                                  fast_compile=fast_compile)
+  args = cli.make_parser(model.example).parse_args(["--opt", "sgd", *model.argv])
+  graphdef = train.split_model(build_model(model, args))[0]  # equal to the step's
+  params, stats = state.params, state.stats
+
+  def loss(p):
+    logits, _ = train.apply_model(graphdef, p, stats, batch["x"], train=True)
+    return optim.cross_entropy(logits, batch["y"])[0]
+
+  opts = train.compiler_options(fast_compile)
+  grad = jax.jit(jax.grad(loss), compiler_options=opts)
+  v = jax.tree.map(jax.numpy.ones_like, params)
+  hvp = jax.jit(lambda p, v: estimators.hvp(jax.grad(loss), p, v), compiler_options=opts)
+  jax.block_until_ready((grad(params), hvp(params, v)))
+  blocks = {"grad": lambda: grad(params), "hvp": lambda: hvp(params, v)}
+  with open(lock, "w") if lock else contextlib.nullcontext() as f:
+    if f is not None:
+      fcntl.flock(f, fcntl.LOCK_EX)
+    t = C.time_interleaved(blocks, baseline="grad", reps=reps, units=1, warmup=1)
+  p = t.paired("hvp")
+  return {"ratio": t.ratio("hvp"), "min": min(p), "max": max(p),
+          "grad_ms": 1e3 * t.median("grad")}
+
+
+def build_model(model: Model, args: argparse.Namespace, seed: int = 0):
+  """The example's Flax model for ``args``."""
+  if model.example == "llama":
+    return models.build_llama(args.size, vocab_size=model.vocab, seed=seed, dim=args.dim,
+                              depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim).model
+  h, _, c = model.image_shape
+  if model.example == "resnet":
+    return models.build_resnet(args.size, num_classes=model.num_classes, in_channels=c,
+                               seed=seed, depth=args.depth, width=args.width).model
+  return models.build_vit(args.size, num_classes=model.num_classes, image_size=h,
+                          in_channels=c, seed=seed, dim=args.dim, depth=args.depth,
+                          heads=args.heads, mlp_dim=args.mlp_dim,
+                          patch_size=args.patch_size).model
+
+
 def base_label(base: str) -> str:
   return {"sgd": "SGD", "adamw": "AdamW"}[base]
 
@@ -218,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="write these models' measurements to JSON (merge them with --merge)")
   p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                  help="no measurement: write the results from parts written with --part")
+  p.add_argument("--hvp-only", action="store_true",
+                 help="measure only one HVP over one gradient per model (with --part: "
+                      "merged into that model's results)")
   p.add_argument("--out", default=str(C.RESULTS / NAME))
   args = p.parse_args(argv)
 
@@ -225,9 +268,23 @@ def main(argv: list[str] | None = None) -> int:
   if args.only:
     keep = set(args.only.split(",")) | {"base"}
     opts = [o for o in opts if o.key in keep]
+  if args.hvp_only:
+    table = SMOKE_MODELS if args.smoke else MODELS
+    reps = 3 if args.smoke else args.reps
+    hvp = {name: {"hvp": hvp_cost(table[name], reps, fast_compile=args.smoke, lock=args.lock)}
+           for name in args.models.split(",")}
+    print(json.dumps(hvp))
+    if args.part:
+      Path(args.part).write_text(json.dumps({"details": hvp, "rows": [], "reps": reps,
+                                             "machine": C.machine()}, indent=1))
+    return 0
   if args.merge:
     parts = [json.loads(open(f).read()) for f in args.merge]
-    details = {k: v for part in parts for k, v in part["details"].items()}
+    details: dict = {}
+    for part in parts:  # an --hvp-only part adds its entry to the model's details
+      for k, v in part["details"].items():
+        details.setdefault(k, {}).update(v)
+    parts = [q for q in parts if q["rows"]] or parts
     rows = [C.Row(**r) for part in parts for r in part["rows"]]
     reps, machine0 = parts[0]["reps"], parts[0]["machine"]
     keys = {k for d in details.values() for k in d["results"]}
@@ -325,6 +382,14 @@ def markdown(details: dict, opts: list[Opt], machine: dict, reps: int) -> str:
       f"{details[n]['label']}: {base_label(details[n]['base'])}" for n in names) + ".",
             "Load average (1 min) before/after each model's timing: " + ", ".join(
       f"{n} {details[n]['loadavg'][0]:.1f}/{details[n]['loadavg'][1]:.1f}" for n in names) + "."]
+  hvp = {n: details[n]["hvp"] for n in names if "hvp" in details[n]}
+  if hvp:
+    lines += ["", "One Hessian-vector product (a Hutchinson probe: forward-over-reverse) over "
+              "one gradient of the same loss and batch, interleaved: " + ", ".join(
+                  f"{n} {h['ratio']:.2f} [{h['min']:.2f}-{h['max']:.2f}]"
+                  for n, h in hvp.items()) + ". IRE's `hutchinson` adds one HVP per refresh "
+              f"(K = {STEPS_PER_BLOCK}), so its ratio is about 1 + HVP/gradient/K when a base "
+              "step costs one gradient."]
   return "\n".join(lines) + "\n"
 
 

@@ -26,12 +26,20 @@ def test_smoke_times_the_examples_step_with_branch_hints(tmp_path, capsys):
   assert row["optimizer"] == "AdamW+IRE" and row["variant"] == "fisher"
   assert row["metric"] == "time_ratio" and row["source"] == "bench_train_step"
 
+  # The HVP/gradient measurement is a part of its own, merged into the model's details.
+  hvp = tmp_path / "hvp.json"
+  assert B.main(["--smoke", "--models", "llama", "--hvp-only", "--part", str(hvp)]) == 0
+  h = json.loads(hvp.read_text())["details"]["llama"]["hvp"]
+  assert h["ratio"] > 1 and h["grad_ms"] > 0  # an HVP does a gradient's work and more
+
   out = tmp_path / "train_step"
-  assert B.main(["--merge", str(part), "--out", str(out)]) == 0
+  assert B.main(["--merge", str(part), str(hvp), "--out", str(out)]) == 0
   merged = C.read_results(out.with_suffix(".json"))
   assert [r.optimizer for r in merged["rows"]] == ["AdamW+IRE"]
+  assert merged["details"]["llama"]["hvp"] == h and "results" in merged["details"]["llama"]
   md = out.with_suffix(".md").read_text()
   assert "| AdamW+IRE | fisher | ≤ 1.15x |" in md
+  assert "One Hessian-vector product" in md and f"llama {h['ratio']:.2f}" in md
 
 
 def test_every_optimizer_of_the_issue_is_measured():
