@@ -26,7 +26,7 @@ def test_readme_and_cost_table_are_generated_from_the_results():
 def test_cost_table_covers_every_optimizer_with_finite_ratios():
   rows = json.loads((ROOT / "benchmarks" / "results" / "cost.json").read_text())
   names = {r["optimizer"] for r in rows}
-  assert {"AdamW+IRE", "SAM", "ASAM", "mSAM", "SALA", "Lookahead"} <= names
+  assert {"AdamW+IRE", "SGD+IRE", "SAM", "ASAM", "GSAM", "mSAM", "SALA", "Lookahead"} <= names
   for r in rows:
     assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
 
