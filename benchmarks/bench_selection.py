@@ -130,6 +130,8 @@ def _fmt(r: dict[str, float] | None) -> str:
 
 
 def markdown(meta: dict[str, Any], results: list[dict[str, Any]], methods: list[str]) -> str:
+  order = {k: i for i, k in enumerate(KINDS)}
+  results = sorted(results, key=lambda r: (r["n"], order.get(r["kind"], len(KINDS))))
   lines = [
       "# Exact selection: cost per counting method",
       "",
