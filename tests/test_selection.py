@@ -188,6 +188,23 @@ def test_native_histograms_equal_xla_scatter(shape, square, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("square", [False, True])
+def test_native_low_histogram_of_one_crowded_bucket_equals_xla_scatter(square, monkeypatch):
+  """Every key in one top-16-bit bucket (the low pass counts them all, on several threads)."""
+  rng = np.random.default_rng(7)
+  n = 600_001
+  x = (np.float32(1.0) + rng.integers(0, 1 << 16, n).astype(np.float32)
+       * np.float32(2.0**-23)).astype(np.float32)
+  x = jnp.asarray(np.sqrt(x) if square else x)  # x * x keys like x itself
+  keys = np.asarray(selection.ordered_keys(jnp.square(x) if square else x))
+  (high,) = set((keys >> 16).tolist()) if not square else {int(np.bincount(keys >> 16).argmax())}
+  a, b = _both_paths(lambda x, h: selection._low_histogram(x, h, square), x, jnp.uint32(high),
+                     monkeypatch=monkeypatch)
+  np.testing.assert_array_equal(a, b)
+  assert int(np.asarray(a, np.int64).sum()) == int(np.sum((keys >> 16) == high)) > n // 2
+
+
+@needs_native
 def test_native_path_is_compiled_in_and_can_be_switched_off(monkeypatch):
   tree = {"w": jnp.linspace(-1.0, 1.0, 100), "b": jnp.zeros(3, jnp.bfloat16)}
   hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
