@@ -1,4 +1,4 @@
-"""Benchmark: do IRE and the SAM family improve generalization? (issue 8, benchmark 2)
+"""Benchmark: do IRE and the SAM family improve generalization?
 
 Trains the Flax examples' models with every optimizer of the library from the
 same initialisation, on the same batches in the same order and with the same
@@ -440,7 +440,7 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, verdict_file: str | N
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  parts = ["# Generalization: IRE and the SAM family (issue 8, benchmark 2)", "",
+  parts = ["# Generalization: IRE and the SAM family", "",
            settings_text(meta), ""]
   for m in MODELS:
     for d in DATASETS:

@@ -587,7 +587,7 @@ def write_reports(res: dict, out: Path) -> None:
             f"{num(r['s_per_step'], 3)} | {num(r['first_step_s'], 1)} | {r['wall_s']:.0f} | "
             f"{'-' if ff is None else f'{ff:.3f}'} |")
   abl = ablation_rows(res)
-  md = ["# IRE speeds up AdamW pre-training? (issue 8, benchmark 1)", "", *head, "",
+  md = ["# IRE speeds up AdamW pre-training?", "", *head, "",
         "## Summary (mean ± std over seeds)", "", *srows, "", "## Verdict", "",
         *verdicts, *others, "",
         *(["## Other IRE settings tried", "",
@@ -1267,7 +1267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   def snapshot(complete: bool) -> dict[str, Any]:
     return {
         "benchmark": ("IRE speeds up AdamW pre-training, the authors' settings" if official
-                      else "IRE speeds up AdamW pre-training (issue 8, benchmark 1)"),
+                      else "IRE speeds up AdamW pre-training"),
         "stem": stem, "complete": complete,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": dict(C.machine(), loadavg_start=load_start,

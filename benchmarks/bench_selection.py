@@ -16,7 +16,7 @@ tiled to N: heavy ties, the few hundred histogram bins real g² keys crowd
 into) and ``one_bin`` (every key in one 65,536-bin bucket: the scatter's worst
 contention, and the low pass sees all N values).
 
-Targets (issue): refresh <= 2 AdamW updates, amortized <= 1.10. Run it on any
+Targets: refresh <= 2 AdamW updates, amortized <= 1.10. Run it on any
 backend; the committed table is the CPU's (``benchmarks/results/selection.md``).
 
   python benchmarks/bench_selection.py                   # 1e6, 1e7, 5e7 (minutes)
