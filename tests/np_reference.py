@@ -60,6 +60,13 @@ class NpAdamWTree:
     return {k: self._leaves.setdefault(k, self._make()).step(g[k], p[k], None) for k in g}
 
 
+def canon_keys(x):
+  """``x`` as float32 with the selection's ties made equal: -0.0 ties with +0.0, and XLA
+  flushes denormals to zero, so they tie with 0 too (NaN stays NaN)."""
+  x = np.asarray(x, np.float32)
+  return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+
+
 def np_flat_mask(h, gamma):
   """Mask of the k = max(1, floor(gamma N)) smallest entries, ties at tau included (full sort)."""
   h = np.asarray(h, np.float64)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,29 +13,14 @@ from hypothesis import strategies as st
 
 import ire_optax
 from ire_optax._src import native, selection
+from tests.np_reference import canon_keys
+from tests.strategies import POOL, float_trees
 
-# Values drawn from a small pool produce many ties; the pool has both zeros,
-# negatives, denormals, huge values and infinities.
-POOL = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, -1e-30, 1e30, 1e-45, np.inf, -np.inf, 3.0]
-
-
-leaf_strategy = st.one_of(
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6),
-               elements=st.sampled_from(POOL)),
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=20),
-               elements=st.floats(-1e6, 1e6, width=32)),
-)
-tree_strategy = st.lists(leaf_strategy, min_size=1, max_size=6)
-
-
-def _canon(x):
-  """-0.0 ties with +0.0, and XLA flushes denormals to zero, so they tie with 0 too."""
-  x = np.asarray(x, np.float32)
-  return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+tree_strategy = float_trees(POOL, pool_side=6, random_side=20, random_min_dims=0, max_leaves=6)
 
 
 def _sorted(leaves):
-  return np.sort(np.concatenate([_canon(np.ravel(x)) for x in leaves]))
+  return np.sort(np.concatenate([canon_keys(np.ravel(x)) for x in leaves]))
 
 
 _kth = jax.jit(selection.kth_smallest)
@@ -63,7 +47,7 @@ def test_flat_mask_is_the_sorted_prefix_with_ties(leaves, gamma):
   tau = ref[k - 1]
   mask = ire_optax.flat_mask({str(i): jnp.asarray(x) for i, x in enumerate(leaves)}, gamma)
   for i, x in enumerate(leaves):
-    expect = (_canon(x) <= tau).astype(np.uint8)
+    expect = (canon_keys(x) <= tau).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(mask[str(i)]), expect)
   total = sum(int(np.sum(m)) for m in jax.tree.leaves(mask))
   assert total == int(np.sum(ref <= tau)) >= k

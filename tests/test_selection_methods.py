@@ -13,7 +13,6 @@ from __future__ import annotations
 import fractions
 import math
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,35 +23,25 @@ from hypothesis import strategies as st
 
 import ire_optax
 from ire_optax._src import native, selection
+from tests import strategies
+from tests.np_reference import canon_keys
 
 METHODS = ["native", "threshold", "scatter"] if native.enabled() else ["threshold", "scatter"]
-TINY = np.finfo(np.float32).tiny
-POOL = [0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, -1e-30, 1e30, 1e-45, -1e-45, 1e-39, np.inf,
-        -np.inf, np.nan, 3.0]
-
-leaf = st.one_of(
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
-               elements=st.sampled_from(POOL)),
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=12),
-               elements=st.floats(-1e6, 1e6, width=32)),
-)
-trees = st.lists(leaf, min_size=1, max_size=5)
-
-
-def _canon(x):
-  x = np.asarray(x, np.float32)
-  return np.where(np.abs(x) < TINY, np.float32(0), x)  # ±0 tie; XLA flushes denormals
+# The shared pool plus NaN and more denormals (every method must order them alike).
+POOL = [*strategies.POOL, -1e-45, 1e-39, np.nan]
+trees = strategies.float_trees(POOL, pool_side=5, random_side=12, random_min_dims=1,
+                               max_leaves=5)
 
 
 def _reference(leaves, gamma=None, k=None):
   """(k, τ, masks) from NumPy's sort: NaN sorts last and is never selected."""
-  flat = np.sort(np.concatenate([_canon(np.ravel(x)) for x in leaves]))
+  flat = np.sort(np.concatenate([canon_keys(np.ravel(x)) for x in leaves]))
   n = flat.size
   if k is None:
     k = max(1, math.floor(fractions.Fraction(float(np.float32(gamma))) * n))
   tau = flat[k - 1]
   tau_m = np.float32(np.inf) if np.isnan(tau) else tau
-  return k, tau, [(_canon(x) <= tau_m).astype(np.uint8) for x in leaves]
+  return k, tau, [(canon_keys(x) <= tau_m).astype(np.uint8) for x in leaves]
 
 
 def _same(a, b):
