@@ -560,32 +560,21 @@ def _select_threshold(leaves, rank, *, square, axis_name, wide):
   return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32))
 
 
+# The two histograms of each histogram method: (top 16 bits, low 16 bits in a bucket).
+_HISTOGRAMS: dict[str, tuple[Callable[..., jax.Array], Callable[..., jax.Array]]] = {
+    "native": (native.histogram_high, native.histogram_low),
+    "scatter": (_scatter_high, _scatter_low)}
+
+
 def _run(method: str, square: bool, axis_name: Any, wide: bool):
   """The selection ``(leaves, rank) -> key`` counting with ``method`` (one callable per
   setting, so that ``lax.platform_dependent`` merges equal branches)."""
   if method == "threshold":
-    return functools.partial(_run_threshold, square=square, axis_name=axis_name, wide=wide)
-  if method == "native":
-    return functools.partial(_run_native, square=square, axis_name=axis_name, wide=wide)
-  return functools.partial(_run_scatter, square=square, axis_name=axis_name, wide=wide)
-
-
-def _run_threshold(leaves, rank, *, square, axis_name, wide):
-  return _select_threshold(leaves, rank, square=square, axis_name=axis_name, wide=wide)
-
-
-def _run_native(leaves, rank, *, square, axis_name, wide):
-  return _select_histograms(
-      leaves, rank, axis_name=axis_name, wide=wide,
-      high_fn=functools.partial(native.histogram_high, square=square),
-      low_fn=functools.partial(native.histogram_low, square=square))
-
-
-def _run_scatter(leaves, rank, *, square, axis_name, wide):
-  return _select_histograms(
-      leaves, rank, axis_name=axis_name, wide=wide,
-      high_fn=functools.partial(_scatter_high, square=square),
-      low_fn=functools.partial(_scatter_low, square=square))
+    return functools.partial(_select_threshold, square=square, axis_name=axis_name, wide=wide)
+  high, low = _HISTOGRAMS[method]
+  return functools.partial(_select_histograms, axis_name=axis_name, wide=wide,
+                           high_fn=functools.partial(high, square=square),
+                           low_fn=functools.partial(low, square=square))
 
 
 def _platform_methods(method: str, leaves: list[jax.Array]) -> dict[str, str]:
