@@ -186,29 +186,15 @@ def gsam(
   mask_fn = sam_lib.resolve_perturb_mask(perturb_mask)
 
   def surrogate(updates, params, rho_t, extra_args, count):
-    grad_fn = utils.require_callable(
-        "grad_fn", extra_args.pop("grad_fn", None), who="gsam.update()",
-        why="params -> gradient of the training loss on the current batch",
-    )
-    if updates is None:
-      raise TypeError("gsam.update() needs the clean gradient at `params` as `updates`; got None.")
-    utils.check_float_tree(params, what="params", who="gsam.update()")
-    utils.check_like(updates, params, what="`updates`", who="gsam.update()")
-    clean = utils.pmean_if(updates, axis_name)
-    perturbed = sam_lib.perturbed_params(
-        params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
-        mask=mask_fn(params),
-    )
-    g_p, aux = sam_lib._split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux,
-                                  who="gsam.update()")
-    g_p = utils.check_gradient(g_p, params, who="gsam.update()")
-    g_p = utils.pmean_if(g_p, axis_name)
-    g_p = utils.tree_cast_like(g_p, updates)
+    clean, g_p, aux = sam_lib.ascent_gradient(
+        updates, params, rho_t, extra_args, who="gsam.update()", adaptive=adaptive,
+        adaptive_eta=adaptive_eta, eps=eps, mask=mask_fn(params), axis_name=axis_name,
+        has_aux=has_aux)
     alpha_t = utils.resolve(alpha, count) if callable(alpha) else alpha
     g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
     # rho = 0: g_p is the clean gradient and g_perp vanishes; return g_p exactly.
     g = jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)
-    return (g, utils.pmean_if(aux, axis_name)) if has_aux else g
+    return (g, aux) if has_aux else g
 
   return sam_lib._make(base_optimizer, rho, surrogate, who="gsam", every_k=every_k,
                        consumes=("grad_fn",), axis_name=axis_name, has_aux=has_aux,

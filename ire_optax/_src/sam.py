@@ -351,6 +351,39 @@ def check_not_masked(params: Params, *, who: str) -> None:
 # -----------------------------------------------------------------------------
 
 
+def ascent_gradient(updates: Any, params: Params, rho_t: Any, extra_args: dict, *, who: str,
+                    adaptive: bool, adaptive_eta: Any, eps: Any, mask: Any, axis_name: Any,
+                    has_aux: bool, per_device_ascent: bool = False) -> tuple[Any, Any, Any]:
+  """SAM's two-gradient core, shared by :func:`sam` and :func:`ire_optax.gsam`.
+
+  Pops ``grad_fn`` from ``extra_args``, ascends from ``params`` along the clean
+  gradient ``updates`` (averaged over ``axis_name`` unless ``per_device_ascent``)
+  and returns ``(clean, g_perturbed, aux)``: the gradient at the perturbed point,
+  averaged over ``axis_name`` and cast like ``updates``, and ``grad_fn``'s aux
+  (averaged too; ``()`` without ``has_aux``).
+  """
+  grad_fn = utils.require_callable(
+      "grad_fn", extra_args.pop("grad_fn", None), who=who,
+      why="params -> gradient of the training loss on the current batch",
+  )
+  if updates is None:
+    raise TypeError(
+        f"{who} needs the clean gradient at `params` as `updates`; got None "
+        "(ire_optax.msam is the variant that computes its clean gradients itself)."
+    )
+  utils.check_float_tree(params, what="params", who=who)
+  utils.check_like(updates, params, what="`updates`", who=who)
+  clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
+  perturbed = perturbed_params(params, clean, rho_t, adaptive=adaptive,
+                               adaptive_eta=adaptive_eta, eps=eps, mask=mask)
+  # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
+  # params, else JAX sums its gradient over the axis implicitly.
+  g, aux = _split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux, who=who)
+  g = utils.check_gradient(g, params, who=who)
+  g = utils.tree_cast_like(utils.pmean_if(g, axis_name), updates)
+  return clean, g, (utils.pmean_if(aux, axis_name) if has_aux else aux)
+
+
 def sam(
     base_optimizer: optax.GradientTransformation,
     *,
@@ -472,29 +505,11 @@ def sam(
 
   def surrogate(updates, params, rho_t, extra_args, count):
     del count
-    grad_fn = utils.require_callable(
-        "grad_fn", extra_args.pop("grad_fn", None), who="sam.update()",
-        why="params -> gradient of the training loss on the current batch",
-    )
-    if updates is None:
-      raise TypeError(
-          "sam.update() needs the clean gradient at `params` as `updates`; got None "
-          "(ire_optax.msam is the variant that computes its clean gradients itself)."
-      )
-    utils.check_float_tree(params, what="params", who="sam.update()")
-    utils.check_like(updates, params, what="`updates`", who="sam.update()")
-    clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
-    perturbed = perturbed_params(
-        params, clean, rho_t, adaptive=adaptive, adaptive_eta=adaptive_eta, eps=eps,
-        mask=mask_fn(params),
-    )
-    # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
-    # params, else JAX sums its gradient over the axis implicitly.
-    g_sam, aux = _split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux,
-                            who="sam.update()")
-    g_sam = utils.check_gradient(g_sam, params, who="sam.update()")
-    g_sam = utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), updates)
-    return (g_sam, utils.pmean_if(aux, axis_name)) if has_aux else g_sam
+    _, g_sam, aux = ascent_gradient(
+        updates, params, rho_t, extra_args, who="sam.update()", adaptive=adaptive,
+        adaptive_eta=adaptive_eta, eps=eps, mask=mask_fn(params), axis_name=axis_name,
+        has_aux=has_aux, per_device_ascent=per_device_ascent)
+    return (g_sam, aux) if has_aux else g_sam
 
   return _make(base_optimizer, rho, surrogate, who="sam", every_k=every_k,
                consumes=("grad_fn",), axis_name=axis_name, has_aux=has_aux,
