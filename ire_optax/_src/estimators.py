@@ -150,14 +150,17 @@ class Estimator(NamedTuple):
     needs_params: it evaluates the model, so ``update`` needs ``params``.
     needs_updates: it ranks the gradient passed as ``updates`` (which other
       estimators allow to be ``None``, as :func:`ire_optax.msam` passes).
+    random: it draws from the PRNG key (``estimate`` then gets a fresh key on
+      each refresh; otherwise ``None``, and IRE's key never advances).
   """
 
   name: str
-  estimate: Callable[[Any, Params, jax.Array, dict[str, Any]], Any]
+  estimate: Callable[[Any, Params, Any, dict[str, Any]], Any]
   square: bool
   callbacks: tuple[tuple[str, str], ...]
   needs_params: bool
   needs_updates: bool
+  random: bool = True
 
   def check(self, updates: Any, params: Params, extra_args: dict[str, Any]) -> None:
     """Raises, at trace time, if ``update`` lacks an input this estimator needs."""
@@ -205,7 +208,8 @@ def resolve(
     # The EMA of g² is ranked as it is; otherwise the (data-parallel mean)
     # gradient is squared inside the selection.
     return Estimator("grad_sq", lambda g, p, k, x: _f32_leaves(g), square=ema_decay is None,
-                     callbacks=(), needs_params=False, needs_updates=True)
+                     callbacks=(), needs_params=False, needs_updates=True,
+                     random=False)
   if curvature == "fisher":
     why = "params -> logits on the current batch, used to sample labels"
     return Estimator(
