@@ -188,14 +188,83 @@ def test_native_low_histogram_of_one_crowded_bucket_equals_xla_scatter(square, m
   assert int(np.asarray(a, np.int64).sum()) == int(np.sum((keys >> 16) == high)) > n // 2
 
 
+def _np_select(leaves, k, square):
+  """Plain NumPy: the key of the k-th smallest value (sorted keys) and the masks."""
+  keys = [np.asarray(selection.ordered_keys(jnp.square(x) if square else x)).ravel()
+          for x in leaves]
+  flat = np.sort(np.concatenate(keys + [np.zeros(0, np.uint32)]))
+  key = int(flat[min(max(k, 1), flat.size) - 1]) if flat.size else 0
+  t = min(key, 0xFF800000)
+  masks = [(kk <= t).astype(np.uint8).reshape(np.shape(x)) for kk, x in zip(keys, leaves,
+                                                                        strict=True)]
+  return key, masks
+
+
+def _check_native_select(leaves, k, square, **kw):
+  leaves = [jnp.asarray(x, jnp.float32) for x in leaves]
+  rank = jnp.asarray([k & 0xFFFFFFFF, k >> 32], jnp.uint32)
+  key, masks = jax.jit(lambda xs, r: native.select(xs, r, square=square, masks=True, **kw))(
+      leaves, rank)
+  key_only, none = native.select(leaves, rank, square=square, **kw)
+  want_key, want_masks = _np_select(leaves, k, square)
+  assert int(key) == int(key_only) == want_key and none == []
+  for got, want in zip(masks, want_masks, strict=True):
+    assert got.dtype == jnp.uint8 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("case", ["spread", "crowded", "half_crowded", "ties", "nan"])
+def test_native_one_call_selection_and_masks_equal_numpy(case, square):
+  """The whole-tree kernel: the bucket's mask bytes fixed up from its recorded keys, or (a
+  bucket too full to record) by a pass over all values; several leaves, on two threads."""
+  rng = np.random.default_rng(11)
+  n = 4_400_003 if case in ("spread", "crowded") else 300_007  # >= 2 * 2^21: two threads
+  if case == "spread":
+    x = rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.integers(-20, 20, n)
+  elif case == "crowded":  # every key in one bucket: more than can be recorded
+    x = (1 + rng.integers(0, 1 << 16, n) * 2.0**-23).astype(np.float32)
+  elif case == "half_crowded":  # an eighth of the values in the target's bucket
+    x = np.where(rng.random(n) < 0.125, 1 + rng.integers(0, 1 << 16, n) * 2.0**-23,
+                 rng.random(n) * 4).astype(np.float32)
+  elif case == "ties":
+    x = rng.integers(-2, 3, n).astype(np.float32)
+  else:  # most values NaN: the mask holds just the numbers
+    x = np.where(rng.random(n) < 0.7, np.nan, rng.standard_normal(n)).astype(np.float32)
+  if square:
+    x = np.sqrt(np.abs(x)).astype(np.float32)
+  x[:SPECIAL.size] = SPECIAL
+  leaves = [x[:7], x[7:n // 3].reshape(-1, 1), np.zeros((0, 2), np.float32), x[n // 3:]]
+  for k in (1, n // 8, int(0.3 * n), int(0.6 * n), n):
+    _check_native_select(leaves, k, square)
+
+
+@needs_native
+def test_native_one_call_selection_edges():
+  rng = np.random.default_rng(12)
+  x = rng.standard_normal(50_000).astype(np.float32)
+  # 64-bit counts: uint32 histograms flushed every few values (as past 2**31 on a thread)
+  for k in (1, 1234, 49_999):
+    _check_native_select([x[:20_000], x[20_000:]], k, square=True, chunk=1000)
+    _check_native_select([x], k, square=False, chunk=1)
+  # a rank past 2**32 is clipped to N; no values: key 0, empty masks
+  _check_native_select([x[:10], x[10:20]], 5 << 32, square=False)
+  key, masks = native.select([jnp.zeros((0,)), jnp.zeros((2, 0))], jnp.asarray([3, 0], jnp.uint32),
+                             masks=True)
+  assert int(key) == 0 and [m.shape for m in masks] == [(0,), (2, 0)]
+  with pytest.raises(Exception, match="chunk"):
+    native.select([x], jnp.asarray([1, 0], jnp.uint32), chunk=0)
+
+
 @needs_native
 def test_native_path_is_compiled_in_and_can_be_switched_off(monkeypatch):
   tree = {"w": jnp.linspace(-1.0, 1.0, 100), "b": jnp.zeros(3, jnp.bfloat16)}
   hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
-  assert "ire_optax_hist_high" in hlo and "ire_optax_hist_low" in hlo
+  assert hlo.count("ire_optax_select") == 1  # the whole tree in one call
   monkeypatch.setenv("IRE_OPTAX_NATIVE", "0")
   hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
-  assert "ire_optax_hist" not in hlo
+  assert "ire_optax_" not in hlo
 
 
 @needs_native
@@ -223,7 +292,7 @@ def test_a_failed_build_falls_back_to_the_scatter_with_a_warning(monkeypatch, tm
   assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left behind
   x = jnp.asarray([3.0, 1.0, 2.0])
   assert float(selection.kth_smallest(x, 2)) == 2.0
-  assert "ire_optax_hist" not in jax.jit(lambda t: selection.kth_smallest(t, 2)).lower(x).as_text()
+  assert "ire_optax_" not in jax.jit(lambda t: selection.kth_smallest(t, 2)).lower(x).as_text()
 
 
 @pytest.mark.parametrize("native_on", ["1", "0"])

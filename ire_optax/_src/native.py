@@ -40,13 +40,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = Path(__file__).with_name("native") / "histogram.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 # Tuned for the machine that compiles (and caches per CPU); plain flags if the compiler
 # does not take it.
 _NATIVE_ARCH = ("-march=native",)
-_HIGH, _LOW = "ire_optax_hist_high", "ire_optax_hist_low"
+_HIGH, _LOW, _SELECT = "ire_optax_hist_high", "ire_optax_hist_low", "ire_optax_select"
 _BINS = 1 << 16
 
 _lock = threading.Lock()
@@ -118,6 +119,7 @@ def _build_and_register() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
     jax.ffi.register_ffi_target(_HIGH, jax.ffi.pycapsule(lib.IreHistHigh), platform="cpu")
     jax.ffi.register_ffi_target(_LOW, jax.ffi.pycapsule(lib.IreHistLow), platform="cpu")
+    jax.ffi.register_ffi_target(_SELECT, jax.ffi.pycapsule(lib.IreSelect), platform="cpu")
     return True
   except (OSError, subprocess.SubprocessError, AttributeError, ValueError) as e:
     detail = getattr(e, "stderr", b"") or b""
@@ -143,3 +145,24 @@ def histogram_low(x: jax.Array, high: jax.Array, *, square: bool = False) -> jax
   """Counts of the low 16 bits of the keys of ``x`` (or ``x * x``) in bucket ``high``."""
   return jax.ffi.ffi_call(_LOW, _result(), vmap_method="sequential")(
       jnp.asarray(x, jnp.float32), jnp.asarray(high, jnp.uint32), square=bool(square))
+
+
+
+def select(leaves: list[jax.Array], rank: jax.Array, *, square: bool = False,
+           masks: bool = False, chunk: int = 1 << 31) -> tuple[jax.Array, list[jax.Array]]:
+  """The whole selection of a tree in one call (CPU only).
+
+  Returns the ``uint32`` key of the ``rank``-th smallest value over all
+  ``leaves`` (of their squares with ``square``; ``rank`` is ``uint32[2]``, low
+  word then high word, 1-based, clipped into ``[1, N]``; 0 when there are no
+  values) and, with ``masks``, one ``uint8`` mask per leaf, ``1[key(x) <= key]``
+  with the key capped at that of ``+inf`` (NaN is never selected). ``chunk``:
+  values a thread counts in 32 bits between flushes to 64 bits (tests lower it).
+  """
+  xs = [jnp.asarray(x, jnp.float32) for x in leaves]
+  out = [jax.ShapeDtypeStruct((), jnp.uint32)]
+  if masks:
+    out += [jax.ShapeDtypeStruct(x.shape, jnp.uint8) for x in xs]
+  res = jax.ffi.ffi_call(_SELECT, out, vmap_method="sequential")(
+      jnp.asarray(rank, jnp.uint32), *xs, square=bool(square), chunk=np.int64(chunk))
+  return res[0], list(res[1:])

@@ -566,15 +566,51 @@ _HISTOGRAMS: dict[str, tuple[Callable[..., jax.Array], Callable[..., jax.Array]]
     "scatter": (_scatter_high, _scatter_low)}
 
 
-def _run(method: str, square: bool, axis_name: Any, wide: bool):
-  """The selection ``(leaves, rank) -> key`` counting with ``method`` (one callable per
-  setting, so that ``lax.platform_dependent`` merges equal branches)."""
+def _masks_at_most(leaves: list[jax.Array], key: jax.Array, square: bool) -> list[jax.Array]:
+  """``1[x <= τ]`` (uint8) per leaf for the selected key, τ capped at ``+inf``.
+
+  NaN has the largest key; capping τ at the key of +inf keeps NaN out of the
+  mask. A float comparison gives the same set as comparing keys (the zeros tie,
+  NaN is never <= anything) without re-keying every value.
+  """
+  tau = key_to_float(jnp.minimum(key, _INF_KEY))
+  return [(_square_if(x, square) <= tau).astype(jnp.uint8) for x in leaves]
+
+
+def _select_native(leaves, rank, *, square, masks):
+  """The whole selection in one native call: two histogram passes over the tree, the
+  buckets found in C++, the mask written by the second pass (``native/histogram.cc``)."""
+  full = [x for x in leaves if x.size]
+  key, out = native.select(full, jnp.stack([rank.lo, _hi(rank)]), square=square, masks=masks)
+  if not masks:
+    return key, []
+  it = iter(out)
+  return key, [next(it) if x.size else jnp.zeros(x.shape, jnp.uint8) for x in leaves]
+
+
+def _with_masks(select, square, masks):
+  """A key-only selection ``(leaves, rank) -> key`` as ``-> (key, masks or [])``."""
+  def run(leaves, rank):
+    key = select(leaves, rank)
+    return key, _masks_at_most(leaves, key, square) if masks else []
+  return run
+
+
+def _run(method: str, square: bool, axis_name: Any, wide: bool, masks: bool):
+  """The selection ``(leaves, rank) -> (key, masks)`` counting with ``method`` (one
+  callable per setting, so that ``lax.platform_dependent`` merges equal branches);
+  ``masks``: also the uint8 mask of each leaf (else ``[]``)."""
+  if method == "native" and axis_name is None:
+    return functools.partial(_select_native, square=square, masks=masks)
   if method == "threshold":
-    return functools.partial(_select_threshold, square=square, axis_name=axis_name, wide=wide)
-  high, low = _HISTOGRAMS[method]
-  return functools.partial(_select_histograms, axis_name=axis_name, wide=wide,
-                           high_fn=functools.partial(high, square=square),
-                           low_fn=functools.partial(low, square=square))
+    select = functools.partial(_select_threshold, square=square, axis_name=axis_name,
+                               wide=wide)
+  else:
+    high, low = _HISTOGRAMS[method]
+    select = functools.partial(_select_histograms, axis_name=axis_name, wide=wide,
+                               high_fn=functools.partial(high, square=square),
+                               low_fn=functools.partial(low, square=square))
+  return _with_masks(select, square, masks)
 
 
 def _platform_methods(method: str, leaves: list[jax.Array]) -> dict[str, str]:
@@ -591,12 +627,13 @@ def _platform_methods(method: str, leaves: list[jax.Array]) -> dict[str, str]:
   return {"default": method}
 
 
-def _select_key(leaves: list[jax.Array], rank: Count, *, square: bool, axis_name: Any,
-                wide: bool, method: str | None) -> jax.Array:
+def _select(leaves: list[jax.Array], rank: Count, *, square: bool, axis_name: Any,
+            wide: bool, method: str | None, masks: bool) -> tuple[jax.Array, list[jax.Array]]:
   chosen = _platform_methods(_check_method(current_method() if method is None else method),
                              leaves)
   fns: dict[str, Any] = {}
-  branches = {p: fns.setdefault(m, _run(m, square, axis_name, wide)) for p, m in chosen.items()}
+  branches = {p: fns.setdefault(m, _run(m, square, axis_name, wide, masks))
+              for p, m in chosen.items()}
   if len(fns) == 1:
     return branches["default"](leaves, rank)
   default = branches.pop("default")
@@ -637,14 +674,21 @@ def kth_smallest_key(
   Returns:
     uint32 scalar key.
   """
+  return _select_tree(tree, k, axis_name=axis_name, square=square, method=method,
+                      masks=False)[0]
+
+
+def _select_tree(tree: Any, k: Any, *, axis_name: Any, square: bool, method: str | None,
+                 masks: bool) -> tuple[jax.Array, list[jax.Array]]:
+  """:func:`kth_smallest_key` and, with ``masks``, the uint8 mask of each leaf."""
   leaves = _leaves_f32(tree)
   n = _global_size(tree, axis_name)
   wide = n >= _WORD_LIMIT
   rank = k if isinstance(k, Count) else _rank_from_int(k, n, wide=wide)
   if wide and rank.hi is None:
     rank = Count(rank.lo, jnp.zeros((), _U32))
-  return _select_key(leaves, rank, square=square, axis_name=axis_name, wide=wide,
-                     method=method)
+  return _select(leaves, rank, square=square, axis_name=axis_name, wide=wide, method=method,
+                 masks=masks)
 
 
 def kth_smallest(tree: Any, k: Any, *, axis_name: Any = None,
@@ -738,11 +782,6 @@ def flat_mask(
   wide = n >= _WORD_LIMIT
   k = _rank_from_fraction(n, gamma, wide=wide)
   rank = k if isinstance(k, Count) else _static_count(k, wide)
-  # NaN has the largest key; capping τ at the key of +inf keeps NaN out of the mask.
-  key = kth_smallest_key(tree, rank, axis_name=axis_name, square=square, method=method)
-  tau = key_to_float(jnp.minimum(key, _INF_KEY))
-  # A float comparison gives the same set as comparing keys (the zeros tie, NaN is never
-  # <= anything) without re-keying every value.
-  return jax.tree.map(
-      lambda x: (_square_if(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), square)
-                 <= tau).astype(dtype), tree)
+  _, masks = _select_tree(tree, rank, axis_name=axis_name, square=square, method=method,
+                          masks=True)
+  return jax.tree.unflatten(jax.tree.structure(tree), [m.astype(dtype) for m in masks])

@@ -10,6 +10,12 @@
 //       keys of x (of x * x if `square`).
 //   IreHistLow(x f32[...], high u32[]; square) -> u32[65536]: counts of the low 16
 //       bits of the keys whose top 16 bits equal `high`.
+//   IreSelect(rank u32[2], x_0 f32[...], x_1 f32[...], ...; square)
+//       -> (key u32[], [mask_0 u8[...], mask_1 u8[...], ...]): the key of the rank-th
+//       smallest value (1-based, rank = lo + 2^32 hi, clipped into [1, N]) over all the
+//       x_i and, if asked for, their masks 1[key(x) <= min(key, key(+inf))] -- the
+//       whole selection of a tree on one device in one call. (The two histograms serve
+//       selections whose counts are summed across devices between the passes.)
 //
 // Keys are those of selection.ordered_keys: unsigned order = float order, -0.0
 // and +0.0 tie, denormals tie with zero (XLA:CPU flushes them), NaN is largest.
@@ -56,25 +62,55 @@ static void HighRange(const float* d, size_t n, uint32_t* h) {
   }
 }
 
+// 16 keys at a time with GCC/Clang vector extensions (AVX-512, AVX2 or SSE, as the
+// target has); comparisons give 0 / -1 lanes.
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef float F32x16 __attribute__((vector_size(64)));
+
+// KeyOf on 16 values.
+template <bool Square>
+static inline U32x16 KeysOf16(const float* d) {
+  F32x16 v;
+  std::memcpy(&v, d, sizeof(v));
+  if (Square) v = v * v;
+  U32x16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const U32x16 exp = bits & 0x7F800000u;
+  const U32x16 flip = (0u - (bits >> 31)) | 0x80000000u;
+  U32x16 key = bits ^ flip;
+  const U32x16 zero = (U32x16)(exp == 0u);
+  key = (key & ~zero) | (0x80000000u & zero);
+  const U32x16 nan = (U32x16)((exp == 0x7F800000u) & ((bits & 0x007FFFFFu) != 0u));
+  return key | nan;
+}
+
+// Whether any lane of a comparison result is true.
+static inline bool AnyLane(I32x16 m) {
+  uint64_t w[8];
+  std::memcpy(w, &m, sizeof(w));
+  return (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0;
+}
+
 // Adds the counts of the low 16 bits of the keys of d[0, n) in bucket `hi` to h.
 template <bool Square>
 static void LowRange(const float* d, size_t n, uint32_t hi, uint32_t* h) {
-  // Blocks of 16: a vectorised test of the block, and a scalar pass only over the rare
-  // blocks that hold a key of bucket `hi`.
-  // The keys of a block are computed once, into a buffer the scalar pass reads.
-  constexpr size_t kLanes = 16;
-  uint32_t keys[kLanes];
+  // Groups of 64 values: a vectorised test of the group, and a scalar pass only over
+  // the rare groups that hold a key of bucket `hi`.
+  constexpr size_t kLanes = 16, kGroup = 4 * kLanes;
   size_t s = 0;
-  for (; s + kLanes <= n; s += kLanes) {
-    uint32_t any = 0;
-    for (size_t i = 0; i < kLanes; ++i) {
-      keys[i] = KeyOf<Square>(d[s + i]);
-      any |= (keys[i] >> 16) == hi;
+  for (; s + kGroup <= n; s += kGroup) {
+    U32x16 k[4];
+    I32x16 match = {};
+    for (size_t j = 0; j < 4; ++j) {
+      k[j] = KeysOf16<Square>(d + s + j * kLanes);
+      match |= (k[j] >> 16) == hi;
     }
-    if (!any) continue;
-    // Branch-free: a bucket holding a large share of the keys makes `match` random, and a
-    // branch on it mispredicts (3x slower at a 50% share).
-    for (size_t i = 0; i < kLanes; ++i) h[keys[i] & 0xFFFFu] += (keys[i] >> 16) == hi;
+    if (!AnyLane(match)) continue;
+    // Branch-free: a bucket holding a large share of the keys makes a match random, and
+    // a branch on it mispredicts (3x slower at a 50% share).
+    for (size_t j = 0; j < 4; ++j)
+      for (size_t i = 0; i < kLanes; ++i) h[k[j][i] & 0xFFFFu] += (k[j][i] >> 16) == hi;
   }
   for (; s < n; ++s) {
     const uint32_t key = KeyOf<Square>(d[s]);
@@ -125,6 +161,254 @@ static void Low(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
             [hi](const float* d, size_t n, uint32_t* h) { LowRange<Square>(d, n, hi, h); });
 }
 
+// -----------------------------------------------------------------------------
+// IreSelect: the whole selection of a tree in one call
+// -----------------------------------------------------------------------------
+//
+// The same two histogram passes over all the leaves of the tree (each thread one
+// slice of their concatenation), the buckets found here between them, instead of a
+// custom call per leaf and pass with XLA's bucket search in between. The second pass
+// also writes the mask (no third pass over the values in the usual case). Counts are
+// 64-bit: any N a CPU holds is exact.
+
+// A leaf of the tree: its values and, when the mask is asked for, its mask bytes.
+struct Segment {
+  const float* d;
+  size_t n;
+  uint8_t* m;  // nullptr: no mask
+};
+
+// The concatenation of `segs` (total `n` values) cut into `parts` contiguous slices.
+static std::vector<std::vector<Segment>> SplitSegments(const std::vector<Segment>& segs,
+                                                      size_t n, size_t parts) {
+  std::vector<std::vector<Segment>> out(parts);
+  const size_t per = (n + parts - 1) / parts;
+  size_t part = 0, room = per;
+  for (Segment s : segs) {
+    while (s.n > 0) {
+      const size_t take = std::min(s.n, room);
+      out[part].push_back({s.d, take, s.m});
+      s.d += take;
+      if (s.m) s.m += take;
+      s.n -= take;
+      room -= take;
+      if (room == 0 && part + 1 < parts) {
+        ++part;
+        room = per;
+      }
+    }
+  }
+  return out;
+}
+
+// Threads for one whole-tree pass. Fewer than for the per-leaf histograms: inside a train
+// step XLA's own threads run the optimizer's fusions beside this call, and below ~2^21
+// values a second thread there costs more than it saves (measured at 1e6 values).
+constexpr size_t kMinPerThreadTree = size_t{1} << 21;
+
+static size_t TreeThreads(size_t n) {
+  const size_t hw = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), 8));
+  return std::max<size_t>(1, std::min(hw, n / kMinPerThreadTree));
+}
+
+// Runs fn(t, slice_t) for every slice, slice 0 on the calling thread.
+template <typename Fn>
+static void ForEachSlice(const std::vector<std::vector<Segment>>& slices, Fn fn) {
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < slices.size(); ++t)
+    pool.emplace_back([&fn, &slices, t] { fn(t, slices[t]); });
+  fn(0, slices[0]);
+  for (auto& worker : pool) worker.join();
+}
+
+// A key of the bucket the second pass resolves, and where its mask byte is.
+struct Member {
+  uint8_t* m;
+  uint32_t key;
+};
+
+// LowRange that also writes the mask bytes it can already decide -- 1 below bucket `hi`,
+// 0 above -- and records the bucket's keys (while fewer than `cap`) to decide theirs
+// once the threshold is known.
+template <bool Square>
+static void LowRangeMask(const float* d, size_t n, uint32_t hi, uint32_t* h, uint8_t* m,
+                         std::vector<Member>& members, size_t cap) {
+  constexpr size_t kLanes = 16, kGroup = 4 * kLanes;
+  typedef uint8_t U8x16 __attribute__((vector_size(16)));
+  size_t s = 0;
+  for (; s + kGroup <= n; s += kGroup) {
+    U32x16 k[4];
+    I32x16 match = {};
+    for (size_t j = 0; j < 4; ++j) {
+      k[j] = KeysOf16<Square>(d + s + j * kLanes);
+      const U32x16 high = k[j] >> 16;
+      const U8x16 below = __builtin_convertvector((high < hi) & 1, U8x16);
+      std::memcpy(m + s + j * kLanes, &below, sizeof(below));
+      match |= high == hi;
+    }
+    if (!AnyLane(match)) continue;
+    for (size_t j = 0; j < 4; ++j) {
+      for (size_t i = 0; i < kLanes; ++i) {
+        const uint32_t key = k[j][i];
+        const bool in = (key >> 16) == hi;
+        h[key & 0xFFFFu] += in;  // branch-free, as in LowRange
+        if (in && members.size() < cap) members.push_back({m + s + j * kLanes + i, key});
+      }
+    }
+  }
+  for (; s < n; ++s) {
+    const uint32_t key = KeyOf<Square>(d[s]);
+    m[s] = (key >> 16) < hi;
+    if ((key >> 16) == hi) {
+      h[key & 0xFFFFu]++;
+      if (members.size() < cap) members.push_back({m + s, key});
+    }
+  }
+}
+
+// m[i] = key(d[i]) <= t: the mask when the bucket held too many keys to record.
+template <bool Square>
+static void MaskRange(const float* d, size_t n, uint32_t t, uint8_t* m) {
+  constexpr size_t kLanes = 16;
+  typedef uint8_t U8x16 __attribute__((vector_size(16)));
+  size_t s = 0;
+  for (; s + kLanes <= n; s += kLanes) {
+    const U8x16 v = __builtin_convertvector((KeysOf16<Square>(d + s) <= t) & 1, U8x16);
+    std::memcpy(m + s, &v, sizeof(v));
+  }
+  for (; s < n; ++s) m[s] = KeyOf<Square>(d[s]) <= t;
+}
+
+// The key of the 0-based rank-th smallest value of all segments (n > rank values), by the
+// two histogram passes, the buckets found here. With masks (every segment's m set), also
+// writes m = 1[key <= min(that key, key of +inf)]: the selection's mask (NaN excluded).
+// A thread's uint32 histogram counts at most `chunk` (<= 2^31) values between flushes to
+// 64 bits (an attribute so that tests can reach the flushes with small trees).
+template <bool Square>
+static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t rank,
+                           bool masks, size_t chunk) {
+  const size_t kChunk = chunk;
+  const auto slices = SplitSegments(segs, n, TreeThreads(n));
+  const size_t parts = slices.size();
+  std::vector<uint32_t> hist(parts * kBins);
+  std::vector<std::vector<uint64_t>> wide(parts);  // per thread, only past kChunk values
+  auto pass = [&](auto count_one) {
+    std::fill(hist.begin(), hist.end(), 0u);
+    ForEachSlice(slices, [&](size_t t, const std::vector<Segment>& slice) {
+      uint32_t* h = hist.data() + t * kBins;
+      size_t since_flush = 0;
+      for (Segment s : slice) {
+        for (size_t start = 0; start < s.n; start += kChunk) {
+          const size_t len = std::min(s.n - start, kChunk);
+          if (since_flush + len > kChunk) {
+            if (wide[t].empty()) wide[t].assign(kBins, 0);
+            for (size_t b = 0; b < kBins; ++b) wide[t][b] += h[b], h[b] = 0;
+            since_flush = 0;
+          }
+          count_one(t, s.d + start, len, s.m ? s.m + start : nullptr, h);
+          since_flush += len;
+        }
+      }
+    });
+  };
+  // The bucket holding the 0-based `r`, which becomes the rank inside it; `count` gets
+  // the bucket's size. The threads' counts are merged first (vectorised), then rows of
+  // 256 bins are skipped whole.
+  std::vector<uint64_t> merged(kBins);
+  auto find = [&](uint64_t& r, uint64_t& count) {
+    for (size_t b = 0; b < kBins; ++b) merged[b] = hist[b];
+    for (size_t t = 0; t < parts; ++t) {
+      if (t > 0)
+        for (size_t b = 0; b < kBins; ++b) merged[b] += hist[t * kBins + b];
+      if (!wide[t].empty())
+        for (size_t b = 0; b < kBins; ++b) merged[b] += wide[t][b], wide[t][b] = 0;
+    }
+    size_t row = 0;
+    for (; row + 1 < kBins / 256; ++row) {
+      uint64_t c = 0;
+      for (size_t b = row * 256; b < row * 256 + 256; ++b) c += merged[b];
+      if (r < c) break;
+      r -= c;
+    }
+    size_t b = row * 256;
+    for (; b + 1 < kBins && r >= merged[b]; ++b) r -= merged[b];
+    count = merged[b];
+    return static_cast<uint32_t>(b);
+  };
+  uint64_t r = rank, bucket = 0, unused = 0;
+  pass([](size_t, const float* d, size_t len, uint8_t*, uint32_t* h) {
+    HighRange<Square>(d, len, h);
+  });
+  const uint32_t high = find(r, bucket);
+  if (!masks) {
+    pass([high](size_t, const float* d, size_t len, uint8_t*, uint32_t* h) {
+      LowRange<Square>(d, len, high, h);
+    });
+    return (high << 16) | find(r, unused);
+  }
+  // The bucket's keys are recorded up to a share of n (typical g^2 buckets hold far
+  // less); a fuller bucket is decided by one more pass over all values.
+  const size_t cap = static_cast<size_t>(std::min<uint64_t>(bucket, n / 8 + 4096));
+  std::vector<std::vector<Member>> members(parts);
+  for (auto& m : members) m.reserve(cap / parts + 64);
+  pass([&](size_t t, const float* d, size_t len, uint8_t* m, uint32_t* h) {
+    LowRangeMask<Square>(d, len, high, h, m, members[t], cap / parts + 64);
+  });
+  const uint32_t key = (high << 16) | find(r, unused);
+  const uint32_t t = std::min(key, 0xFF800000u);  // NaN never selected
+  size_t recorded = 0;
+  for (const auto& m : members) recorded += m.size();
+  if (recorded == bucket) {
+    for (const auto& ms : members)
+      for (const Member& m : ms) *m.m = m.key <= t;
+  } else {
+    ForEachSlice(slices, [&](size_t, const std::vector<Segment>& slice) {
+      for (Segment s : slice) MaskRange<Square>(s.d, s.n, t, s.m);
+    });
+  }
+  return key;
+}
+
+// IreSelect(rank u32[2], x_0, ..., x_{L-1} f32; square) -> (key u32[], mask_0, ...,
+// mask_{M-1} u8) with M = 0 (the key only) or M = L (each mask shaped like its x).
+static ffi::Error SelectImpl(ffi::Buffer<ffi::U32> rank, ffi::RemainingArgs xs,
+                             ffi::Result<ffi::Buffer<ffi::U32>> out, ffi::RemainingRets ms,
+                             bool square, int64_t chunk) {
+  if (chunk < 1 || chunk > (int64_t{1} << 31))
+    return ffi::Error::InvalidArgument("IreSelect: chunk must be in [1, 2^31]");
+  const bool masks = ms.size() > 0;
+  if (masks && ms.size() != xs.size())
+    return ffi::Error::InvalidArgument("IreSelect: one mask per leaf, or none");
+  std::vector<Segment> segs;
+  size_t n = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto x = xs.get<ffi::Buffer<ffi::F32>>(i);
+    if (x.has_error()) return x.error();
+    uint8_t* m = nullptr;
+    if (masks) {
+      auto mask = ms.get<ffi::Buffer<ffi::U8>>(i);
+      if (mask.has_error()) return mask.error();
+      if ((*mask)->element_count() != x->element_count())
+        return ffi::Error::InvalidArgument("IreSelect: a mask shaped unlike its leaf");
+      m = (*mask)->typed_data();
+    }
+    if (x->element_count() > 0) {
+      segs.push_back({x->typed_data(), x->element_count(), m});
+      n += x->element_count();
+    }
+  }
+  uint32_t key = 0;
+  if (n > 0) {
+    uint64_t r = static_cast<uint64_t>(rank.typed_data()[0]) |
+                 (static_cast<uint64_t>(rank.typed_data()[1]) << 32);
+    r = std::min<uint64_t>(std::max<uint64_t>(r, 1), n) - 1;  // 1-based, clipped; 0-based
+    const size_t c = static_cast<size_t>(chunk);
+    key = square ? SelectTree<true>(segs, n, r, masks, c) : SelectTree<false>(segs, n, r, masks, c);
+  }
+  out->typed_data()[0] = key;
+  return ffi::Error::Success();
+}
+
 static ffi::Error HighImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist,
                            bool square) {
   square ? High<true>(x, hist) : High<false>(x, hist);
@@ -143,3 +427,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IreHistHigh, HighImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IreHistLow, LowImpl,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::U32>>()
         .Ret<ffi::Buffer<ffi::U32>>().Attr<bool>("square"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IreSelect, SelectImpl,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::U32>>().RemainingArgs()
+        .Ret<ffi::Buffer<ffi::U32>>().RemainingRets().Attr<bool>("square")
+        .Attr<int64_t>("chunk"));
