@@ -13,8 +13,10 @@ size N, it times in one process, interleaved, repetition after repetition:
 Key distributions: ``uniform`` (U(0, 1)), ``model`` (g² of a small MLP's
 gradient on a batch of MNIST from ``--data-dir``, else scikit-learn's digits,
 tiled to N: heavy ties, the few hundred histogram bins real g² keys crowd
-into) and ``one_bin`` (every key in one 65,536-bin bucket: the scatter's worst
-contention, and the low pass sees all N values).
+into), ``model_tree`` (the same keys as a convnet-shaped tree of 63 leaves: 21
+large kernels, each with two small BatchNorm vectors) and ``one_bin`` (every key
+in one 65,536-bin bucket: the scatter's worst contention, and the low pass sees
+all N values).
 
 Targets: refresh <= 2 AdamW updates, amortized <= 1.10. Run it on any
 backend; the committed table is the CPU's (``benchmarks/results/selection.md``).
@@ -40,7 +42,10 @@ import optax
 import ire_optax
 from ire_optax._src import native
 
-KINDS = ("uniform", "model", "one_bin")
+KINDS = ("uniform", "model", "model_tree", "one_bin")
+# model_tree: the model keys as a tree shaped like a convnet's parameters: 21 blocks of a
+# large kernel and two small vectors (BatchNorm's scale and bias), 63 leaves.
+TREE_BLOCKS = 21
 GAMMA, K = 0.6, 10
 TARGET_REFRESH, TARGET_AMORTIZED = 2.0, 1.10
 
@@ -67,11 +72,26 @@ def model_g2(data_dir: str | None, seed: int = 0) -> tuple[np.ndarray, str]:
 def keys_of(kind: str, n: int, g2: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   if kind == "uniform":
     return rng.random(n, dtype=np.float32)
-  if kind == "model":
+  if kind in ("model", "model_tree"):
     return np.resize(g2, n)
   # one_bin: 1 + j * 2**-23 for j < 2**16: the top 16 key bits are all the same.
   return (np.float32(1.0) + rng.integers(0, 1 << 16, n).astype(np.float32)
           * np.float32(2.0**-23)).astype(np.float32)
+
+
+def tree_of(kind: str, flat: jax.Array) -> dict[str, jax.Array]:
+  """The keys as the benchmark's pytree: one leaf, or ``model_tree``'s 63 leaves."""
+  if kind != "model_tree":
+    return {"w": flat}
+  n = flat.shape[0]
+  small = max(1, n // TREE_BLOCKS // 512)
+  sizes = []
+  for b in range(TREE_BLOCKS):
+    big = (n - sum(sizes)) // (TREE_BLOCKS - b) - 2 * small
+    sizes += [big, small, small]
+  sizes[-1] += n - sum(sizes)
+  parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
+  return {f"l{i:02d}": x for i, x in enumerate(parts)}
 
 
 def _adamw_step(opt):
@@ -85,12 +105,12 @@ def _adamw_step(opt):
 def measure(kind: str, n: int, methods: list[str], reps: int, g2: np.ndarray,
             amortized: bool) -> dict[str, Any]:
   rng = np.random.default_rng(n)
-  h = jnp.asarray(keys_of(kind, n, g2, rng))
-  grads = {"w": h}
+  grads = tree_of(kind, jnp.asarray(keys_of(kind, n, g2, rng)))
+  zeros = lambda: jax.tree.map(jnp.zeros_like, grads)
   adamw = optax.adamw(1e-3)
 
   def fresh():  # each stepper donates its own carry
-    params = {"w": jnp.zeros(n, jnp.float32)}
+    params = zeros()
     return params, adamw.init(params)
 
   blocks: dict[str, Any] = {
@@ -105,9 +125,9 @@ def measure(kind: str, n: int, methods: list[str], reps: int, g2: np.ndarray,
       with ire_optax.selection_method(m):  # read when the step is traced: trace it here
         tx = ire_optax.ire(optax.adamw(1e-3), gamma=GAMMA, refresh_every=K)
         step = _adamw_step(tx)
-        carry = step((jnp.zeros(n, jnp.float32), tx.init(jnp.zeros(n, jnp.float32))), h)
+        carry = step((zeros(), tx.init(zeros())), grads)
         jax.block_until_ready(carry)
-      blocks[f"ire_x10:{m}"] = C.Stepper(step, carry, K, lambda i: (h,))
+      blocks[f"ire_x10:{m}"] = C.Stepper(step, carry, K, lambda i: (grads,))
   load0 = C.loadavg()
   t = C.time_interleaved(blocks, baseline="adamw", reps=reps, warmup=1)
   out: dict[str, Any] = {"kind": kind, "n": n, "reps": reps, "load_before": load0,
@@ -137,7 +157,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], methods: list[
       "",
       "Written by `benchmarks/bench_selection.py` "
       f"(`{meta['command']}`). Machine: {meta['machine']['summary']}.",
-      f"Real-gradient keys: {meta['model']}, tiled to N. Each cell: median of the paired "
+      f"Real-gradient keys: {meta['model']}, tiled to N (`model`: one leaf; `model_tree`: "
+      f"{3 * TREE_BLOCKS} leaves shaped like a convnet's, {TREE_BLOCKS} large kernels each "
+      "with two small BatchNorm vectors). Each cell: median of the paired "
       "ratios over the repetitions (min–max); the load average is recorded before and after "
       "each size (a shared machine: other jobs inflate every time, the paired ratios less).",
       "",
