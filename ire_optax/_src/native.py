@@ -1,14 +1,17 @@
-"""Native CPU histograms for the exact selection, compiled on first use.
+"""Native CPU selection for the exact radix select, compiled on first use.
 
 XLA:CPU runs the scatter-add behind a 65,536-bin histogram as a sequential loop
 of several ns per value, which makes IRE's refresh cost several optimizer
-updates on a CPU (``benchmarks/results/ire.md``). ``native/histogram.cc`` holds
-two XLA FFI handlers that compute the same histograms at about 1 ns per value.
-The first time a selection is traced for the CPU, this module compiles that
-file with the system's C++ compiler against the headers that ship with jaxlib
-(``jax.ffi.include_dir()``; ``-march=native`` when the compiler takes it, so the
-cache is keyed by the CPU too), caches the shared library and registers the
-handlers with ``jax.ffi``.
+updates on a CPU. ``native/histogram.cc`` holds XLA FFI handlers that count
+the same histograms at about 1 ns per value: ``IreSelect`` runs the whole
+selection of a tree in one call (both passes over every leaf, the bucket
+searches, 64-bit counts, and the mask written by the second pass), and two
+per-array histograms serve selections whose counts are summed across devices
+between the passes (``axis_name``). The first time a selection is traced for
+the CPU, this module compiles that file with the system's C++ compiler against
+the headers that ship with jaxlib (``jax.ffi.include_dir()``; ``-march=native``
+when the compiler takes it, so the cache is keyed by the CPU too), caches the
+shared library and registers the handlers with ``jax.ffi``.
 
 This is the ``"native"`` counting method of the selection, which ``"auto"``
 uses on the CPU for arrays on one device. On the CPU with sharded arrays, and

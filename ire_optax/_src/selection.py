@@ -15,7 +15,10 @@ CPU, so this module uses a **radix select** over the float bits:
 
    * ``"native"`` (CPU): two passes of 65,536-bin histograms (top 16 bits, then
      the low 16 bits inside the winning bucket) from a small C++ kernel
-     (:mod:`ire_optax._src.native`, compiled on first use).
+     (:mod:`ire_optax._src.native`, compiled on first use): one call for the
+     whole tree, which finds the buckets, counts in 64 bits and writes the mask
+     in its second pass (per-device histograms with a ``psum`` between the
+     passes under ``axis_name``).
    * ``"scatter"``: the same two histograms as XLA scatter-adds.
    * ``"threshold"`` (TPU, GPU): no scatter at all. Each of 8 passes counts
      ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
