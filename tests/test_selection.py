@@ -213,14 +213,24 @@ def _check_native_select(leaves, k, square, **kw):
     np.testing.assert_array_equal(got, want)
 
 
+# The kernel's bracket half-width, in the sample's standard deviations: 0 runs the two
+# histogram passes only; 0.01 makes the one-pass bracket miss (and fall back) often;
+# 1e9 brackets everything (every key "inside").
+MARGINS = (0.0, 0.01, 4.0, 1e9)
+
+
 @needs_native
 @pytest.mark.parametrize("square", [False, True])
-@pytest.mark.parametrize("case", ["spread", "crowded", "half_crowded", "ties", "nan"])
+@pytest.mark.parametrize("case", ["spread", "crowded", "half_crowded", "ties", "nan",
+                                  "periodic"])
 def test_native_one_call_selection_and_masks_equal_numpy(case, square):
-  """The whole-tree kernel: the bucket's mask bytes fixed up from its recorded keys, or (a
-  bucket too full to record) by a pass over all values; several leaves, on two threads."""
+  """The whole-tree kernel, each of its paths: the one pass of a sample's bracket (hit or
+  missed), the two histogram passes with the bucket's mask bytes fixed up from its
+  recorded keys or (a bucket too full to record) by a pass over all values; several
+  leaves, on two threads."""
   rng = np.random.default_rng(11)
-  n = 4_400_003 if case in ("spread", "crowded") else 300_007  # >= 2 * 2^21: two threads
+  big = case in ("spread", "crowded")
+  n = 4_400_003 if big else 300_007  # >= 2 * 2^21: two threads
   if case == "spread":
     x = rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.integers(-20, 20, n)
   elif case == "crowded":  # every key in one bucket: more than can be recorded
@@ -230,14 +240,42 @@ def test_native_one_call_selection_and_masks_equal_numpy(case, square):
                  rng.random(n) * 4).astype(np.float32)
   elif case == "ties":
     x = rng.integers(-2, 3, n).astype(np.float32)
-  else:  # most values NaN: the mask holds just the numbers
+  elif case == "nan":  # most values NaN: the mask holds just the numbers
     x = np.where(rng.random(n) < 0.7, np.nan, rng.standard_normal(n)).astype(np.float32)
+  else:  # a period that the sample's strata could alias with
+    x = np.tile(np.arange(2343, dtype=np.float32), n // 2343 + 1)[:n]
   if square:
     x = np.sqrt(np.abs(x)).astype(np.float32)
   x[:SPECIAL.size] = SPECIAL
   leaves = [x[:7], x[7:n // 3].reshape(-1, 1), np.zeros((0, 2), np.float32), x[n // 3:]]
-  for k in (1, n // 8, int(0.3 * n), int(0.6 * n), n):
-    _check_native_select(leaves, k, square)
+  for margin in (4.0,) if big else MARGINS:
+    for k in (1, n // 8, int(0.3 * n), int(0.6 * n), n):
+      _check_native_select(leaves, k, square, margin=margin)
+
+
+@needs_native
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       kind=st.sampled_from(["normal", "spread", "few", "zeros", "specials"]),
+       gamma=st.floats(0.0001, 0.9999), margin=st.sampled_from(MARGINS),
+       square=st.booleans())
+def test_native_bracketed_selection_equals_numpy(seed, kind, gamma, margin, square):
+  """Trees large enough for the one-pass bracket, drawn by hypothesis."""
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(1 << 18, 1 << 19))
+  if kind == "normal":
+    x = rng.standard_normal(n)
+  elif kind == "spread":
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)
+  elif kind == "few":
+    x = rng.integers(-3, 4, n).astype(np.float64)
+  elif kind == "zeros":
+    x = np.where(rng.random(n) < rng.random(), 0.0, rng.random(n))
+  else:
+    x = rng.choice(SPECIAL, n)
+  x = x.astype(np.float32)
+  cut = int(rng.integers(0, n))
+  _check_native_select([x[:cut], x[cut:]], max(1, int(gamma * n)), square, margin=margin)
 
 
 @needs_native
@@ -248,6 +286,9 @@ def test_native_one_call_selection_edges():
   for k in (1, 1234, 49_999):
     _check_native_select([x[:20_000], x[20_000:]], k, square=True, chunk=1000)
     _check_native_select([x], k, square=False, chunk=1)
+  y = rng.standard_normal(300_000).astype(np.float32)  # large enough for the bracket
+  for margin in MARGINS:
+    _check_native_select([y[:100], y[100:]], 77_777, square=True, chunk=1000, margin=margin)
   # a rank past 2**32 is clipped to N; no values: key 0, empty masks
   _check_native_select([x[:10], x[10:20]], 5 << 32, square=False)
   key, masks = native.select([jnp.zeros((0,)), jnp.zeros((2, 0))], jnp.asarray([3, 0], jnp.uint32),

@@ -3,9 +3,10 @@
 XLA:CPU runs the scatter-add behind a 65,536-bin histogram as a sequential loop
 of several ns per value, which makes IRE's refresh cost several optimizer
 updates on a CPU. ``native/histogram.cc`` holds XLA FFI handlers that count
-the same histograms at about 1 ns per value: ``IreSelect`` runs the whole
-selection of a tree in one call (both passes over every leaf, the bucket
-searches, 64-bit counts, and the mask written by the second pass), and two
+the same keys at about 1 ns per value: ``IreSelect`` runs the whole selection
+of a tree in one call (one pass over every leaf when a sample brackets the
+rank -- exact, verified by the counts -- else the two histogram passes; the
+bucket searches, 64-bit counts, and the mask), and two
 per-array histograms serve selections whose counts are summed across devices
 between the passes (``axis_name``). The first time a selection is traced for
 the CPU, this module compiles that file with the system's C++ compiler against
@@ -152,7 +153,8 @@ def histogram_low(x: jax.Array, high: jax.Array, *, square: bool = False) -> jax
 
 
 def select(leaves: list[jax.Array], rank: jax.Array, *, square: bool = False,
-           masks: bool = False, chunk: int = 1 << 31) -> tuple[jax.Array, list[jax.Array]]:
+           masks: bool = False, chunk: int = 1 << 31,
+           margin: float = 4.0) -> tuple[jax.Array, list[jax.Array]]:
   """The whole selection of a tree in one call (CPU only).
 
   Returns the ``uint32`` key of the ``rank``-th smallest value over all
@@ -161,11 +163,14 @@ def select(leaves: list[jax.Array], rank: jax.Array, *, square: bool = False,
   values) and, with ``masks``, one ``uint8`` mask per leaf, ``1[key(x) <= key]``
   with the key capped at that of ``+inf`` (NaN is never selected). ``chunk``:
   values a thread counts in 32 bits between flushes to 64 bits (tests lower it).
+  ``margin``: half-width, in standard deviations, of the sample's bracket around
+  the rank (one pass when it holds; ``<= 0``: always the two histogram passes).
   """
   xs = [jnp.asarray(x, jnp.float32) for x in leaves]
   out = [jax.ShapeDtypeStruct((), jnp.uint32)]
   if masks:
     out += [jax.ShapeDtypeStruct(x.shape, jnp.uint8) for x in xs]
   res = jax.ffi.ffi_call(_SELECT, out, vmap_method="sequential")(
-      jnp.asarray(rank, jnp.uint32), *xs, square=bool(square), chunk=np.int64(chunk))
+      jnp.asarray(rank, jnp.uint32), *xs, square=bool(square), chunk=np.int64(chunk),
+      margin=np.float64(margin))
   return res[0], list(res[1:])

@@ -16,9 +16,10 @@ CPU, so this module uses a **radix select** over the float bits:
    * ``"native"`` (CPU): two passes of 65,536-bin histograms (top 16 bits, then
      the low 16 bits inside the winning bucket) from a small C++ kernel
      (:mod:`ire_optax._src.native`, compiled on first use): one call for the
-     whole tree, which finds the buckets, counts in 64 bits and writes the mask
-     in its second pass (per-device histograms with a ``psum`` between the
-     passes under ``axis_name``).
+     whole tree, which counts in 64 bits and writes the mask, and from 2**18
+     values first tries a single pass bracketed by a sample of the keys (the
+     counts verify that the bracket holds τ; else the two passes run); under
+     ``axis_name``, per-device histograms with a ``psum`` between the passes.
    * ``"scatter"``: the same two histograms as XLA scatter-adds.
    * ``"threshold"`` (TPU, GPU): no scatter at all. Each of 8 passes counts
      ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
@@ -581,8 +582,8 @@ def _masks_at_most(leaves: list[jax.Array], key: jax.Array, square: bool) -> lis
 
 
 def _select_native(leaves, rank, *, square, masks):
-  """The whole selection in one native call: two histogram passes over the tree, the
-  buckets found in C++, the mask written by the second pass (``native/histogram.cc``)."""
+  """The whole selection in one native call: a sample-bracketed pass or the two histogram
+  passes over the tree, and the mask (``native/histogram.cc``)."""
   full = [x for x in leaves if x.size]
   key, out = native.select(full, jnp.stack([rank.lo, _hi(rank)]), square=square, masks=masks)
   if not masks:

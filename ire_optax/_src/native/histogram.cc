@@ -2,27 +2,34 @@
 //
 // XLA:CPU runs a scatter-add (the 65,536-bin histogram of the selection) as a
 // sequential loop of several ns per value, while an optimizer update costs about
-// 1 ns per parameter; these two XLA FFI handlers compute the same histograms at
-// about 1 ns per value. ire_optax compiles this file on first use (see native.py)
-// and falls back to the XLA scatter when it cannot.
+// 1 ns per parameter; these XLA FFI handlers compute the same counts at about 1 ns
+// per value. ire_optax compiles this file on first use (see native.py) and falls
+// back to the XLA scatter when it cannot.
 //
 //   IreHistHigh(x f32[...]; square) -> u32[65536]: counts of the top 16 bits of the
 //       keys of x (of x * x if `square`).
 //   IreHistLow(x f32[...], high u32[]; square) -> u32[65536]: counts of the low 16
 //       bits of the keys whose top 16 bits equal `high`.
-//   IreSelect(rank u32[2], x_0 f32[...], x_1 f32[...], ...; square)
+//   IreSelect(rank u32[2], x_0 f32[...], x_1 f32[...], ...; square, chunk, margin)
 //       -> (key u32[], [mask_0 u8[...], mask_1 u8[...], ...]): the key of the rank-th
 //       smallest value (1-based, rank = lo + 2^32 hi, clipped into [1, N]) over all the
 //       x_i and, if asked for, their masks 1[key(x) <= min(key, key(+inf))] -- the
-//       whole selection of a tree on one device in one call. (The two histograms serve
-//       selections whose counts are summed across devices between the passes.)
+//       whole selection of a tree on one device in one call: one pass over the values
+//       when a sample brackets the rank (exact, verified by the counts), else the
+//       two histogram passes. (The two histograms above serve selections whose counts
+//       are summed across devices between the passes.)
 //
 // Keys are those of selection.ordered_keys: unsigned order = float order, -0.0
 // and +0.0 tie, denormals tie with zero (XLA:CPU flushes them), NaN is largest.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <vector>
 #include "xla/ffi/api/ffi.h"
 
@@ -165,11 +172,12 @@ static void Low(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
 // IreSelect: the whole selection of a tree in one call
 // -----------------------------------------------------------------------------
 //
-// The same two histogram passes over all the leaves of the tree (each thread one
-// slice of their concatenation), the buckets found here between them, instead of a
-// custom call per leaf and pass with XLA's bucket search in between. The second pass
-// also writes the mask (no third pass over the values in the usual case). Counts are
-// 64-bit: any N a CPU holds is exact.
+// From 2^18 values, first one pass bracketed by a sample (below). Otherwise, or when
+// the bracket misses, the same two histogram passes over all the leaves of the tree
+// (each thread one slice of their concatenation), the buckets found here between them,
+// instead of a custom call per leaf and pass with XLA's bucket search in between; the
+// second pass also writes the mask (no third pass over the values in the usual case).
+// Counts are 64-bit: any N a CPU holds is exact.
 
 // A leaf of the tree: its values and, when the mask is asked for, its mask bytes.
 struct Segment {
@@ -279,16 +287,257 @@ static void MaskRange(const float* d, size_t n, uint32_t t, uint8_t* m) {
   for (; s < n; ++s) m[s] = KeyOf<Square>(d[s]) <= t;
 }
 
+// -----------------------------------------------------------------------------
+// One pass when a sample brackets the rank
+// -----------------------------------------------------------------------------
+//
+// A stratified sample (one pseudo-random value in each of S equal strata of the
+// concatenated values) is ranked; two sample keys lo <= hi bracket the target's rank
+// with a margin of several standard deviations. One pass then counts the keys below
+// lo, equal to lo and equal to hi, collects the keys strictly inside (lo, hi) (a few
+// percent of N) and writes the mask bytes of everything but those. The counts say
+// exactly where the rank-th key is: lo, hi or the (rank - below - at_lo)-th collected
+// key. When they show that the bracket missed (a sample unlike the data) or more keys
+// fell inside than the buffer holds, the caller runs the two histogram passes instead,
+// which rewrite every mask byte. Either way the key is exact.
+
+// splitmix64: the sample's position inside each stratum.
+static inline uint64_t Mix(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct BracketPart {
+  uint64_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+  size_t kept = 0, cap = 0;  // keys in (lo, hi) collected, while they fit, ...
+  std::unique_ptr<uint32_t[]> keys;
+  std::unique_ptr<uint32_t[]> index;  // ... their offsets in their run, and the runs:
+  std::vector<std::pair<uint8_t*, size_t>> runs;  // (mask bytes, first collected key)
+};
+
+// Counts the keys of d[0, n) (n < 2^32) below lo, equal to lo and to hi, collects those in
+// (lo, hi) while they fit and, with a mask m, writes m = key <= lo (the collected keys'
+// bytes are fixed up once the threshold is known).
+template <bool Square>
+static void BracketRange(const float* d, size_t n, uint32_t lo, uint32_t hi, uint8_t* m,
+                         BracketPart& c) {
+  constexpr size_t kLanes = 16;
+  typedef uint8_t U8x16 __attribute__((vector_size(16)));
+  if (m) c.runs.emplace_back(m, c.kept);
+  // k in (lo, hi) <=> k - lo - 1 < width (unsigned); nothing is inside when lo == hi.
+  const uint32_t width = hi > lo ? hi - lo - 1 : 0;
+  U32x16 lane;
+  for (size_t i = 0; i < kLanes; ++i) lane[i] = static_cast<uint32_t>(i);
+  // Per-lane sums (true lanes are -1), flushed to 64 bits before they could wrap.
+  constexpr size_t kFlush = size_t{1} << 28;
+  size_t s = 0;
+  while (s + kLanes <= n) {
+    const size_t end = s + std::min((n - s) / kLanes * kLanes, kFlush);
+    I32x16 below = {}, at_lo = {}, at_hi = {};
+    for (; s < end; s += kLanes) {
+      const U32x16 k = KeysOf16<Square>(d + s);
+      below += k < lo;
+      at_lo += k == lo;
+      at_hi += k == hi;
+      if (m) {
+        const U8x16 v = __builtin_convertvector((k <= lo) & 1, U8x16);
+        std::memcpy(m + s, &v, sizeof(v));
+      }
+      const I32x16 in = (k - lo - 1u) < width;
+#if defined(__AVX512F__)
+      // Compress in registers, store whole vectors (a compressing store to memory is
+      // slow on some CPUs): no branch on the (random) lanes.
+      __m512i kv, iv, inv;
+      const U32x16 pos = lane + static_cast<uint32_t>(s);
+      std::memcpy(&kv, &k, sizeof(kv));
+      std::memcpy(&iv, &pos, sizeof(iv));
+      std::memcpy(&inv, &in, sizeof(inv));
+      const __mmask16 bits = _mm512_test_epi32_mask(inv, inv);
+      const unsigned count = static_cast<unsigned>(__builtin_popcount(bits));
+      c.inside += count;
+      if (c.kept + kLanes > c.cap) continue;  // full: only counted from here on
+      _mm512_storeu_si512(c.keys.get() + c.kept, _mm512_maskz_compress_epi32(bits, kv));
+      _mm512_storeu_si512(c.index.get() + c.kept, _mm512_maskz_compress_epi32(bits, iv));
+      c.kept += count;
+#else
+      if (!AnyLane(in)) continue;
+      uint32_t bits = 0;
+      for (size_t i = 0; i < kLanes; ++i) bits |= (static_cast<uint32_t>(in[i]) & 1u) << i;
+      c.inside += static_cast<uint64_t>(__builtin_popcount(bits));
+      if (c.kept + kLanes > c.cap) continue;  // full: only counted from here on
+      for (; bits; bits &= bits - 1) {
+        const int i = __builtin_ctz(bits);
+        c.keys[c.kept] = k[i];
+        c.index[c.kept] = static_cast<uint32_t>(s + i);
+        ++c.kept;
+      }
+#endif
+    }
+    for (size_t i = 0; i < kLanes; ++i) {
+      c.below += static_cast<uint32_t>(-below[i]);
+      c.at_lo += static_cast<uint32_t>(-at_lo[i]);
+      c.at_hi += static_cast<uint32_t>(-at_hi[i]);
+    }
+  }
+  for (; s < n; ++s) {
+    const uint32_t k = KeyOf<Square>(d[s]);
+    c.below += k < lo;
+    c.at_lo += k == lo;
+    c.at_hi += k == hi;
+    if (m) m[s] = k <= lo;
+    if ((k - lo - 1u) < width) {
+      ++c.inside;
+      if (c.kept + kLanes <= c.cap) {
+        c.keys[c.kept] = k;
+        c.index[c.kept] = static_cast<uint32_t>(s);
+        ++c.kept;
+      }
+    }
+  }
+}
+
+// The 0-based r-th smallest of keys[0, n) (r < n), by a histogram of the top 16 bits and
+// nth_element inside the bucket (which it moves to the front: the keys are reordered).
+static uint32_t KthOfKeys(uint32_t* keys, size_t n, size_t r) {
+  if (n <= 4096) {
+    std::nth_element(keys, keys + r, keys + n);
+    return keys[r];
+  }
+  std::vector<uint32_t> h(kBins, 0);
+  for (size_t i = 0; i < n; ++i) h[keys[i] >> 16]++;
+  uint32_t b = 0;
+  for (; r >= h[b]; ++b) r -= h[b];
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t k = keys[i];
+    keys[m] = k;
+    m += (k >> 16) == b;
+  }
+  std::nth_element(keys, keys + r, keys + m);
+  return keys[r];
+}
+
+// Below this many values the two histogram passes run directly.
+constexpr size_t kMinBracket = size_t{1} << 18;
+
+// The bracketed selection; false when the bracket missed (nothing is decided then).
+// `margin` is the bracket's half-width in the sample's standard deviations.
+template <bool Square>
+static bool SelectBracketed(const std::vector<Segment>& segs,
+                            const std::vector<std::vector<Segment>>& slices, size_t n,
+                            uint64_t rank, bool masks, double margin, uint32_t& key) {
+  // 1. The sample and the bracket.
+  const size_t S = std::min<size_t>(size_t{1} << 16, n / 64);
+  std::vector<uint32_t> sample;
+  sample.reserve(S);
+  {
+    const size_t stride = n / S;  // S strata of `stride` values (the last takes the rest)
+    size_t seg = 0, seg_start = 0;  // the segment holding the current position
+    for (size_t j = 0; j < S; ++j) {
+      const uint64_t len = j + 1 < S ? stride : n - j * stride;
+      const size_t pos = j * stride + static_cast<size_t>(((Mix(j) >> 32) * len) >> 32);
+      while (pos >= seg_start + segs[seg].n) seg_start += segs[seg++].n;
+      sample.push_back(KeyOf<Square>(segs[seg].d[pos - seg_start]));
+    }
+  }
+  const double p = (static_cast<double>(rank) + 0.5) / static_cast<double>(n);
+  const double sd = std::sqrt(static_cast<double>(S) * p * (1.0 - p));
+  const double half = std::min(margin * sd + 16.0, static_cast<double>(S));
+  const double centre = p * static_cast<double>(S);
+  const size_t lo_i = centre > half ? static_cast<size_t>(centre - half) : 0;
+  const size_t hi_i = std::min(S - 1, static_cast<size_t>(centre + half));
+  // At an end of the sample the bracket extends to the smallest or largest key.
+  std::vector<uint32_t> copy(sample);
+  const uint32_t lo = lo_i == 0 ? 0u : KthOfKeys(copy.data(), S, lo_i);
+  const uint32_t hi = hi_i == S - 1 ? 0xFFFFFFFFu : KthOfKeys(sample.data(), S, hi_i);
+  // 2. The pass; each slice collects at most twice its expected share, plus some slack.
+  const double expected = static_cast<double>(n) * static_cast<double>(hi_i - lo_i + 1) /
+                          static_cast<double>(S);
+  std::vector<BracketPart> parts(slices.size());
+  ForEachSlice(slices, [&](size_t t, const std::vector<Segment>& slice) {
+    size_t len = 0;
+    for (Segment s : slice) len += s.n;
+    BracketPart& c = parts[t];
+    c.cap = std::min(len, static_cast<size_t>(2.0 * expected * static_cast<double>(len) /
+                                              static_cast<double>(n))) + 1024;
+    c.keys.reset(new uint32_t[c.cap]);
+    c.index.reset(new uint32_t[c.cap]);
+    // Runs of fewer than 2^32 values (the offsets are 32-bit).
+    constexpr size_t kRun = size_t{1} << 31;
+    for (Segment s : slice)
+      for (size_t start = 0; start < s.n; start += kRun)
+        BracketRange<Square>(s.d + start, std::min(s.n - start, kRun), lo, hi,
+                             s.m ? s.m + start : nullptr, c);
+  });
+  uint64_t below = 0, at_lo = 0, at_hi = 0, inside = 0, kept = 0;
+  for (const auto& c : parts) {
+    below += c.below;
+    at_lo += c.at_lo;
+    at_hi += c.at_hi;
+    inside += c.inside;
+    kept += c.kept;
+  }
+  // 3. Where the rank-th key is.
+  if (rank < below) return false;
+  uint64_t r = rank - below;
+  if (r < at_lo) {
+    key = lo;
+  } else {
+    r -= at_lo;
+    if (lo == hi) return false;
+    if (r < inside) {
+      if (kept < inside) return false;  // the buffer overflowed
+      std::vector<uint32_t> keys;
+      keys.reserve(kept);
+      for (const auto& c : parts) keys.insert(keys.end(), c.keys.get(), c.keys.get() + c.kept);
+      key = KthOfKeys(keys.data(), keys.size(), r);
+    } else if (r - inside < at_hi) {
+      key = hi;
+    } else {
+      return false;
+    }
+  }
+  if (masks) {
+    // The bytes hold key <= lo; the mask is key <= t. They agree on every key that was
+    // not collected (<= lo, or >= hi) iff lo <= t and t is below those above lo.
+    const uint32_t t = std::min(key, 0xFF800000u);  // NaN never selected
+    const bool agree = lo <= t && (lo == hi ? t == lo : t < hi);
+    if (agree && t == lo) {
+      // the collected keys are above lo = t: their bytes (0) are right
+    } else if (agree && kept == inside) {
+      for (const auto& c : parts) {
+        for (size_t j = 0; j < c.runs.size(); ++j) {
+          uint8_t* m = c.runs[j].first;
+          const size_t end = j + 1 < c.runs.size() ? c.runs[j + 1].second : c.kept;
+          for (size_t i = c.runs[j].second; i < end; ++i) m[c.index[i]] = c.keys[i] <= t;
+        }
+      }
+    } else {  // rare: a threshold at hi, or NaN in the bracket: rewrite every byte
+      ForEachSlice(slices, [&](size_t, const std::vector<Segment>& slice) {
+        for (Segment s : slice) MaskRange<Square>(s.d, s.n, t, s.m);
+      });
+    }
+  }
+  return true;
+}
+
 // The key of the 0-based rank-th smallest value of all segments (n > rank values), by the
 // two histogram passes, the buckets found here. With masks (every segment's m set), also
 // writes m = 1[key <= min(that key, key of +inf)]: the selection's mask (NaN excluded).
 // A thread's uint32 histogram counts at most `chunk` (<= 2^31) values between flushes to
-// 64 bits (an attribute so that tests can reach the flushes with small trees).
+// 64 bits (an attribute so that tests can reach the flushes with small trees). `margin`:
+// the bracket's half-width in sample standard deviations (<= 0: no bracket).
 template <bool Square>
 static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t rank,
-                           bool masks, size_t chunk) {
+                           bool masks, size_t chunk, double margin) {
   const size_t kChunk = chunk;
   const auto slices = SplitSegments(segs, n, TreeThreads(n));
+  if (margin > 0 && n >= kMinBracket) {
+    uint32_t key = 0;
+    if (SelectBracketed<Square>(segs, slices, n, rank, masks, margin, key)) return key;
+  }
   const size_t parts = slices.size();
   std::vector<uint32_t> hist(parts * kBins);
   std::vector<std::vector<uint64_t>> wide(parts);  // per thread, only past kChunk values
@@ -373,7 +622,7 @@ static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t 
 // mask_{M-1} u8) with M = 0 (the key only) or M = L (each mask shaped like its x).
 static ffi::Error SelectImpl(ffi::Buffer<ffi::U32> rank, ffi::RemainingArgs xs,
                              ffi::Result<ffi::Buffer<ffi::U32>> out, ffi::RemainingRets ms,
-                             bool square, int64_t chunk) {
+                             bool square, int64_t chunk, double margin) {
   if (chunk < 1 || chunk > (int64_t{1} << 31))
     return ffi::Error::InvalidArgument("IreSelect: chunk must be in [1, 2^31]");
   const bool masks = ms.size() > 0;
@@ -403,7 +652,8 @@ static ffi::Error SelectImpl(ffi::Buffer<ffi::U32> rank, ffi::RemainingArgs xs,
                  (static_cast<uint64_t>(rank.typed_data()[1]) << 32);
     r = std::min<uint64_t>(std::max<uint64_t>(r, 1), n) - 1;  // 1-based, clipped; 0-based
     const size_t c = static_cast<size_t>(chunk);
-    key = square ? SelectTree<true>(segs, n, r, masks, c) : SelectTree<false>(segs, n, r, masks, c);
+    key = square ? SelectTree<true>(segs, n, r, masks, c, margin)
+                 : SelectTree<false>(segs, n, r, masks, c, margin);
   }
   out->typed_data()[0] = key;
   return ffi::Error::Success();
@@ -430,4 +680,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IreHistLow, LowImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IreSelect, SelectImpl,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::U32>>().RemainingArgs()
         .Ret<ffi::Buffer<ffi::U32>>().RemainingRets().Attr<bool>("square")
-        .Attr<int64_t>("chunk"));
+        .Attr<int64_t>("chunk").Attr<double>("margin"));
