@@ -152,7 +152,7 @@ def main():
       "machine": machine["summary"],
       "statistic": f"median over {args.reps} interleaved repetitions of a 10-step cycle "
                    "per size, same process, donated buffers",
-      "selection": ("native CPU histograms" if native.enabled() else "XLA scatter "
+      "selection": ("native CPU kernel" if native.enabled() else "XLA scatter "
                     "(the native kernel could not be built)"),
   }
   lines = [
@@ -182,12 +182,13 @@ def main():
       )
   lines += [
       "",
-      f"Selection path: {meta['selection']}. The radix select makes two 65,536-bin histogram "
-      "passes over all N values. XLA:CPU runs the histogram's scatter-add as a sequential loop "
-      "of several ns per value, while an AdamW update is a vectorised elementwise loop of about "
-      "1 ns per parameter; the native kernel (`ire_optax/_src/native/histogram.cc`, used on "
-      "the CPU for arrays on one device) computes the same histogram in about 1 ns per value. "
-      "`cpu` clock:",
+      f"Selection path: {meta['selection']}. With XLA's scatter the radix select makes two "
+      "65,536-bin histogram passes over all N values, and XLA:CPU runs the scatter-add as a "
+      "sequential loop of several ns per value, while an AdamW update is a vectorised "
+      "elementwise loop of about 1 ns per parameter; the native kernel "
+      "(`ire_optax/_src/native/histogram.cc`, used on the CPU for arrays on one device) "
+      "counts the same histogram in about 1 ns per value, and its whole-tree selection makes "
+      "one pass when a sample of the keys brackets τ. `cpu` clock:",
       "",
       "| params | AdamW update (ns/param) | histogram pass, XLA scatter (ns/value) | histogram "
       "pass, native (ns/value) | radix select, XLA scatter (AdamW updates) | radix select, "
