@@ -99,29 +99,57 @@ static inline bool AnyLane(I32x16 m) {
   return (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0;
 }
 
-// Adds the counts of the low 16 bits of the keys of d[0, n) in bucket `hi` to h.
-template <bool Square>
-static void LowRange(const float* d, size_t n, uint32_t hi, uint32_t* h) {
+// A key of the bucket the second pass resolves, and where its mask byte is.
+struct Member {
+  uint8_t* m;
+  uint32_t key;
+};
+
+// Adds the counts of the low 16 bits of the keys of d[0, n) in bucket `hi` to h. With
+// `Mask`, also writes the mask bytes it can already decide -- 1 below bucket `hi`, 0
+// above -- and records the bucket's keys (while fewer than `cap`) in `members`, to
+// decide theirs once the threshold is known.
+template <bool Square, bool Mask = false>
+static void LowRange(const float* d, size_t n, uint32_t hi, uint32_t* h,
+                     uint8_t* m = nullptr, std::vector<Member>* members = nullptr,
+                     size_t cap = 0) {
   // Groups of 64 values: a vectorised test of the group, and a scalar pass only over
   // the rare groups that hold a key of bucket `hi`.
   constexpr size_t kLanes = 16, kGroup = 4 * kLanes;
+  typedef uint8_t U8x16 __attribute__((vector_size(16)));
   size_t s = 0;
   for (; s + kGroup <= n; s += kGroup) {
     U32x16 k[4];
     I32x16 match = {};
     for (size_t j = 0; j < 4; ++j) {
       k[j] = KeysOf16<Square>(d + s + j * kLanes);
-      match |= (k[j] >> 16) == hi;
+      const U32x16 high = k[j] >> 16;
+      if (Mask) {
+        const U8x16 below = __builtin_convertvector((high < hi) & 1, U8x16);
+        std::memcpy(m + s + j * kLanes, &below, sizeof(below));
+      }
+      match |= high == hi;
     }
     if (!AnyLane(match)) continue;
     // Branch-free: a bucket holding a large share of the keys makes a match random, and
     // a branch on it mispredicts (3x slower at a 50% share).
-    for (size_t j = 0; j < 4; ++j)
-      for (size_t i = 0; i < kLanes; ++i) h[k[j][i] & 0xFFFFu] += (k[j][i] >> 16) == hi;
+    for (size_t j = 0; j < 4; ++j) {
+      for (size_t i = 0; i < kLanes; ++i) {
+        const uint32_t key = k[j][i];
+        const bool in = (key >> 16) == hi;
+        h[key & 0xFFFFu] += in;
+        if (Mask && in && members->size() < cap)
+          members->push_back({m + s + j * kLanes + i, key});
+      }
+    }
   }
   for (; s < n; ++s) {
     const uint32_t key = KeyOf<Square>(d[s]);
-    if ((key >> 16) == hi) h[key & 0xFFFFu]++;
+    if (Mask) m[s] = (key >> 16) < hi;
+    if ((key >> 16) == hi) {
+      h[key & 0xFFFFu]++;
+      if (Mask && members->size() < cap) members->push_back({m + s, key});
+    }
   }
 }
 
@@ -227,51 +255,6 @@ static void ForEachSlice(const std::vector<std::vector<Segment>>& slices, Fn fn)
     pool.emplace_back([&fn, &slices, t] { fn(t, slices[t]); });
   fn(0, slices[0]);
   for (auto& worker : pool) worker.join();
-}
-
-// A key of the bucket the second pass resolves, and where its mask byte is.
-struct Member {
-  uint8_t* m;
-  uint32_t key;
-};
-
-// LowRange that also writes the mask bytes it can already decide -- 1 below bucket `hi`,
-// 0 above -- and records the bucket's keys (while fewer than `cap`) to decide theirs
-// once the threshold is known.
-template <bool Square>
-static void LowRangeMask(const float* d, size_t n, uint32_t hi, uint32_t* h, uint8_t* m,
-                         std::vector<Member>& members, size_t cap) {
-  constexpr size_t kLanes = 16, kGroup = 4 * kLanes;
-  typedef uint8_t U8x16 __attribute__((vector_size(16)));
-  size_t s = 0;
-  for (; s + kGroup <= n; s += kGroup) {
-    U32x16 k[4];
-    I32x16 match = {};
-    for (size_t j = 0; j < 4; ++j) {
-      k[j] = KeysOf16<Square>(d + s + j * kLanes);
-      const U32x16 high = k[j] >> 16;
-      const U8x16 below = __builtin_convertvector((high < hi) & 1, U8x16);
-      std::memcpy(m + s + j * kLanes, &below, sizeof(below));
-      match |= high == hi;
-    }
-    if (!AnyLane(match)) continue;
-    for (size_t j = 0; j < 4; ++j) {
-      for (size_t i = 0; i < kLanes; ++i) {
-        const uint32_t key = k[j][i];
-        const bool in = (key >> 16) == hi;
-        h[key & 0xFFFFu] += in;  // branch-free, as in LowRange
-        if (in && members.size() < cap) members.push_back({m + s + j * kLanes + i, key});
-      }
-    }
-  }
-  for (; s < n; ++s) {
-    const uint32_t key = KeyOf<Square>(d[s]);
-    m[s] = (key >> 16) < hi;
-    if ((key >> 16) == hi) {
-      h[key & 0xFFFFu]++;
-      if (members.size() < cap) members.push_back({m + s, key});
-    }
-  }
 }
 
 // m[i] = key(d[i]) <= t: the mask when the bucket held too many keys to record.
@@ -601,7 +584,7 @@ static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t 
   std::vector<std::vector<Member>> members(parts);
   for (auto& m : members) m.reserve(cap / parts + 64);
   pass([&](size_t t, const float* d, size_t len, uint8_t* m, uint32_t* h) {
-    LowRangeMask<Square>(d, len, high, h, m, members[t], cap / parts + 64);
+    LowRange<Square, true>(d, len, high, h, m, &members[t], cap / parts + 64);
   });
   const uint32_t key = (high << 16) | find(r, unused);
   const uint32_t t = std::min(key, 0xFF800000u);  // NaN never selected
