@@ -22,15 +22,20 @@ location = pathlib.Path(ire_optax.__file__).resolve()
 assert here not in location.parents, f"imported the checkout, not the install: {location}"
 assert importlib.resources.files("ire_optax").joinpath("py.typed").is_file(), "py.typed missing"
 
-# The native CPU histogram's source ships with the package and builds where a compiler is.
+# The native CPU kernel's source ships with the package and builds where a compiler is.
 from ire_optax._src import native, selection  # noqa: E402
 
 assert native._SOURCE.is_file(), f"{native._SOURCE} missing"
 if native._compiler() is not None:
-  assert native.enabled(), "the native CPU histogram did not build"
+  assert native.enabled(), "the native CPU kernel did not build"
   x = jnp.asarray([3.0, -0.0, 1.0, 2.0, float("nan")])
-  assert "ire_optax_hist" in jax.jit(lambda t: selection.kth_smallest(t, 3)).lower(x).as_text()
+  assert "ire_optax_select" in jax.jit(lambda t: selection.kth_smallest(t, 3)).lower(x).as_text()
   assert float(selection.kth_smallest(x, 3)) == 2.0
+  # Large enough for the sample-bracketed pass, with the compiler flags of this machine.
+  big = jax.random.normal(jax.random.key(0), (300_001,))
+  mask = ire_optax.flat_mask({"w": big}, 0.6)["w"]
+  tau = jnp.sort(big)[int(0.6 * big.size) - 1]
+  assert bool(jnp.all(mask == (big <= tau))), "native selection differs from a sort"
 
 
 def loss(p, batch):
