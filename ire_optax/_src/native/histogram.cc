@@ -153,61 +153,7 @@ static void LowRange(const float* d, size_t n, uint32_t hi, uint32_t* h,
   }
 }
 
-// Runs count(d + begin, length, h_part) over up to hardware_concurrency() slices of
-// at least kMinPerThread values, each into its own histogram, and sums them into h.
-// (A thread and its 256 KiB histogram cost tens of microseconds: a slice of 2^18
-// values takes several hundred.)
-constexpr size_t kMinPerThread = size_t{1} << 18;
-
-template <typename Count>
-static void Histogram(const float* d, size_t n, uint32_t* h, Count count) {
-  std::memset(h, 0, sizeof(uint32_t) * kBins);
-  size_t threads = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), 8));
-  threads = std::max<size_t>(1, std::min(threads, n / kMinPerThread));
-  if (threads == 1) {
-    count(d, n, h);
-    return;
-  }
-  std::vector<std::vector<uint32_t>> parts(threads - 1, std::vector<uint32_t>(kBins, 0));
-  std::vector<std::thread> pool;
-  const size_t slice = (n + threads - 1) / threads;
-  for (size_t t = 1; t < threads; ++t) {
-    const size_t begin = t * slice, end = std::min(n, begin + slice);
-    uint32_t* part = parts[t - 1].data();
-    pool.emplace_back([=] { count(d + begin, end - begin, part); });
-  }
-  count(d, std::min(n, slice), h);
-  for (auto& worker : pool) worker.join();
-  for (const auto& part : parts)
-    for (size_t b = 0; b < kBins; ++b) h[b] += part[b];
-}
-
-template <bool Square>
-static void High(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist) {
-  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
-            [](const float* d, size_t n, uint32_t* h) { HighRange<Square>(d, n, h); });
-}
-
-template <bool Square>
-static void Low(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
-                ffi::ResultBuffer<ffi::U32> hist) {
-  const uint32_t hi = high.typed_data()[0];
-  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
-            [hi](const float* d, size_t n, uint32_t* h) { LowRange<Square>(d, n, hi, h); });
-}
-
-// -----------------------------------------------------------------------------
-// IreSelect: the whole selection of a tree in one call
-// -----------------------------------------------------------------------------
-//
-// From 2^18 values, first one pass bracketed by a sample (below). Otherwise, or when
-// the bracket misses, the same two histogram passes over all the leaves of the tree
-// (each thread one slice of their concatenation), the buckets found here between them,
-// instead of a custom call per leaf and pass with XLA's bucket search in between; the
-// second pass also writes the mask (no third pass over the values in the usual case).
-// Counts are 64-bit: any N a CPU holds is exact.
-
-// A leaf of the tree: its values and, when the mask is asked for, its mask bytes.
+// A run of values (a leaf, or part of one) and, when the mask is asked for, its mask bytes.
 struct Segment {
   const float* d;
   size_t n;
@@ -237,14 +183,10 @@ static std::vector<std::vector<Segment>> SplitSegments(const std::vector<Segment
   return out;
 }
 
-// Threads for one whole-tree pass. Fewer than for the per-leaf histograms: inside a train
-// step XLA's own threads run the optimizer's fusions beside this call, and below ~2^21
-// values a second thread there costs more than it saves (measured at 1e6 values).
-constexpr size_t kMinPerThreadTree = size_t{1} << 21;
-
-static size_t TreeThreads(size_t n) {
+// Threads for n values, up to hardware_concurrency() (at most 8), one per `min_per_thread`.
+static size_t NumThreads(size_t n, size_t min_per_thread) {
   const size_t hw = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), 8));
-  return std::max<size_t>(1, std::min(hw, n / kMinPerThreadTree));
+  return std::max<size_t>(1, std::min(hw, n / min_per_thread));
 }
 
 // Runs fn(t, slice_t) for every slice, slice 0 on the calling thread.
@@ -257,6 +199,53 @@ static void ForEachSlice(const std::vector<std::vector<Segment>>& slices, Fn fn)
   for (auto& worker : pool) worker.join();
 }
 
+// Runs count(d + begin, length, h_part) over slices of at least kMinPerThread values, each
+// into its own histogram, and sums them into h. (A thread and its 256 KiB histogram cost
+// tens of microseconds: a slice of 2^18 values takes several hundred.)
+constexpr size_t kMinPerThread = size_t{1} << 18;
+
+template <typename Count>
+static void Histogram(const float* d, size_t n, uint32_t* h, Count count) {
+  const auto slices = SplitSegments({{d, n, nullptr}}, n, NumThreads(n, kMinPerThread));
+  std::memset(h, 0, sizeof(uint32_t) * kBins);
+  std::vector<uint32_t> parts((slices.size() - 1) * kBins, 0);
+  ForEachSlice(slices, [&](size_t t, const std::vector<Segment>& slice) {
+    uint32_t* part = t == 0 ? h : parts.data() + (t - 1) * kBins;
+    for (Segment s : slice) count(s.d, s.n, part);
+  });
+  for (size_t i = 0; i < parts.size(); ++i) h[i % kBins] += parts[i];
+}
+
+template <bool Square>
+static void High(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::U32> hist) {
+  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
+            [](const float* d, size_t n, uint32_t* h) { HighRange<Square>(d, n, h); });
+}
+
+template <bool Square>
+static void Low(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> high,
+                ffi::ResultBuffer<ffi::U32> hist) {
+  const uint32_t hi = high.typed_data()[0];
+  Histogram(x.typed_data(), x.element_count(), hist->typed_data(),
+            [hi](const float* d, size_t n, uint32_t* h) { LowRange<Square>(d, n, hi, h); });
+}
+
+// -----------------------------------------------------------------------------
+// IreSelect: the whole selection of a tree in one call
+// -----------------------------------------------------------------------------
+//
+// From 2^18 values, first one pass bracketed by a sample (below). Otherwise, or when
+// the bracket misses, the same two histogram passes over all the leaves of the tree
+// (each thread one slice of their concatenation), the buckets found here between them,
+// instead of a custom call per leaf and pass with XLA's bucket search in between; the
+// second pass also writes the mask (no third pass over the values in the usual case).
+// Counts are 64-bit: any N a CPU holds is exact.
+
+// Threads for one whole-tree pass: fewer than for the per-leaf histograms. Inside a train
+// step XLA's own threads run the optimizer's fusions beside this call, and below ~2^21
+// values a second thread there costs more than it saves (measured at 1e6 values).
+constexpr size_t kMinPerThreadTree = size_t{1} << 21;
+
 // m[i] = key(d[i]) <= t: the mask when the bucket held too many keys to record.
 template <bool Square>
 static void MaskRange(const float* d, size_t n, uint32_t t, uint8_t* m) {
@@ -268,6 +257,14 @@ static void MaskRange(const float* d, size_t n, uint32_t t, uint8_t* m) {
     std::memcpy(m + s, &v, sizeof(v));
   }
   for (; s < n; ++s) m[s] = KeyOf<Square>(d[s]) <= t;
+}
+
+// Every mask byte of every slice: m = key <= t.
+template <bool Square>
+static void RewriteMasks(const std::vector<std::vector<Segment>>& slices, uint32_t t) {
+  ForEachSlice(slices, [&](size_t, const std::vector<Segment>& slice) {
+    for (Segment s : slice) MaskRange<Square>(s.d, s.n, t, s.m);
+  });
 }
 
 // -----------------------------------------------------------------------------
@@ -498,9 +495,7 @@ static bool SelectBracketed(const std::vector<Segment>& segs,
         }
       }
     } else {  // rare: a threshold at hi, or NaN in the bracket: rewrite every byte
-      ForEachSlice(slices, [&](size_t, const std::vector<Segment>& slice) {
-        for (Segment s : slice) MaskRange<Square>(s.d, s.n, t, s.m);
-      });
+      RewriteMasks<Square>(slices, t);
     }
   }
   return true;
@@ -516,7 +511,7 @@ template <bool Square>
 static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t rank,
                            bool masks, size_t chunk, double margin) {
   const size_t kChunk = chunk;
-  const auto slices = SplitSegments(segs, n, TreeThreads(n));
+  const auto slices = SplitSegments(segs, n, NumThreads(n, kMinPerThreadTree));
   if (margin > 0 && n >= kMinBracket) {
     uint32_t key = 0;
     if (SelectBracketed<Square>(segs, slices, n, rank, masks, margin, key)) return key;
@@ -594,9 +589,7 @@ static uint32_t SelectTree(const std::vector<Segment>& segs, size_t n, uint64_t 
     for (const auto& ms : members)
       for (const Member& m : ms) *m.m = m.key <= t;
   } else {
-    ForEachSlice(slices, [&](size_t, const std::vector<Segment>& slice) {
-      for (Segment s : slice) MaskRange<Square>(s.d, s.n, t, s.m);
-    });
+    RewriteMasks<Square>(slices, t);
   }
   return key;
 }
