@@ -67,6 +67,15 @@ def canon_keys(x):
   return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
 
 
+def np_ordered_keys(x):
+  """The selection's uint32 keys in plain NumPy: unsigned order = float order over
+  :func:`canon_keys` (negatives bit-flipped, positives with the sign bit set), NaN largest."""
+  x = canon_keys(x)
+  bits = x.view(np.uint32)
+  keys = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+  return np.where(np.isnan(x), np.uint32(0xFFFFFFFF), keys).astype(np.uint32)
+
+
 def np_flat_mask(h, gamma):
   """Mask of the k = max(1, floor(gamma N)) smallest entries, ties at tau included (full sort)."""
   h = np.asarray(h, np.float64)
