@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -300,13 +306,36 @@ def test_native_one_call_selection_edges():
 
 
 @needs_native
-def test_native_path_is_compiled_in_and_can_be_switched_off(monkeypatch):
+def test_native_kernel_is_opt_in(monkeypatch):
   tree = {"w": jnp.linspace(-1.0, 1.0, 100), "b": jnp.zeros(3, jnp.bfloat16)}
   hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
+  assert "ire_optax_" not in hlo and "scatter" in hlo  # "auto": pure XLA on the CPU
+  hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5, method="native")).lower(tree).as_text()
   assert hlo.count("ire_optax_select") == 1  # the whole tree in one call
+  with ire_optax.selection_method("native"):
+    hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
+  assert hlo.count("ire_optax_select") == 1
   monkeypatch.setenv("IRE_OPTAX_NATIVE", "0")
-  hlo = jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)).lower(tree).as_text()
-  assert "ire_optax_" not in hlo
+  with pytest.raises(ValueError, match="IRE_OPTAX_NATIVE"):
+    ire_optax.flat_mask(tree, 0.5, method="native")
+
+
+def test_auto_never_builds_or_loads_the_native_kernel(monkeypatch, tmp_path):
+  """An IRE step traced, compiled and run with the default method touches neither the
+  compiler nor the cache (as in a fresh process: nothing built or loaded yet)."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("the native kernel was built or loaded without being asked for")
+
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setattr(native, "_build_and_register", forbidden)
+  monkeypatch.setenv("IRE_OPTAX_CACHE", str(tmp_path / "cache"))
+  tx = ire_optax.ire(optax.adamw(1e-3))
+  params = {"w": jnp.linspace(-1.0, 1.0, 50).reshape(5, 10), "b": jnp.ones(3)}
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+  mask = ire_optax.flat_mask(params, 0.5)  # the 26 smallest of 53: the 26 first of w
+  assert mask["b"].tolist() == [0, 0, 0] and mask["w"].ravel().tolist() == [1] * 26 + [0] * 24
+  assert not (tmp_path / "cache").exists() and native._state == {}
 
 
 @needs_native
@@ -318,7 +347,7 @@ def test_native_selection_equals_a_full_sort(leaves, gamma):
   if flat.size == 0:
     return
   k = max(1, math.floor(gamma * flat.size))
-  got = np.asarray(selection.kth_smallest(tree, k))
+  got = np.asarray(selection.kth_smallest(tree, k, method="native"))
   want = np.sort(np.where(np.abs(flat) < 1.1754944e-38, 0.0, flat))[k - 1]  # denormals flush
   assert got == want or (np.isnan(got) and np.isnan(want))
 
@@ -333,19 +362,94 @@ def test_a_failed_build_falls_back_to_the_scatter_with_a_warning(monkeypatch, tm
     assert native.enabled() is False
   assert not list((tmp_path / "cache").glob("*.so"))  # no half-built library left behind
   x = jnp.asarray([3.0, 1.0, 2.0])
-  assert float(selection.kth_smallest(x, 2)) == 2.0
-  assert "ire_optax_" not in jax.jit(lambda t: selection.kth_smallest(t, 2)).lower(x).as_text()
+  for method in ("auto", "native"):  # asked for, the kernel falls back to the scatter
+    assert float(selection.kth_smallest(x, 2, method=method)) == 2.0
+    f = jax.jit(lambda t, m=method: selection.kth_smallest(t, 2, method=m))
+    assert "ire_optax_" not in f.lower(x).as_text()
 
 
-@pytest.mark.parametrize("native_on", ["1", "0"])
+@pytest.mark.parametrize("method", ["auto", pytest.param("native", marks=needs_native)])
 @settings(max_examples=25, deadline=None)
 @given(leaves=tree_strategy, gamma=st.floats(0.01, 0.99))
-def test_square_selects_what_the_materialised_squares_select(leaves, gamma, native_on):
+def test_square_selects_what_the_materialised_squares_select(leaves, gamma, method):
   """``flat_mask(g, square=True) == flat_mask(g ** 2)``, ties and underflow included."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("IRE_OPTAX_NATIVE", native_on)
-    tree = [jnp.asarray(x) for x in leaves]
-    got = ire_optax.flat_mask(tree, gamma, square=True)
-    want = ire_optax.flat_mask([jnp.square(x) for x in tree], gamma)
+  tree = [jnp.asarray(x) for x in leaves]
+  got = ire_optax.flat_mask(tree, gamma, square=True, method=method)
+  want = ire_optax.flat_mask([jnp.square(x) for x in tree], gamma, method=method)
   for g, w in zip(got, want, strict=True):
     np.testing.assert_array_equal(g, w)
+
+
+# -----------------------------------------------------------------------------
+# The native kernel's cache: nothing in it can crash the process
+# -----------------------------------------------------------------------------
+
+# Run in a fresh process, so that a library that crashes when loaded or called cannot take
+# pytest down with it: the native selection of 300,001 values against np.sort.
+_NATIVE_RUN = """
+import warnings
+import jax.numpy as jnp
+import numpy as np
+from ire_optax._src import native, selection
+x = np.random.default_rng(0).standard_normal(300_001).astype(np.float32)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  got = selection.kth_smallest(jnp.asarray(x), 123_457, method="native")
+print("exact:", float(got) == float(np.sort(x)[123_456]), "native:", native._state.get("ok"))
+for w in caught:
+  print("warning:", w.message)
+"""
+
+
+def _cache_with(tmp_path, cxx: str, damage) -> Path:
+  """A cache holding this machine's verified library and manifest, filed under the build tag
+  for compiler ``cxx``, with ``damage(bytes) -> bytes`` applied to the library."""
+  assert native.enabled()
+  tag = native._build_tag(native._compiler())
+  digest, size = native._manifest(tag).read_text().split()
+  data = native._library(tag, digest).read_bytes()
+  assert len(data) == int(size)
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  other = native._build_tag(cxx)
+  (cache / native._manifest(other).name).write_text(f"{digest} {size}\n")
+  (cache / native._library(other, digest).name).write_bytes(damage(data))
+  return cache
+
+
+def _run_native(cache: Path, **env: str) -> str:
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "IRE_OPTAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **env}
+  r = subprocess.run([sys.executable, "-c", _NATIVE_RUN], env=env, cwd=root,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, f"the process died ({r.returncode}): {r.stderr[-2000:]}"
+  return r.stdout
+
+
+@needs_native
+def test_a_truncated_cached_library_is_never_loaded(tmp_path):
+  """Truncated (as by a full disk or a killed copy) and no compiler to rebuild it: the
+  process warns and counts with XLA's scatter, exactly."""
+  false = shutil.which("false")
+  assert false is not None
+  cache = _cache_with(tmp_path, false, lambda data: data[: len(data) // 2])
+  out = _run_native(cache, CXX=false)
+  assert "exact: True native: False" in out, out
+  assert "failed verification" in out and "could not build the native CPU histogram" in out
+
+
+@pytest.mark.slow  # compiles the kernel (about 20 s)
+@needs_native
+def test_a_corrupted_cached_library_is_rebuilt(tmp_path):
+  """The same size, some bytes changed: rebuilt with a warning, verified, then used."""
+  def flip(data: bytes) -> bytes:
+    mid = len(data) // 2
+    return data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 4096]) + data[mid + 4096:]
+
+  cache = _cache_with(tmp_path, native._compiler(), flip)
+  out = _run_native(cache)
+  assert "exact: True native: True" in out, out
+  assert "failed verification" in out and "could not build" not in out
+  out = _run_native(cache)  # the rebuilt library verifies: no warning
+  assert "exact: True native: True" in out and "warning" not in out, out

@@ -5,7 +5,8 @@ on 1 and 8 emulated devices (GSPMD, ``shard_map``, ``pmap``), past 2**32
 (two-word counts, checked with synthetic counts and with the word limit
 lowered so that small trees take the two-word path), the exact
 ``k = max(1, ⌊γ₃₂N⌋)`` on every path γ can take, the backend choice seen in
-``jax.export`` for TPU and CUDA, and ``jax.grad`` through ``ire(...).update``.
+``jax.export`` for TPU and CUDA, an IRE train step exported for CPU, TPU and CUDA and run
+from its serialization, and ``jax.grad`` through ``ire(...).update``.
 """
 
 from __future__ import annotations
@@ -237,11 +238,49 @@ def test_tpu_and_cuda_exports_of_ire_update_have_no_scatter():
     assert "stablehlo.scatter" in _export_text("tpu", tx.update, params, state, params)
 
 
+def test_ire_train_step_exports_for_cpu_tpu_and_cuda_and_runs():
+  """AdamW+IRE with the defaults (grad_sq, K = 10), jitted, a refresh inside: one export for
+  cpu, tpu and cuda with every safety check on, serialized, deserialized and run on the CPU,
+  step for step equal to the jitted step."""
+  tx = ire_optax.ire(optax.adamw(1e-2))
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32), "b": jnp.zeros(8)}
+  x = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+
+  def step(params, state, x):
+    grads = jax.grad(lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  treedef = jax.tree.structure((params, state))
+  # Over the flat leaves: serialization knows lists, not optax's NamedTuple states.
+  jitted = jax.jit(lambda leaves, x: jax.tree.leaves(step(*treedef.unflatten(leaves), x)))
+  carry = jax.tree.leaves((params, state))
+  exported = jax.export.export(jitted, platforms=["cpu", "tpu", "cuda"])(carry, x)
+  assert exported.platforms == ("cpu", "tpu", "cuda") and not exported.disabled_safety_checks
+  assert "custom_call @ire_optax" not in exported.mlir_module()
+  restored = jax.export.deserialize(exported.serialize())
+  want, got = carry, carry
+  for _ in range(11):  # refreshes at steps 0 and 10
+    want, got = jitted(want, x), restored.call(got, x)
+    for a, b in zip(want, got, strict=True):
+      np.testing.assert_array_equal(a, b)
+  mask = jax.tree.leaves(ire_optax.ire_flat_mask(treedef.unflatten(got)[1]))
+  assert 0 < sum(int(np.sum(m)) for m in mask) < 136  # a refresh ran: a proper subset
+
+
 @pytest.mark.skipif(not native.enabled(), reason="no C++ compiler here")
-def test_cpu_lowering_of_auto_uses_the_native_kernel():
+def test_native_opt_in_lowers_to_the_kernel_on_cpu_only():
   x = {"w": jnp.ones(10)}
-  text = _lowered(lambda t: ire_optax.flat_mask(t, 0.5), x)
-  assert text.count("ire_optax_select") == 1 and "while" not in text
+  with ire_optax.selection_method("native"):
+    text = _lowered(lambda t: ire_optax.flat_mask(t, 0.5), x)
+    assert text.count("ire_optax_select") == 1 and "while" not in text
+    tpu = _export_text("tpu", lambda t: ire_optax.flat_mask(t, 0.5), x)
+    assert "custom_call @ire_optax" not in tpu and "stablehlo.scatter" not in tpu
+    # The export's safety check refuses the kernel (a custom call of this machine's library).
+    with pytest.raises(ValueError, match="custom call"):
+      jax.export.export(jax.jit(lambda t: ire_optax.flat_mask(t, 0.5)), platforms=["cpu"])(x)
 
 
 # -----------------------------------------------------------------------------

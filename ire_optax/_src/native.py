@@ -1,31 +1,36 @@
-"""Native CPU selection for the exact radix select, compiled on first use.
+"""Native CPU selection for the exact radix select: an opt-in method, compiled on first use.
 
 XLA:CPU runs the scatter-add behind a 65,536-bin histogram as a sequential loop
-of several ns per value, which makes IRE's refresh cost several optimizer
-updates on a CPU. ``native/histogram.cc`` holds XLA FFI handlers that count
-the same keys at about 1 ns per value: ``IreSelect`` runs the whole selection
-of a tree in one call (one pass over every leaf when a sample brackets the
-rank -- exact, verified by the counts -- else the two histogram passes; the
-bucket searches, 64-bit counts, and the mask), and two
-per-array histograms serve selections whose counts are summed across devices
-between the passes (``axis_name``). The first time a selection is traced for
-the CPU, this module compiles that file with the system's C++ compiler against
-the headers that ship with jaxlib (``jax.ffi.include_dir()``; ``-march=native``
+of several ns per value. ``native/histogram.cc`` holds XLA FFI handlers that
+count the same keys at about 1 ns per value: ``IreSelect`` runs the whole
+selection of a tree in one call (one pass over every leaf when a sample
+brackets the rank -- exact, verified by the counts -- else the two histogram
+passes; the bucket searches, 64-bit counts, and the mask), and two per-array
+histograms serve selections whose counts are summed across devices between the
+passes (``axis_name``).
+
+This is the ``"native"`` counting method of the selection, used only when asked
+for (``selection_method("native")`` or ``method="native"``); the default,
+``"auto"``, is pure XLA on every backend and never reaches this module's
+compiler or cache. The first time a ``"native"`` selection is traced, this
+module compiles ``histogram.cc`` with the system's C++ compiler against the
+headers that ship with jaxlib (``jax.ffi.include_dir()``; ``-march=native``
 when the compiler takes it, so the cache is keyed by the CPU too), caches the
 shared library and registers the handlers with ``jax.ffi``.
 
-This is the ``"native"`` counting method of the selection, which ``"auto"``
-uses on the CPU for arrays on one device. On the CPU with sharded arrays, and
-whenever the library cannot be built (no compiler, a failed build, or
-``IRE_OPTAX_NATIVE=0`` in the environment), the selection uses XLA's scatter
-instead (the same histograms, bit for bit: tested); TPU and GPU use the
-scatter-free ``"threshold"`` method (see ``docs/selection.md``).
+The cache is verified before anything in it is loaded: each library is stored
+under a name that holds its SHA-256, beside a manifest that records that digest
+and its size, and a library is loaded only when its bytes match the manifest.
+A truncated, corrupted or unrecorded file is never loaded: the library is
+rebuilt, with a warning; where it cannot be (no compiler, a failed build), the
+selection warns and counts with XLA's scatter instead (the same τ and mask, bit
+for bit: tested).
 
 Environment:
-  ``IRE_OPTAX_NATIVE``: ``0`` disables the native path.
+  ``IRE_OPTAX_NATIVE``: ``0`` switches the native method off (asking for it raises).
   ``IRE_OPTAX_CACHE``: where the compiled library is kept (default
   ``$XDG_CACHE_HOME/ire_optax`` or ``~/.cache/ire_optax``).
-  ``CXX``: the C++ compiler (default ``c++``, then ``g++``, then ``clang++``).
+  ``CXX``: the C++ compiler (when unset: ``c++``, then ``g++``, then ``clang++``).
 """
 
 from __future__ import annotations
@@ -58,9 +63,15 @@ _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "ok": whether the handlers are registered (once decided)
 
 
+def disabled_by_env() -> bool:
+  """Whether ``IRE_OPTAX_NATIVE`` switches the native method off."""
+  return os.environ.get("IRE_OPTAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-  """Whether the native histograms are used for CPU arrays (building them if needed)."""
-  if os.environ.get("IRE_OPTAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+  """Whether the native histograms can count CPU arrays: builds, or loads from the cache
+  after verifying it, and registers them the first time (warning where it cannot)."""
+  if disabled_by_env():
     return False
   with _lock:
     if "ok" not in _state:
@@ -76,10 +87,9 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return name
-  return None
+  """``CXX`` when it is set (and found), else the first of ``c++``, ``g++``, ``clang++``."""
+  names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+  return next((name for name in names if shutil.which(name)), None)
 
 
 def _cpu_tag() -> bytes:
@@ -92,34 +102,90 @@ def _cpu_tag() -> bytes:
     return (platform.processor() or platform.machine()).encode()
 
 
+def _build_tag(cxx: str) -> str:
+  """What the library is built from: source, flags, compiler, jax, platform and CPU."""
+  return hashlib.sha256(b"\0".join([
+      _SOURCE.read_bytes(), " ".join(_FLAGS + _NATIVE_ARCH).encode(), cxx.encode(),
+      jax.__version__.encode(), platform.machine().encode(), sys.platform.encode(),
+      _cpu_tag()])).hexdigest()[:16]
+
+
+def _manifest(tag: str) -> Path:
+  """The file recording the digest and size of the library built for ``tag``."""
+  return _cache_dir() / f"histogram-{tag}.sha256"
+
+
+def _library(tag: str, digest: str) -> Path:
+  # Named by its content: a concurrent build never replaces it with other bytes.
+  return _cache_dir() / f"histogram-{tag}-{digest[:16]}.so"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+  """Writes ``path`` beside itself and renames: readers never see half a file."""
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _verified(tag: str) -> Path | None:
+  """The cached library for ``tag`` if its bytes match its manifest (else ``None``, with a
+  warning when a manifest or library is there but does not verify)."""
+  manifest = _manifest(tag)
+  if not manifest.exists():
+    return None
+  try:
+    digest, size = manifest.read_text().split()
+    data = _library(tag, digest).read_bytes()
+    ok = len(data) == int(size) and hashlib.sha256(data).hexdigest() == digest
+    problem = "" if ok else f"{len(data)} bytes that do not match their recorded digest"
+  except (OSError, ValueError) as e:
+    problem = f"unreadable ({e})"
+  if not problem:
+    return _library(tag, digest)
+  warnings.warn(f"ire_optax: the cached native CPU kernel for {manifest.name} failed "
+                f"verification ({problem}); rebuilding it.", RuntimeWarning, stacklevel=5)
+  return None
+
+
+def _build(cxx: str, tag: str) -> None:
+  """Compiles the library into the cache with the manifest that verifies it."""
+  cache = _cache_dir()
+  cache.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+  os.close(fd)
+  try:
+    command = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    try:
+      subprocess.run(command[:1] + list(_NATIVE_ARCH) + command[1:], check=True,
+                     capture_output=True, timeout=300)
+    except subprocess.CalledProcessError:
+      subprocess.run(command, check=True, capture_output=True, timeout=300)
+    data = Path(tmp).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    os.replace(tmp, _library(tag, digest))
+    _write_atomically(_manifest(tag), f"{digest} {len(data)}\n".encode())
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def _build_and_register() -> bool:
   try:
-    include = jax.ffi.include_dir()
-    source = _SOURCE.read_bytes()
     cxx = _compiler()
     if cxx is None:
-      return False
-    tag = hashlib.sha256(b"\0".join([
-        source, " ".join(_FLAGS + _NATIVE_ARCH).encode(), cxx.encode(),
-        jax.__version__.encode(), platform.machine().encode(), sys.platform.encode(),
-        _cpu_tag()])).hexdigest()[:16]
-    lib_path = _cache_dir() / f"histogram-{tag}.so"
-    if not lib_path.exists():
-      lib_path.parent.mkdir(parents=True, exist_ok=True)
-      # Build beside the target and rename: concurrent processes never see half a file.
-      fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
-      os.close(fd)
-      try:
-        command = [cxx, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", tmp]
-        try:
-          subprocess.run(command[:1] + list(_NATIVE_ARCH) + command[1:], check=True,
-                         capture_output=True, timeout=300)
-        except subprocess.CalledProcessError:
-          subprocess.run(command, check=True, capture_output=True, timeout=300)
-        os.replace(tmp, lib_path)
-      finally:
-        if os.path.exists(tmp):
-          os.remove(tmp)
+      raise OSError("no C++ compiler found (set CXX)")
+    tag = _build_tag(cxx)
+    lib_path = _verified(tag)
+    if lib_path is None:
+      _build(cxx, tag)
+      lib_path = _verified(tag)
+      if lib_path is None:
+        raise OSError("the library just built does not verify")
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
     jax.ffi.register_ffi_target(_HIGH, jax.ffi.pycapsule(lib.IreHistHigh), platform="cpu")
     jax.ffi.register_ffi_target(_LOW, jax.ffi.pycapsule(lib.IreHistLow), platform="cpu")
@@ -129,8 +195,8 @@ def _build_and_register() -> bool:
     detail = getattr(e, "stderr", b"") or b""
     warnings.warn(
         "ire_optax: could not build the native CPU histogram, using XLA's scatter instead "
-        f"(slower IRE refresh on CPU; set IRE_OPTAX_NATIVE=0 to silence): {e} "
-        f"{detail.decode(errors='replace')[:500]}", RuntimeWarning, stacklevel=3)
+        f"(slower IRE refresh on CPU): {e} {detail.decode(errors='replace')[:500]}",
+        RuntimeWarning, stacklevel=3)
     return False
 
 

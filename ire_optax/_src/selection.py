@@ -13,22 +13,25 @@ CPU, so this module uses a **radix select** over the float bits:
    significant first, by counting keys leaf by leaf (no concatenation of the
    tree). Three exact counting methods do this (see :func:`selection_method`):
 
-   * ``"native"`` (CPU): two passes of 65,536-bin histograms (top 16 bits, then
-     the low 16 bits inside the winning bucket) from a small C++ kernel
-     (:mod:`ire_optax._src.native`, compiled on first use): one call for the
-     whole tree, which counts in 64 bits and writes the mask, and from 2**18
-     values first tries a single pass bracketed by a sample of the keys (the
-     counts verify that the bracket holds τ; else the two passes run); under
-     ``axis_name``, per-device histograms with a ``psum`` between the passes.
-   * ``"scatter"``: the same two histograms as XLA scatter-adds.
-   * ``"threshold"`` (TPU, GPU): no scatter at all. Each of 8 passes counts
+   * ``"scatter"``: two passes of 65,536-bin histograms (top 16 bits, then the
+     low 16 bits inside the winning bucket) as XLA scatter-adds.
+   * ``"threshold"``: no scatter at all. Each of 8 passes counts
      ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
      into 16 equal parts -- one fused compare-and-reduce over the values -- and
      resolves 4 bits.
+   * ``"native"`` (CPU, opt-in): the two histograms from a small C++ kernel
+     (:mod:`ire_optax._src.native`, compiled on first use of this method): one
+     call for the whole tree, which counts in 64 bits and writes the mask, and
+     from 2**18 values first tries a single pass bracketed by a sample of the
+     keys (the counts verify that the bracket holds τ; else the two passes
+     run); under ``axis_name``, per-device histograms with a ``psum`` between
+     the passes.
 
-   ``"auto"`` (the default) picks per backend with ``lax.platform_dependent``:
-   ``"native"`` on the CPU for arrays on one device (``"scatter"`` when the
-   kernel is unavailable or the arrays are sharded), ``"threshold"`` elsewhere.
+   ``"auto"`` (the default) is pure XLA on every backend, picked per backend
+   with ``lax.platform_dependent``: ``"scatter"`` on the CPU (measured faster
+   there than ``"threshold"``), ``"threshold"`` elsewhere. It never compiles,
+   loads or calls the native kernel, so an exported program carries only
+   standard XLA operations.
 
 The result is the exact k-th smallest value ``τ`` -- the same value a full
 sort gives, bit for bit, whichever method counts -- and the mask ``h <= τ``.
@@ -86,9 +89,12 @@ _THRESHOLD_BITS = 4
 _MAX_AXIS_SIZE = (1 << 16) - 1
 
 METHODS = ("auto", "native", "threshold", "scatter")
-# What "auto" uses per platform. GPU: unmeasured choice, see docs/selection.md.
-_AUTO = {"tpu": "threshold", "cuda": "threshold", "rocm": "threshold"}
-_CPU_FALLBACK = "scatter"  # CPU without the native kernel (or with sharded arrays)
+# What "auto" uses per platform: pure XLA everywhere (the native kernel is opt-in). CPU:
+# "scatter", measured faster than "threshold" there (docs/selection.md); GPU: an unmeasured
+# choice, see docs/selection.md.
+_AUTO = {"cpu": "scatter", "tpu": "threshold", "cuda": "threshold", "rocm": "threshold"}
+# The CPU's method where "native" was asked for but its kernel could not be built or loaded.
+_CPU_FALLBACK = _AUTO["cpu"]
 
 _method_var: contextvars.ContextVar[str] = contextvars.ContextVar(
     "ire_optax_selection_method", default="auto")
@@ -109,8 +115,9 @@ def _check_method(method: Any) -> str:
 def selection_method(method: str) -> Iterator[None]:
   """Context in which every exact selection that is *traced* counts with ``method``.
 
-  ``method`` is one of ``"auto"`` (the default: per backend), ``"native"``
-  (the C++ CPU kernel; other platforms then use ``"scatter"``),
+  ``method`` is one of ``"auto"`` (the default: pure XLA, per backend),
+  ``"native"`` (opt-in: the C++ CPU kernel, built on first use; other platforms then
+  use ``"auto"``'s methods),
   ``"threshold"`` (scatter-free compare-and-count passes) or ``"scatter"``
   (XLA scatter-add histograms). Every method gives the same τ and mask, bit for
   bit; the choice only changes speed. It is read when a function is traced:
@@ -124,8 +131,10 @@ def selection_method(method: str) -> Iterator[None]:
     [0, 1, 0, 1]
 
   Raises:
-    ValueError: for an unknown method; on entering ``"native"`` contexts no check
-      is made, but tracing a selection raises if the kernel is unavailable.
+    ValueError: for an unknown method. Entering a ``"native"`` context checks nothing;
+      tracing a selection in it raises where the kernel cannot run (not the CPU
+      backend, sharded arrays, ``IRE_OPTAX_NATIVE=0``) and warns, counting with
+      ``"scatter"``, where it cannot be built or its cached library fails verification.
   """
   token = _method_var.set(_check_method(method))
   try:
@@ -483,15 +492,29 @@ def _scatter_low(x: jax.Array, high: jax.Array, square: bool) -> jax.Array:
   return _histogram(idx, _BINS)  # out-of-bucket keys (index _BINS) are dropped
 
 
-def _native_available(leaves: list[jax.Array]) -> bool:
-  """Whether the native CPU histograms (:mod:`ire_optax._src.native`) can count ``leaves``.
+def _native_refusal(leaves: list[jax.Array]) -> str | None:
+  """Why the native CPU kernel cannot count ``leaves`` here (``None``: it can, if it builds).
 
   Only for arrays on one device: a custom call on an array sharded over a mesh
   (any axis type, or inside ``shard_map``) would be gathered or mistyped, so
-  those keep XLA's scatter, whose per-shard histograms XLA all-reduces.
+  those keep XLA's histograms, whose per-shard counts XLA all-reduces.
   """
-  return (jax.default_backend() == "cpu" and native.enabled()
-          and all(sharding.is_on_one_device(x) for x in leaves))
+  if jax.default_backend() != "cpu":
+    return f"it runs on the CPU backend only (the default backend is {jax.default_backend()!r})"
+  if native.disabled_by_env():
+    return "IRE_OPTAX_NATIVE is set to switch it off"
+  if not all(sharding.is_on_one_device(x) for x in leaves):
+    return "it counts arrays on one device only (these are sharded)"
+  return None
+
+
+def _native_available(leaves: list[jax.Array]) -> bool:
+  """Whether the native CPU histograms (:mod:`ire_optax._src.native`) count ``leaves``.
+
+  Builds (or loads, verified) the kernel the first time: call it only where the native
+  method was asked for.
+  """
+  return _native_refusal(leaves) is None and native.enabled()
 
 
 def _high_histogram(x: jax.Array, square: bool = False) -> jax.Array:
@@ -618,16 +641,22 @@ def _run(method: str, square: bool, axis_name: Any, wide: bool, masks: bool):
 
 
 def _platform_methods(method: str, leaves: list[jax.Array]) -> dict[str, str]:
-  """The counting method per lowering platform (``"default"``: any other) for ``method``."""
+  """The counting method per lowering platform (``"default"``: any other) for ``method``.
+
+  ``"auto"`` is pure XLA everywhere (``_AUTO``) and never touches the native kernel.
+  ``"native"`` uses the kernel for the CPU and ``"auto"``'s methods for the other
+  platforms; where the kernel cannot be built or loaded (``native.enabled`` has warned)
+  the CPU falls back to ``_CPU_FALLBACK``, the same τ and mask.
+  """
   if method == "auto":
-    cpu = "native" if _native_available(leaves) else _CPU_FALLBACK
-    return {"cpu": cpu, **_AUTO, "default": "threshold"}
+    return {**_AUTO, "default": "threshold"}
   if method == "native":
-    if not _native_available(leaves):
-      raise ValueError(
-          "selection method 'native' is unavailable here: it needs the CPU backend, arrays on "
-          "one device, a C++ compiler and IRE_OPTAX_NATIVE unset (use 'auto').")
-    return {"cpu": "native", "default": "scatter"}
+    refusal = _native_refusal(leaves)
+    if refusal is not None:
+      raise ValueError(f"selection method 'native' is unavailable here: {refusal} (use "
+                       "'auto').")
+    cpu = "native" if native.enabled() else _CPU_FALLBACK
+    return {**_AUTO, "cpu": cpu, "default": "threshold"}
   return {"default": method}
 
 
