@@ -22,20 +22,27 @@ location = pathlib.Path(ire_optax.__file__).resolve()
 assert here not in location.parents, f"imported the checkout, not the install: {location}"
 assert importlib.resources.files("ire_optax").joinpath("py.typed").is_file(), "py.typed missing"
 
-# The native CPU kernel's source ships with the package and builds where a compiler is.
+# The default selection is pure XLA: nothing built or loaded, no custom call. The opt-in
+# native CPU kernel's source ships with the package, builds where a compiler is, and
+# matches a sort.
 from ire_optax._src import native, selection  # noqa: E402
 
 assert native._SOURCE.is_file(), f"{native._SOURCE} missing"
+x = jnp.asarray([3.0, -0.0, 1.0, 2.0, float("nan")])
+assert "ire_optax_" not in jax.jit(lambda t: selection.kth_smallest(t, 3)).lower(x).as_text()
+assert float(selection.kth_smallest(x, 3)) == 2.0
+assert native._state == {}, "the default selection built or loaded the native kernel"
 if native._compiler() is not None:
-  assert native.enabled(), "the native CPU kernel did not build"
-  x = jnp.asarray([3.0, -0.0, 1.0, 2.0, float("nan")])
-  assert "ire_optax_select" in jax.jit(lambda t: selection.kth_smallest(t, 3)).lower(x).as_text()
-  assert float(selection.kth_smallest(x, 3)) == 2.0
+  kth = jax.jit(lambda t: selection.kth_smallest(t, 3, method="native"))
+  assert "ire_optax_select" in kth.lower(x).as_text()
+  assert native._state == {"ok": True}, "the native CPU kernel did not build"
+  assert float(kth(x)) == 2.0
   # Large enough for the sample-bracketed pass, with the compiler flags of this machine.
   big = jax.random.normal(jax.random.key(0), (300_001,))
-  mask = ire_optax.flat_mask({"w": big}, 0.6)["w"]
   tau = jnp.sort(big)[int(0.6 * big.size) - 1]
-  assert bool(jnp.all(mask == (big <= tau))), "native selection differs from a sort"
+  for method in ("native", "auto"):
+    mask = ire_optax.flat_mask({"w": big}, 0.6, method=method)["w"]
+    assert bool(jnp.all(mask == (big <= tau))), f"{method} selection differs from a sort"
 
 
 def loss(p, batch):

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 import ire_optax
-from ire_optax._src import native, selection
+from ire_optax._src import selection
 
 
 def make_tree(n: int, seed: int = 0):
@@ -152,8 +152,8 @@ def main():
       "machine": machine["summary"],
       "statistic": f"median over {args.reps} interleaved repetitions of a 10-step cycle "
                    "per size, same process, donated buffers",
-      "selection": ("native CPU kernel" if native.enabled() else "XLA scatter "
-                    "(the native kernel could not be built)"),
+      "selection": "the default counting method ('auto', pure XLA: "
+                   f"{selection._AUTO.get(jax.default_backend(), 'threshold')})",
   }
   lines = [
       "# IRE update cost vs optax.adamw",
@@ -186,7 +186,7 @@ def main():
       "65,536-bin histogram passes over all N values, and XLA:CPU runs the scatter-add as a "
       "sequential loop of several ns per value, while an AdamW update is a vectorised "
       "elementwise loop of about 1 ns per parameter; the native kernel "
-      "(`ire_optax/_src/native/histogram.cc`, used on the CPU for arrays on one device) "
+      "(`ire_optax/_src/native/histogram.cc`, the opt-in `\"native\"` method) "
       "counts the same histogram in about 1 ns per value, and its whole-tree selection makes "
       "one pass when a sample of the keys brackets τ. `cpu` clock:",
       "",

@@ -14,6 +14,10 @@ refresh cycle, five SALA cycles), interleaved in a rotating order, for
 repetitions of the block time divided by the base optimizer's block time of
 the same repetition (``_common.time_interleaved``).
 
+``--selection-methods`` also times IRE (grad_sq) with each counting method of
+its refresh besides the default (``"auto"``, pure XLA): the opt-in native CPU
+kernel and ``"threshold"`` (``results/train_step_selection.md``).
+
 Targets (on each model): IRE (every estimator) <= 1.15x its base, SAM/ASAM
 <= 2.1x, mSAM (m=8) <= 1.1x SAM, SALA (k=2, every cycle in stage 2) <= 1.6x.
 
@@ -21,6 +25,8 @@ Usage::
 
   python benchmarks/bench_train_step.py --lock LOCKFILE   # compiles ~15 steps per model
   python benchmarks/bench_train_step.py --smoke            # toy sizes (the tests)
+  python benchmarks/bench_train_step.py --lock LOCKFILE --selection-methods \
+      --only ire_grad_sq,ire_grad_sq_native,ire_grad_sq_threshold  # the refresh's methods
 
 ``--lock`` holds an exclusive ``flock`` on a file while timing only (not while
 compiling), so that timings of several benchmarks never overlap; ``--part``
@@ -44,6 +50,7 @@ import jax
 import numpy as np
 import optax
 
+import ire_optax
 from examples.common import cli, models, optim, train
 
 NAME = "train_step"
@@ -90,14 +97,17 @@ class Opt:
   target: float | None = None  # max time / base (None: no target)
   target_over: str = "base"  # the key the target ratio is relative to
   models: tuple[str, ...] = ()  # only on these models (empty: all)
+  method: str = "auto"  # the selection method the step is traced with (IRE's refresh)
 
 
-def optimizers(gsam: bool) -> list[Opt]:
+def optimizers(gsam: bool, selection: bool = False) -> list[Opt]:
+  """The optimizers timed; ``gsam``: also GSAM and SAM every k; ``selection``: also IRE
+  (grad_sq) with each non-default counting method of the refresh."""
   ire = ("--ire-refresh-every", "10", "--ire-warmup", "0")
+  grad_sq = ("--ire", "--ire-curvature", "grad_sq") + ire
   opts = [
       Opt("base", "{base}", "", ()),
-      Opt("ire_grad_sq", "{base}+IRE", "grad_sq", ("--ire", "--ire-curvature", "grad_sq") + ire,
-          1.15),
+      Opt("ire_grad_sq", "{base}+IRE", "grad_sq", grad_sq, 1.15),
       Opt("ire_fisher", "{base}+IRE", "fisher", ("--ire", "--ire-curvature", "fisher") + ire,
           1.15),
       Opt("ire_hutchinson", "{base}+IRE", "hutchinson",
@@ -125,7 +135,15 @@ def optimizers(gsam: bool) -> list[Opt]:
         Opt("gsam", "GSAM", "", ("--opt", "gsam")),
         Opt("sam_every_k", "SAM", "every k=5", ("--opt", "sam", "--sam-every-k", "5")),
     ]
+  if selection:
+    opts += [Opt(f"ire_grad_sq_{m}", "{base}+IRE", f"grad_sq, {m}", grad_sq, method=m)
+             for m in SELECTION_METHODS]
   return opts
+
+
+# The counting methods timed besides "auto" with --selection-methods (the CPU's opt-in kernel
+# first): what the native kernel saves over the pure-XLA default, in train-step terms.
+SELECTION_METHODS = ("native", "threshold")
 
 
 def build_step(model: Model, opt: Opt, base: str, seed: int = 0, fast_compile: bool = False):
@@ -171,7 +189,8 @@ def measure(model: Model, opts: list[Opt], base: str, reps: int, *, fast_compile
     step_fn, state, batch, spec = build_step(model, o, base, fast_compile=fast_compile)
     fn = lambda s, b, i, f=step_fn: f(s, b, i)[0]
     st = C.Stepper(fn, state, steps=STEPS_PER_BLOCK, args_at=lambda i, b=batch: (b, i))
-    jax.block_until_ready(st())  # compiles every step variant the block uses
+    with ire_optax.selection_method(o.method):  # read when the step variants are traced
+      jax.block_until_ready(st())  # compiles every step variant the block uses
     compile_s[o.key] = time.perf_counter() - t0
     steppers[o.key], specs[o.key] = st, spec
     print(f"  {model.example} {o.key}: compiled + first block {compile_s[o.key]:.1f}s",
@@ -184,8 +203,6 @@ def measure(model: Model, opts: list[Opt], base: str, reps: int, *, fast_compile
     t = C.time_interleaved(steppers, baseline="base", reps=reps, units=STEPS_PER_BLOCK,
                            warmup=0)
     load1 = C.loadavg()
-  import ire_optax
-
   stage2 = {k: float(ire_optax.sala_stats(st.carry.opt_state)["stage2_fraction"])
             for k, st in steppers.items() if k.startswith("sala")}
   return {"timings": t, "compile_s": compile_s, "loadavg": [load0, load1],
@@ -250,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--only", default=None, help="comma-separated optimizer keys")
   p.add_argument("--gsam", action="store_true", help="also GSAM and SAM every k=5 steps")
+  p.add_argument("--selection-methods", action="store_true",
+                 help="also IRE (grad_sq) with each non-default counting method of the "
+                      "refresh; the table goes to --out (default: train_step_selection), "
+                      "without cost-table rows")
   p.add_argument("--smoke", action="store_true",
                  help="toy sizes, fast compilation, 1 repetition, no files")
   p.add_argument("--lock", default=None, metavar="FILE",
@@ -261,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--hvp-only", action="store_true",
                  help="measure only one HVP over one gradient per model (with --part: "
                       "merged into that model's results)")
-  p.add_argument("--out", default=str(C.RESULTS / NAME))
+  p.add_argument("--out", default=None, help="results stem (default: results/train_step)")
   args = p.parse_args(argv)
+  if args.out is None:
+    args.out = str(C.RESULTS / (NAME + ("_selection" if args.selection_methods else "")))
 
-  opts = optimizers(args.gsam)
+  opts = optimizers(args.gsam, args.selection_methods)
   if args.only:
     keep = set(args.only.split(",")) | {"base"}
     opts = [o for o in opts if o.key in keep]
@@ -288,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [C.Row(**r) for part in parts for r in part["rows"]]
     reps, machine0 = parts[0]["reps"], parts[0]["machine"]
     keys = {k for d in details.values() for k in d["results"]}
-    opts = [o for o in optimizers(True) if o.key in keys or o.key == "base"]
+    opts = [o for o in optimizers(True, True) if o.key in keys or o.key == "base"]
   else:
     table = SMOKE_MODELS if args.smoke else MODELS
     reps = 1 if args.smoke else args.reps
@@ -308,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
   md = markdown(details, opts, machine0, reps)
   print(md)
   if not args.smoke:
+    # The counting-method comparison keeps its rows out of the cost table (whose IRE rows
+    # are the default method's, from the full run).
     C.write_results(args.out, benchmark="bench_train_step",
                     meta={"machine": machine0, "reps": reps, "steps_per_block": STEPS_PER_BLOCK},
-                    rows=rows, details=details, markdown=md)
+                    rows=() if args.selection_methods else rows, details=details, markdown=md)
   return 0
 
 
