@@ -308,7 +308,7 @@ def selection_train_step_block(results: Path = RESULTS) -> str:
   if {"ire_grad_sq", "ire_grad_sq_native"} <= set(keys):
     saved = [(details[n]["results"]["ire_grad_sq"]["ratio"]
               - details[n]["results"]["ire_grad_sq_native"]["ratio"]) for n in names]
-    lines.append("| what `native` saves, in base steps | "
+    lines.append("| what `native` saves per step, in base steps | "
                  + " | ".join(f"{x:+.2f}" for x in saved) + " |")
   load = ", ".join(f"{n} {details[n]['loadavg'][0]:.1f}/{details[n]['loadavg'][1]:.1f}"
                    for n in names)

@@ -48,6 +48,13 @@ def test_every_optimizer_of_the_issue_is_measured():
           "lookahead", "gsam", "sam_every_k"} <= keys
   targets = {o.key: (o.target, o.target_over) for o in B.optimizers(gsam=False)}
   assert targets["msam"] == (1.1, "sam") and targets["sala"] == (1.6, "base")
+  # --selection-methods: the same IRE step traced with each other counting method.
+  methods = {o.key: o.method for o in B.optimizers(gsam=False, selection=True)}
+  assert methods["ire_grad_sq"] == "auto"
+  assert methods["ire_grad_sq_native"] == "native"
+  assert methods["ire_grad_sq_threshold"] == "threshold"
+  argv = {o.key: o.argv for o in B.optimizers(gsam=False, selection=True)}
+  assert argv["ire_grad_sq_native"] == argv["ire_grad_sq"]
 
 
 def test_committed_table_has_every_model():
