@@ -40,6 +40,7 @@ import functools
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -312,7 +313,7 @@ class TrainStep:
     compiled = self.compiled.get(hints)
     if compiled is None:
       return self.jitted(state, batch, step, **self._static(hints))
-    return compiled(state, batch, step)
+    return compiled(state, batch, np.int32(step) if isinstance(step, int) else step)
 
 
 def compiler_options(fast_compile: bool) -> dict | None:
@@ -458,8 +459,6 @@ _LOOP_ONLY_ARGS = frozenset({
 
 def _progress_bar(*, total: int, initial: int, desc: str, disable: bool):
   """A tqdm bar on a terminal; disabled (the loop prints plain lines) when stderr is not one."""
-  import sys
-
   from tqdm.auto import tqdm
 
   return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
