@@ -56,6 +56,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -228,6 +229,30 @@ def ire_setting(cfg: dict, variant: str) -> dict[str, Any]:
     return cfg["ire_settings"][variant]
   return dict(curvature=variant, kappa=cfg["kappa"], gamma=cfg["gamma"],
               kappa_schedule=cfg["kappa_schedule"], refresh_every=10)
+
+
+# Entries of the configuration that change no run: which runs there are, and notes. IRE's
+# kappa, gamma and kappa schedule reach an IRE run's key through ire_setting (the AdamW
+# runs do not depend on them: --reuse-baselines shares them between IRE settings).
+NOT_RUN_SETTINGS = frozenset({"seeds", "estimators", "variants", "ire_settings", "kappa",
+                              "gamma", "kappa_schedule", "lr_note"})
+
+
+def run_key(cfg: dict, dataset: str, data: dict, seed: int, kind: str,
+            variant: str | None) -> str:
+  """A hash of everything one run depends on; ``--resume`` reuses a run only on equal keys.
+
+  The whole configuration (every entry but :data:`NOT_RUN_SETTINGS`, so that a
+  new setting is part of the key without further ado), the data set (its name,
+  kind and path under the data directory, not where that directory is), the
+  seed, the run kind and, for an IRE run, its whole IRE setting.
+  """
+  ire = None if variant is None else {k: v for k, v in ire_setting(cfg, variant).items()
+                                      if k not in ("label", "source")}
+  what = {"config": {k: v for k, v in cfg.items() if k not in NOT_RUN_SETTINGS},
+          "dataset": [dataset, data.get("kind"), data.get("path")], "seed": int(seed),
+          "kind": kind, "ire": ire}
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -1020,7 +1045,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   C.add_data_dir_argument(p)
   p.add_argument("--resume", action="store_true",
                  help="reuse the runs already in the results JSON in --out (written after "
-                      "each run; the settings must match)")
+                      "each run) whose settings are this run's: each run is keyed on the "
+                      "whole configuration, its data set, seed and IRE setting")
   p.add_argument("--note", action="append", default=[],
                  help="a line for the report's notes (with --from-json: added to the "
                       "file's); repeatable")
@@ -1223,31 +1249,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"{args.data_dir!r} (or $IRE_OPTAX_DATA); only --smoke runs without them "
                      "(on the offline CPython docs).")
 
-  # Runs already finished: deterministic, so an earlier file with the same settings stands in.
-  reuse: dict[str, dict] = {}
+  # Runs already finished: deterministic, so a run of an earlier file stands in for a run of
+  # this one with the same key (the same configuration, data, seed and IRE setting).
+  reuse: dict[str, tuple[str, dict]] = {}  # key -> (what, the earlier run)
   prev_wall = 0.0
-  keys = ("steps", "size", "batch_size", "seq_len", "eval_batches", "eval_every", "lr",
-          "warmup", "max_chars", "fast_compile", "dim", "depth", "heads", "ffn_dim", "b1",
-          "b2", "eps", "weight_decay", "decay_all", "clip_norm", "final_lr_ratio",
-          "log_every", "train_window")
   resume_from = str(out / f"{stem}.json") if args.resume else None
   for source, what in ((args.reuse_baselines, "adamw"), (resume_from, "")):
     if not source or not Path(source).exists():
       continue
     prev = read_doc(source)
-    diff = [k for k in keys if prev["config"].get(k) != cfg.get(k)]
-    if what == "" and prev["config"].get("ire_settings") != cfg.get("ire_settings"):
-      diff.append("ire_settings")
-    if diff:
-      raise SystemExit(f"{source} differs from this run in {diff}; not reused.")
     if what == "":
       prev_wall = float(prev.get("total_wall_s", 0.0))
     for dn, per in prev["results"].items():
       for sd, sr in per.items():
         for k, v in sr["runs"].items():
           if k.startswith(what):
-            reuse.setdefault(dn, {}).setdefault(sd, {})[k] = dict(v, reused_from=shown_path(
-                Path(source)))
+            key = run_key(prev["config"], dn, prev["datasets"].get(dn, {}), int(sd), k,
+                          v.get("variant"))
+            reuse[key] = (source, dict(v, reused_from=shown_path(Path(source))))
   run_root = Path(args.keep_runs) if args.keep_runs else Path(
       tempfile.mkdtemp(prefix="bench_pretraining_runs_"))
   kinds = run_kinds(variants_of(cfg), two_t_last=official)
@@ -1283,7 +1302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_wall_s": prev_wall + time.perf_counter() - t_start,
     }
 
-  i = 0
+  i = reused = 0
   try:
     for dname, d in datasets.items():
       results[dname] = {}
@@ -1295,9 +1314,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[dname][str(seed)] = {"runs": runs, "metrics": {}}
         for kind, est, mult in kinds:
           i += 1
-          if kind in reuse.get(dname, {}).get(str(seed), {}):
-            # Deterministic: the same run as in the earlier file (checked config).
-            r = dict(reuse[dname][str(seed)][kind])
+          key = run_key(cfg, dname, d, seed, kind, est)
+          if key in reuse:  # deterministic: the same run as in the earlier file
+            r = dict(reuse[key][1])
+            reused += 1
           else:
             r = one_run(cfg, d["spec"], seed, est, mult, run_root, f"{dname}-s{seed}-{kind}")
           r.update(kind=kind, estimator=est and ire_setting(cfg, est)["curvature"],
@@ -1318,6 +1338,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.keep_runs:
       shutil.rmtree(run_root, ignore_errors=True)
 
+  if reuse:
+    print(f"bench_pretraining: {reused} of {total} runs reused from "
+          f"{', '.join(sorted({shown_path(Path(src)) for src, _ in reuse.values()}))} (same "
+          "settings); the others trained", flush=True)
   res = snapshot(True)
   write_json(res, out)
   shown = reports(res, out)

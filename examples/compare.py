@@ -25,6 +25,12 @@ Each optimizer may carry its own options after commas (``name,key=value,...``,
 keys spelled as the example's ``--options`` without the dashes). Every other
 option is passed to the example (``python -m examples.llama --help`` lists
 them), e.g. ``--steps 1000 --size small --lr 1e-3``.
+
+Each run writes to its own directory, named after its whole specification
+(``adamw,lr=3e-3`` -> ``OUT/llama/adamw_lr=3e-3/``). A comparison never
+replaces an earlier one silently: when ``OUT/<example>/`` already holds runs,
+the new comparison goes to ``OUT/<example>-2/`` (``-3``, ...), unless
+``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -65,6 +72,29 @@ def parse_opt(text: str) -> tuple[str, list[str]]:
   return name, argv
 
 
+def run_names(opts: list[str]) -> list[str]:
+  """One directory name per optimizer specification, distinct, made of the whole spec.
+
+  ``"adamw,lr=3e-3"`` -> ``"adamw_lr=3e-3"``, ``"adamw+ire"`` -> ``"adamw_ire"``;
+  specifications that give the same name get ``_<position>`` appended.
+  """
+  names = [re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_") or "run" for text in opts]
+  return [n + (f"_{i}" if names.count(n) > 1 else "") for i, n in enumerate(names)]
+
+
+def output_dir(root: Path, *, overwrite: bool = False) -> Path:
+  """``root``, unless it holds an earlier comparison: then ``root-2`` (``-3``, ...).
+
+  With ``overwrite`` always ``root`` (its runs of the same names are replaced).
+  """
+  if overwrite or not root.exists() or not any(root.iterdir()):
+    return root
+  n = 2
+  while (root.parent / f"{root.name}-{n}").exists():
+    n += 1
+  return root.parent / f"{root.name}-{n}"
+
+
 def eval_curve(records: list[dict]) -> list[tuple[int, float]]:
   """``(step, held-out loss)`` of the evaluated records of a run."""
   return [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -78,14 +108,15 @@ def steps_to_reach(records: list[dict], target: float) -> int | None:
 def format_table(rows: list[dict], *, text: bool) -> str:
   acc_name = "next-token acc" if text else "held-out acc"
   head = ["optimizer", "train loss", "held-out loss", acc_name, "steps to baseline",
-          "speed-up", "s/step", "wall s"]
+          "speed-up", "s/step", "compile s", "wall s"]
   lines = [head]
   for r in rows:
     lines.append([
         r["label"], f"{r['train_loss']:.4f}", f"{r['eval_loss']:.4f}", f"{r['eval_acc']:.4f}",
         "-" if r["reach"] is None else str(r["reach"]),
         "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-        f"{1 / r['steps_per_s']:.3f}" if r["steps_per_s"] else "-", f"{r['wall_s']:.0f}"])
+        f"{1 / r['steps_per_s']:.3f}" if r["steps_per_s"] else "-",
+        "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}", f"{r['wall_s']:.0f}"])
   widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
   fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
   sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -105,7 +136,7 @@ def make_record(example: str, opts: list[str], argv: list[str], rows: list[dict]
   import ire_optax
 
   keep = ("label", "opt", "steps", "params", "train_loss", "eval_loss", "eval_acc", "reach",
-          "speedup", "steps_per_s", "wall_s")
+          "speedup", "steps_per_s", "compile_s", "wall_s")
   return {
       "example": example, "opts": opts, "argv": argv,
       "machine": {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(),
@@ -178,7 +209,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            "adamw,lr=3e-3 adamw+ire; vit: adamw adamw+ire; resnet: sgd "
                            "sgd+ire)")
   parser.add_argument("--out", default="runs/compare",
-                      help="runs go to OUT/<example>/<optimizer>/ (default: %(default)s)")
+                      help="runs go to OUT/<example>/<optimizer spec>/; when OUT/<example>/ "
+                           "holds an earlier comparison, to OUT/<example>-2/ (-3, ...) "
+                           "(default: %(default)s)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into OUT/<example>/ even if it holds an earlier comparison "
+                           "(its runs of the same names are replaced)")
   parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bars (default: when the terminal shows them)")
   parser.add_argument("--update-docs", action="store_true",
@@ -186,17 +222,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            "regenerate the table of docs/examples.md from it")
   args, rest = parser.parse_known_args(argv)
   opts = args.opts or DEFAULT_OPTS[args.example]
-  out = Path(args.out) / args.example
+  root = Path(args.out) / args.example
+  out = output_dir(root, overwrite=args.overwrite)
 
   ex_parser = cli.make_parser(args.example)
   base_argv = DEMO_DEFAULTS[args.example] + rest
   print(f"compare.py: {args.example} | " + " vs ".join(opts) + f" | extra options: "
         f"{' '.join(base_argv)}", flush=True)
+  if out != root:
+    print(f"{root} holds an earlier comparison (--overwrite replaces it); this one goes to "
+          f"{out}", flush=True)
   rows = []
-  for i, text in enumerate(opts):
-    label, opt_argv = parse_opt(text)
-    run_argv = base_argv + opt_argv + ["--out", str(out), "--name", label.replace("+", "_")
-                                       + (f"_{i}" if opts.count(text) > 1 else "")]
+  for i, (text, name) in enumerate(zip(opts, run_names(opts), strict=True)):
+    _, opt_argv = parse_opt(text)
+    run_argv = base_argv + opt_argv + ["--out", str(out), "--name", name]
     show = sys.stderr.isatty() if args.progress is None else args.progress
     if not show:
       run_argv.append("--no-progress")

@@ -197,3 +197,37 @@ def test_official_preset_smoke(tmp_path):
   md_lr = (tmp_path / "lr" / "pretraining_official.md").read_text()
   assert "## Learning-rate check" in md_lr and f"| {2 * c['lr']:g} | adamw-T |" in md_lr
   assert f"| {c['lr']:g} (authors) | ire-g0.6-k3-T |" in md_lr
+
+
+def test_resume_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch):
+  """``--resume`` keys every run on its whole configuration: kappa, gamma, schedule too."""
+  trained = []
+
+  def fake_run(cfg, spec, seed, variant, mult, run_root, name):
+    trained.append(name.split(f"-s{seed}-", 1)[1])
+    steps = cfg["steps"] * mult
+    loss = 2.0 - 0.1 * len(trained)
+    return {"steps": steps, "warmup_steps": 1, "params": 10, "diverged": False,
+            "final_eval_loss": loss, "final_eval_acc": 0.5, "final_train_loss": loss,
+            "s_per_step": 0.01, "s_per_step_median_window": 0.01, "first_step_s": 0.1,
+            "wall_s": 1.0, "ire_flat_fraction_end": None,
+            "curve": [(steps // 2, loss + 1.0), (steps, loss)]}
+
+  monkeypatch.setattr(bench, "one_run", fake_run)
+  argv = ["--smoke", "--out", str(tmp_path), "--estimators", "fisher"]
+  everything = ["adamw-T", "adamw-2T", "ire-fisher-T"]
+  for extra, want in (
+      ([], everything),  # first run: nothing to resume from
+      (["--resume"], []),  # the same settings: everything reused
+      (["--resume", "--kappa", "1"], ["ire-fisher-T"]),  # kappa: only the IRE run
+      (["--resume", "--kappa", "1", "--gamma", "0.5"], ["ire-fisher-T"]),
+      (["--resume", "--kappa", "1", "--gamma", "0.5", "--kappa-schedule", "lr"],
+       ["ire-fisher-T"]),
+      (["--resume", "--kappa", "1", "--gamma", "0.5", "--kappa-schedule", "lr"], []),
+      (["--resume", "--lr", "0.02"], everything),
+  ):
+    trained.clear()
+    res = bench.main(argv + extra)
+    assert trained == want, extra
+    ire = res["results"]["cpython-docs"]["0"]["runs"]["ire-fisher-T"]
+    assert ("reused_from" in ire) == ("ire-fisher-T" not in want)

@@ -120,6 +120,22 @@ def test_optimizer_names():
     optim.parse_name("sam+lookahead")
 
 
+@pytest.mark.parametrize("example", ["resnet", "llama"])
+@pytest.mark.parametrize("name", ["ire", "adam", "sam+lookahead"])
+def test_a_bad_optimizer_name_is_a_one_line_usage_error(example, name, capsys):
+  """``--opt ire`` stops at the command line (exit 2), with the valid names, no traceback."""
+  module = __import__(f"examples.{example}", fromlist=["main"])
+  with pytest.raises(SystemExit) as e:
+    module.main(["--opt", name, "--steps", "1"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  error = [line for line in err.splitlines() if "error:" in line]
+  assert len(error) == 1 and "Traceback" not in err, err
+  assert f"unknown optimizer {name!r}" in error[0]
+  assert all(n in error[0] for n in optim.OPTIMIZERS)
+  assert ("adamw+ire" in error[0]) == (name == "ire")
+
+
 # -----------------------------------------------------------------------------
 # BatchNorm: statistics come from the clean pass only
 # -----------------------------------------------------------------------------
@@ -258,10 +274,15 @@ def test_checkpoint_files_and_fresh_runs(tmp_path):
 # -----------------------------------------------------------------------------
 
 
-def test_outputs_csv_jsonl_png(tmp_path):
+def test_outputs_csv_jsonl_png(tmp_path, capsys):
   argv = TOY["vit"] + QUICK + ["--out", str(tmp_path), "--name", "plotted"]
   argv.remove("--no-plot")
-  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv), quiet=True)
+  argv.remove("--no-progress")
+  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv))
+  # Not a terminal (pytest captures it): plain lines, no progress bar's carriage returns.
+  out, err = capsys.readouterr()
+  assert "\r" not in out + err
+  assert "plotted step 2/2: loss" in out and "compiled the train step in" in out
   run = tmp_path / "plotted"
   for f in ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png"):
     assert (run / f).exists(), f
@@ -276,6 +297,61 @@ def test_outputs_csv_jsonl_png(tmp_path):
   assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_reported_speed_excludes_compilation(tmp_path, monkeypatch):
+  """Every step variant compiles before the timed loop; compile time is reported apart.
+
+  IRE refreshing every 2 steps and branch hints on: a refresh step and a plain step are
+  two compiled programs. Nothing may compile between the loop's first and last batch,
+  and ``steps_per_s`` is the rate of exactly the logged (timed) windows.
+  """
+  events = []
+  batch_at = data.ImageBatcher.batch_at
+  monkeypatch.setattr(data.ImageBatcher, "batch_at",
+                      lambda self, step: events.append(("batch", step)) or batch_at(self, step))
+
+  def on_duration(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append(("compile", duration))
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    args = args_for("resnet", "--opt", "sgd+ire", "--ire-refresh-every", "2", "--ire-warmup",
+                    "0", "--ire-curvature", "grad_sq", "--branch-hints", "on", "--steps", "4",
+                    "--name", "timed", out=tmp_path)
+    res = cli.run_example("resnet", args, quiet=True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  loop = [i for i, (kind, _) in enumerate(events) if kind == "batch"][-4:]  # steps 0..3
+  assert [events[i][1] for i in loop] == [0, 1, 2, 3]
+  assert [e for e in events[loop[0]:loop[-1]] if e[0] == "compile"] == []
+  s = res.summary
+  assert s["compile_s"] > 0 and s["first_step_s"] >= s["compile_s"]
+  # The rate is that of the timed windows: steps 2..4, one logged window each.
+  recs = train.read_metrics(tmp_path / "timed")
+  assert math.isnan(recs[0]["img_per_s"])  # the first step is not timed
+  window_s = sum(8 / r["img_per_s"] for r in recs[1:])
+  assert s["steps_per_s"] == pytest.approx(3 / window_s, rel=1e-9)
+
+
+def test_a_single_evaluation_is_drawn(tmp_path, monkeypatch):
+  """One logged step and one evaluation: every panel shows its point (a marker)."""
+  import matplotlib.figure
+
+  from examples.common import plots
+
+  figures = []
+  save = matplotlib.figure.Figure.savefig
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+  plots.plot_runs({"run": [{"step": 2, "loss": 1.5, "eval_loss": 1.7, "eval_acc": 0.4}]},
+                  tmp_path / "one.png")
+  (fig,) = figures
+  for ax in fig.axes:
+    (line,) = ax.get_lines()
+    assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", "None"), ax
+    assert line.get_markersize() > 0
+
+
 @pytest.mark.parametrize("script", ["resnet", "vit", "llama", "compare", "plot"])
 def test_help(script, capsys):
   mod = compare if script == "compare" else __import__(f"examples.{script}",
@@ -288,17 +364,43 @@ def test_help(script, capsys):
 
 
 def test_compare_script(tmp_path, capsys):
-  rows = compare.main(["--example", "vit", "--opts", "adamw", "adamw+ire,ire-kappa=1",
-                       "--out", str(tmp_path), *TOY["vit"], "--steps", "2", "--eval-every",
-                       "1", "--eval-batches", "1", "--fast-compile"])
+  argv = ["--example", "vit", "--out", str(tmp_path), *TOY["vit"], "--steps", "2",
+          "--eval-every", "1", "--eval-batches", "1", "--fast-compile"]
+  rows = compare.main(argv + ["--opts", "adamw", "adamw+ire,ire-kappa=1", "adamw,lr=0.02"])
   out = capsys.readouterr().out
   assert "| optimizer" in out and "adamw+ire,ire-kappa=1" in out
-  assert [r["opt"] for r in rows] == ["adamw", "adamw+ire"]
+  assert [r["opt"] for r in rows] == ["adamw", "adamw+ire", "adamw"]
   assert (tmp_path / "vit" / "comparison.png").exists()
   assert (tmp_path / "vit" / "comparison.md").read_text().startswith("| optimizer")
   assert rows[0]["speedup"] == 1.0
-  cfg = json.loads((tmp_path / "vit" / "adamw_ire" / "config.json").read_text())
-  assert cfg["ire_kappa"] == 1.0
+  # Every run has its own directory, named after its whole specification.
+  config = lambda run: json.loads((tmp_path / run / "config.json").read_text())
+  assert config("vit/adamw")["lr"] == 0.001 and config("vit/adamw_lr=0.02")["lr"] == 0.02
+  assert config("vit/adamw_ire_ire-kappa=1")["ire_kappa"] == 1.0
+  assert [r["run_dir"] for r in rows] == [str(tmp_path / "vit" / n) for n in (
+      "adamw", "adamw_ire_ire-kappa=1", "adamw_lr=0.02")]
+  # A rerun goes to a new directory and leaves the first comparison as it was (the same
+  # last run: its compiled step is reused).
+  first = (tmp_path / "vit" / "comparison.md").read_text()
+  again = compare.main(argv + ["--opts", "adamw,lr=0.02"])
+  assert again[0]["run_dir"] == str(tmp_path / "vit-2" / "adamw_lr=0.02")
+  assert (tmp_path / "vit" / "comparison.md").read_text() == first
+  assert "--overwrite" in capsys.readouterr().out
+
+
+def test_compare_run_names_and_output_dir(tmp_path):
+  assert compare.run_names(["adamw", "adamw,lr=3e-3", "adamw+ire", "sam+ire,rho=0.1,nesterov"]
+                           ) == ["adamw", "adamw_lr=3e-3", "adamw_ire", "sam_ire_rho=0.1_nesterov"]
+  assert compare.run_names(["sgd", "sgd", "a+b", "a,b"]) == ["sgd_0", "sgd_1", "a_b_2", "a_b_3"]
+  root = tmp_path / "llama"
+  assert compare.output_dir(root) == root  # absent
+  root.mkdir()
+  assert compare.output_dir(root) == root  # empty
+  (root / "adamw").mkdir()
+  assert compare.output_dir(root) == tmp_path / "llama-2"
+  (tmp_path / "llama-2").mkdir()
+  assert compare.output_dir(root) == tmp_path / "llama-3"
+  assert compare.output_dir(root, overwrite=True) == root
 
 
 # -----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def to_steps(value: float, total_steps: int) -> int:
 def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
   """Adds the optimizer and loss options shared by every example."""
   g = parser.add_argument_group("optimizer")
-  g.add_argument("--opt", default="adamw", metavar="NAME",
+  g.add_argument("--opt", default="adamw", metavar="NAME", type=opt_name,
                  help=f"one of {', '.join(OPTIMIZERS)}; append '+ire' for IRE on top "
                       "(default: %(default)s)")
   g.add_argument("--base", choices=("adamw", "sgd"), default=None,
@@ -186,9 +186,19 @@ def parse_name(name: str, ire_flag: bool = False) -> tuple[str, bool]:
   parts = name.lower().split("+")
   algo, mods = parts[0], parts[1:]
   if algo not in OPTIMIZERS or any(m != "ire" for m in mods):
+    hint = " (IRE wraps one of them: e.g. adamw+ire or sgd+ire)" if algo == "ire" else ""
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}, "
-                     "optionally with '+ire'.")
+                     f"optionally with '+ire'{hint}.")
   return algo, ire_flag or bool(mods)
+
+
+def opt_name(text: str) -> str:
+  """argparse type of ``--opt``: a bad name is a one-line usage error, not a traceback."""
+  try:
+    parse_name(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str = "cosine",

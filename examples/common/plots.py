@@ -32,7 +32,8 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") 
           k = max(1, len(v) // 50)
           v = np.convolve(v, np.ones(k) / k, mode="valid")
           s = s[k - 1:]
-        ax.plot(s, v, label=name)
+        # Markers on sparse curves (held-out evaluations): a single point has no line.
+        ax.plot(s, v, label=name, marker="o" if len(v) <= 30 else None, markersize=3)
     ax.set_xlabel("step")
     ax.set_title(label)
     ax.grid(alpha=0.3)
