@@ -692,9 +692,16 @@ def msam(
                         f"(they are averaged over the micro-batches); got {jnp.result_type(x)}.")
       return jnp.asarray(x, utils.compute_dtype(x))
 
+    # With explicitly sharded params, vmap cannot stack the perturbed params along a micro-batch
+    # axis sharded over the params' own mesh axes: split such a batch as for the sequential modes.
+    param_axes = frozenset().union(*(sharding.spec_axes(p) for p in jax.tree.leaves(params)))
+    batch_axes = frozenset().union(
+        *(sharding.spec_axes(x, slice(0, 1)) for x in jax.tree.leaves(batch)))
+    vmap_layout = "scan" if param_axes & batch_axes else "vmap"
+
     def run(mode, batch):
       microbatches = split_batch(batch, num_microbatches, who="msam.update()",
-                                 layout="vmap" if mode == "vmap" else "scan")
+                                 layout=vmap_layout if mode == "vmap" else "scan")
       if mode == "vmap":
         stacked = jax.vmap(perturbed_grad)(microbatches)
         mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
@@ -704,9 +711,12 @@ def msam(
       def body(acc, microbatch):
         g, aux = perturbed_grad(microbatch)
         # The (small) aux of every micro-batch is stacked and averaged after the loop.
-        return jax.tree.map(lambda a, x: a + jnp.asarray(x, dtype), acc, g), aux
+        # The sum keeps the accumulator's type (its sharding included) whatever the gradient's.
+        return jax.tree.map(
+            lambda a, x: a + sharding.reshard_like(jnp.asarray(x, dtype), a), acc, g), aux
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+      # Created with the params' sharding (explicit mode), as the gradients carry it.
+      zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype), params)
       zeros = utils.per_device_if(zeros, axis_name)
       total, auxes = jax.lax.scan(body, zeros, microbatches, unroll=mode == "unroll")
       mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
