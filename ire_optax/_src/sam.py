@@ -447,8 +447,9 @@ def sam(
     base_optimizer: the optimizer that receives the SAM gradient (with its
       learning rate, weight decay, clipping, ...).
     rho: radius :math:`\rho` of the ascent step, ``>= 0``, or a schedule of the
-      step count. Typical: 0.05 (SGD on CIFAR), 0.1--0.2 for larger models; ASAM
-      uses larger values, ρ ≈ 0.5--2.
+      step count (its values clipped to ``[0, float32 max]``). Typical: 0.05
+      (SGD on CIFAR), 0.1--0.2 for larger models; ASAM uses larger values,
+      ρ ≈ 0.5--2.
     adaptive: use adaptive SAM (Kwon et al., 2021).
     adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The formula
       of docs/design.md §1.2 is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
@@ -614,7 +615,8 @@ def msam(
 
   Args:
     base_optimizer: the optimizer that receives :math:`g_{\mathrm{mSAM}}`.
-    rho: ascent radius :math:`\rho \ge 0`, or a schedule of the step count.
+    rho: ascent radius :math:`\rho \ge 0`, or a schedule of the step count (its
+      values clipped to ``[0, float32 max]``).
     num_microbatches: ``m >= 1``, a static Python int (with
       :func:`optax.inject_hyperparams` pass ``static_args=("num_microbatches",)``).
     adaptive: adaptive (ASAM-style) perturbations, see :func:`sam`.
@@ -697,7 +699,7 @@ def msam(
     param_axes = frozenset().union(*(sharding.spec_axes(p) for p in jax.tree.leaves(params)))
     batch_axes = frozenset().union(
         *(sharding.spec_axes(x, slice(0, 1)) for x in jax.tree.leaves(batch)))
-    vmap_layout = "scan" if param_axes & batch_axes else "vmap"
+    vmap_layout: Literal["vmap", "scan"] = "scan" if param_axes & batch_axes else "vmap"
 
     def run(mode, batch):
       microbatches = split_batch(batch, num_microbatches, who="msam.update()",
@@ -782,7 +784,7 @@ def _make(
     if params is None:
       raise ValueError(f"{who}.update() needs `params` (the point where the ascent starts).")
     check_not_masked(params, who=who)
-    rho_t = utils.resolve(rho, state.count)
+    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
     extra_args = dict(extra_args)
     hint = extra_args.pop("sam_hint", None)  # static guess of an ascent step (performance)
 
