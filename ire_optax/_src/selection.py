@@ -317,7 +317,7 @@ def num_selected(num: int, gamma: Any) -> Any:
     compute it: γ = 0.9, N = 10 gives 9, γ = 0.7, N = 10 gives 7 (the float64
     product rounds 6.9999999999999996 to 7). That floor is exact, and equals
     ⌊γN⌋ of γ's float64 value except where the float64 product itself rounds
-    up to an integer. Past ``γN = 2**53``, where float64 no longer holds every
+    up to an integer. For ``N >= 2**53``, where float64 no longer holds every
     integer, ⌊γN⌋ is computed exactly from γ's float64 value (as a fraction).
   * A float32 γ, concrete (a NumPy float32, an array ``inject_hyperparams``
     made) or traced (``inject_hyperparams`` under ``jit``, a γ schedule):
@@ -338,7 +338,7 @@ def num_selected(num: int, gamma: Any) -> Any:
   return k
 
 
-# Below this, a float64 product γ·N floors to what Python's int(gamma * N) gives.
+# For N below this, k of a float64 γ is Python's int(gamma * N); from it on, exact.
 _FLOAT64_EXACT = 1 << 53
 
 
@@ -353,7 +353,7 @@ def _rank_from_fraction(num: int, gamma: Any, *, wide: bool) -> int | Count:
       return 1
     if not g < 1:
       return num
-    if _is_float64(gamma) and g * num < _FLOAT64_EXACT:
+    if _is_float64(gamma) and num < _FLOAT64_EXACT:
       return max(1, int(g * num))  # the official code's int(gamma * N)
     return min(num, max(1, math.floor(fractions.Fraction(g) * num)))
   g_arr = jnp.asarray(gamma)
@@ -791,7 +791,7 @@ def flat_mask(
   """Mask of the ``k = max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
 
   For a Python float γ, k is ``int(gamma * N)`` as the official IRE code and a
-  NumPy reference compute it (exactly past ``γN = 2**53``); for a float32 γ
+  NumPy reference compute it (exactly for ``N >= 2**53``); for a float32 γ
   (injected by ``optax.inject_hyperparams``, traced) it is ``⌊γ₃₂N⌋`` exactly
   for γ's float32 value γ₃₂, at most ``⌈N·2**-24⌉`` below or above: see
   :func:`num_selected`.
