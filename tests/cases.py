@@ -28,18 +28,20 @@ import ire_optax
 NUM_FEATURES, NUM_CLASSES, BATCH, NUM_BATCHES = 5, 3, 8, 4
 
 
-def make_params(dtype: Any = jnp.float32, seed: int = 0) -> dict[str, jax.Array]:
+def make_params(dtype: Any = jnp.float32, seed: int = 0, *, num_features: int = NUM_FEATURES,
+                num_classes: int = NUM_CLASSES) -> dict[str, jax.Array]:
+  """``w (num_features, num_classes)`` and ``b (num_classes,)`` (other sizes: to shard them)."""
   rng = np.random.default_rng(seed)
   return {
-      "w": jnp.asarray(0.5 * rng.standard_normal((NUM_FEATURES, NUM_CLASSES)), dtype),
-      "b": jnp.asarray(0.1 * rng.standard_normal(NUM_CLASSES), dtype),
+      "w": jnp.asarray(0.5 * rng.standard_normal((num_features, num_classes)), dtype),
+      "b": jnp.asarray(0.1 * rng.standard_normal(num_classes), dtype),
   }
 
 
-def make_data(seed: int = 1) -> dict[str, jax.Array]:
-  """``NUM_BATCHES`` stacked batches: ``x (4, 8, 5)`` float32, ``y (4, 8)`` int32."""
+def make_data(seed: int = 1, *, num_features: int = NUM_FEATURES) -> dict[str, jax.Array]:
+  """``NUM_BATCHES`` stacked batches: ``x (4, 8, 5)`` float32, ``y (4, 8)`` int32 (in [0, 3))."""
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((NUM_BATCHES, BATCH, NUM_FEATURES))
+  x = rng.standard_normal((NUM_BATCHES, BATCH, num_features))
   y = (x[..., 0] + 0.5 * x[..., 1] > 0).astype(np.int32) + (x[..., 2] > 1.0)
   return {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.int32)}
 

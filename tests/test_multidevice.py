@@ -436,11 +436,6 @@ def test_fsdp_sharded_params_match_one_device(name, axis_type):
   case = CASES[name]
   mesh = fsdp_mesh(axis_type)
   tx = case.make(None)
-  if name == "msam_per_device" and axis_type == "explicit":
-    # vmap mode stacks per-micro-batch parameters along the batch's sharded
-    # axis, which explicit sharding cannot combine with parameters sharded over
-    # the same mesh axis; the sequential mode handles explicit FSDP.
-    tx = ire_optax.msam(sgd(), rho=0.1, num_microbatches=NDEV, microbatch_mode="scan")
   specs = fsdp_param_specs()
   params = jax.device_put(init_params(), {k: NamedSharding(mesh, v) for k, v in specs.items()})
   state = tx.init(params)
@@ -471,6 +466,55 @@ def test_fsdp_sharded_params_match_one_device(name, axis_type):
   for k, v in specs.items():
     assert params[k].sharding.is_equivalent_to(NamedSharding(mesh, v), params[k].ndim)
   assert_state_inherits_param_sharding(state, params)
+
+
+def assert_same_types(a, b):
+  """The leaves of ``a`` and ``b`` have the same types: shapes, dtypes and shardings."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert jax.typeof(x) == jax.typeof(y), (jax.typeof(x), jax.typeof(y))
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
+
+
+@pytest.mark.parametrize("num_microbatches", [2, NDEV])
+@pytest.mark.parametrize("mode", ["auto", "vmap", "scan", "unroll"])
+def test_msam_explicit_mesh_every_mode(mode, num_microbatches):
+  """mSAM inside ``jax.set_mesh`` with an Explicit FSDP mesh, in every micro-batch mode.
+
+  The accumulators of the sequential modes carry the gradients' sharding, and
+  vmap does not stack the perturbed params along a micro-batch axis sharded
+  over the params' mesh axis (``num_microbatches=8``: one micro-batch per
+  device). The result is the unsharded one, and the state keeps its shapes,
+  dtypes and shardings from step to step (checked, as Optax does, by a
+  ``lax.cond`` whose branches must have the same types).
+  """
+  make = lambda: ire_optax.msam(sgd(), rho=0.1, num_microbatches=num_microbatches,
+                                microbatch_mode=mode)
+  want = run_single(make(), "msam", (), batches(), init_params())
+  mesh = fsdp_mesh("explicit")
+  tx = make()
+  g = jax.grad(functools.partial(fsdp_loss, mesh=mesh, axis_type="explicit"))
+
+  def step(params, state, batch, take):
+    def update():
+      u, s = tx.update(None, state, params, grad_fn=g, batch=batch)
+      return optax.apply_updates(params, u), s
+    return jax.lax.cond(take, update, lambda: (params, state))
+
+  with jax.set_mesh(mesh):
+    params = jax.device_put(init_params(), {k: NamedSharding(mesh, v)
+                                            for k, v in fsdp_param_specs().items()})
+    state = tx.init(params)
+    assert_state_inherits_param_sharding(state, params)
+    first = (params, state)
+    dp = NamedSharding(mesh, P(("data", "fsdp")))
+    data = [jax.device_put(b, dp) for b in batches()]
+    fn = compiled(jax.jit(step), params, state, data[0], True)
+    for batch in data:
+      params, state = fn(params, state, batch, True)
+      assert_same_types((params, state), first)
+  chex.assert_trees_all_close(params, want[0], **TOL)
+  chex.assert_trees_all_close(state, want[1], **TOL)
 
 
 def _big_tree(seed=3):

@@ -4,7 +4,8 @@ Methods: ``native`` (CPU kernel), ``threshold`` (scatter-free), ``scatter``;
 on 1 and 8 emulated devices (GSPMD, ``shard_map``, ``pmap``), past 2**32
 (two-word counts, checked with synthetic counts and with the word limit
 lowered so that small trees take the two-word path), the exact
-``k = max(1, ⌊γ₃₂N⌋)`` on every path γ can take, the backend choice seen in
+``k = max(1, ⌊γN⌋)`` on every path γ can take (the official ``int(gamma * N)``
+for a Python float, exact for a float32 γ's value), the backend choice seen in
 ``jax.export`` for TPU and CUDA, an IRE train step exported for CPU, TPU and CUDA and run
 from its serialization, and ``jax.grad`` through ``ire(...).update``.
 """
@@ -141,38 +142,88 @@ def test_find_bucket_on_a_histogram_past_2_32():
 
 
 # -----------------------------------------------------------------------------
-# k = max(1, ⌊γ₃₂ N⌋) on every path
+# k = max(1, ⌊γN⌋): the official int(gamma * N) for a Python float, exact in float32 otherwise
 # -----------------------------------------------------------------------------
 
 
-def _k_ref(gamma, n):
-  return min(n, max(1, math.floor(fractions.Fraction(float(np.float32(gamma))) * n)))
+def _official_k(gamma, n):
+  """The official IRE code: ``keep_num = int(N * gamma)``, a float64 product floored."""
+  return max(1, int(gamma * n))
+
+
+def _exact_floor(gamma, n):
+  """⌊γN⌋ for the exact value of ``gamma`` (a float64 or float32), in rational arithmetic."""
+  return math.floor(fractions.Fraction(float(gamma)) * n)
+
+
+def _f32_device_k(gamma, n):
+  # The device path (integer arithmetic on a float32 array), run eagerly to keep this fast.
+  return int(selection.count_to_int(selection._floor_times(jnp.float32(gamma), n, wide=True)))
+
+
+GAMMAS = st.one_of(st.floats(1e-12, 1.0, exclude_max=True),
+                   st.sampled_from([0.29, 0.7, 0.9, 0.99999999, 0.6, 0.5, 0.1, 0.3]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(GAMMAS, st.one_of(st.integers(1, 2**53 - 1), st.integers(1, 10**6),
+                         st.sampled_from([10, 20, 100, 2**24 + 1, 2**32 - 1, 2**32])))
+def test_k_of_a_python_float_is_the_official_int_gamma_times_n(gamma, n):
+  """A Python float's k is int(gamma * N), float64 like the official code, for N < 2**53."""
+  want = min(n, _official_k(gamma, n))
+  assert selection.num_selected(n, gamma) == want
+  assert selection.num_selected(n, np.float64(gamma)) == want
+  # ⌊γN⌋ of γ's exact float64 value, except where the float64 product rounds up to an integer.
+  if fractions.Fraction(gamma) * n == fractions.Fraction(gamma * n):
+    assert want == max(1, _exact_floor(gamma, n))
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.one_of(st.floats(1e-12, 1.0), st.sampled_from([0.29, 0.99999999, 0.6, 0.5, 1.0])),
-       st.one_of(st.integers(1, 2**53), st.sampled_from([10, 100, 2**32 - 1, 2**32, 2**53])))
-def test_k_is_the_same_for_python_array_and_traced_gamma(gamma, n):
-  want = _k_ref(gamma, n)
+@given(GAMMAS, st.one_of(st.integers(2**53, 2**64 - 1), st.sampled_from([2**53, 2**53 + 1])))
+def test_k_past_2_53_is_exact(gamma, n):
+  """For N >= 2**53 float64 cannot hold every integer: k is ⌊γN⌋ of γ's float64 value."""
+  want = min(n, max(1, _exact_floor(gamma, n)))
   assert selection.num_selected(n, gamma) == want
-  assert selection.num_selected(n, np.float32(gamma)) == want
+  assert abs(want - int(gamma * n)) <= n * 2.0**-52  # the float64 product's rounding only
+
+
+@settings(max_examples=40, deadline=None)
+@given(GAMMAS, st.one_of(st.integers(1, 2**64 - 1), st.integers(1, 10**6),
+                         st.sampled_from([10, 100, 2**24, 2**32, 2**53])))
+def test_float32_gamma_is_exact_for_its_float32_value_on_every_path(gamma, n):
+  """A float32 γ (NumPy, JAX array, traced) gives ⌊γ₃₂N⌋ exactly, within ⌈N·2**-24⌉ of int(γN)."""
+  g32 = np.float32(gamma)
+  want = min(n, max(1, _exact_floor(g32, n)))
+  assert selection.num_selected(n, g32) == want
   assert selection.num_selected(n, jnp.float32(gamma)) == want
-  # The device path (integer arithmetic on a float32 array), run eagerly to keep this fast.
-  on_device = selection._floor_times(jnp.float32(gamma), n, wide=True)
-  assert int(selection.count_to_int(on_device)) == want
+  assert _f32_device_k(gamma, n) == want
+  assert abs(want - selection.num_selected(n, gamma)) <= math.ceil(n * 2.0**-24)
 
 
 def test_issue_examples_of_k():
+  # The official code's k for Python floats; the float32 value's exact k where traced.
+  assert selection.num_selected(10, 0.9) == 9
+  assert selection.num_selected(10, 0.7) == 7
   assert selection.num_selected(100, 0.29) == 28
+  assert int(jax.jit(lambda g: selection.num_selected(10, g))(0.9)) == 8  # γ₃₂ < 0.9
   assert int(jax.jit(lambda g: selection.num_selected(100, g))(0.29)) == 28
-  assert selection.num_selected(10, 0.99999999) == 10
+  assert selection.num_selected(10, 0.99999999) == 9
   for n in (10, 2**40 + 1, 2**53):
     traced = jax.jit(lambda g, n=n: selection._floor_times(g, n, wide=True))(0.99999999)
-    assert int(selection.count_to_int(traced)) == n
-  x = {"x": jnp.arange(100.0)}
-  py = ire_optax.flat_mask(x, 0.29)["x"]
-  traced = jax.jit(lambda g: ire_optax.flat_mask(x, g))(0.29)["x"]
-  assert int(py.sum()) == int(traced.sum()) == 28
+    assert int(selection.count_to_int(traced)) == n  # γ₃₂ = 1
+  x = {"x": jnp.arange(10.0)}
+  for gamma, k in ((0.9, 9), (0.7, 7)):
+    assert int(ire_optax.flat_mask(x, gamma)["x"].sum()) == k
+  pairs = [(g, n) for g in (0.9, 0.7, 0.29, 0.6, 0.3) for n in (10, 20, 100, 1000)]
+  assert all(selection.num_selected(n, g) == int(g * n) for g, n in pairs)
+
+
+def test_traced_float64_gamma_is_the_python_floats_k():
+  with jax.enable_x64(True):
+    for n in (10, 100, 2**40 + 7, 2**60 + 12345):
+      for g in (0.7, 0.9, 0.29, 0.3):
+        f = jax.jit(lambda g, n=n: selection._floor_times(g, n, wide=True))
+        assert int(selection.count_to_int(f(jnp.float64(g)))) == selection.num_selected(n, g)
 
 
 def test_injected_gamma_that_rounds_to_one():

@@ -146,10 +146,11 @@ def gsam(
 
   Args:
     base_optimizer: the optimizer that receives :math:`g_{\mathrm{GSAM}}`.
-    rho: the radius :math:`\rho \ge 0`, or a schedule of the step count.
+    rho: the radius :math:`\rho \ge 0`, or a schedule of the step count (its
+      values clipped to ``[0, float32 max]``).
     alpha: :math:`\alpha \ge 0`, the weight of the surrogate-gap descent, or a
-      schedule. big_vision's ViT configs use 0.6 (with ρ from 0.6 down to 0.1
-      following the learning rate).
+      schedule (its values clipped to ``[0, float32 max]``). big_vision's ViT
+      configs use 0.6 (with ρ from 0.6 down to 0.1 following the learning rate).
     adaptive: ASAM's scale-invariant ascent, see :func:`ire_optax.sam`.
     adaptive_eta: :math:`\eta` of the adaptive scaling, see :func:`ire_optax.sam`.
     eps: added to the two gradient norms.
@@ -190,7 +191,8 @@ def gsam(
         updates, params, rho_t, extra_args, who="gsam.update()", adaptive=adaptive,
         adaptive_eta=adaptive_eta, eps=eps, mask=mask_fn(params), axis_name=axis_name,
         has_aux=has_aux)
-    alpha_t = utils.resolve(alpha, count) if callable(alpha) else alpha
+    alpha_t = (utils.resolve(alpha, count, low=0.0, high=utils.FLOAT32_MAX) if callable(alpha)
+               else alpha)
     g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
     # rho = 0: g_p is the clean gradient and g_perp vanishes; return g_p exactly.
     g = jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)

@@ -124,15 +124,18 @@ def ire(
     base_optimizer: the optimizer whose update IRE amplifies (e.g.
       ``optax.adamw``: "AdmIRE").
     kappa: amplification κ >= 0 of the flat coordinates' update, or a schedule
-      of the step count. The paper's ``κ_t = κ·η_t/η_max`` is
+      of the step count (its values clipped to [0, float32 max]: a negative
+      value is 0, never a step against the base update). The paper's ``κ_t = κ·η_t/η_max`` is
       ``ire_optax.lr_proportional(lr_schedule, max_value=kappa, lr_max=peak_lr)``.
       Published: 3-4 (Llama), 2 (ViT).
     gamma: fraction γ ∈ (0, 1) of coordinates treated as flat, or a schedule
       of the step count evaluated at each refresh (its values clipped to
       [0, 1]), e.g. a flat set that grows during training,
       ``optax.linear_schedule(0.5, 0.8, num_steps)``. Published: 0.6 (Llama),
-      0.8 (ViT). k = max(1, ⌊γ₃₂N⌋) exactly, with γ₃₂ the float32
-      value of γ, however γ is passed (number, array, injected, traced).
+      0.8 (ViT). For a Python float γ, k = max(1, ``int(gamma * N)``) as in
+      the official code (exact past 2**53); for a float32 γ (an array,
+      injected, traced, a schedule's value) k = max(1, ⌊γ₃₂N⌋) exactly for its
+      float32 value γ₃₂, within ⌈N·2**-24⌉ of it (see :func:`ire_optax.flat_mask`).
     refresh_every: K >= 1, steps between mask refreshes (10 in every published
       run).
     warmup_steps: T_w >= 0, IRE is off before this many updates (the paper
@@ -245,14 +248,14 @@ def ire(
       source = ema if ema_decay is not None else updates
       h = utils.pmean_if(estimator.estimate(source, params, sub, extra_args), axis_name)
       # A schedule is evaluated at the refresh step; a number goes as it is (k exact in Python).
-      gamma_t = jnp.clip(utils.resolve(gamma, count), 0.0, 1.0) if callable(gamma) else gamma
+      gamma_t = utils.resolve(gamma, count, low=0.0, high=1.0) if callable(gamma) else gamma
       return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
                                  square=estimator.square), key
 
     mask, key = utils.cond(refresh, new_mask, lambda: (state.mask, state.key),
                            hint=refresh_hint)
-    # A schedule's κ is not validated: keep 1 + κ a finite float32.
-    kappa_t = jnp.minimum(utils.resolve(kappa, count), utils.FLOAT32_MAX)
+    # A schedule's κ is clipped into [0, float32 max]: 1 + κ >= 1 stays a finite float32.
+    kappa_t = utils.resolve(kappa, count, low=0.0, high=utils.FLOAT32_MAX)
 
     def amplify(u, m):
       # In the wider of float32 and the update's dtype (float64 stays float64).

@@ -113,10 +113,10 @@ def sala(
     sync_period: ``k``, the number of fast steps per cycle, an integer ``≥ 1``
       (authors' default 2).
     slow_step_size: ``α ∈ [0, 1]``, the slow weights' step size (default 0.5),
-      a number or a schedule of the step count.
+      a number or a schedule of the step count (its values clipped to [0, 1]).
     rho: ``ρ ≥ 0``, both the SAM radius and the distance threshold (default
-      0.2), a number or a schedule of the step count. ``ρ = 0`` never takes a
-      SAM step.
+      0.2), a number or a schedule of the step count (its values clipped to
+      ``[0, float32 max]``). ``ρ = 0`` never takes a SAM step.
     eps: added to the gradient norm in the SAM perturbation.
     axis_name: under ``pmap``/``shard_map`` data parallelism, the name of the
       data axis: the clean and the SAM gradients are ``pmean``-ed over it
@@ -175,7 +175,7 @@ def sala(
 
   def init_fn(params: optax.Params) -> SALAState:
     sam.check_not_masked(params, who="sala")
-    rho0 = utils.resolve(rho, jnp.zeros((), jnp.int32))
+    rho0 = utils.resolve(rho, jnp.zeros((), jnp.int32), low=0.0, high=utils.FLOAT32_MAX)
     return SALAState(
         count=jnp.zeros((), jnp.int32),
         # A copy, so that params and state can both be donated to a jitted step.
@@ -216,8 +216,8 @@ def sala(
     pos = state.count % k
     is_start = pos == 0
     is_end = pos == k - 1
-    rho_t = utils.resolve(rho, state.count)
-    alpha_t = utils.resolve(slow_step_size, state.count)
+    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
+    alpha_t = utils.resolve(slow_step_size, state.count, low=0.0, high=1.0)
     phi = state.slow
     take_sam = jnp.logical_and(is_start, state.stage == 2)
 

@@ -447,8 +447,9 @@ def sam(
     base_optimizer: the optimizer that receives the SAM gradient (with its
       learning rate, weight decay, clipping, ...).
     rho: radius :math:`\rho` of the ascent step, ``>= 0``, or a schedule of the
-      step count. Typical: 0.05 (SGD on CIFAR), 0.1--0.2 for larger models; ASAM
-      uses larger values, ρ ≈ 0.5--2.
+      step count (its values clipped to ``[0, float32 max]``). Typical: 0.05
+      (SGD on CIFAR), 0.1--0.2 for larger models; ASAM uses larger values,
+      ρ ≈ 0.5--2.
     adaptive: use adaptive SAM (Kwon et al., 2021).
     adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The formula
       of docs/design.md §1.2 is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
@@ -614,7 +615,8 @@ def msam(
 
   Args:
     base_optimizer: the optimizer that receives :math:`g_{\mathrm{mSAM}}`.
-    rho: ascent radius :math:`\rho \ge 0`, or a schedule of the step count.
+    rho: ascent radius :math:`\rho \ge 0`, or a schedule of the step count (its
+      values clipped to ``[0, float32 max]``).
     num_microbatches: ``m >= 1``, a static Python int (with
       :func:`optax.inject_hyperparams` pass ``static_args=("num_microbatches",)``).
     adaptive: adaptive (ASAM-style) perturbations, see :func:`sam`.
@@ -692,9 +694,16 @@ def msam(
                         f"(they are averaged over the micro-batches); got {jnp.result_type(x)}.")
       return jnp.asarray(x, utils.compute_dtype(x))
 
+    # With explicitly sharded params, vmap cannot stack the perturbed params along a micro-batch
+    # axis sharded over the params' own mesh axes: split such a batch as for the sequential modes.
+    param_axes = frozenset().union(*(sharding.spec_axes(p) for p in jax.tree.leaves(params)))
+    batch_axes = frozenset().union(
+        *(sharding.spec_axes(x, slice(0, 1)) for x in jax.tree.leaves(batch)))
+    vmap_layout: Literal["vmap", "scan"] = "scan" if param_axes & batch_axes else "vmap"
+
     def run(mode, batch):
       microbatches = split_batch(batch, num_microbatches, who="msam.update()",
-                                 layout="vmap" if mode == "vmap" else "scan")
+                                 layout=vmap_layout if mode == "vmap" else "scan")
       if mode == "vmap":
         stacked = jax.vmap(perturbed_grad)(microbatches)
         mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
@@ -704,9 +713,12 @@ def msam(
       def body(acc, microbatch):
         g, aux = perturbed_grad(microbatch)
         # The (small) aux of every micro-batch is stacked and averaged after the loop.
-        return jax.tree.map(lambda a, x: a + jnp.asarray(x, dtype), acc, g), aux
+        # The sum keeps the accumulator's type (its sharding included) whatever the gradient's.
+        return jax.tree.map(
+            lambda a, x: a + sharding.reshard_like(jnp.asarray(x, dtype), a), acc, g), aux
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params)
+      # Created with the params' sharding (explicit mode), as the gradients carry it.
+      zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype), params)
       zeros = utils.per_device_if(zeros, axis_name)
       total, auxes = jax.lax.scan(body, zeros, microbatches, unroll=mode == "unroll")
       mean = lambda x: jnp.mean(wide(x), axis=0).astype(jnp.result_type(x))
@@ -772,7 +784,7 @@ def _make(
     if params is None:
       raise ValueError(f"{who}.update() needs `params` (the point where the ascent starts).")
     check_not_masked(params, who=who)
-    rho_t = utils.resolve(rho, state.count)
+    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
     extra_args = dict(extra_args)
     hint = extra_args.pop("sam_hint", None)  # static guess of an ascent step (performance)
 

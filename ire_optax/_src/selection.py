@@ -301,16 +301,17 @@ def count_to_int(a: Count) -> Any:
 
 
 # -----------------------------------------------------------------------------
-# k = max(1, ⌊γ N⌋), one definition for every way γ is given
+# k = max(1, ⌊γ N⌋), exact for the value γ has however it is given
 # -----------------------------------------------------------------------------
 
 
 def check_fraction(name: str, gamma: Any) -> None:
   """Raises unless a concrete ``gamma`` is in (0, 1) (or, as an array, (0, 1]).
 
-  An array holds γ's float32 value, which is 1 for every γ above
-  ``1 - 2**-25`` (``optax.inject_hyperparams`` stores γ so): such a γ selects
-  every coordinate, as the Python number would (see :func:`num_selected`).
+  An array may hold 1 where the number it was made from is below 1: the float32
+  value of every γ above ``1 - 2**-25`` is 1 (``optax.inject_hyperparams``
+  stores γ so), and selects every coordinate, while the Python number selects
+  ``⌊γN⌋`` (see :func:`num_selected`).
   """
   array = isinstance(gamma, (jax.Array, np.ndarray))
   utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=array)
@@ -318,15 +319,23 @@ def check_fraction(name: str, gamma: Any) -> None:
 
 
 def num_selected(num: int, gamma: Any) -> Any:
-  """``k = max(1, ⌊γ₃₂ N⌋)`` with γ₃₂ the float32 value of γ, computed exactly.
+  """``k = max(1, ⌊γ N⌋)`` (capped at N), as the official IRE code computes it, in γ's precision.
 
-  The same k whether γ is a Python float, a NumPy or JAX array, injected by
-  ``optax.inject_hyperparams`` or traced: γ is first rounded to float32 (as
-  an injected or traced γ already is), then ``⌊γ₃₂·N⌋`` is computed exactly --
-  in Python for a concrete γ (a Python ``int``), in integer arithmetic on the
-  device for a traced γ, also for N up to 2**64. Example: ``γ = 0.29`` has
-  γ₃₂ = 0.28999999165..., so N = 100 gives k = 28; ``γ = 0.99999999`` has
-  γ₃₂ = 1 and selects all N.
+  * A Python float (or a float64 NumPy/JAX scalar): ``int(gamma * N)``, the
+    floor of the float64 product, as the official code and a NumPy reference
+    compute it: γ = 0.9, N = 10 gives 9, γ = 0.7, N = 10 gives 7 (the float64
+    product rounds 6.9999999999999996 to 7). That floor is exact, and equals
+    ⌊γN⌋ of γ's float64 value except where the float64 product itself rounds
+    up to an integer. For ``N >= 2**53``, where float64 no longer holds every
+    integer, ⌊γN⌋ is computed exactly from γ's float64 value (as a fraction).
+  * A float32 γ, concrete (a NumPy float32, an array ``inject_hyperparams``
+    made) or traced (``inject_hyperparams`` under ``jit``, a γ schedule):
+    ``⌊γ₃₂N⌋`` exactly for its float32 value γ₃₂ (integer arithmetic on the
+    device for a traced γ), for N up to 2**64. γ₃₂ is within ``2**-25`` of γ,
+    so k differs from the Python number's by at most ``⌈N·2**-24⌉`` (0 or 1
+    for N up to 2**24): ``γ = 0.9`` has γ₃₂ = 0.899999976..., and N = 10 gives
+    8; ``γ = 0.99999999`` has γ₃₂ = 1 and selects all N. A traced float64 γ
+    (``jax_enable_x64``) gives the Python float's k.
 
   Returns:
     A Python int for a concrete γ; for a traced γ a ``uint32`` array when
@@ -338,29 +347,58 @@ def num_selected(num: int, gamma: Any) -> Any:
   return k
 
 
+# For N below this, k of a float64 γ is Python's int(gamma * N); from it on, exact.
+_FLOAT64_EXACT = 1 << 53
+
+
+def _is_float64(gamma: Any) -> bool:
+  return isinstance(gamma, (int, float)) or np.asarray(gamma).dtype == np.float64
+
+
 def _rank_from_fraction(num: int, gamma: Any, *, wide: bool) -> int | Count:
-  g = utils.concrete_value(gamma)
+  g = utils.concrete_value(gamma)  # as a float64: exact for a float32 or float64 γ
   if g is not None:
-    g32 = fractions.Fraction(float(np.float32(g)))
-    return min(num, max(1, math.floor(g32 * num)))
-  return _floor_times(jnp.asarray(gamma, jnp.float32), num, wide=wide)
+    if not g > 0:  # an invalid γ (construction checks it): select one coordinate
+      return 1
+    if not g < 1:
+      return num
+    if _is_float64(gamma) and num < _FLOAT64_EXACT:
+      return max(1, int(g * num))  # the official code's int(gamma * N)
+    return min(num, max(1, math.floor(fractions.Fraction(g) * num)))
+  g_arr = jnp.asarray(gamma)
+  if g_arr.dtype != jnp.float64:
+    g_arr = g_arr.astype(jnp.float32)
+  return _floor_times(g_arr, num, wide=wide)
+
+
+# (significand bits without the implicit one, exponent mask, exponent bias + significand bits)
+_FLOAT_LAYOUT = {4: (23, 0xFF, 150), 8: (52, 0x7FF, 1075)}
 
 
 def _floor_times(g: jax.Array, num: int, *, wide: bool) -> Count:
-  """``clip(⌊g·num⌋, 1, num)`` exactly for a traced float32 ``g`` and a static ``num < 2**64``.
+  """``clip(⌊g·num⌋, 1, num)`` exactly for a traced float32/float64 ``g``, static ``num < 2**64``.
 
-  ``g = m · 2**-s`` (m the 24-bit significand): the product ``m · num`` is
-  formed in 16-bit limbs (each partial product < 2**32), then shifted right
+  (A float64 ``g`` with ``num < 2**53`` takes the floor of the float64 product
+  instead, as Python's ``int(g * num)``; see :func:`num_selected`.)
+
+  ``g = m · 2**-s`` (m the 24- or 53-bit significand): the product ``m · num``
+  is formed in 16-bit limbs (each partial product < 2**32), then shifted right
   by ``s`` bits.
   """
-  bits = jax.lax.bitcast_convert_type(g, _U32)
-  exp = ((bits >> 23) & np.uint32(0xFF)).astype(jnp.int32)
-  frac = bits & np.uint32(0x7FFFFF)
-  m = jnp.where(exp > 0, frac | np.uint32(0x800000), frac)
-  shift = 150 - jnp.maximum(exp, 1)  # g = m * 2**-shift
-  m_limbs = [m & _LOW_MASK, m >> 16]
+  size = g.dtype.itemsize
+  if size == 8 and num < _FLOAT64_EXACT:
+    # As for a Python float: the floor of the float64 product (an integer below 2**53).
+    return _floor_times_f64(g, num, wide=wide)
+  frac_bits, exp_mask, offset = _FLOAT_LAYOUT[size]
+  uint = jnp.uint64 if size == 8 else _U32
+  bits = jax.lax.bitcast_convert_type(g, uint)
+  exp = ((bits >> frac_bits) & exp_mask).astype(jnp.int32)
+  frac = bits & ((1 << frac_bits) - 1)
+  m = jnp.where(exp > 0, frac | (1 << frac_bits), frac)
+  shift = offset - jnp.maximum(exp, 1)  # g = m * 2**-shift
+  m_limbs = [((m >> (16 * i)) & 0xFFFF).astype(_U32) for i in range(-(-(frac_bits + 1) // 16))]
   n_limbs = [(num >> (16 * j)) & 0xFFFF for j in range(4)]
-  acc = [jnp.zeros((), _U32) for _ in range(6)]
+  acc = [jnp.zeros((), _U32) for _ in range(len(m_limbs) + 4)]
   for i, mi in enumerate(m_limbs):
     for j, nj in enumerate(n_limbs):
       if nj:
@@ -369,23 +407,32 @@ def _floor_times(g: jax.Array, num: int, *, wide: bool) -> Count:
         acc[i + j + 1] = acc[i + j + 1] + (p >> 16)
   carry = jnp.zeros((), _U32)
   limbs = []
-  for a in acc:  # each limb is a sum of at most 4 terms below 2**16: no overflow
+  for a in acc:  # each limb is a sum of at most 8 terms below 2**16: no overflow
     v = a + carry
     limbs.append(v & _LOW_MASK)
     carry = v >> 16
   product = jnp.stack(limbs)  # m * num in base 2**16
-  q = jnp.clip(shift, 0, 96) // 16
-  r = (jnp.clip(shift, 0, 96) % 16).astype(_U32)
+  top_shift = 16 * len(limbs)
+  q = jnp.clip(shift, 0, top_shift) // 16
+  r = (jnp.clip(shift, 0, top_shift) % 16).astype(_U32)
   idx = q + jnp.arange(5)
   window = jnp.take(product, idx, mode="fill", fill_value=0)
   out = [(window[t] >> r) | ((window[t + 1] << (16 - r)) & _LOW_MASK) for t in range(4)]
   k = Count(out[0] | (out[1] << 16), out[2] | (out[3] << 16))
-  neg_or_nan = ~(g > 0)  # invalid traced γ: select one coordinate
   one, top = _static_count(1, True), _static_count(num, True)
+  k = _count_where(g >= 1, top, k)  # γ >= 1 (or inf) selects all, without overflow
+  neg_or_nan = ~(g > 0)  # invalid traced γ: select one coordinate
   k = Count(jnp.where(neg_or_nan, one.lo, k.lo), jnp.where(neg_or_nan, _hi(one), _hi(k)))
   k = _count_where(count_ge(k, one), k, one)
   k = _count_where(count_ge(top, k), k, top)
   return k if wide else Count(k.lo, None)
+
+
+def _floor_times_f64(g: jax.Array, num: int, *, wide: bool) -> Count:
+  """``clip(int(g * num), 1, num)`` for a traced float64 ``g`` and ``num < 2**53``."""
+  prod = jnp.clip(g * np.float64(num), 1.0, np.float64(num))  # NaN stays NaN
+  k = jnp.where(jnp.isnan(prod), 1.0, jnp.floor(prod)).astype(jnp.uint64)
+  return Count(k.astype(_U32), (k >> 32).astype(_U32) if wide else None)
 
 
 def _count_where(c: jax.Array, a: Count, b: Count) -> Count:
@@ -772,8 +819,10 @@ def flat_mask(
 ) -> Any:
   """Mask of the ``k = max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
 
-  ``⌊γN⌋`` is computed exactly from γ's float32 value however γ is given
-  (Python number, array, ``optax.inject_hyperparams``, traced): see
+  For a Python float γ, k is ``int(gamma * N)`` as the official IRE code and a
+  NumPy reference compute it (exactly for ``N >= 2**53``); for a float32 γ
+  (injected by ``optax.inject_hyperparams``, traced) it is ``⌊γ₃₂N⌋`` exactly
+  for γ's float32 value γ₃₂, at most ``⌈N·2**-24⌉`` below or above: see
   :func:`num_selected`.
 
   Args:

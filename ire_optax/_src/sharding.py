@@ -50,6 +50,19 @@ def explicit_mesh(x: Any) -> Any:
   return None
 
 
+def spec_axes(x: Any, dims: slice = slice(None)) -> frozenset:
+  """The mesh axis names in the explicit partition spec of ``x`` (over the ``dims`` of the spec).
+
+  Empty for an unsharded or replicated array, and under GSPMD.
+  """
+  if explicit_mesh(x) is None:
+    return frozenset()
+  axes: set = set()
+  for entry in tuple(spec(x))[dims]:
+    axes.update(entry if isinstance(entry, tuple) else (entry,))
+  return frozenset(axes - {None})
+
+
 def replicated(m: Any) -> jax.sharding.NamedSharding:
   """A ``NamedSharding`` over mesh ``m`` that replicates the value on every device."""
   return jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
@@ -77,3 +90,11 @@ def explicit_sharding(x: Any) -> Any:
 def reshard(x: Any, partition_spec: Any) -> Any:
   """``jax.sharding.reshard(x, partition_spec)`` for explicit-mode arrays; identity otherwise."""
   return x if explicit_sharding(x) is None else jax.sharding.reshard(x, partition_spec)
+
+
+def reshard_like(x: Any, like: Any) -> Any:
+  """``x`` resharded to the explicit sharding of ``like`` where the two differ; else ``x``."""
+  want = explicit_sharding(like)
+  if want is None or explicit_sharding(x) is None or jax.typeof(x).sharding == want:
+    return x
+  return jax.sharding.reshard(x, want)

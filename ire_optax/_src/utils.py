@@ -245,11 +245,20 @@ def find_states(state: Any, cls: type) -> list[Any]:
 # -----------------------------------------------------------------------------
 
 
-def resolve(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  """Evaluates a schedule at ``count``, or returns the constant as an array."""
-  if callable(value):
-    return jnp.asarray(value(count), dtype=jnp.float32)
-  return jnp.asarray(value, dtype=jnp.float32)
+def resolve(value: ScalarOrSchedule, count: jax.Array, *, low: float | None = None,
+            high: float | None = None) -> jax.Array:
+  """Evaluates a schedule at ``count`` (or takes the constant) as float32, clipped to [low, high].
+
+  The one place every schedule-able hyperparameter is evaluated: a schedule's
+  value outside the documented range of its hyperparameter (a negative κ or ρ,
+  a SALA step size above 1) is clipped into it, as a constant outside it would
+  have been rejected at construction (a constant or an injected value in range
+  is unchanged). NaN stays NaN.
+  """
+  v = jnp.asarray(value(count) if callable(value) else value, dtype=jnp.float32)
+  if low is None and high is None:
+    return v
+  return jnp.clip(v, low, high)
 
 
 # -----------------------------------------------------------------------------
