@@ -197,7 +197,7 @@ class Instruction:
     if m:
       return _NAME.findall(m.group(1))
     t, f = self.attr("true_computation"), self.attr("false_computation")
-    return [c for c in (t, f) if c]  # predicate form: true first, as HLO lists them
+    return [c for c in (f, t) if c]  # predicate form: index int(pred), as lax.cond's branches
 
   @property
   def trip_count(self) -> int | None:
@@ -515,7 +515,8 @@ def analyze(compiled_or_text: Any, *, branch: Any = None, gpu: bool | None = Non
   Args:
     compiled_or_text: a ``jax.stages.Compiled`` or its ``as_text()``.
     branch: which branch of each conditional to add: ``None`` (none: the plain path), an
-      index, or ``"max"`` (the branch moving the most bytes).
+      index (as ``lax.cond``/``lax.switch`` number them: 0 is a predicate's false branch), or
+      ``"max"`` (the branch moving the most bytes).
     gpu: whether conditionals round-trip to the host (default: guessed from the HLO, whose
       GPU instructions carry GPU backend configs).
   """

@@ -79,8 +79,8 @@ def test_reads_loops_conditionals_fusions_and_collectives():
   assert a.bytes == pytest.approx(3 * (80 + 80 + 44) + 800)  # + the all-reduce's 400 in, 400 out
   assert a.kernels == {"fusion": 6, "all-reduce": 1}
   assert a.conditionals_executed == 1 and a.host_round_trips == 1
-  assert [b.bytes for b in a.conditionals[0]] == [800, 0]  # true (a copy), false (nothing)
-  taken = X.analyze(HLO, gpu=True, branch=0)  # the first listed branch: true
+  assert [b.bytes for b in a.conditionals[0]] == [0, 800]  # false (nothing), true (a copy)
+  taken = X.analyze(HLO, gpu=True, branch=1)  # as lax.cond numbers them: 1 is true
   assert taken.bytes == a.bytes + 800 and taken.kernels["copy"] == 1
   assert X.analyze(HLO, gpu=True, branch="max").bytes == taken.bytes
   assert a.collective_summary() == {"all-reduce": {"count": 1, "bytes": 400}}
