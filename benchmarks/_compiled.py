@@ -49,11 +49,16 @@ import functools
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "jax" in sys.modules:  # JAX read the variable when imported: tell its config too
+  import jax as _jax
+  if not _jax.config.jax_platforms:
+    _jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 _TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
             "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
 H100_CONFIG = Path(__file__).resolve().with_name("h100_sxm.txtpb")
@@ -304,8 +309,8 @@ class Analysis:
   collectives: list[Collective] = dataclasses.field(default_factory=list)
   # Per executed conditional (in program order): the Analysis of each branch, × its trips.
   conditionals: list[list[Analysis]] = dataclasses.field(default_factory=list)
-  # Kernel names with the bytes each moves (× trips), for a closer look.
-  kernel_bytes: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
+  # Per executed kernel: (name, opcode, bytes, TPU cycles), × trips, for a closer look.
+  kernel_bytes: list[tuple[str, str, float, float]] = dataclasses.field(default_factory=list)
 
   @property
   def num_kernels(self) -> float:
@@ -326,7 +331,7 @@ class Analysis:
         self.loop_iterations * times,
         [dataclasses.replace(c, count=c.count * times) for c in self.collectives],
         [[b.scaled(times) for b in bs] for bs in self.conditionals],
-        [(n, o, b * times) for n, o, b in self.kernel_bytes])
+        [(n, o, b * times, c * times) for n, o, b, c in self.kernel_bytes])
 
   def collective_summary(self) -> dict[str, dict[str, float]]:
     """Per collective opcode: executions and bytes (result bytes × executions)."""
@@ -393,6 +398,11 @@ def _instruction_bytes(module: Module, ins: Instruction, shapes: dict[str, str])
     return 2 * shape_bytes(shapes.get(ins.operands[1], ""))
   if ins.opcode == "copy-start" and ins.operands:  # the result tuple aliases its operand
     return 2 * shape_bytes(shapes.get(ins.operands[0], ""))
+  if ins.opcode == "slice-start":  # ((operand), slice, context): reads and writes the slice
+    arrays = _ARRAY.findall(ins.shape)
+    return 2 * shape_bytes("{}[{}]".format(*arrays[1])) if len(arrays) > 1 else 0.0
+  if ins.opcode == "custom-call" and 'custom_call_target="ConcatBitcast"' in ins.attrs:
+    return 0.0  # XLA:TPU's view of adjacent buffers as one: no data moves
   if ins.opcode in ("slice", "dynamic-slice"):
     return 2 * shape_bytes(ins.shape)
   return shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
@@ -496,7 +506,7 @@ def _analyze(module: Module, computation: str, branch: Any, gpu: bool) -> Analys
     b = _instruction_bytes(module, ins, shapes)
     a.bytes += b
     a.kernels[op] += 1
-    a.kernel_bytes.append((ins.name, op, b))
+    a.kernel_bytes.append((ins.name, op, b, ins.cycles))
     base = op[:-6] if op.endswith("-start") else op
     if base in COLLECTIVES:
       m = re.search(r"replica_groups=(\{[^ ]*\}|\[[^ ]*\]\S*)", ins.attrs)

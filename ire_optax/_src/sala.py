@@ -93,13 +93,14 @@ def sala(
   :func:`sala_eval_params` and follow the run with :func:`sala_stats`. The
   extra SAM gradient is evaluated under ``jax.lax.cond`` only on stage-2 cycle
   starts, so SALA costs ``1 + (fraction of stage-2 cycles) / k`` gradients per
-  step on average, at most ``1 + 1/k``. On XLA:CPU, whose convolution weight
-  gradients run many times slower inside a conditional, a train loop passes
-  the static keyword ``sam_hint=True`` on cycle starts (``t % k == 0``) and
-  ``False`` on the other steps, and compiles the two step variants: the SAM
-  gradient is then computed outside ``lax.cond`` on cycle starts and selected
-  with ``jnp.where`` (also in stage 1, where it is discarded), with the same
-  result (see ``docs/performance.md``).
+  step on average, at most ``1 + 1/k``. A train loop passes the static keyword
+  ``sam_hint=True`` on cycle starts (``t % k == 0``) and ``False`` on the other
+  steps, and compiles the two step variants: on cycle starts the SAM gradient
+  is computed outside ``lax.cond`` and selected with ``jnp.where`` (also in
+  stage 1, where it is discarded; XLA:CPU runs it much faster there), with the
+  same result; ``False`` promises a step that is not a cycle start: no
+  conditional, so no host round trip on GPU (a wrong ``False`` on a stage-2
+  cycle start uses the clean gradient). See ``docs/performance.md``.
 
   Note:
     The authors' code takes one plain base step before its first cycle; this
