@@ -59,8 +59,11 @@ if "jax" in sys.modules:  # JAX read the variable when imported: tell its config
   import jax as _jax
   if not _jax.config.jax_platforms:
     _jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+# ALLOW_MULTIPLE_LIBTPU_LOAD: several processes may describe TPUs at once (no device is used;
+# without it the second process fails on libtpu's lockfile).
 _TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 H100_CONFIG = Path(__file__).resolve().with_name("h100_sxm.txtpb")
 
 # The H100 time model.

@@ -60,21 +60,25 @@ def _step(tx: optax.GradientTransformation, **kwargs: Any):
   return step
 
 
+def compile_program(name: str, target: str, params: Any) -> Any:
+  """The compiled executable of program ``name`` (one of :data:`PROGRAMS`) for ``target``."""
+  donate = {"donate_argnums": (0, 2)}
+  if name == "adamw":
+    adamw = optax.adamw(1e-3)
+    return X.compile_fn(_step(adamw), params, params, jax.eval_shape(adamw.init, params),
+                        target=target, **donate)
+  if name == "refresh":
+    return X.compile_fn(lambda g: ire_optax.flat_mask(g, GAMMA, square=True), params,
+                        target=target)
+  hint = {"refresh step": True, "plain step": False, "unhinted": None}[name]
+  tx = ire_optax.ire(optax.adamw(1e-3), gamma=GAMMA, refresh_every=K)
+  return X.compile_fn(_step(tx, refresh_hint=hint), params, params,
+                      jax.eval_shape(tx.init, params), target=target, **donate)
+
+
 def compile_programs(target: str, params: Any) -> dict[str, Any]:
   """Each program's compiled executable for ``target``."""
-  adamw = optax.adamw(1e-3)
-  tx = ire_optax.ire(optax.adamw(1e-3), gamma=GAMMA, refresh_every=K)
-  adamw_state = jax.eval_shape(adamw.init, params)
-  ire_state = jax.eval_shape(tx.init, params)
-  donate = {"donate_argnums": (0, 2)}
-  out = {"adamw": X.compile_fn(_step(adamw), params, params, adamw_state, target=target,
-                               **donate),
-         "refresh": X.compile_fn(
-             lambda g: ire_optax.flat_mask(g, GAMMA, square=True), params, target=target)}
-  for name, hint in (("refresh step", True), ("plain step", False), ("unhinted", None)):
-    out[name] = X.compile_fn(_step(tx, refresh_hint=hint), params, params, ire_state,
-                             target=target, **donate)
-  return out
+  return {name: compile_program(name, target, params) for name in PROGRAMS}
 
 
 def measure(target: str, n: int, leaves: int) -> dict[str, Any]:

@@ -150,6 +150,19 @@ class HintedStepsEqualCondTest(parameterized.TestCase):
       chex.assert_trees_all_close(gs.slow, ws.slow, rtol=1e-6, atol=1e-7)
       chex.assert_trees_all_equal(gs.extra_grads, ws.extra_grads)
 
+  def test_sala_cycle_end_hint(self):
+    params, _, loss = _conv_problem()
+    tx = ire_optax.sala(optax.sgd(0.5, momentum=0.9), sync_period=3, rho=0.05)
+    extra = {"grad": jax.grad(loss), "kw": {"grad_fn": jax.grad(loss)}}
+    want, ws = _run(tx, params, 9, extra, lambda t: None, "cycle_end_hint")
+    for hint in (lambda t: t % 3 == 2, lambda t: t % 3 == 2 or None, lambda t: True):
+      got, gs = _run(tx, params, 9, extra, hint, "cycle_end_hint")
+      chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+      chex.assert_trees_all_close(gs.slow, ws.slow, rtol=1e-6, atol=1e-7)
+    # A wrong False at every end: the slow weights never move.
+    _, gs = _run(tx, params, 9, extra, lambda t: False, "cycle_end_hint")
+    chex.assert_trees_all_equal(gs.slow, tx.init(params).slow)
+
   def test_sam_every_k_sam_hint(self):
     params, _, loss = _conv_problem()
     tx = ire_optax.sam(optax.sgd(0.1), rho=0.1, every_k=3)
@@ -333,14 +346,21 @@ def test_examples_sam_step_logs_free_sharpness(monkeypatch):
   assert float(metrics["sharpness"]) > 0.0  # a small ascent step raises the loss
 
 
-def test_examples_branch_hints_on_equal_off():
+@pytest.mark.parametrize("opt", ["ire", "sala"])
+def test_examples_branch_hints_on_equal_off(opt):
+  """The examples' hints are exactly right: a hint False is trusted, so a wrong one would
+  skip a refresh or a SAM step and the runs would differ."""
   from examples.common import train
 
-  argv = ["--opt", "sgd+ire", "--ire-curvature", "fisher", "--ire-refresh-every", "3",
-          "--ire-warmup", "1", "--fast-compile"]
+  if opt == "ire":
+    argv = ["--opt", "sgd+ire", "--ire-curvature", "fisher", "--ire-refresh-every", "3",
+            "--ire-warmup", "1", "--fast-compile"]
+    want = [(("refresh_hint", h),) for h in (False, True, False, False, True)]
+  else:  # rho large enough for stage 2
+    argv = ["--opt", "sala", "--sala-sync-period", "2", "--rho", "5", "--fast-compile"]
+    want = [(("sam_hint", t % 2 == 0), ("cycle_end_hint", t % 2 == 1)) for t in range(5)]
   _, spec, graphdef, state, batch, nc = _example(argv, "resnet")
-  assert spec.hints is not None and [dict(spec.hints(t))["refresh_hint"] for t in range(5)] == [
-      False, True, False, False, True]
+  assert spec.hints is not None and [spec.hints(t) for t in range(5)] == want
   out = {}
   for mode in ("on", "off"):
     step = train.make_train_step(graphdef, spec, num_classes=nc, fast_compile=True,
@@ -350,8 +370,10 @@ def test_examples_branch_hints_on_equal_off():
       s, _ = step(s, batch, jnp.int32(t))
     out[mode] = s
   chex.assert_trees_all_close(out["on"].params, out["off"].params, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_equal(ire_optax.ire_flat_mask(out["on"].opt_state),
-                              ire_optax.ire_flat_mask(out["off"].opt_state))
+  chex.assert_trees_all_close(out["on"].opt_state, out["off"].opt_state, rtol=1e-5, atol=1e-6)
+  if opt == "sala":
+    stats = ire_optax.sala_stats(out["off"].opt_state)
+    assert int(stats["extra_grads"]) > 0  # stage 2 was reached: the SAM steps ran
 
 
 def test_cli_offers_every_microbatch_mode():

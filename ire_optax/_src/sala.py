@@ -100,7 +100,11 @@ def sala(
   stage 1, where it is discarded; XLA:CPU runs it much faster there), with the
   same result; ``False`` promises a step that is not a cycle start: no
   conditional, so no host round trip on GPU (a wrong ``False`` on a stage-2
-  cycle start uses the clean gradient). See ``docs/performance.md``.
+  cycle start uses the clean gradient). The end of a cycle (``t % k == k - 1``:
+  the slow weights' update and the stage test) runs under ``lax.cond`` too, and
+  takes the static keyword ``cycle_end_hint`` in the same way (a wrong
+  ``False`` there skips that cycle's slow-weight update). With both hints no
+  step has a conditional. See ``docs/performance.md``.
 
   Note:
     The authors' code takes one plain base step before its first cycle; this
@@ -196,6 +200,7 @@ def sala(
       *,
       grad_fn: Any = None,
       sam_hint: bool | None = None,
+      cycle_end_hint: bool | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, SALAState]:
     if params is None:
@@ -270,7 +275,8 @@ def sala(
     def mid_cycle():
       return step, phi, state.distance, state.stage
 
-    step, new_phi, distance, stage = utils.cond(is_end, end_of_cycle, mid_cycle)
+    step, new_phi, distance, stage = utils.cond(is_end, end_of_cycle, mid_cycle,
+                                                hint=cycle_end_hint)
     new_updates = utils.tree_cast_like(step, params)
 
     new_state = SALAState(
