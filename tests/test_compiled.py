@@ -122,3 +122,23 @@ def test_accelerator_targets(target):
   assert cond.host_round_trips == (1 if target == "h100" else 0)
   if target == "tpu-v5e":
     assert loop.cycles > 0
+
+
+def test_ci_installs_the_compilers_matching_jaxlib():
+  import importlib.metadata as metadata
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+      "accelerator_wheels", Path(__file__).resolve().parents[1] / ".ci" / "accelerator_wheels.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  reqs = mod.requirements()
+  jaxlib = metadata.version("jaxlib")
+  assert f"jax-cuda12-plugin=={jaxlib}" in reqs and f"jax-cuda12-pjrt=={jaxlib}" in reqs
+  (tpu,) = [r for r in reqs if r.startswith("libtpu")]
+  assert tpu.startswith("libtpu==")
+  try:
+    installed = metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    return
+  assert installed.startswith(tpu.split("==")[1].rstrip("*").rstrip(".")), (tpu, installed)
