@@ -157,7 +157,8 @@ _ELEMENT_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
     "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
     "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a TPU layout's memory space: VMEM, SMEM, ...
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
 
@@ -171,10 +172,12 @@ _CONTROL = frozenset({"while", "conditional", "call"})
 
 
 def shape_bytes(shape: str) -> float:
-  """Bytes of an HLO shape (an array or a tuple of arrays), layouts ignored."""
+  """Bytes of an HLO shape (an array or a tuple of arrays) in device memory (HBM): arrays
+  whose TPU layout places them on chip (``S(1)``: VMEM, ...) count nothing; tiling padding
+  is ignored."""
   total = 0.0
-  for dtype, dims in _ARRAY.findall(shape):
-    if dtype not in _ELEMENT_BYTES:
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if dtype not in _ELEMENT_BYTES or _ON_CHIP.search(layout):
       continue
     n = 1
     for d in dims.split(","):
@@ -399,11 +402,18 @@ def _instruction_bytes(module: Module, ins: Instruction, shapes: dict[str, str])
     return _fusion_bytes(module, ins, shapes)
   if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
     return 2 * shape_bytes(shapes.get(ins.operands[1], ""))
-  if ins.opcode == "copy-start" and ins.operands:  # the result tuple aliases its operand
-    return 2 * shape_bytes(shapes.get(ins.operands[0], ""))
-  if ins.opcode == "slice-start":  # ((operand), slice, context): reads and writes the slice
-    arrays = _ARRAY.findall(ins.shape)
-    return 2 * shape_bytes("{}[{}]".format(*arrays[1])) if len(arrays) > 1 else 0.0
+  if ins.opcode in ("copy-start", "slice-start"):
+    # Result (destination, source or (operands), context): the source is read, the
+    # destination written (e.g. HBM to VMEM: only the read is in device memory).
+    arrays = ["{}[{}]{}".format(*a) for a in _ARRAY.findall(ins.shape)]
+    if len(arrays) < 2:
+      return 0.0
+    dest = arrays[1] if ins.opcode == "slice-start" else arrays[0]
+    source = shape_bytes(shapes.get(ins.operands[0], "")) if ins.operands else 0.0
+    if ins.opcode == "slice-start":
+      source = min(source, shape_bytes(dest.replace(_ON_CHIP.search(dest).group(0), "")
+                                       if _ON_CHIP.search(dest) else dest))
+    return source + shape_bytes(dest)
   if ins.opcode == "custom-call" and 'custom_call_target="ConcatBitcast"' in ins.attrs:
     return 0.0  # XLA:TPU's view of adjacent buffers as one: no data moves
   if ins.opcode in ("slice", "dynamic-slice"):
