@@ -63,8 +63,10 @@ def test_plain_ire_step_hinted(target):
 def test_h100_unhinted_step_pays_a_host_round_trip():
   """What the hint saves: ``lax.cond`` on XLA:GPU (docs/performance.md)."""
   _need("h100")
-  unhinted = _analysis("unhinted", "h100", 1)
+  base, unhinted = _analysis("adamw", "h100", 1), _analysis("unhinted", "h100", 1, branch=0)
   assert unhinted.conditionals_executed == 1 and unhinted.host_round_trips == 1
+  assert unhinted.kernels["copy"] >= 1  # the mask, passed through the false branch
+  assert unhinted.bytes > 1.05 * base.bytes
 
 
 def test_tpu_refresh_bytes():
