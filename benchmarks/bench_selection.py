@@ -79,18 +79,23 @@ def keys_of(kind: str, n: int, g2: np.ndarray, rng: np.random.Generator) -> np.n
           * np.float32(2.0**-23)).astype(np.float32)
 
 
-def tree_of(kind: str, flat: jax.Array) -> dict[str, jax.Array]:
-  """The keys as the benchmark's pytree: one leaf, or ``model_tree``'s 63 leaves."""
-  if kind != "model_tree":
-    return {"w": flat}
-  n = flat.shape[0]
+def tree_sizes(n: int) -> list[int]:
+  """Leaf sizes of ``model_tree`` for N = ``n``: 21 blocks of a large kernel and two small
+  vectors (63 leaves summing to ``n``)."""
   small = max(1, n // TREE_BLOCKS // 512)
-  sizes = []
+  sizes: list[int] = []
   for b in range(TREE_BLOCKS):
     big = (n - sum(sizes)) // (TREE_BLOCKS - b) - 2 * small
     sizes += [big, small, small]
   sizes[-1] += n - sum(sizes)
-  parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
+  return sizes
+
+
+def tree_of(kind: str, flat: jax.Array) -> dict[str, jax.Array]:
+  """The keys as the benchmark's pytree: one leaf, or ``model_tree``'s 63 leaves."""
+  if kind != "model_tree":
+    return {"w": flat}
+  parts = jnp.split(flat, np.cumsum(tree_sizes(flat.shape[0]))[:-1].tolist())
   return {f"l{i:02d}": x for i, x in enumerate(parts)}
 
 

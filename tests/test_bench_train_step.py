@@ -20,7 +20,7 @@ def test_smoke_times_the_examples_step_with_branch_hints(tmp_path, capsys):
   doc = json.loads(part.read_text())
   res = doc["details"]["llama"]["results"]["ire_fisher"]
   assert res["ratio"] > 0 and res["target"] == 1.15
-  # Two compiled variants of the IRE step (hinted refresh step, lax.cond elsewhere) ran.
+  # Two compiled variants of the IRE step (hinted refresh step, hinted plain step) ran.
   assert set(doc["details"]["llama"]["summary"]["seconds"]) == {"base", "ire_fisher"}
   (row,) = doc["rows"]
   assert row["optimizer"] == "AdamW+IRE" and row["variant"] == "fisher"

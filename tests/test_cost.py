@@ -1,8 +1,9 @@
-"""Cost work: static branch hints (the CPU path) equal lax.cond; SAM/mSAM auxiliary outputs.
+"""Cost work: static branch hints equal lax.cond where right; SAM/mSAM auxiliary outputs.
 
 * ``utils.cond(..., hint=True)`` (both branches traced, ``jnp.where``) gives the
-  values of ``lax.cond``; IRE's ``refresh_hint``, SALA's and SAM-every-k's
-  ``sam_hint`` (right or wrong) give the results of the unhinted step.
+  values of ``lax.cond``, ``hint=False`` those of the false branch (no conditional);
+  IRE's ``refresh_hint``, SALA's and SAM-every-k's ``sam_hint`` give the results of
+  the unhinted step when right (or True), and skip the work when wrongly False.
 * ``sam(has_aux=True)`` keeps the perturbed loss L(θ+ε) (NumPy reference);
   ``msam(has_aux=True)`` keeps the clean micro-batch losses' mean, which for
   equal micro-batches is the full-batch loss (NumPy reference), and its update
@@ -76,14 +77,20 @@ class CondHintTest(parameterized.TestCase):
     f = lambda: {"a": x - 1.0, "b": jnp.zeros(2, jnp.uint8)}
     got = jax.jit(lambda p: utils.cond(p, t, f, hint=hint))(jnp.asarray(pred))
     want = jax.jit(lambda p: jax.lax.cond(p, t, f))(jnp.asarray(pred))
-    chex.assert_trees_all_equal(got, want)
-    chex.assert_trees_all_equal(utils.cond(pred, t, f, hint=hint), want)  # eager
+    # A hint False is a promise: where it is wrong (pred true) the false branch is returned.
+    chex.assert_trees_all_equal(got, f() if hint is False else want)
+    chex.assert_trees_all_equal(utils.cond(pred, t, f, hint=hint), want)  # eager: exact
 
-  def test_hint_true_has_no_conditional(self):
-    jaxpr = jax.make_jaxpr(lambda p: utils.cond(p, lambda: 1.0, lambda: 0.0, hint=True))(True)
-    assert "cond" not in {e.primitive.name for e in jaxpr.jaxpr.eqns}
-    jaxpr = jax.make_jaxpr(lambda p: utils.cond(p, lambda: 1.0, lambda: 0.0, hint=False))(True)
-    assert "cond" in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  def test_hints_have_no_conditional(self):
+    for hint, primitives in ((True, set()), (False, set()), (None, {"cond"})):
+      jaxpr = jax.make_jaxpr(lambda p, h=hint: utils.cond(p, lambda: 1.0, lambda: 0.0,
+                                                          hint=h))(True)
+      assert {e.primitive.name for e in jaxpr.jaxpr.eqns} & {"cond"} == primitives, hint
+    # hint False traces only the false branch.
+    calls = []
+    jax.make_jaxpr(lambda p: utils.cond(p, lambda: calls.append(1) or 1.0, lambda: 0.0,
+                                        hint=False))(True)
+    assert not calls
 
   def test_traced_hint_is_refused(self):
     with pytest.raises(TypeError, match="static Python bool"):
@@ -103,7 +110,8 @@ def _run(tx, params, steps, extra_fn, hint_fn, hint_name):
 
 
 class HintedStepsEqualCondTest(parameterized.TestCase):
-  """The CPU path (hints, two compiled variants) equals the lax.cond path step by step."""
+  """Right hints (two compiled variants) equal the lax.cond path step by step; hints True
+  are exact anywhere; a wrong hint False skips that step's occasional work."""
 
   @parameterized.parameters("fisher", "hutchinson", "grad_sq")
   def test_ire_refresh_hint(self, curvature):
@@ -113,10 +121,20 @@ class HintedStepsEqualCondTest(parameterized.TestCase):
     extra = {"grad": jax.grad(loss), "kw": {"logits_fn": logits_fn, "grad_fn": jax.grad(loss)}}
     want, ws = _run(tx, params, 8, extra, lambda t: None, "refresh_hint")
     right = lambda t: t >= 1 and (t - 1) % 3 == 0
-    for hint in (right, lambda t: not right(t), lambda t: True):  # right, wrong, always
+    for hint in (right, lambda t: right(t) or None, lambda t: True):  # right, mixed, always
       got, gs = _run(tx, params, 8, extra, hint, "refresh_hint")
       chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
       chex.assert_trees_all_equal(gs.mask, ws.mask)
+
+  def test_wrong_refresh_hint_false_skips_that_refresh(self):
+    params, _, loss = _conv_problem()
+    tx = ire_optax.ire(optax.sgd(0.1), kappa=2.0, gamma=0.5, refresh_every=3)
+    extra = {"grad": jax.grad(loss), "kw": {}}
+    _, ws = _run(tx, params, 2, extra, lambda t: None, "refresh_hint")  # refreshed at 0
+    assert int(sum(m.sum() for m in jax.tree.leaves(ws.mask))) > 0
+    _, gs = _run(tx, params, 2, extra, lambda t: False, "refresh_hint")  # wrong at 0
+    assert all(not m.any() for m in jax.tree.leaves(gs.mask))  # still the initial mask
+    assert int(gs.count) == 2
 
   def test_sala_sam_hint(self):
     params, _, loss = _conv_problem()
@@ -126,20 +144,38 @@ class HintedStepsEqualCondTest(parameterized.TestCase):
     want, ws = _run(tx, params, 10, extra, lambda t: None, "sam_hint")
     stats = ire_optax.sala_stats(ws)
     assert 0 < int(stats["extra_grads"]) < int(stats["cycles"])  # both stages were taken
-    for hint in (lambda t: t % 2 == 0, lambda t: t % 2 == 1, lambda t: True):
+    for hint in (lambda t: t % 2 == 0, lambda t: t % 2 == 0 or None, lambda t: True):
       got, gs = _run(tx, params, 10, extra, hint, "sam_hint")
       chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
       chex.assert_trees_all_close(gs.slow, ws.slow, rtol=1e-6, atol=1e-7)
       chex.assert_trees_all_equal(gs.extra_grads, ws.extra_grads)
+
+  def test_sala_cycle_end_hint(self):
+    params, _, loss = _conv_problem()
+    tx = ire_optax.sala(optax.sgd(0.5, momentum=0.9), sync_period=3, rho=0.05)
+    extra = {"grad": jax.grad(loss), "kw": {"grad_fn": jax.grad(loss)}}
+    want, ws = _run(tx, params, 9, extra, lambda t: None, "cycle_end_hint")
+    for hint in (lambda t: t % 3 == 2, lambda t: t % 3 == 2 or None, lambda t: True):
+      got, gs = _run(tx, params, 9, extra, hint, "cycle_end_hint")
+      chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+      chex.assert_trees_all_close(gs.slow, ws.slow, rtol=1e-6, atol=1e-7)
+    # A wrong False at every end: the slow weights never move.
+    _, gs = _run(tx, params, 9, extra, lambda t: False, "cycle_end_hint")
+    chex.assert_trees_all_equal(gs.slow, tx.init(params).slow)
 
   def test_sam_every_k_sam_hint(self):
     params, _, loss = _conv_problem()
     tx = ire_optax.sam(optax.sgd(0.1), rho=0.1, every_k=3)
     extra = {"grad": jax.grad(loss), "kw": {"grad_fn": jax.grad(loss)}}
     want, _ = _run(tx, params, 7, extra, lambda t: None, "sam_hint")
-    for hint in (lambda t: t % 3 == 0, lambda t: t % 3 != 0):
+    for hint in (lambda t: t % 3 == 0, lambda t: True):
       got, _ = _run(tx, params, 7, extra, hint, "sam_hint")
       chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    # A wrong False on the ascent steps takes plain steps there: plain SGD.
+    got, _ = _run(tx, params, 7, extra, lambda t: False, "sam_hint")
+    plain, _ = _run(optax.with_extra_args_support(optax.sgd(0.1)), params, 7, extra,
+                    lambda t: None, "sam_hint")
+    chex.assert_trees_all_close(got, plain, rtol=1e-6, atol=1e-7)
 
 
 class SAMAuxTest(parameterized.TestCase):
@@ -310,14 +346,21 @@ def test_examples_sam_step_logs_free_sharpness(monkeypatch):
   assert float(metrics["sharpness"]) > 0.0  # a small ascent step raises the loss
 
 
-def test_examples_branch_hints_on_equal_off():
+@pytest.mark.parametrize("opt", ["ire", "sala"])
+def test_examples_branch_hints_on_equal_off(opt):
+  """The examples' hints are exactly right: a hint False is trusted, so a wrong one would
+  skip a refresh or a SAM step and the runs would differ."""
   from examples.common import train
 
-  argv = ["--opt", "sgd+ire", "--ire-curvature", "fisher", "--ire-refresh-every", "3",
-          "--ire-warmup", "1", "--fast-compile"]
+  if opt == "ire":
+    argv = ["--opt", "sgd+ire", "--ire-curvature", "fisher", "--ire-refresh-every", "3",
+            "--ire-warmup", "1", "--fast-compile"]
+    want = [(("refresh_hint", h),) for h in (False, True, False, False, True)]
+  else:  # rho large enough for stage 2
+    argv = ["--opt", "sala", "--sala-sync-period", "2", "--rho", "5", "--fast-compile"]
+    want = [(("sam_hint", t % 2 == 0), ("cycle_end_hint", t % 2 == 1)) for t in range(5)]
   _, spec, graphdef, state, batch, nc = _example(argv, "resnet")
-  assert spec.hints is not None and [dict(spec.hints(t))["refresh_hint"] for t in range(5)] == [
-      False, True, False, False, True]
+  assert spec.hints is not None and [spec.hints(t) for t in range(5)] == want
   out = {}
   for mode in ("on", "off"):
     step = train.make_train_step(graphdef, spec, num_classes=nc, fast_compile=True,
@@ -327,8 +370,10 @@ def test_examples_branch_hints_on_equal_off():
       s, _ = step(s, batch, jnp.int32(t))
     out[mode] = s
   chex.assert_trees_all_close(out["on"].params, out["off"].params, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_equal(ire_optax.ire_flat_mask(out["on"].opt_state),
-                              ire_optax.ire_flat_mask(out["off"].opt_state))
+  chex.assert_trees_all_close(out["on"].opt_state, out["off"].opt_state, rtol=1e-5, atol=1e-6)
+  if opt == "sala":
+    stats = ire_optax.sala_stats(out["off"].opt_state)
+    assert int(stats["extra_grads"]) > 0  # stage 2 was reached: the SAM steps ran
 
 
 def test_cli_offers_every_microbatch_mode():

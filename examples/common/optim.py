@@ -160,9 +160,10 @@ class OptSpec:
     schedule: the learning-rate schedule (for logging).
     hints: ``step -> ((keyword, bool), ...)``, the static branch hints of
       this step (IRE's ``refresh_hint``, SALA's and SAM-every-k's
-      ``sam_hint``): which steps do the occasional extra work. A train loop on
-      CPU compiles one step per distinct value and passes them to
-      ``tx.update`` (see ``docs/performance.md``); None: no such steps.
+      ``sam_hint``, SALA's ``cycle_end_hint``): which steps do the occasional
+      extra work, exactly (a hint False is trusted). The train loop compiles
+      one step per distinct value and passes them to ``tx.update`` (see
+      ``docs/performance.md``); None: no such steps.
     sam_aux: SAM/ASAM built with ``has_aux=True``: ``grad_fn(params)``
       returns ``(gradient, loss)`` and ``ire_optax.sam_aux(opt_state)`` is
       the perturbed loss. (mSAM always has an aux: ``grad_fn(params,
@@ -378,7 +379,9 @@ def _branch_hints(args: argparse.Namespace, algo: str, use_ire: bool, warmup: in
     t_w = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
     parts.append(lambda t: ("refresh_hint", t >= t_w and (t - t_w) % k == 0))
   if algo == "sala":
-    parts.append(lambda t: ("sam_hint", t % args.sala_sync_period == 0))
+    k_sala = args.sala_sync_period
+    parts.append(lambda t: ("sam_hint", t % k_sala == 0))
+    parts.append(lambda t: ("cycle_end_hint", t % k_sala == k_sala - 1))
   elif algo in ("sam", "asam", "gsam") and every_k not in (None, 1):
     parts.append(lambda t: ("sam_hint", t % every_k == 0))
   if not parts:

@@ -259,9 +259,11 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
   the optimizer the static hints of the step (``spec.hints``: which steps do
   IRE's refresh or SALA's SAM step), one compiled step per distinct hint, the
   step number read on the host; ``"off"`` one compiled step whose occasional
-  work runs under ``lax.cond``; ``"auto"``: on for the CPU backend, where work
-  inside a conditional can run many times slower (``docs/performance.md``).
-  The results are the same.
+  work runs under ``lax.cond``; ``"auto"`` (on): the hints follow from the step
+  number exactly, so the results are the same, while a plain step makes no
+  host round trip on GPU and XLA:CPU runs the occasional work outside a
+  conditional, many times faster (``docs/performance.md``). The ``step``
+  passed must be the optimizer's own step count (as this loop keeps it).
   """
   step_fn = step_function(graphdef, spec, num_classes=num_classes,
                           label_smoothing=label_smoothing, label_noise=label_noise, seed=seed,
@@ -270,7 +272,7 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                    compiler_options=compiler_options(fast_compile))
   if branch_hints not in ("auto", "on", "off"):
     raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
-  use = branch_hints == "on" or (branch_hints == "auto" and jax.default_backend() == "cpu")
+  use = branch_hints != "off"
   return TrainStep(jitted, spec.hints if use else None)
 
 
@@ -423,8 +425,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                       "slower (smoke tests)")
   g.add_argument("--branch-hints", choices=("auto", "on", "off"), default="auto",
                  help="compile one step per kind of step (IRE refresh, SALA SAM step) and "
-                      "pick it on the host, instead of lax.cond; auto: on CPU, where work "
-                      "inside lax.cond runs slowly (%(default)s)")
+                      "pick it on the host from the step number, instead of lax.cond: no "
+                      "host round trip per step on GPU, no slow conditional on CPU; auto = "
+                      "on (%(default)s)")
   g.add_argument("--precision", choices=PRECISIONS, default="float32",
                  help="compute dtype of the training passes (params, optimizer and evaluation "
                       "stay float32); float16 uses dynamic loss scaling shared by all of a "

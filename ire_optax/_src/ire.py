@@ -99,13 +99,16 @@ def ire(
     Hessian-vector product per sample, on refresh steps only.
   * a function ``fn(grads, params, key, **extra_args) -> pytree like params``.
 
-  Model-based estimators run inside ``lax.cond`` and cost nothing on the other
-  steps. On XLA:CPU, whose convolution weight gradients run many times slower
-  inside a conditional, a train loop that knows the refresh steps passes the
-  static keyword ``refresh_hint=True`` on them (``False`` on the others) and
-  compiles the two step variants: the refresh then runs outside ``lax.cond``
-  (selected with ``jnp.where``), with the same result; a wrong hint costs
-  time, never correctness (see ``docs/performance.md``).
+  The refresh runs inside ``lax.cond`` and costs nothing on the other steps. A
+  train loop that knows the refresh steps (they follow from the step count)
+  passes the static keyword ``refresh_hint=True`` on them and ``False`` on the
+  others, and compiles the two step variants: ``True`` runs the refresh outside
+  the conditional (selected with ``jnp.where``: the same result even on a step
+  that does not refresh), which XLA:CPU runs much faster; ``False`` is a
+  promise that the step does not refresh: no conditional at all, so no host
+  round trip on GPU and no copy of the mask. A wrong ``False`` skips that
+  step's refresh (the mask stays the previous one until the next refresh).
+  See ``docs/performance.md``.
 
   All extra keyword arguments of ``update`` are forwarded to the base
   optimizer, so ``ire(sam(...))`` (SAM-IRE) and ``ire(sala(...))`` work; in
@@ -216,7 +219,7 @@ def ire(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    # A static guess, from the caller, of whether this step refreshes (performance only).
+    # The caller's static knowledge of whether this step refreshes (see utils.cond).
     refresh_hint = extra_args.pop("refresh_hint", None)
     estimator.check(updates, params, extra_args)  # fails at trace time, before any work
     if updates is not None:

@@ -93,13 +93,18 @@ def sala(
   :func:`sala_eval_params` and follow the run with :func:`sala_stats`. The
   extra SAM gradient is evaluated under ``jax.lax.cond`` only on stage-2 cycle
   starts, so SALA costs ``1 + (fraction of stage-2 cycles) / k`` gradients per
-  step on average, at most ``1 + 1/k``. On XLA:CPU, whose convolution weight
-  gradients run many times slower inside a conditional, a train loop passes
-  the static keyword ``sam_hint=True`` on cycle starts (``t % k == 0``) and
-  ``False`` on the other steps, and compiles the two step variants: the SAM
-  gradient is then computed outside ``lax.cond`` on cycle starts and selected
-  with ``jnp.where`` (also in stage 1, where it is discarded), with the same
-  result (see ``docs/performance.md``).
+  step on average, at most ``1 + 1/k``. A train loop passes the static keyword
+  ``sam_hint=True`` on cycle starts (``t % k == 0``) and ``False`` on the other
+  steps, and compiles the two step variants: on cycle starts the SAM gradient
+  is computed outside ``lax.cond`` and selected with ``jnp.where`` (also in
+  stage 1, where it is discarded; XLA:CPU runs it much faster there), with the
+  same result; ``False`` promises a step that is not a cycle start: no
+  conditional, so no host round trip on GPU (a wrong ``False`` on a stage-2
+  cycle start uses the clean gradient). The end of a cycle (``t % k == k - 1``:
+  the slow weights' update and the stage test) runs under ``lax.cond`` too, and
+  takes the static keyword ``cycle_end_hint`` in the same way (a wrong
+  ``False`` there skips that cycle's slow-weight update). With both hints no
+  step has a conditional. See ``docs/performance.md``.
 
   Note:
     The authors' code takes one plain base step before its first cycle; this
@@ -195,6 +200,7 @@ def sala(
       *,
       grad_fn: Any = None,
       sam_hint: bool | None = None,
+      cycle_end_hint: bool | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, SALAState]:
     if params is None:
@@ -269,7 +275,8 @@ def sala(
     def mid_cycle():
       return step, phi, state.distance, state.stage
 
-    step, new_phi, distance, stage = utils.cond(is_end, end_of_cycle, mid_cycle)
+    step, new_phi, distance, stage = utils.cond(is_end, end_of_cycle, mid_cycle,
+                                                hint=cycle_end_hint)
     new_updates = utils.tree_cast_like(step, params)
 
     new_state = SALAState(

@@ -470,9 +470,11 @@ def sam(
     every_k: ``None`` (every step) or ``k >= 1``: the ascent runs on the steps
       with ``count % k == 0``; the other steps are plain base steps on the
       (averaged) clean gradient and do not call ``grad_fn``, so a step costs
-      ``1 + 1/k`` gradients on average ("SAM every k steps"). On XLA:CPU a
-      train loop passes the static keyword ``sam_hint=True`` on the ascent
-      steps and ``False`` on the others (two compiled step variants), see
+      ``1 + 1/k`` gradients on average ("SAM every k steps"). A train loop
+      passes the static keyword ``sam_hint=True`` on the ascent steps and
+      ``False`` on the others (two compiled step variants): ``False`` promises
+      a plain step (no conditional, no host round trip on GPU; a wrong
+      ``False`` takes a plain step instead of the ascent), see
       :func:`ire_optax.ire`'s ``refresh_hint``.
     has_aux: ``grad_fn`` returns ``(gradient, aux)``; ``aux`` at the perturbed
       point, e.g. the perturbed loss :math:`L_B(\theta + \epsilon)` (computed
@@ -786,7 +788,7 @@ def _make(
     check_not_masked(params, who=who)
     rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
     extra_args = dict(extra_args)
-    hint = extra_args.pop("sam_hint", None)  # static guess of an ascent step (performance)
+    hint = extra_args.pop("sam_hint", None)  # static knowledge of an ascent step (utils.cond)
 
     def ascend(args):
       out = surrogate(updates, params, rho_t, args, state.count)

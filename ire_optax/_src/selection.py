@@ -606,32 +606,60 @@ def _select_histograms(leaves, rank, *, high_fn, low_fn, axis_name, wide):
   return (high << 16) | low
 
 
-def _threshold_counts(x: jax.Array, t: jax.Array, square: bool) -> jax.Array:
-  """``#{key(x_i) <= t_j}`` for every threshold ``t_j``: one fused compare-and-reduce."""
-  keys = ordered_keys(_square_if(x, square))
+def _threshold_keys(leaves: list[jax.Array], square: bool) -> list[jax.Array]:
+  """The keys of the tree, computed once before the counting passes.
+
+  Leaves on one device are written into **one** flat buffer by one fusion, so each pass
+  launches the same few kernels for one leaf or a thousand; a sharded tree keeps one buffer
+  per leaf (a flat view would reshard it). The optimization barrier keeps XLA from
+  recomputing the keys inside every pass (it would: recomputing them is elementwise).
+  """
+  full = [x for x in leaves if x.size]
+  if len(full) > 1 and all(sharding.is_on_one_device(x) for x in full):
+    keys = [jnp.concatenate([ordered_keys(_square_if(x, square)).ravel() for x in full])]
+  else:
+    keys = [ordered_keys(_square_if(x, square)) for x in full]
+  return list(jax.lax.optimization_barrier(keys))
+
+
+def _counts_each(keys: jax.Array, t: jax.Array) -> jax.Array:
+  """``#{keys <= t_j}`` as one scalar sum per threshold (TPU: a ``[N, T]`` reduction is
+  layout-bound there, while T scalar sums fuse into one pass over the keys)."""
+  return jnp.stack([jnp.sum(keys <= t[j], dtype=_U32) for j in range(t.shape[0])])
+
+
+def _counts_matrix(keys: jax.Array, t: jax.Array) -> jax.Array:
+  """``#{keys <= t_j}`` as one fused compare-and-reduce over ``[N, T]`` (GPU: one kernel,
+  where T separate sums would be T kernels)."""
   return jnp.sum(keys[..., None] <= t, axis=tuple(range(keys.ndim)), dtype=_U32)
+
+
+def _threshold_counts(keys: jax.Array, t: jax.Array) -> jax.Array:
+  """``#{keys <= t_j}`` for every threshold ``t_j``, in the form each platform runs best."""
+  return jax.lax.platform_dependent(keys, t, tpu=_counts_each, default=_counts_matrix)
 
 
 def _select_threshold(leaves, rank, *, square, axis_name, wide):
   """Radix select by counting: each pass splits ``[base, base + 2**(s+b))`` into ``2**b``
   parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key.
 
-  The passes are one ``fori_loop`` (one compiled body instead of 32 / b).
+  The keys are computed once (:func:`_threshold_keys`); the passes are one ``fori_loop``
+  (one compiled body instead of 32 / b).
   """
   b = _THRESHOLD_BITS
   assert 32 % b == 0
   j = jnp.arange(1, 1 << b, dtype=_U32)
+  keys = _threshold_keys(leaves, square)
 
   def one_pass(i, base):
     s = (32 - b * (i + 1)).astype(_U32)
     t = base + (j << s) - np.uint32(1)  # the largest keys below base + j * 2**s
-    counts = _total(leaves, functools.partial(_threshold_counts, t=t, square=square),
-                    (j.shape[0],), wide)
+    counts = _total(keys, functools.partial(_threshold_counts, t=t), (j.shape[0],), wide)
     counts = count_psum(counts, axis_name)
     digit = jnp.sum(~count_ge(counts, rank), dtype=_U32)  # parts entirely below the rank
     return base + (digit << s)
 
-  return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32))
+  return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32), unroll=True)
 
 
 # The two histograms of each histogram method: (top 16 bits, low 16 bits in a bucket).

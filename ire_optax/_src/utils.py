@@ -328,30 +328,36 @@ def tree_add_scaled(x: Any, scale: jax.Array, y: Any) -> Any:
 
 
 def cond(pred: jax.Array, true_fn: Any, false_fn: Any, *, hint: bool | None = None) -> Any:
-  """``lax.cond`` that runs only the taken branch, also outside ``jit``.
+  """``lax.cond`` that runs only the taken branch, also outside ``jit``, steered by a hint.
 
-  Under tracing this is ``jax.lax.cond`` (only the taken branch executes). With
-  a concrete predicate (eager execution) the branch is called directly, which
-  avoids compiling both branches on every call.
+  ``hint`` is the caller's static knowledge of ``pred`` (a Python bool), for a train loop
+  that knows which steps do the occasional work:
 
-  ``hint`` is the caller's static guess of ``pred`` (a Python bool, or None:
-  no guess). With ``hint=True`` both branches are traced at the level of the
-  caller and the result is selected with ``jnp.where(pred, ...)``: the same
-  values as ``lax.cond`` (a wrong hint costs the ``true_fn`` work, never a
-  different result), without the conditional. XLA:CPU runs some work many
-  times slower inside a conditional's branch (convolution weight gradients:
-  20-40x), so a caller that knows which steps take the branch compiles one
-  step with ``hint=True`` for them and one with ``hint=False`` for the others
-  (see ``docs/performance.md``).
+  * ``None`` (no hint): ``jax.lax.cond`` under tracing -- exact, only the taken branch runs.
+    On XLA:GPU every executed conditional copies its predicate to the host first (a host
+    round trip each step), and a branch that passes an operand through copies it.
+  * ``True``: both branches are traced at the level of the caller and the result is
+    selected with ``jnp.where(pred, ...)``: the values of ``lax.cond`` whatever ``pred``
+    is (a wrong ``True`` costs the ``true_fn`` work, never a different result), with no
+    conditional (XLA:CPU runs some work many times slower inside a branch).
+  * ``False``: a promise that ``pred`` is false. Only ``false_fn`` is traced: no
+    conditional, no host round trip, nothing copied. **A wrong** ``False`` **returns**
+    ``false_fn()`` **where** ``pred`` **is true**: the occasional work of that step is
+    skipped (see each optimizer's hint for what that means there).
+
+  With a concrete predicate (eager execution) the taken branch is called directly, whatever
+  the hint, which avoids compiling both branches on every call. See ``docs/performance.md``.
   """
   if hint is not None and not isinstance(hint, (bool, np.bool_)):
     raise TypeError(f"a branch hint must be a static Python bool or None; got "
                     f"{type(hint).__name__} (pass it as a static argument of jit).")
   if isinstance(pred, jax.core.Tracer):
+    if hint is None:
+      return jax.lax.cond(pred, true_fn, false_fn)
     if hint:
       taken, other = true_fn(), false_fn()
       return jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken, other)
-    return jax.lax.cond(pred, true_fn, false_fn)
+    return false_fn()
   return true_fn() if bool(pred) else false_fn()
 
 
