@@ -477,3 +477,14 @@ def test_grad_fn_with_aux_is_not_refused():
   _, state = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=vg))(
       params, tx.init(params))
   assert float(ire_optax.sam_aux(state)) > float(loss(params))  # the perturbed loss
+
+
+def test_eager_callback_that_needs_concrete_values_still_runs():
+  """Outside jit a grad_fn may use NumPy: it cannot be traced, so it is called unchecked."""
+  params = {"w": jnp.array([1.0, 2.0])}
+  g = lambda q: {"w": jnp.asarray(2.0 * np.asarray(q["w"]))}
+  tx = ire_optax.sam(optax.sgd(0.1), rho=0.0)
+  u, _ = tx.update(g(params), tx.init(params), params, grad_fn=g)
+  np.testing.assert_allclose(u["w"], [-0.2, -0.4], rtol=1e-6)
+  with pytest.raises(jax.errors.TracerArrayConversionError):  # under jit it never could
+    jax.jit(lambda p, s: tx.update(g(p), s, p, grad_fn=g))(params, tx.init(params))

@@ -180,7 +180,7 @@ def nnx_fix(name: str) -> str:
   """How a Flax NNX user writes the callback ``name`` (``grad_fn`` or ``logits_fn``)."""
   call = ("jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest, copy=True)))(p)"
           if name == "grad_fn" else "nnx.merge(graphdef, p, rest, copy=True)(x)")
-  helper = ("grad_fn(model, loss_fn)" if name == "grad_fn" else
+  helper = ("grad_fn(model, loss_fn, ...)" if name == "grad_fn" else
             "of_params(model, lambda m: m(x))")
   return (f"`{name}` gets the parameters (with nnx.Optimizer an nnx.State of arrays), not the "
           f"Module: evaluate the model at them, lambda p: {call} with graphdef, _, rest = "
@@ -235,13 +235,19 @@ def _depends_on_inputs(jaxpr: Any, num_inputs: int) -> bool:
   return any(not isinstance(v, Literal) and v in dependent for v in jaxpr.outvars)
 
 
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                  jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
 def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
                   check: Callable[[Any], Any] | None = None) -> Any:
   """``fn(params, *args)`` (a ``grad_fn`` or ``logits_fn``), refused if it ignores ``params``.
 
   ``fn`` is traced once to a jaxpr, at the abstract values of its inputs, and the jaxpr is
   evaluated on them: the same computation as calling ``fn``, no run-time cost. ``check``
-  (if given) validates the output first. Raises, at trace time:
+  (if given) validates the output first. (Called eagerly, a callback that needs concrete
+  values cannot be traced: it is called as it is, without the dependence check.) Raises,
+  at trace time:
 
   * ``ValueError`` if no output depends on ``params``: a ``grad_fn`` that differentiates a
     model or parameters it closes over would silently turn SAM into its base optimizer;
@@ -253,12 +259,21 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
     # A new function object each time: no trace cached from another call (whose closure
     # may hold other values) is reused.
     closed, shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(params, *args)
+  except _TRACER_ERRORS:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, args))):
+      raise
+    # Called eagerly with a callback that needs concrete values (NumPy, Python control
+    # flow): it cannot be traced, so it is called as it is, unchecked.
+    out = fn(params, *args)
+    if check is not None:
+      check(out)
+    return out
   except Exception as e:
     flax_params = type(params).__module__.split(".")[0] == "flax"
     if flax_params and f"'{type(params).__name__}' object" in str(e):
       raise TypeError(f"{who}: `{name}` treats its argument as a Module ({_short(str(e))}). "
                       f"{nnx_fix(name)}") from e
-    if type(e).__module__.split(".")[0] == "flax" or "different trace level" in str(e):
+    if "different trace level" in str(e):
       # Flax refuses a Module or Variable of the caller's trace used inside the callback.
       raise ValueError(f"{who}: `{name}` uses a Flax NNX Module or Variable it closes over "
                        f"({_short(str(e))}). {nnx_fix(name)}") from e
@@ -267,7 +282,8 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
   out = jax.tree.unflatten(jax.tree.structure(shape), flat)
   if check is not None:
     check(out)
-  if not _depends_on_inputs(closed.jaxpr, len(jax.tree.leaves(params))):
+  num_params = len(jax.tree.leaves(params))
+  if num_params and not _depends_on_inputs(closed.jaxpr, num_params):
     effect = ("the ascent would change nothing: SAM would silently be its base optimizer"
               if name == "grad_fn" else "the curvature estimate would be zero")
     raise ValueError(
