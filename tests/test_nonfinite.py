@@ -507,17 +507,17 @@ def test_float64_ire_amplification_sam_point_and_sala_slow_weights_stay_float64(
     tx = ire_optax.ire(optax.sgd(1.0), kappa=2.0, gamma=0.5, refresh_every=1)
     u, _ = tx.update(g, tx.init(w), w)  # g² ranks w[0] flat
     np.testing.assert_array_equal(u, [-3.0 * (1 + 1e-12), -3.0])
-    # SAM with ρ = 0 evaluates grad_fn exactly at params; ρ > 0 as NumPy in float64.
-    seen = []
-    grad_fn = lambda p: seen.append(p) or p
+    # SAM with ρ = 0 evaluates grad_fn exactly at params; ρ > 0 as NumPy in float64. With
+    # grad_fn = identity and SGD(1), the update is minus the point grad_fn was evaluated at.
+    grad_fn = lambda p: p
     for adaptive in (False, True):
       tx = ire_optax.sam(optax.sgd(1.0), rho=0.0, adaptive=adaptive)
-      tx.update(g, tx.init(w), w, grad_fn=grad_fn)
-      assert seen[-1].dtype == jnp.float64 and np.array_equal(seen[-1], w)
+      u, _ = tx.update(g, tx.init(w), w, grad_fn=grad_fn)
+      assert u.dtype == jnp.float64 and np.array_equal(-u, w)
     tx = ire_optax.sam(optax.sgd(1.0), rho=1e-9)
-    tx.update(g, tx.init(w), w, grad_fn=grad_fn)
+    u, _ = tx.update(g, tx.init(w), w, grad_fn=grad_fn)
     g64 = np.array([1 + 1e-12, 3.0])
-    np.testing.assert_allclose(seen[-1], np.array([1.0, 2.0]) + 1e-9 * g64 / np.linalg.norm(g64),
+    np.testing.assert_allclose(-u, np.array([1.0, 2.0]) + 1e-9 * g64 / np.linalg.norm(g64),
                                rtol=1e-15)
     # SALA keeps a 1e-9 offset of the slow weights (float32 would round it away).
     theta = jnp.array([1.0 + 1e-9, 2.0], jnp.float64)

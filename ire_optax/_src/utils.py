@@ -245,9 +245,9 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
 
   ``fn`` is traced once to a jaxpr, at the abstract values of its inputs, and the jaxpr is
   evaluated on them: the same computation as calling ``fn``, no run-time cost. ``check``
-  (if given) validates the output first. Called eagerly (no tracer among the inputs),
-  ``fn`` is then called as it is, on the concrete values (a callback that needs concrete
-  values cannot be traced: it is not checked). Raises, at trace time:
+  (if given) validates the output first. ``fn`` is called once, with tracers also when the
+  update runs eagerly (called eagerly, a callback that needs concrete values cannot be
+  traced: it is called as it is, unchecked). Raises, at trace time:
 
   * ``ValueError`` if no output depends on ``params``: a ``grad_fn`` that differentiates a
     model or parameters it closes over would silently turn SAM into its base optimizer;
@@ -255,19 +255,19 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
     as a Flax NNX Module (calls it or reads its layers' attributes), and ``ValueError`` if
     it uses a Module or Variable of the caller's trace (a model it closes over).
   """
-  # Called eagerly (no tracer among the inputs), `fn` is also called as it is, on the
-  # concrete values (it sees arrays, not tracers); under a trace, its trace is evaluated.
-  eager = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, args)))
   try:
     # A new function object each time: no trace cached from another call (whose closure
     # may hold other values) is reused.
     closed, shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(params, *args)
   except _TRACER_ERRORS:
-    if not eager:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, args))):
       raise
-    # A callback that needs concrete values (NumPy, Python control flow) cannot be
-    # traced: it is called as it is, unchecked.
-    closed = None
+    # Called eagerly, a callback that needs concrete values (NumPy, Python control flow)
+    # cannot be traced: it is called as it is, unchecked.
+    out = fn(params, *args)
+    if check is not None:
+      check(out)
+    return out
   except Exception as e:
     flax_params = type(params).__module__.split(".")[0] == "flax"
     if flax_params and f"'{type(params).__name__}' object" in str(e):
@@ -278,16 +278,13 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
       raise ValueError(f"{who}: `{name}` uses a Flax NNX Module or Variable it closes over "
                        f"({_short(str(e))}). {nnx_fix(name)}") from e
     raise
-  if eager:
-    out = fn(params, *args)
-  else:
-    flat = jaxpr_as_fun(closed)(*jax.tree.leaves((params, *args)))
-    out = jax.tree.unflatten(jax.tree.structure(shape), flat)
+  flat = jaxpr_as_fun(closed)(*jax.tree.leaves((params, *args)))
+  out = jax.tree.unflatten(jax.tree.structure(shape), flat)
   if check is not None:
     check(out)
   # A tree without elements has nothing to depend on.
   num_params = len(jax.tree.leaves(params))
-  if (closed is not None and any(jnp.size(x) for x in jax.tree.leaves(params))
+  if (any(jnp.size(x) for x in jax.tree.leaves(params))
       and not _depends_on_inputs(closed.jaxpr, num_params)):
     effect = ("the ascent would change nothing: SAM would silently be its base optimizer"
               if name == "grad_fn" else "the curvature estimate would be zero")
