@@ -527,3 +527,49 @@ def test_random_pytrees_keep_structure_shapes_and_dtypes(params, kappa, gamma, r
       if isinstance(s, ire_optax.IREState) and n:
         flat = sum(int(m.sum()) for m in jax.tree.leaves(s.mask))
         assert flat >= max(1, math.floor(gamma * n))  # ties can only add coordinates
+
+
+# -----------------------------------------------------------------------------
+# The callbacks' dependence check costs nothing at run time
+# -----------------------------------------------------------------------------
+
+
+def _compiled_instructions(f, *args):
+  """The instructions of the compiled HLO of ``jax.jit(f)``, without their metadata."""
+  import re
+
+  text = jax.jit(f).lower(*args).compile().as_text()
+  return [re.sub(r", metadata=\{[^}]*\}", "", line) for line in text.splitlines()
+          if " = " in line and not line.lstrip().startswith(("FileNames", "FunctionNames"))]
+
+
+def test_callback_check_compiles_to_the_same_step(monkeypatch):
+  """SAM, mSAM and IRE-Fisher compile to the same instructions with the callbacks called
+  directly (the check traces once and evaluates that trace), and the comparison can fail."""
+  from ire_optax._src import utils
+
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  x, y = jnp.linspace(0.0, 1.0, 32).reshape(8, 4), jnp.ones((8, 3))
+  loss = lambda p, b: jnp.mean((b["x"] @ p["w"] + p["b"] - b["y"]) ** 2)
+  batch = {"x": x, "y": y}
+  g = lambda p: jax.grad(loss)(p, batch)
+  steps = {
+      "sam": (ire_optax.sam(SGD), lambda tx, p, s: tx.update(g(p), s, p, grad_fn=g)),
+      "msam": (ire_optax.msam(SGD, num_microbatches=2), lambda tx, p, s: tx.update(
+          None, s, p, grad_fn=jax.grad(loss), batch=batch)),
+      "fisher": (ire_optax.ire(SGD, curvature="fisher"), lambda tx, p, s: tx.update(
+          g(p), s, p, logits_fn=lambda q: x @ q["w"] + q["b"])),
+  }
+  compile_all = lambda: {name: _compiled_instructions(lambda p, s, tx=tx, f=f: f(tx, p, s),
+                                                      params, tx.init(params))
+                         for name, (tx, f) in steps.items()}
+  checked = compile_all()
+  with monkeypatch.context() as m:
+    m.setattr(utils, "call_callback",
+              lambda fn, p, *a, name, who, check=None: fn(p, *a))
+    direct = compile_all()
+  assert checked == direct
+  other = _compiled_instructions(lambda p, s: ire_optax.sam(SGD, rho=0.1).update(
+      g(p), s, p, grad_fn=lambda q: jax.tree.map(jnp.tanh, g(q))), params,
+      ire_optax.sam(SGD).init(params))
+  assert other != checked["sam"]

@@ -100,6 +100,17 @@ def sampled_label_loss(logits: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits32, labels))
 
 
+def check_logits(logits: Any) -> None:
+  """Raises ``ValueError`` unless ``logits`` (what ``logits_fn`` returned) is a real array."""
+  if not hasattr(logits, "shape") or jnp.ndim(logits) < 1:
+    raise ValueError("`logits_fn` must return an array of logits with the class axis last "
+                     "(shape (..., num_classes)); got "
+                     + (f"shape {jnp.shape(logits)}." if hasattr(logits, "shape") else
+                        f"a {type(logits).__name__}."))
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"`logits_fn` must return real floating logits; got dtype {logits.dtype}.")
+
+
 def fisher_diag(
     logits_fn: Callable[[Params], jax.Array], params: Params, key: jax.Array
 ) -> Any:
@@ -119,13 +130,7 @@ def fisher_diag(
   """
   def loss(p):
     logits = logits_fn(p)
-    if not hasattr(logits, "shape") or jnp.ndim(logits) < 1:
-      raise ValueError("`logits_fn` must return an array of logits with the class axis last "
-                       "(shape (..., num_classes)); got "
-                       + (f"shape {jnp.shape(logits)}." if hasattr(logits, "shape") else
-                          f"a {type(logits).__name__}."))
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-      raise ValueError(f"`logits_fn` must return real floating logits; got dtype {logits.dtype}.")
+    check_logits(logits)
     return sampled_label_loss(logits, key)
 
   return grad_sq_diag(jax.grad(loss)(params))
@@ -213,7 +218,10 @@ def resolve(
   if curvature == "fisher":
     why = "params -> logits on the current batch, used to sample labels"
     return Estimator(
-        "fisher", lambda g, p, k, x: fisher_diag(x["logits_fn"], local(p), k), square=False,
+        "fisher", lambda g, p, k, x: fisher_diag(
+            lambda q: utils.call_callback(x["logits_fn"], q, name="logits_fn",
+                                          who=who("fisher"), check=check_logits),
+            local(p), k), square=False,
         callbacks=(("logits_fn", why),), needs_params=True,
         needs_updates=False)
   if curvature == "hutchinson":
@@ -227,7 +235,9 @@ def resolve(
 
     def hutchinson(g, p, k, x):
       grad_fn = x["grad_fn"]
-      checked = lambda q: utils.check_gradient(grad_fn(local(q)), q, who=who("hutchinson"))
+      checked = lambda q: utils.call_callback(
+          grad_fn, local(q), name="grad_fn", who=who("hutchinson"),
+          check=lambda g: utils.check_gradient(g, q, who=who("hutchinson")))
       return hutchinson_diag(checked, p, k, num_samples=int(n))
 
     return Estimator("hutchinson", hutchinson, square=False, callbacks=(("grad_fn", why),),

@@ -232,8 +232,9 @@ def sala(
     def sam_grad():
       perturbed = sam.perturbed_params(phi, g, rho_t, eps=eps, mask=mask_fn(phi))
       # Per-device gradient also under shard_map(check_vma=True): utils.per_device_if.
-      g_sam = utils.check_gradient(grad_fn(utils.per_device_if(perturbed, axis_name)), phi,
-                                   who="sala.update()")
+      g_sam = utils.call_callback(
+          grad_fn, utils.per_device_if(perturbed, axis_name), name="grad_fn",
+          who="sala.update()", check=lambda g: utils.check_gradient(g, phi, who="sala.update()"))
       return utils.tree_cast_like(utils.pmean_if(g_sam, axis_name), g)
 
     g_used = utils.cond(take_sam, sam_grad, lambda: g, hint=sam_hint)

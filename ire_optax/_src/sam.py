@@ -378,8 +378,10 @@ def ascent_gradient(updates: Any, params: Params, rho_t: Any, extra_args: dict, 
                                adaptive_eta=adaptive_eta, eps=eps, mask=mask)
   # per_device_if: under shard_map(check_vma=True) grad_fn must see per-device
   # params, else JAX sums its gradient over the axis implicitly.
-  g, aux = _split_aux(grad_fn(utils.per_device_if(perturbed, axis_name)), has_aux, who=who)
-  g = utils.check_gradient(g, params, who=who)
+  check = lambda out: utils.check_gradient(_split_aux(out, has_aux, who=who)[0], params, who=who)
+  out = utils.call_callback(grad_fn, utils.per_device_if(perturbed, axis_name), name="grad_fn",
+                            who=who, check=check)
+  g, aux = _split_aux(out, has_aux, who=who)
   g = utils.tree_cast_like(utils.pmean_if(g, axis_name), updates)
   return clean, g, (utils.pmean_if(aux, axis_name) if has_aux else aux)
 
@@ -679,8 +681,11 @@ def msam(
     dtype = utils.compute_dtype(params)  # float32, or float64 for float64 params
 
     def checked_grad(p, mb):
-      g, aux = _split_aux(grad_fn(p, mb), has_aux, who="msam.update()")
-      return utils.check_gradient(g, params, who="msam.update()"), aux
+      check = lambda out: utils.check_gradient(
+          _split_aux(out, has_aux, who="msam.update()")[0], params, who="msam.update()")
+      out = utils.call_callback(grad_fn, p, mb, name="grad_fn", who="msam.update()",
+                                check=check)
+      return _split_aux(out, has_aux, who="msam.update()")
 
     def perturbed_grad(microbatch):
       clean, aux = checked_grad(params, microbatch)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal, jaxpr_as_fun
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -145,12 +146,17 @@ def check_like(out: Any, like: Any, *, what: str, who: str, hint: str = "",
   For what a callback returns (``grad_fn``'s gradient or aux output, a curvature estimate):
   ``ValueError`` naming ``what``, ``who`` and ``like_name``, with ``hint`` appended. Tree
   structures are compared by their printed form, so trees whose node types compare by
-  identity (as some model-state containers do) still match.
+  identity (as some model-state containers do) still match. The message says where the
+  trees differ (a few key paths, never the whole trees); Flax NNX ``Variable`` wrappers in
+  ``out`` (the output of ``nnx.grad``) get their own explanation.
   """
   if str(jax.tree.structure(out)) != str(jax.tree.structure(like)):
-    raise ValueError(
-        f"{who}: {what} must have the tree structure of {like_name} "
-        f"{jax.tree.structure(like)}; got {jax.tree.structure(out)}.{hint}")
+    if has_nnx_variables(out) and not has_nnx_variables(like):
+      raise ValueError(
+          f"{who}: {what} holds Flax NNX Variables (nnx.Param, ...), as nnx.grad returns, where "
+          f"{like_name} are plain arrays. {nnx_fix('grad_fn')}")
+    raise ValueError(f"{who}: {what} must have the tree structure of {like_name}; "
+                     f"{tree_difference(out, like, like_name)}.{hint}")
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(like), strict=True):
     if jnp.shape(a) != jnp.shape(b):
       raise ValueError(f"{who}: {what} must have the shapes of {like_name}; got a leaf of shape "
@@ -163,6 +169,129 @@ def check_gradient(out: Any, like: Any, *, who: str) -> Any:
              hint=" `grad_fn` must return only the gradient, a pytree like `params` (for a "
              "loss with auxiliary outputs, drop them: lambda p: jax.grad(loss, has_aux=True)"
              "(p)[0]).")
+  return out
+
+
+# -----------------------------------------------------------------------------
+# Callbacks (grad_fn, logits_fn): the mistakes they are checked for
+# -----------------------------------------------------------------------------
+
+def nnx_fix(name: str) -> str:
+  """How a Flax NNX user writes the callback ``name`` (``grad_fn`` or ``logits_fn``)."""
+  call = ("jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest, copy=True)))(p)"
+          if name == "grad_fn" else "nnx.merge(graphdef, p, rest, copy=True)(x)")
+  helper = ("grad_fn(model, loss_fn, ...)" if name == "grad_fn" else
+            "of_params(model, lambda m: m(x))")
+  return (f"`{name}` gets the parameters (with nnx.Optimizer an nnx.State of arrays), not the "
+          f"Module: evaluate the model at them, lambda p: {call} with graphdef, _, rest = "
+          f"nnx.split(model, nnx.Param, ...), or use ire_optax.nnx.{helper} (docs/nnx.md).")
+
+
+def is_nnx_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX ``Variable`` (``nnx.Param``, ...), without importing Flax."""
+  return any(c.__name__ == "Variable" and c.__module__.split(".")[0] == "flax"
+             for c in type(x).__mro__)
+
+
+def has_nnx_variables(tree: Any) -> bool:
+  """Whether any node of ``tree`` is a Flax NNX ``Variable``."""
+  return any(is_nnx_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_nnx_variable))
+
+
+def _short(text: str, limit: int = 80) -> str:
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def tree_difference(out: Any, like: Any, like_name: str = "`params`") -> str:
+  """How the tree of ``out`` differs from that of ``like``, in a line (a few key paths at most)."""
+  paths = lambda t: [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(t)]
+  got, want = paths(out), paths(like)
+  missing = [p for p in want if p not in set(got)]
+  extra = [p for p in got if p not in set(want)]
+  show = lambda ps: ", ".join(_short(p or "(the root)") for p in ps[:2]) + (
+      f" and {len(ps) - 2} more" if len(ps) > 2 else "")
+  parts = [f"got {len(got)} leaves where {like_name} has {len(want)}"]
+  if missing:
+    parts.append(f"missing {show(missing)}")
+  if extra:
+    parts.append(f"unexpected {show(extra)}")
+  if not missing and not extra:
+    parts.append(f"the same key paths in other containers (a {type(out).__name__} at the root, "
+                 f"where {like_name} is a {type(like).__name__})")
+  return "; ".join(parts)
+
+
+def _depends_on_inputs(jaxpr: Any, num_inputs: int) -> bool:
+  """Whether an output of ``jaxpr`` depends on one of its first ``num_inputs`` inputs.
+
+  Conservative: an equation with a dependent input makes all its outputs dependent (also
+  ``cond``, ``scan``, ``pjit``, ..., whose sub-jaxprs get their operands as inputs).
+  """
+  dependent = set(jaxpr.invars[:num_inputs])
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, Literal) and v in dependent for v in eqn.invars):
+      dependent.update(eqn.outvars)
+  return any(not isinstance(v, Literal) and v in dependent for v in jaxpr.outvars)
+
+
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                  jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
+def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
+                  check: Callable[[Any], Any] | None = None) -> Any:
+  """``fn(params, *args)`` (a ``grad_fn`` or ``logits_fn``), refused if it ignores ``params``.
+
+  ``fn`` is traced once to a jaxpr, at the abstract values of its inputs, and the jaxpr is
+  evaluated on them: the same computation as calling ``fn``, no run-time cost. ``check``
+  (if given) validates the output first. ``fn`` is called once, with tracers also when the
+  update runs eagerly (called eagerly, a callback that needs concrete values cannot be
+  traced: it is called as it is, unchecked). Raises, at trace time:
+
+  * ``ValueError`` if no output depends on ``params``: a ``grad_fn`` that differentiates a
+    model or parameters it closes over would silently turn SAM into its base optimizer;
+  * ``TypeError`` naming the fix if ``fn`` treats the parameters it gets, an ``nnx.State``,
+    as a Flax NNX Module (calls it or reads its layers' attributes), and ``ValueError`` if
+    it uses a Module or Variable of the caller's trace (a model it closes over).
+  """
+  try:
+    # A new function object each time: no trace cached from another call (whose closure
+    # may hold other values) is reused.
+    closed, shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(params, *args)
+  except _TRACER_ERRORS:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, args))):
+      raise
+    # Called eagerly, a callback that needs concrete values (NumPy, Python control flow)
+    # cannot be traced: it is called as it is, unchecked.
+    out = fn(params, *args)
+    if check is not None:
+      check(out)
+    return out
+  except Exception as e:
+    flax_params = type(params).__module__.split(".")[0] == "flax"
+    if flax_params and f"'{type(params).__name__}' object" in str(e):
+      raise TypeError(f"{who}: `{name}` treats its argument as a Module ({_short(str(e))}). "
+                      f"{nnx_fix(name)}") from e
+    if "different trace level" in str(e):
+      # Flax refuses a Module or Variable of the caller's trace used inside the callback.
+      raise ValueError(f"{who}: `{name}` uses a Flax NNX Module or Variable it closes over "
+                       f"({_short(str(e))}). {nnx_fix(name)}") from e
+    raise
+  flat = jaxpr_as_fun(closed)(*jax.tree.leaves((params, *args)))
+  out = jax.tree.unflatten(jax.tree.structure(shape), flat)
+  if check is not None:
+    check(out)
+  # A tree without elements has nothing to depend on.
+  num_params = len(jax.tree.leaves(params))
+  if (any(jnp.size(x) for x in jax.tree.leaves(params))
+      and not _depends_on_inputs(closed.jaxpr, num_params)):
+    effect = ("the ascent would change nothing: SAM would silently be its base optimizer"
+              if name == "grad_fn" else "the curvature estimate would be zero")
+    raise ValueError(
+        f"{who}: what `{name}` returns does not depend on its argument, the parameters it is "
+        f"called with, so {effect}. It probably evaluates a model or parameters it closes "
+        f"over. {nnx_fix(name)}")
   return out
 
 
