@@ -4,6 +4,7 @@ The target tests compile small programs for a TPU v5e (a chip, and a 2x2 slice) 
 they are skipped, saying why, where libtpu is not installed.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -70,3 +71,56 @@ def test_fsdp_spec_extra_collectives_and_merge():
   merged = B.merge(old, new)
   assert merged["train"]["llama"]["targets"] == {"h100": {"base": {"bytes": 1}},
                                                  "tpu-v5e": {"base": {"bytes": 2}}}
+
+
+def _skip_without(target):
+  why = X.available(target)
+  if why:
+    pytest.skip(f"cannot compile for {target} here: {why}")
+
+
+def _pod_collectives(keys):
+  """The collectives of the toy Llama's FSDP train step on a v5e:2x2 slice (4 chips)."""
+  opts = {o.key: o for o in B.T.optimizers(True)}
+  model = B.T.SMOKE_MODELS["llama"]
+  out = {}
+  for key in keys:
+    for share, hints, picks, c in B.pod_step(model, opts[key], "v5e:2x2", batch_size=8):
+      out[(key, tuple(hints.values()))] = B.collectives(c, picks)
+  return out
+
+
+def test_pod_slice_refresh_all_reduces_counts_and_gathers_no_parameters():
+  """On a sharded slice IRE's refresh adds only all-reduces of integer counts to AdamW's
+  step (no all-gather: the parameters stay sharded), its plain step adds nothing, and SAM adds
+  one more forward/backward pass's collectives and float32 scalar all-reduces (the norm)."""
+  _skip_without("v5e:2x2")
+  got = _pod_collectives(["base", "ire_grad_sq", "sam"])
+  base = got[("base", ())]
+  assert any(c["opcode"] in ("all-gather", "reduce-scatter", "all-reduce") for c in base)
+  refresh = B.extra_collectives(got[("ire_grad_sq", (True,))], base)
+  assert refresh, "the refresh combines its counts across the chips"
+  for c in refresh:  # integer arrays (counts) and float scalars; nothing parameter-shaped
+    parts = c["shape"].strip("()").split(", ")
+    assert c["opcode"] == "all-reduce", c
+    assert all(re.fullmatch(r"[su](32|64)\[\d*\]|f32\[\]", x) for x in parts), c
+  assert B.extra_collectives(got[("ire_grad_sq", (False,))], base) == []
+  sam = B.extra_collectives(got[("sam", ())], base)
+  gathers = {c["shape"] for c in base if c["opcode"] == "all-gather"}
+  for c in sam:
+    if c["opcode"] == "all-gather":
+      assert c["shape"] in gathers, c  # the second pass gathers what the first one does
+    else:
+      assert c["opcode"] in ("all-reduce", "reduce-scatter"), c
+
+
+def test_train_step_targets_on_tpu():
+  """The Llama example's train step (toy size) compiled for a TPU v5e: SAM costs at most
+  2.05 base steps and mSAM (m = 8, vectorised) at most 1.05 SAM steps, by the compiler's
+  estimated cycles (the same targets hold at the benchmark's size: compiled_steps.md)."""
+  _skip_without("tpu-v5e")
+  opts = {o.key: o for o in B.T.optimizers(True)}
+  model = B.T.SMOKE_MODELS["llama"]
+  got = {k: B.measure_train(model, opts[k], "tpu-v5e")["cycles"] for k in ("base", "sam", "msam")}
+  assert got["sam"] <= 2.05 * got["base"], got
+  assert got["msam"] <= 1.05 * got["sam"], got
