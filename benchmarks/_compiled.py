@@ -55,10 +55,7 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
-            # Several processes may compile at once (pytest -n 2, parallel benchmarks):
-            # without this libtpu refuses to load while another process holds its lockfile.
-            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
 H100_CONFIG = Path(__file__).resolve().with_name("h100_sxm.txtpb")
 
 # The H100 time model.

@@ -41,6 +41,7 @@ import argparse
 import collections
 import fcntl
 import functools
+import os
 import re
 import sys
 import time
@@ -57,6 +58,12 @@ import optax
 
 import ire_optax
 from examples.common import cli, optim, train
+
+# JAX may have read JAX_PLATFORMS before _compiled set it (through _common): tell its config,
+# or the CUDA plugin looks for a GPU. Several processes may describe TPUs at once.
+if not jax.config.jax_platforms:
+  jax.config.update("jax_platforms", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 NAME = "compiled_steps"
 SECTIONS = ("update", "train", "pod")
@@ -207,8 +214,10 @@ def update_programs() -> list[tuple[str, str, Any, str, dict[str, Any], Any]]:
       ("sam k=5 plain, hinted", "samk off", samk, "sam", off, None),
       ("sam k=5 ascent, unhinted", "samk", samk, "sam", {}, first_taken),
       ("sam k=5 plain, unhinted", "samk", samk, "sam", {}, None),
-      ("sala start, hinted", "sala on", sala, "sam", on, None),  # stage 1 or 2: same program
-      ("sala end, hinted", "sala off", sala, "sam", off, last_taken),
+      # The loop's hints: the SAM step on a cycle start, the end of cycle on its end.
+      ("sala start, hinted", "sala on", sala, "sam", {**on, "cycle_end_hint": False}, None),
+      ("sala end, hinted", "sala off", sala, "sam", {**off, "cycle_end_hint": True},
+       last_taken),
       ("sala stage-2 start, unhinted", "sala", sala, "sam", {}, first_taken),
       ("sala stage-1 start, unhinted", "sala", sala, "sam", {}, None),
       ("sala end, unhinted", "sala", sala, "sam", {}, last_taken),
