@@ -11,7 +11,7 @@ optimized HLO, against its base optimizer compiled the same way. Three sections:
   mSAM (m = 8); GSAM.
 * ``train``: the examples' ResNet, ViT and Llama train steps
   (``examples.common.train.step_function``, models and optimizers as
-  ``benchmarks/bench_train_step.py`` builds them, each example's default batch) with every
+  ``benchmarks/bench_train_step.py`` builds them, with its sizes and batches) with every
   optimizer over its base, on ``tpu-v5e`` (the compiler's estimated cycles) and ``h100``
   (bytes and the time model). A step kind that occurs on some steps only is weighted by
   its frequency over 10 steps, with the hints the examples' loop passes: IRE (``grad_sq``,
@@ -497,7 +497,25 @@ def train_markdown(trains: dict[str, Any]) -> list[str]:
       f"{trains[m]['label']}: {trains[m]['targets']['tpu-v5e']['base']['cycles']:.3g} cycles, "
       f"{trains[m]['targets']['tpu-v5e']['base']['params']:,} params"
       for m in models if "base" in trains[m]["targets"].get("tpu-v5e", {}))
-  return lines + ["", f"Base steps (TPU v5e): {base_cycles}.", ""]
+  lines += ["", f"Base steps (TPU v5e): {base_cycles}.", ""]
+  # Where the cycles go, for the steps without conditionals (a breakdown counts every
+  # instruction of the program once, branches included).
+  split = []
+  for m in models:
+    progs = trains[m]["targets"].get("tpu-v5e", {})
+    base = progs.get("base")
+    for key in ("sam", "msam"):
+      p = progs.get(key)
+      if base is None or p is None or p["conditionals_executed"]:
+        continue
+      b, q = (x["kinds"][0]["cycle_breakdown"]["by_kind"] for x in (base, p))
+      split.append(f"{trains[m]['label']}, {key.upper()}: matmul and convolution fusions "
+                   f"(`kOutput`) {q.get('kOutput', 0) / b['kOutput']:.2f}×, other fusions "
+                   f"(`kLoop`) {q.get('kLoop', 0) / b['kLoop']:.2f}×")
+  if split:
+    lines += ["TPU v5e cycles by kind of fusion, over the base step's: " + "; ".join(split)
+              + ".", ""]
+  return lines
 
 
 def pod_markdown(pod: dict[str, Any] | None) -> list[str]:
