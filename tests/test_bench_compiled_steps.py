@@ -20,6 +20,7 @@ import _compiled as X  # noqa: E402
 import bench_compiled_steps as B  # noqa: E402
 
 
+@pytest.mark.slow  # about 15 CPU compiles (tiny MLP and toy Llama steps)
 def test_smoke_compiles_every_kind_of_step_and_writes_the_table(tmp_path):
   out = tmp_path / "compiled_steps"
   assert B.main(["--smoke", "--out", str(out)]) == 0
