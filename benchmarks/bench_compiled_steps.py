@@ -44,6 +44,7 @@ import functools
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -498,6 +499,10 @@ def train_markdown(trains: dict[str, Any]) -> list[str]:
       f"{trains[m]['targets']['tpu-v5e']['base']['params']:,} params"
       for m in models if "base" in trains[m]["targets"].get("tpu-v5e", {}))
   lines += ["", f"Base steps (TPU v5e): {base_cycles}.", ""]
+  for m in models:
+    for target, errs in trains[m].get("errors", {}).items():
+      for key, msg in errs.items():
+        lines += [f"{trains[m]['label']}, {key}, {target}: does not compile (`{msg}`).", ""]
   # Where the cycles go, for the steps without conditionals (a breakdown counts every
   # instruction of the program once, branches included).
   split = []
@@ -636,13 +641,13 @@ def main(argv: list[str] | None = None) -> int:
 
   def save():
     # Several runs (e.g. one per section) may share the results file: merge under a lock.
-    with open(args.out + ".lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"{Path(args.out).name}.lock", "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
       on_disk = C.read_results(args.out + ".json") if Path(args.out + ".json").exists() else None
       merged = merge((on_disk or {}).get("details") or {}, details) if not smoke else details
       train_ratios(merged.get("train", {}))
-      command = "python benchmarks/bench_compiled_steps.py" + "".join(
-          f" {a}" for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("/"))
+      # Runs merge into one file: the command is the whole script's (or the smoke run's).
+      command = "python benchmarks/bench_compiled_steps.py" + (" --smoke" if smoke else "")
       meta = {"command": command, "versions": f"jax {jax.__version__}",
               "time_model": TIME_MODEL, "period": PERIOD, "train_targets": TRAIN_TARGETS,
               "compile_seconds": total_compile_seconds(merged)}
@@ -676,7 +681,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys:
           if key in progs:
             continue
-          progs[key] = measure_train(model, opts[key], target)
+          try:
+            progs[key] = measure_train(model, opts[key], target)
+          except jax.errors.JaxRuntimeError as e:  # a compiler's failure is a result too
+            m.setdefault("errors", {}).setdefault(target, {})[key] = str(e).split("\n")[0][:300]
+            print(f"train {name} {target} {key}: {e}", file=sys.stderr, flush=True)
+            save()
+            continue
           print(f"train {name} {target} {key}: cycles {progs[key]['cycles']:.4g}, bytes "
                 f"{progs[key]['bytes']:.4g} ({progs[key]['compile_seconds']:.0f} s)",
                 file=sys.stderr, flush=True)
