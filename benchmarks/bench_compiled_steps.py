@@ -41,7 +41,6 @@ import argparse
 import collections
 import fcntl
 import functools
-import os
 import re
 import sys
 import tempfile
@@ -59,12 +58,6 @@ import optax
 
 import ire_optax
 from examples.common import cli, optim, train
-
-# JAX may have read JAX_PLATFORMS before _compiled set it (through _common): tell its config,
-# or the CUDA plugin looks for a GPU. Several processes may describe TPUs at once.
-if not jax.config.jax_platforms:
-  jax.config.update("jax_platforms", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 NAME = "compiled_steps"
 SECTIONS = ("update", "train", "pod")
