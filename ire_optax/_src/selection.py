@@ -80,8 +80,6 @@ _U32 = jnp.uint32
 # Every count is an exact uint32 sum over fewer than this many values; larger sums are
 # two-word. (A module constant so that tests can exercise the two-word path on small trees.)
 _WORD_LIMIT = 1 << 32
-# Bits resolved by each pass of the "threshold" method (2**b - 1 thresholds, 32 / b passes).
-_THRESHOLD_BITS = 4
 # psum of 16-bit limbs stays below 2**32 for at most this many devices in the axis.
 _MAX_AXIS_SIZE = (1 << 16) - 1
 
@@ -564,32 +562,83 @@ def _counts_matrix(keys: jax.Array, t: jax.Array) -> jax.Array:
   return jnp.sum(keys[..., None] <= t, axis=tuple(range(keys.ndim)), dtype=_U32)
 
 
-def _threshold_counts(keys: jax.Array, t: jax.Array) -> jax.Array:
-  """``#{keys <= t_j}`` for every threshold ``t_j``, in the form each platform runs best."""
-  return jax.lax.platform_dependent(keys, t, tpu=_counts_each, default=_counts_matrix)
+class _Passes(NamedTuple):
+  """How the ``"threshold"`` method counts on a platform.
+
+  ``high``: bits resolved by each pass over the uint32 keys, most significant first;
+  ``low``: when ``high`` covers the top 16 bits only, bits resolved by each pass over
+  16-bit keys of the winning top-16-bit bucket (:func:`_bucket_keys16`), which read half
+  the bytes; ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold.
+  """
+  high: tuple[int, ...]
+  low: tuple[int, ...]
+  counts: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# Per lowering platform ("default": any other). TPU: the compiler prices a pass over the keys
+# at a floor that 7 thresholds (3 bits) do not exceed while 15 do (docs/selection.md), and a
+# pass over 16-bit keys below that floor; GPU: 8 passes of 15 thresholds, one kernel each.
+_THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each),
+                     "default": _Passes((4,) * 8, (), _counts_matrix)}
+
+
+def _bucket_keys16(keys: jax.Array, high: jax.Array) -> jax.Array:
+  """16-bit keys that compare with every low-pass threshold as the full keys do.
+
+  Inside the bucket whose top 16 bits are ``high``: the low 16 bits; below it 0, above it
+  0xFFFF. Every threshold of a low pass lies in ``[0, 0xFFFE]``: a key below the bucket
+  counts under each of them and a key above it under none, as their full keys do.
+  """
+  top = keys >> 16
+  low = jnp.where(top > high, _LOW_MASK, keys & _LOW_MASK)
+  return jnp.where(top < high, np.uint32(0), low).astype(jnp.uint16)
+
+
+def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits: tuple[int, ...],
+                      width: int, *, counts: Callable[..., jax.Array], axis_name: Any,
+                      wide: bool) -> jax.Array:
+  """Passes resolving ``bits`` of ``width``-bit keys, from the top, after the prefix ``base``
+  (of the bits above them): each splits
+  the remaining range into ``2**b`` parts with ``2**b - 1`` thresholds and keeps the part
+  holding the ``rank``-th key (unrolled: one compiled body a pass)."""
+  dtype = jnp.uint32 if width == 32 else jnp.uint16
+  used = 0
+  for b in bits:
+    used += b
+    s = np.uint32(width - used)
+    j = jnp.arange(1, 1 << b, dtype=_U32)
+    t = (base + (j << s) - np.uint32(1)).astype(dtype)  # the largest keys below base + j·2**s
+    c = count_psum(_total(keys, functools.partial(counts, t=t), (j.shape[0],), wide),
+                   axis_name)
+    digit = jnp.sum(~count_ge(c, rank), dtype=_U32)  # parts entirely below the rank
+    base = base + (digit << s)
+  return base
+
+
+def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
+  run = functools.partial(_threshold_passes, counts=passes.counts, axis_name=axis_name,
+                          wide=wide)
+  zero = jnp.zeros((), _U32)
+  if not passes.low:
+    assert sum(passes.high) == 32
+    return run(keys, rank, zero, passes.high, 32)
+  assert sum(passes.high) == 16 and sum(passes.low) == 16
+  high = run(keys, rank, zero, passes.high, 32) >> 16
+  low = run([_bucket_keys16(k, high) for k in keys], rank, zero, passes.low, 16)
+  return (high << 16) | low
 
 
 def _select_threshold(leaves, rank, *, square, axis_name, wide):
-  """Radix select by counting: each pass splits ``[base, base + 2**(s+b))`` into ``2**b``
-  parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key.
+  """Radix select by counting, with each platform's passes (:data:`_THRESHOLD_PASSES`).
 
-  The keys are computed once (:func:`_threshold_keys`); the passes are one ``fori_loop``
-  (one compiled body instead of 32 / b).
+  The keys are computed once (:func:`_threshold_keys`).
   """
-  b = _THRESHOLD_BITS
-  assert 32 % b == 0
-  j = jnp.arange(1, 1 << b, dtype=_U32)
   keys = _threshold_keys(leaves, square)
-
-  def one_pass(i, base):
-    s = (32 - b * (i + 1)).astype(_U32)
-    t = base + (j << s) - np.uint32(1)  # the largest keys below base + j * 2**s
-    counts = _total(keys, functools.partial(_threshold_counts, t=t), (j.shape[0],), wide)
-    counts = count_psum(counts, axis_name)
-    digit = jnp.sum(~count_ge(counts, rank), dtype=_U32)  # parts entirely below the rank
-    return base + (digit << s)
-
-  return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32), unroll=True)
+  branches = {p: functools.partial(_threshold_select_keys, passes=v, axis_name=axis_name,
+                                   wide=wide)
+              for p, v in _THRESHOLD_PASSES.items()}
+  default = branches.pop("default")
+  return jax.lax.platform_dependent(keys, rank, default=default, **branches)
 
 
 # The two histograms of each histogram method: (top 16 bits, low 16 bits in a bucket).
