@@ -539,15 +539,16 @@ def _threshold_keys(leaves: list[jax.Array], square: bool) -> list[jax.Array]:
 
   Leaves on one device are written into **one** flat buffer by one fusion, so each pass
   launches the same few kernels for one leaf or a thousand; a sharded tree keeps one buffer
-  per leaf (a flat view would reshard it). The optimization barrier keeps XLA from
-  recomputing the keys inside every pass (it would: recomputing them is elementwise).
+  per leaf (a flat view would reshard it). The passes put them behind an optimization
+  barrier, which keeps XLA from recomputing the keys inside every pass (it would:
+  recomputing them is elementwise); see :func:`_threshold_select_keys`.
   """
   full = [x for x in leaves if x.size]
   if len(full) > 1 and all(sharding.is_on_one_device(x) for x in full):
     keys = [jnp.concatenate([ordered_keys(_square_if(x, square)).ravel() for x in full])]
   else:
     keys = [ordered_keys(_square_if(x, square)) for x in full]
-  return list(jax.lax.optimization_barrier(keys))
+  return keys
 
 
 def _counts_each(keys: jax.Array, t: jax.Array) -> jax.Array:
@@ -568,18 +569,21 @@ class _Passes(NamedTuple):
   ``high``: bits resolved by each pass over the uint32 keys, most significant first;
   ``low``: when ``high`` covers the top 16 bits only, bits resolved by each pass over
   16-bit keys of the winning top-16-bit bucket (:func:`_bucket_keys16`), which read half
-  the bytes; ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold.
+  the bytes; ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold;
+  ``fused_first``: the first pass counts the keys as they are computed (one fusion writes
+  them and counts), before the optimization barrier, instead of reading them back.
   """
   high: tuple[int, ...]
   low: tuple[int, ...]
   counts: Callable[[jax.Array, jax.Array], jax.Array]
+  fused_first: bool
 
 
 # Per lowering platform ("default": any other). TPU: the compiler prices a pass over the keys
 # at a floor that 7 thresholds (3 bits) do not exceed while 15 do (docs/selection.md), and a
 # pass over 16-bit keys below that floor; GPU: 8 passes of 15 thresholds, one kernel each.
-_THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each),
-                     "default": _Passes((4,) * 8, (), _counts_matrix)}
+_THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each, True),
+                     "default": _Passes((4,) * 8, (), _counts_matrix, False)}
 
 
 def _bucket_keys16(keys: jax.Array, high: jax.Array) -> jax.Array:
@@ -595,14 +599,14 @@ def _bucket_keys16(keys: jax.Array, high: jax.Array) -> jax.Array:
 
 
 def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits: tuple[int, ...],
-                      width: int, *, counts: Callable[..., jax.Array], axis_name: Any,
-                      wide: bool) -> jax.Array:
-  """Passes resolving ``bits`` of ``width``-bit keys, from the top, after the prefix ``base``
-  (of the bits above them): each splits
-  the remaining range into ``2**b`` parts with ``2**b - 1`` thresholds and keeps the part
-  holding the ``rank``-th key (unrolled: one compiled body a pass)."""
+                      width: int, *, done: int = 0, counts: Callable[..., jax.Array],
+                      axis_name: Any, wide: bool) -> jax.Array:
+  """Passes resolving ``bits`` of ``width``-bit keys after the top ``done`` bits, whose
+  prefix is ``base``: each splits the remaining range into ``2**b`` parts with
+  ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key (unrolled: one
+  compiled body a pass)."""
   dtype = jnp.uint32 if width == 32 else jnp.uint16
-  used = 0
+  used = done
   for b in bits:
     used += b
     s = np.uint32(width - used)
@@ -618,13 +622,15 @@ def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits:
 def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
   run = functools.partial(_threshold_passes, counts=passes.counts, axis_name=axis_name,
                           wide=wide)
-  zero = jnp.zeros((), _U32)
+  assert sum(passes.high) + sum(passes.low) == 32 and sum(passes.high) in (16, 32)
+  first = passes.high[:1] if passes.fused_first else ()
+  base = run(keys, rank, jnp.zeros((), _U32), first, 32)
+  keys, base = jax.lax.optimization_barrier((keys, base))
+  base = run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
   if not passes.low:
-    assert sum(passes.high) == 32
-    return run(keys, rank, zero, passes.high, 32)
-  assert sum(passes.high) == 16 and sum(passes.low) == 16
-  high = run(keys, rank, zero, passes.high, 32) >> 16
-  low = run([_bucket_keys16(k, high) for k in keys], rank, zero, passes.low, 16)
+    return base
+  high = base >> 16
+  low = run([_bucket_keys16(k, high) for k in keys], rank, jnp.zeros((), _U32), passes.low, 16)
   return (high << 16) | low
 
 
