@@ -625,7 +625,7 @@ def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
   assert sum(passes.high) + sum(passes.low) == 32 and sum(passes.high) in (16, 32)
   first = passes.high[:1] if passes.fused_first else ()
   base = run(keys, rank, jnp.zeros((), _U32), first, 32)
-  keys, base = jax.lax.optimization_barrier((keys, base))
+  keys = jax.lax.optimization_barrier(keys)
   base = run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
   if not passes.low:
     return base
