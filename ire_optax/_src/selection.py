@@ -21,10 +21,12 @@ CPU, so this module uses a **radix select** over the float bits:
      counts verify that the bracket holds τ; else the two passes run); under
      ``axis_name``, per-device histograms with a ``psum`` between the passes.
    * ``"scatter"``: the same two histograms as XLA scatter-adds.
-   * ``"threshold"`` (TPU, GPU): no scatter at all. Each of 8 passes counts
-     ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
-     into 16 equal parts -- one fused compare-and-reduce over the values -- and
-     resolves 4 bits.
+   * ``"threshold"`` (TPU, GPU): no scatter at all. Each pass counts
+     ``#{key <= t_j}`` for ``2**b - 1`` thresholds ``t_j`` splitting the remaining
+     range into ``2**b`` equal parts -- one fused compare-and-reduce over the
+     values -- and resolves ``b`` bits: 8 passes of 4 bits on GPU; on TPU 5
+     passes of 3-4 bits, then 5 over 16-bit keys of the winning top-16-bit
+     bucket (see ``_THRESHOLD_PASSES``).
 
    ``"auto"`` (the default) picks per backend with ``lax.platform_dependent``:
    ``"native"`` on the CPU for arrays on one device (``"scatter"`` when the
