@@ -569,9 +569,10 @@ class _Passes(NamedTuple):
   """How the ``"threshold"`` method counts on a platform.
 
   ``high``: bits resolved by each pass over the uint32 keys, most significant first;
-  ``low``: when ``high`` covers the top 16 bits only, bits resolved by each pass over
-  16-bit keys of the winning top-16-bit bucket (:func:`_bucket_keys16`), which read half
-  the bytes; ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold;
+  ``low``: when ``high`` covers the top 16 bits only (then counted over the top 16 bits
+  of the keys alone, stored apart), bits resolved by each pass over 16-bit keys of the
+  winning top-16-bit bucket (:func:`_bucket_keys16`); both read half the bytes;
+  ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold;
   ``fused_first``: the first pass counts the keys as they are computed (one fusion writes
   them and counts), before the optimization barrier, instead of reading them back.
   """
@@ -588,16 +589,17 @@ _THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_ea
                      "default": _Passes((4,) * 8, (), _counts_matrix, False)}
 
 
-def _bucket_keys16(keys: jax.Array, high: jax.Array) -> jax.Array:
+def _bucket_keys16(top: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
   """16-bit keys that compare with every low-pass threshold as the full keys do.
 
-  Inside the bucket whose top 16 bits are ``high``: the low 16 bits; below it 0, above it
-  0xFFFF. Every threshold of a low pass lies in ``[0, 0xFFFE]``: a key below the bucket
-  counts under each of them and a key above it under none, as their full keys do.
+  ``top``, ``low``: the top and low 16 bits of the keys. Inside the bucket whose top 16
+  bits are ``high``: the low 16 bits; below it 0, above it 0xFFFF. Every threshold of a low
+  pass lies in ``[0, 0xFFFE]``: a key below the bucket counts under each of them and a key
+  above it under none, as their full keys do.
   """
-  top = keys >> 16
-  low = jnp.where(top > high, _LOW_MASK, keys & _LOW_MASK)
-  return jnp.where(top < high, np.uint32(0), low).astype(jnp.uint16)
+  high = high.astype(jnp.uint16)
+  low = jnp.where(top > high, np.uint16(0xFFFF), low)
+  return jnp.where(top < high, np.uint16(0), low)
 
 
 def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits: tuple[int, ...],
@@ -624,15 +626,22 @@ def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits:
 def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
   run = functools.partial(_threshold_passes, counts=passes.counts, axis_name=axis_name,
                           wide=wide)
-  assert sum(passes.high) + sum(passes.low) == 32 and sum(passes.high) in (16, 32)
+  zero = jnp.zeros((), _U32)
   first = passes.high[:1] if passes.fused_first else ()
-  base = run(keys, rank, jnp.zeros((), _U32), first, 32)
-  keys = jax.lax.optimization_barrier(keys)
-  base = run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
   if not passes.low:
-    return base
-  high = base >> 16
-  low = run([_bucket_keys16(k, high) for k in keys], rank, jnp.zeros((), _U32), passes.low, 16)
+    assert sum(passes.high) == 32
+    base = run(keys, rank, zero, first, 32)
+    keys = jax.lax.optimization_barrier(keys)
+    return run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
+  # The top 16 bits are resolved over the keys' top halves, which read half the bytes.
+  assert sum(passes.high) == sum(passes.low) == 16
+  tops = [(k >> 16).astype(jnp.uint16) for k in keys]
+  lows = [(k & _LOW_MASK).astype(jnp.uint16) for k in keys]
+  high = run(tops, rank, zero, first, 16)
+  tops, lows = jax.lax.optimization_barrier((tops, lows))
+  high = run(tops, rank, high, passes.high[len(first):], 16, done=sum(first))
+  low = run([_bucket_keys16(t, lo, high) for t, lo in zip(tops, lows, strict=True)], rank,
+            zero, passes.low, 16)
   return (high << 16) | low
 
 
