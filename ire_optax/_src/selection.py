@@ -25,8 +25,8 @@ CPU, so this module uses a **radix select** over the float bits:
      ``#{key <= t_j}`` for ``2**b - 1`` thresholds ``t_j`` splitting the remaining
      range into ``2**b`` equal parts -- one fused compare-and-reduce over the
      values -- and resolves ``b`` bits: 8 passes of 4 bits on GPU; on TPU 5
-     passes of 3-4 bits, then 5 over 16-bit keys of the winning top-16-bit
-     bucket (see ``_THRESHOLD_PASSES``).
+     passes of 3-4 bits over the keys' top 16 bits, then 5 over 16-bit keys of
+     the winning top-16-bit bucket (see ``_THRESHOLD_PASSES``).
 
    ``"auto"`` (the default) picks per backend with ``lax.platform_dependent``:
    ``"native"`` on the CPU for arrays on one device (``"scatter"`` when the
