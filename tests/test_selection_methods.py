@@ -12,6 +12,7 @@ from its serialization, and ``jax.grad`` through ``ire(...).update``.
 
 from __future__ import annotations
 
+import contextlib
 import fractions
 import math
 
@@ -29,6 +30,8 @@ from tests import strategies
 from tests.np_reference import canon_keys
 
 METHODS = ["native", "threshold", "scatter"] if native.enabled() else ["threshold", "scatter"]
+# And "threshold" with the passes and counts it lowers to on TPU, forced on this backend.
+COUNTINGS = [*METHODS, "threshold-tpu"]
 # The shared pool plus NaN and more denormals (every method must order them alike).
 POOL = [*strategies.POOL, -1e-45, 1e-39, np.nan]
 trees = strategies.float_trees(POOL, pool_side=5, random_side=12, random_min_dims=1,
@@ -46,6 +49,22 @@ def _reference(leaves, gamma=None, k=None):
   return k, tau, [(canon_keys(x) <= tau_m).astype(np.uint8) for x in leaves]
 
 
+@contextlib.contextmanager
+def _counting(method):
+  """The method's name for the selection functions, in a context that forces TPU's
+  threshold passes on this backend for ``"threshold-tpu"``."""
+  if method != "threshold-tpu":
+    yield method
+    return
+  passes = selection._THRESHOLD_PASSES
+  saved = passes["default"]
+  passes["default"] = passes["tpu"]
+  try:
+    yield "threshold"
+  finally:
+    passes["default"] = saved
+
+
 def _same(a, b):
   a, b = np.asarray(a), np.asarray(b)
   assert a.tobytes() == b.tobytes() or (np.isnan(a) and np.isnan(b)), (a, b)
@@ -58,18 +77,23 @@ def test_every_method_equals_a_full_sort(leaves, gamma):
     return
   k, tau, masks = _reference(leaves, gamma)
   tree = [jnp.asarray(x) for x in leaves]
-  for method in METHODS:
-    _same(jax.jit(lambda t, m=method: selection.kth_smallest(t, k, method=m))(tree), tau)
-    got = jax.jit(lambda t, m=method: ire_optax.flat_mask(t, gamma, method=m))(tree)
+  for name in COUNTINGS:
+    with _counting(name) as method:
+      _same(jax.jit(lambda t, m=method: selection.kth_smallest(t, k, method=m))(tree), tau)
+      got = jax.jit(lambda t, m=method: ire_optax.flat_mask(t, gamma, method=m))(tree)
     for g, m in zip(got, masks, strict=True):
-      np.testing.assert_array_equal(g, m, err_msg=method)
+      np.testing.assert_array_equal(g, m, err_msg=name)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_word_path_and_sliced_leaves(method, monkeypatch):
+@pytest.mark.parametrize("name", COUNTINGS)
+def test_two_word_path_and_sliced_leaves(name, monkeypatch):
   """With the word limit lowered to 128, leaves are cut into slices, groups add in two
   words, the rank is two-word: still a full sort's answer."""
   monkeypatch.setattr(selection, "_WORD_LIMIT", 128)
+  if name == "threshold-tpu":
+    monkeypatch.setitem(selection._THRESHOLD_PASSES, "default",
+                        selection._THRESHOLD_PASSES["tpu"])
+  method = "threshold" if name == "threshold-tpu" else name
   rng = np.random.default_rng(3)
   leaves = [rng.standard_normal((5, 30)).astype(np.float32) ** 2,
             np.round(rng.standard_normal(70)).astype(np.float32), np.float32(0.25),

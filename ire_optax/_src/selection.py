@@ -15,10 +15,12 @@ CPU, so this module uses a **radix select** over the float bits:
 
    * ``"scatter"``: two passes of 65,536-bin histograms (top 16 bits, then the
      low 16 bits inside the winning bucket) as XLA scatter-adds.
-   * ``"threshold"``: no scatter at all. Each of 8 passes counts
-     ``#{key <= t_j}`` for 15 thresholds ``t_j`` splitting the remaining range
-     into 16 equal parts -- one fused compare-and-reduce over the values -- and
-     resolves 4 bits.
+   * ``"threshold"``: no scatter at all. Each pass counts
+     ``#{key <= t_j}`` for ``2**b - 1`` thresholds ``t_j`` splitting the remaining
+     range into ``2**b`` equal parts -- one fused compare-and-reduce over the
+     values -- and resolves ``b`` bits: 8 passes of 4 bits on GPU; on TPU 5
+     passes of 3-4 bits over the keys' top 16 bits, then 5 over 16-bit keys of
+     the winning top-16-bit bucket (see ``_THRESHOLD_PASSES``).
    * ``"native"`` (CPU, opt-in): the two histograms from a small C++ kernel
      (:mod:`ire_optax._src.native`, compiled on first use of this method): one
      call for the whole tree, which counts in 64 bits and writes the mask, and
@@ -83,8 +85,6 @@ _U32 = jnp.uint32
 # Every count is an exact uint32 sum over fewer than this many values; larger sums are
 # two-word. (A module constant so that tests can exercise the two-word path on small trees.)
 _WORD_LIMIT = 1 << 32
-# Bits resolved by each pass of the "threshold" method (2**b - 1 thresholds, 32 / b passes).
-_THRESHOLD_BITS = 4
 # psum of 16-bit limbs stays below 2**32 for at most this many devices in the axis.
 _MAX_AXIS_SIZE = (1 << 16) - 1
 
@@ -611,15 +611,16 @@ def _threshold_keys(leaves: list[jax.Array], square: bool) -> list[jax.Array]:
 
   Leaves on one device are written into **one** flat buffer by one fusion, so each pass
   launches the same few kernels for one leaf or a thousand; a sharded tree keeps one buffer
-  per leaf (a flat view would reshard it). The optimization barrier keeps XLA from
-  recomputing the keys inside every pass (it would: recomputing them is elementwise).
+  per leaf (a flat view would reshard it). The passes put them behind an optimization
+  barrier, which keeps XLA from recomputing the keys inside every pass (it would:
+  recomputing them is elementwise); see :func:`_threshold_select_keys`.
   """
   full = [x for x in leaves if x.size]
   if len(full) > 1 and all(sharding.is_on_one_device(x) for x in full):
     keys = [jnp.concatenate([ordered_keys(_square_if(x, square)).ravel() for x in full])]
   else:
     keys = [ordered_keys(_square_if(x, square)) for x in full]
-  return list(jax.lax.optimization_barrier(keys))
+  return keys
 
 
 def _counts_each(keys: jax.Array, t: jax.Array) -> jax.Array:
@@ -634,32 +635,97 @@ def _counts_matrix(keys: jax.Array, t: jax.Array) -> jax.Array:
   return jnp.sum(keys[..., None] <= t, axis=tuple(range(keys.ndim)), dtype=_U32)
 
 
-def _threshold_counts(keys: jax.Array, t: jax.Array) -> jax.Array:
-  """``#{keys <= t_j}`` for every threshold ``t_j``, in the form each platform runs best."""
-  return jax.lax.platform_dependent(keys, t, tpu=_counts_each, default=_counts_matrix)
+class _Passes(NamedTuple):
+  """How the ``"threshold"`` method counts on a platform.
+
+  ``high``: bits resolved by each pass over the uint32 keys, most significant first;
+  ``low``: when ``high`` covers the top 16 bits only (then counted over the top 16 bits
+  of the keys alone, stored apart), bits resolved by each pass over 16-bit keys of the
+  winning top-16-bit bucket (:func:`_bucket_keys16`); both read half the bytes;
+  ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold;
+  ``fused_first``: the first pass counts the keys as they are computed (one fusion writes
+  them and counts), before the optimization barrier, instead of reading them back.
+  """
+  high: tuple[int, ...]
+  low: tuple[int, ...]
+  counts: Callable[[jax.Array, jax.Array], jax.Array]
+  fused_first: bool
+
+
+# Per lowering platform ("default": any other). TPU: the compiler prices a pass over the keys
+# at a floor that 7 thresholds (3 bits) do not exceed while 15 do (docs/selection.md), and a
+# pass over 16-bit keys below that floor; GPU: 8 passes of 15 thresholds, one kernel each.
+_THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each, True),
+                     "default": _Passes((4,) * 8, (), _counts_matrix, False)}
+
+
+def _bucket_keys16(top: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+  """16-bit keys that compare with every low-pass threshold as the full keys do.
+
+  ``top``, ``low``: the top and low 16 bits of the keys. Inside the bucket whose top 16
+  bits are ``high``: the low 16 bits; below it 0, above it 0xFFFF. Every threshold of a low
+  pass lies in ``[0, 0xFFFE]``: a key below the bucket counts under each of them and a key
+  above it under none, as their full keys do.
+  """
+  high = high.astype(jnp.uint16)
+  low = jnp.where(top > high, np.uint16(0xFFFF), low)
+  return jnp.where(top < high, np.uint16(0), low)
+
+
+def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits: tuple[int, ...],
+                      width: int, *, done: int = 0, counts: Callable[..., jax.Array],
+                      axis_name: Any, wide: bool) -> jax.Array:
+  """Passes resolving ``bits`` of ``width``-bit keys after the top ``done`` bits, whose
+  prefix is ``base``: each splits the remaining range into ``2**b`` parts with
+  ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key (unrolled: one
+  compiled body a pass)."""
+  dtype = jnp.uint32 if width == 32 else jnp.uint16
+  used = done
+  for b in bits:
+    used += b
+    s = np.uint32(width - used)
+    j = jnp.arange(1, 1 << b, dtype=_U32)
+    t = (base + (j << s) - np.uint32(1)).astype(dtype)  # the largest keys below base + j·2**s
+    c = count_psum(_total(keys, functools.partial(counts, t=t), (j.shape[0],), wide),
+                   axis_name)
+    digit = jnp.sum(~count_ge(c, rank), dtype=_U32)  # parts entirely below the rank
+    base = base + (digit << s)
+  return base
+
+
+def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
+  run = functools.partial(_threshold_passes, counts=passes.counts, axis_name=axis_name,
+                          wide=wide)
+  zero = jnp.zeros((), _U32)
+  first = passes.high[:1] if passes.fused_first else ()
+  if not passes.low:
+    assert sum(passes.high) == 32
+    base = run(keys, rank, zero, first, 32)
+    keys = jax.lax.optimization_barrier(keys)
+    return run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
+  # The top 16 bits are resolved over the keys' top halves, which read half the bytes.
+  assert sum(passes.high) == sum(passes.low) == 16
+  tops = [(k >> 16).astype(jnp.uint16) for k in keys]
+  lows = [(k & _LOW_MASK).astype(jnp.uint16) for k in keys]
+  high = run(tops, rank, zero, first, 16)
+  tops, lows = jax.lax.optimization_barrier((tops, lows))
+  high = run(tops, rank, high, passes.high[len(first):], 16, done=sum(first))
+  low = run([_bucket_keys16(t, lo, high) for t, lo in zip(tops, lows, strict=True)], rank,
+            zero, passes.low, 16)
+  return (high << 16) | low
 
 
 def _select_threshold(leaves, rank, *, square, axis_name, wide):
-  """Radix select by counting: each pass splits ``[base, base + 2**(s+b))`` into ``2**b``
-  parts with ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key.
+  """Radix select by counting, with each platform's passes (:data:`_THRESHOLD_PASSES`).
 
-  The keys are computed once (:func:`_threshold_keys`); the passes are one ``fori_loop``
-  (one compiled body instead of 32 / b).
+  The keys are computed once (:func:`_threshold_keys`).
   """
-  b = _THRESHOLD_BITS
-  assert 32 % b == 0
-  j = jnp.arange(1, 1 << b, dtype=_U32)
   keys = _threshold_keys(leaves, square)
-
-  def one_pass(i, base):
-    s = (32 - b * (i + 1)).astype(_U32)
-    t = base + (j << s) - np.uint32(1)  # the largest keys below base + j * 2**s
-    counts = _total(keys, functools.partial(_threshold_counts, t=t), (j.shape[0],), wide)
-    counts = count_psum(counts, axis_name)
-    digit = jnp.sum(~count_ge(counts, rank), dtype=_U32)  # parts entirely below the rank
-    return base + (digit << s)
-
-  return jax.lax.fori_loop(0, 32 // b, one_pass, jnp.zeros((), _U32), unroll=True)
+  branches = {p: functools.partial(_threshold_select_keys, passes=v, axis_name=axis_name,
+                                   wide=wide)
+              for p, v in _THRESHOLD_PASSES.items()}
+  default = branches.pop("default")
+  return jax.lax.platform_dependent(keys, rank, default=default, **branches)
 
 
 # The two histograms of each histogram method: (top 16 bits, low 16 bits in a bucket).
