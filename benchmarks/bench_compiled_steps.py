@@ -371,7 +371,7 @@ def collectives(compiled: Any, picks: Any = None) -> list[dict[str, Any]]:
   a = taken(compiled, picks)
   module = X.parse_hlo(compiled.as_text())
   shapes = {i.name: i.shape for ins in module.computations.values() for i in ins}
-  names = [n for n, op, _ in a.kernel_bytes
+  names = [n for n, op, *_ in a.kernel_bytes
            if (op[:-6] if op.endswith("-start") else op) in X.COLLECTIVES]
   assert len(names) == len(a.collectives), (len(names), len(a.collectives))
   groups: dict[tuple[str, str], list[float]] = {}

@@ -214,6 +214,7 @@ def test_resume_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch):
             "curve": [(steps // 2, loss + 1.0), (steps, loss)]}
 
   monkeypatch.setattr(bench, "one_run", fake_run)
+  monkeypatch.delenv("IRE_OPTAX_DATA", raising=False)  # the offline corpus, wherever it runs
   argv = ["--smoke", "--out", str(tmp_path), "--estimators", "fisher"]
   everything = ["adamw-T", "adamw-2T", "ire-fisher-T"]
   for extra, want in (
