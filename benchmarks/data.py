@@ -1,0 +1,165 @@
+"""Benchmark data: ``--data-dir`` lookup, MNIST (or the offline digits), text, tiny pure-JAX models.
+
+``--data-dir`` (default: ``$IRE_OPTAX_DATA``) names a directory holding ``mnist/`` (IDX files),
+``wikitext-2/`` and ``tinyshakespeare/input.txt``; without it the offline fallbacks are used
+(scikit-learn's digits, CPython's documentation text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from examples.common import data as _data
+
+DATA_ENV = "IRE_OPTAX_DATA"
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+  """Adds ``--data-dir`` (default: ``$IRE_OPTAX_DATA``; absent: the offline data)."""
+  parser.add_argument(
+      "--data-dir", default=os.environ.get(DATA_ENV) or None, metavar="DIR",
+      help=f"directory holding mnist/, wikitext-2/, tinyshakespeare/ (default: ${DATA_ENV}; "
+           "without it the offline fallbacks are used: scikit-learn digits, CPython text)")
+
+
+def data_path(data_dir: str | os.PathLike | None, *parts: str) -> Path | None:
+  """``data_dir/parts...`` if ``data_dir`` is given and that path exists, else None."""
+  if not data_dir:
+    return None
+  p = Path(data_dir).joinpath(*parts)
+  return p if p.exists() else None
+
+
+def mnist_dir(data_dir: str | os.PathLike | None) -> Path | None:
+  """The ``mnist`` directory under ``data_dir`` if it holds the training images."""
+  d = data_path(data_dir, "mnist")
+  if d is None or not any(d.glob("train-images*")):
+    return None
+  return d
+
+
+def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
+                require_mnist: bool = False) -> _data.ImageData:
+  """MNIST from ``data_dir/mnist`` (``examples.common.data.load_mnist``), else digits.
+
+  Args:
+    data_dir: the ``--data-dir`` value (None: no data directory).
+    scale: ``"standard"`` (per-channel standardised with the training set's
+      statistics) or ``"unit"`` (MNIST pixels divided by 255; the digits
+      fallback is always standardised).
+    require_mnist: raise ``FileNotFoundError`` instead of falling back.
+
+  Returns:
+    An ``ImageData``; its ``name`` is ``"mnist"`` or ``"digits"``.
+  """
+  if scale not in ("standard", "unit"):
+    raise ValueError(f"`scale` must be 'standard' or 'unit'; got {scale!r}.")
+  d = mnist_dir(data_dir)
+  if d is None:
+    if require_mnist:
+      raise FileNotFoundError(
+          f"MNIST not found: pass --data-dir DIR (or set ${DATA_ENV}) with DIR/mnist/ holding "
+          "the IDX files.")
+    return _data.load_digits()
+  if scale == "unit":
+    img = _data.load_mnist(d, standardise=False)
+    img.x_train /= 255.0
+    img.x_test /= 255.0
+    return img
+  return _data.load_mnist(d)
+
+
+def describe_images(img: _data.ImageData) -> str:
+  """One line naming the data set and its split sizes."""
+  name = "MNIST" if img.name == "mnist" else (
+      "scikit-learn digits (MNIST not found)" if img.name == "digits" else img.name)
+  return f"{name} ({len(img.x_train):,} train / {len(img.x_test):,} test)"
+
+
+def read_text(data_dir: str | os.PathLike | None, *parts: str) -> tuple[str, str]:
+  """``(text, name)`` of ``data_dir/parts...``; CPython's documentation text if absent."""
+  p = data_path(data_dir, *parts)
+  if p is not None:
+    return _data.read_text_path(p), "/".join(parts)
+  return _data.cpython_docs_text(), "CPython documentation text (data not found)"
+
+
+
+# -----------------------------------------------------------------------------
+# Models (pure JAX, float32): the small networks the cost benchmarks time
+# -----------------------------------------------------------------------------
+
+
+def mlp_init(key: Any, sizes: Sequence[int]) -> list[dict[str, Any]]:
+  """An MLP ``sizes[0] -> ... -> sizes[-1]``: He-normal weights (layer ``i`` from
+  ``fold_in(key, i)``), zero biases."""
+  import jax
+  import jax.numpy as jnp
+
+  return [{"w": jax.random.normal(jax.random.fold_in(key, i), (m, n)) * jnp.sqrt(2.0 / m),
+           "b": jnp.zeros(n)}
+          for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
+
+
+def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
+  """ReLU MLP on the flattened input."""
+  import jax
+
+  h = x.reshape(x.shape[0], -1)
+  for layer in params[:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def cnn_init(key: Any, *, channels: Sequence[int], strides: Sequence[int], image_size: int,
+             in_channels: int = 1, dense: Sequence[int] = (), num_classes: int = 10,
+             flatten: bool = False) -> dict[str, Any]:
+  """A CNN: 3x3 ``SAME`` convolutions with ``channels``/``strides`` and ReLU, then
+  a global mean pool (or, with ``flatten``, the flattened feature map), ReLU
+  dense layers of widths ``dense`` and a linear classifier. He-normal weights,
+  zero biases. ``image_size``: the (square) input's side."""
+  import jax
+  import jax.numpy as jnp
+
+  if len(channels) != len(strides):
+    raise ValueError("`channels` and `strides` need the same length.")
+  keys = iter(jax.random.split(key, len(channels) + len(dense) + 1))
+  conv, c_in, side = [], in_channels, image_size
+  for c, s in zip(channels, strides, strict=True):
+    conv.append({"w": jax.random.normal(next(keys), (3, 3, c_in, c)) * jnp.sqrt(2.0 / (9 * c_in)),
+                 "b": jnp.zeros(c)})
+    c_in, side = c, -(-side // s)
+  fan_in = c_in * side * side if flatten else c_in
+  head = []
+  for n in (*dense, num_classes):
+    head.append({"w": jax.random.normal(next(keys), (fan_in, n)) * jnp.sqrt(2.0 / fan_in),
+                 "b": jnp.zeros(n)})
+    fan_in = n
+  return {"conv": conv, "dense": head}
+
+
+def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int],
+               flatten: bool = False) -> Any:
+  """Logits of :func:`cnn_init`'s network on NHWC images ``x``."""
+  import jax
+
+  h = x
+  for layer, s in zip(params["conv"], strides, strict=True):
+    h = jax.lax.conv_general_dilated(h, layer["w"], (s, s), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + layer["b"])
+  h = h.reshape(h.shape[0], -1) if flatten else h.mean(axis=(1, 2))
+  for layer in params["dense"][:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ params["dense"][-1]["w"] + params["dense"][-1]["b"]
+
+
+def cross_entropy(logits: Any, labels: Any) -> Any:
+  """Mean softmax cross-entropy with integer labels."""
+  import optax
+
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -1,0 +1,122 @@
+"""One results schema: every benchmark writes ``results/NAME.json`` as
+``{"schema", "benchmark", "meta", "rows", "details"}``, where ``rows`` are :class:`Row` records
+(one measured number each) and ``details`` is whatever the benchmark's report needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEMA = "ire_optax-benchmark/1"
+
+
+@dataclasses.dataclass
+class Row:
+  """One measured number.
+
+  Attributes:
+    optimizer: the optimizer's label (``"SAM"``, ``"AdamW+IRE"``, ...).
+    task: model and data (``"ResNet-8, mnist"``).
+    metric: what ``value`` is: ``"time_ratio"`` (time per unit of ``what``
+      divided by ``base``'s), ``"test_acc"``, ``"top_eig"``, ...
+    value: the number (aggregates: the mean or median over ``n``).
+    base: the optimizer a ratio is relative to ("" if none).
+    what: the unit timed (``"train step"``, ``"update (K=10)"``).
+    variant: a setting that distinguishes rows of one optimizer (``"m=8, vmap"``).
+    n: how many measurements (seeds, repetitions) ``value`` summarises.
+    spread: their standard deviation, or None.
+    interleaved: optimizer and base timed in alternation in one process
+      (False: whole runs timed one after another).
+    source: the benchmark script that measured it.
+    note: anything a reader of the table needs.
+  """
+
+  optimizer: str
+  task: str
+  metric: str
+  value: float
+  base: str = ""
+  what: str = ""
+  variant: str = ""
+  n: int = 1
+  spread: float | None = None
+  interleaved: bool = True
+  source: str = ""
+  note: str = ""
+
+
+def time_row(optimizer: str, base: str, task: str, what: str, ratio: float, source: str,
+             note: str = "", variant: str = "", *, interleaved: bool = True,
+             n: int = 1) -> Row:
+  """A ``time_ratio`` row: time per ``what`` of ``optimizer`` over ``base``'s."""
+  return Row(optimizer=optimizer, task=task, metric="time_ratio", value=float(ratio), base=base,
+             what=what, variant=variant, n=n, interleaved=interleaved, source=source, note=note)
+
+
+def _jsonable(x: Any) -> Any:
+  if dataclasses.is_dataclass(x) and not isinstance(x, type):
+    return dataclasses.asdict(x)
+  if isinstance(x, Path):
+    return str(x)
+  if hasattr(x, "tolist"):  # NumPy / JAX scalars and arrays
+    return x.tolist()
+  return float(x)
+
+
+def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str, Any],
+                  rows: Iterable[Row] = (), details: Any = None,
+                  markdown: str | None = None) -> Path:
+  """Writes ``stem.json`` (and ``stem.md`` if ``markdown``) atomically; returns the JSON path.
+
+  The JSON is ``{"schema", "benchmark", "meta", "rows", "details"}``. Writing
+  goes through a temporary file and a rename, so a script may call this
+  after every run (results are never half-written) and resume from it with
+  :func:`read_results`.
+  """
+  stem = Path(stem)
+  stem.parent.mkdir(parents=True, exist_ok=True)
+  doc = {"schema": SCHEMA, "benchmark": benchmark, "meta": dict(meta),
+         "rows": [dataclasses.asdict(r) for r in rows], "details": details}
+  path = stem.with_name(stem.name + ".json")
+  _atomic_write(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
+  if markdown is not None:
+    _atomic_write(stem.with_name(stem.name + ".md"), markdown.rstrip("\n") + "\n")
+  return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any] | None:
+  """A results document written by :func:`write_results` (rows as :class:`Row`), or None.
+
+  Returns None if the file does not exist; raises ``ValueError`` for a file
+  in another schema.
+  """
+  path = Path(path)
+  if not path.exists():
+    return None
+  doc = json.loads(path.read_text())
+  if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+    raise ValueError(f"{path} is not a {SCHEMA} results file.")
+  doc["rows"] = [Row(**r) for r in doc["rows"]]
+  return doc
+
+
+def read_rows(results: str | os.PathLike = RESULTS) -> list[Row]:
+  """The rows of every ``*.json`` results file under ``results``, by file name."""
+  rows: list[Row] = []
+  for path in sorted(Path(results).glob("*.json")):
+    doc = json.loads(path.read_text())
+    if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
+      rows += [Row(**r) for r in doc["rows"]]
+  return rows

@@ -1,0 +1,186 @@
+"""Timing in one process: interleaved blocks, ratios paired by repetition, the machine.
+
+:func:`time_interleaved` runs several zero-argument blocks (one per optimizer) in a rotating
+order, repetition after repetition, and :class:`Timings` reports each one *as a ratio to a
+baseline measured in the same repetition*: on a shared, noisy machine slow drifts of the load
+cancel in the paired ratio. :class:`Stepper` turns a jitted ``step(carry, *args) -> carry``
+into such a block; :func:`machine` describes the CPU, versions, commit and load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.metrics import quantile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _block(x: Any) -> Any:
+  import jax
+
+  return jax.block_until_ready(x)
+
+
+class Stepper:
+  """A timing block: ``steps`` calls of ``carry = step(carry, *args_at(i))``.
+
+  ``args_at(i)`` gives the extra arguments of the ``i``-th call over the
+  stepper's life (e.g. a batch); the carry persists between blocks.
+  """
+
+  def __init__(self, step: Callable[..., Any], carry: Any, steps: int = 1,
+               args_at: Callable[[int], Sequence[Any]] | None = None):
+    self.step, self.carry, self.steps, self.args_at, self.calls = step, carry, steps, args_at, 0
+
+  def __call__(self) -> Any:
+    c = self.carry
+    for _ in range(self.steps):
+      args = self.args_at(self.calls) if self.args_at is not None else ()
+      c = self.step(c, *args)
+      self.calls += 1
+    self.carry = c
+    return c
+
+
+@dataclasses.dataclass
+class Timings:
+  """Seconds per unit of work of every block, one entry per repetition.
+
+  ``seconds[name][r]`` is the time of block ``name`` in repetition ``r``
+  divided by its ``units`` (steps per block). Ratios pair the two blocks of
+  the same repetition.
+  """
+
+  seconds: dict[str, list[float]]
+  baseline: str
+  clock: str = "wall"
+  by_clock: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+
+  def on(self, clock: str) -> Timings:
+    """The same repetitions read on another clock (``"wall"`` or ``"cpu"``)."""
+    if clock == self.clock:
+      return self
+    if clock not in self.by_clock:
+      raise ValueError(f"clock {clock!r} was not recorded; have {sorted(self.by_clock)}.")
+    return Timings(self.by_clock[clock], self.baseline, clock, self.by_clock)
+
+  def median(self, name: str) -> float:
+    return statistics.median(self.seconds[name])
+
+  def paired(self, name: str, baseline: str | None = None) -> list[float]:
+    base = self.seconds[baseline or self.baseline]
+    return [a / b for a, b in zip(self.seconds[name], base, strict=True)]
+
+  def ratio(self, name: str, baseline: str | None = None) -> float:
+    """Median over repetitions of ``time(name) / time(baseline)`` in the same repetition."""
+    return statistics.median(self.paired(name, baseline))
+
+  def min_ratio(self, name: str, baseline: str | None = None) -> float:
+    """Fastest repetition over fastest repetition (robust to additive load noise)."""
+    return min(self.seconds[name]) / min(self.seconds[baseline or self.baseline])
+
+  def quantile_ratio(self, name: str, q: float, baseline: str | None = None) -> float:
+    v = sorted(self.paired(name, baseline))
+    return quantile(v, q)
+
+  def summary(self) -> dict[str, Any]:
+    """JSON-ready: medians, paired ratios (median, min, max) and the raw seconds."""
+    return {
+        "clock": self.clock, "baseline": self.baseline, "reps": len(self.seconds[self.baseline]),
+        "median_s": {n: self.median(n) for n in self.seconds},
+        "ratio": {n: self.ratio(n) for n in self.seconds},
+        "ratio_min": {n: min(self.paired(n)) for n in self.seconds},
+        "ratio_max": {n: max(self.paired(n)) for n in self.seconds},
+        "seconds": self.seconds,
+    }
+
+
+def time_interleaved(blocks: Mapping[str, Callable[[], Any]], *, baseline: str, reps: int,
+                     units: int = 1, warmup: int = 1, clock: str = "wall") -> Timings:
+  """Times each block ``reps`` times, interleaved, in a rotating order.
+
+  In repetition ``r`` every block runs once, the order rotated by ``r`` so
+  that no block always follows the same one; each block's result is waited
+  for (``jax.block_until_ready``) inside its timed region. ``warmup``
+  untimed rounds run first (compilation, first-call effects).
+
+  Args:
+    blocks: name -> zero-argument callable (e.g. a :class:`Stepper`).
+    baseline: the name the ratios are relative to.
+    reps: timed repetitions.
+    units: units of work per block call (time is divided by it: s/step).
+    warmup: untimed rounds before timing.
+    clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (this process's
+      CPU time, all threads: robust to other processes on the machine). Both
+      are recorded; :meth:`Timings.on` reads the other one.
+  """
+  if baseline not in blocks:
+    raise ValueError(f"baseline {baseline!r} is not one of {list(blocks)}.")
+  if clock not in ("wall", "cpu"):
+    raise ValueError(f"`clock` must be 'wall' or 'cpu'; got {clock!r}.")
+  names = list(blocks)
+  for _ in range(warmup):
+    for n in names:
+      _block(blocks[n]())
+  by_clock: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names}
+                                                 for c in ("wall", "cpu")}
+  for r in range(reps):
+    k = r % len(names)
+    for n in names[k:] + names[:k]:
+      w0, c0 = time.perf_counter(), time.process_time()
+      _block(blocks[n]())
+      by_clock["wall"][n].append((time.perf_counter() - w0) / units)
+      by_clock["cpu"][n].append((time.process_time() - c0) / units)
+  return Timings(by_clock[clock], baseline, clock, by_clock)
+
+
+# -----------------------------------------------------------------------------
+# Machine
+# -----------------------------------------------------------------------------
+
+
+def loadavg() -> float | None:
+  """The 1-minute load average, or None where the OS has none."""
+  try:
+    return os.getloadavg()[0]
+  except (AttributeError, OSError):
+    return None
+
+
+def machine() -> dict[str, Any]:
+  """The CPU, core count, library versions, commit and current load average."""
+  import jax
+  import optax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True, check=False).stdout.strip() or None
+  except OSError:
+    commit = None
+  n = os.cpu_count()
+  load = loadavg()
+  return {
+      "cpu": cpu, "cores": n, "system": platform.system(), "python": platform.python_version(),
+      "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
+      "commit": commit, "loadavg": load,
+      "summary": f"{n}-core CPU ({cpu}), jax {jax.__version__} ({jax.default_backend()}), "
+                 f"optax {optax.__version__}"
+                 + (f", load average {load:.1f}" if load is not None else ""),
+  }
