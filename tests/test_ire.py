@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -415,3 +417,48 @@ class ValidationTest(parameterized.TestCase):
     tx = ire_optax.ire(optax.sgd(0.1), curvature=name)
     with pytest.raises(TypeError, match=arg):
       tx.update(params, tx.init(params), params)
+
+
+class _HalfState(NamedTuple):
+  count: jax.Array
+
+
+def _amplify_inside_wrapper():
+  """A wrapper that applies IRE's amplification to half of its step, the other half exact."""
+  from ire_optax._src import utils
+
+  utils.applies_ire_amplification(_HalfState)
+
+  def update(updates, state, params=None, **extra):
+    amplify = extra.pop(utils.IRE_AMPLIFY_KWARG, lambda t: t)
+    half = jax.tree.map(lambda g: -0.05 * g, updates)
+    out = jax.tree.map(lambda a, b: a + b, amplify(half), half)
+    return out, _HalfState(state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(
+      lambda p: _HalfState(jnp.zeros([], jnp.int32)), update)
+
+
+class AmplificationInsideTest(chex.TestCase):
+  """ire() knows no wrapper by name: a registered state class gets the amplification."""
+
+  def test_ire_source_does_not_import_sala(self):
+    import inspect
+
+    from ire_optax._src import ire as ire_module
+
+    src = inspect.getsource(ire_module)
+    assert "SALAState" not in src and "_src.sala" not in src and "import sala" not in src
+
+  def test_registered_wrapper_applies_the_amplification_itself(self):
+    g = {"w": jnp.array([1.0, 1e-3, 2.0, 1e-4])}
+    params = {"w": jnp.zeros(4)}
+    kappa = 3.0
+    tx = ire_optax.ire(_amplify_inside_wrapper(), kappa=kappa, gamma=0.5,
+                       curvature="grad_sq", refresh_every=1)
+    out, state = tx.update(g, tx.init(params), params)
+    mask = np.asarray(ire_optax.ire_flat_mask(state)["w"])
+    np.testing.assert_array_equal(mask, [0, 1, 0, 1])  # the two smallest g² are flat
+    half = -0.05 * np.asarray(g["w"])
+    expected = np.where(mask > 0, (1 + kappa) * half, half) + half  # only half amplified
+    np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)

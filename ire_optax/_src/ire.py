@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import optax
 
 from ire_optax._src import estimators, selection, utils
-from ire_optax._src.sala import SALAState
 
 CurvatureFn = Callable[..., Any]
 CURVATURE_ESTIMATORS = estimators.NAMES
@@ -112,11 +111,13 @@ def ire(
 
   All extra keyword arguments of ``update`` are forwarded to the base
   optimizer, so ``ire(sam(...))`` (SAM-IRE) and ``ire(sala(...))`` work; in
-  SAM-IRE the curvature is taken at the unperturbed point. Over SALA, IRE
-  amplifies SALA's base step only (SALA applies the mask to its base
-  optimizer's update); SALA's jumps back to the slow weights are not steps and
-  are never amplified, so after a stage-2 reset the fast weights are the slow
-  ones.
+  SAM-IRE the curvature is taken at the unperturbed point. A wrapper whose
+  update is not one plain step declares so with its state class
+  (``utils.applies_ire_amplification``); IRE then hands it the amplification
+  instead of amplifying its output. SALA does: over SALA, IRE amplifies SALA's
+  base step only; SALA's jumps back to the slow weights are not steps and are
+  never amplified, so after a stage-2 reset the fast weights are the slow ones
+  (with a fixed mask, ``ire(sala(base))`` is ``sala(ire(base))``).
 
   Parameters and updates must be real floating arrays (a complex, integer or
   bool leaf raises ``TypeError`` at the first ``update``); the amplification
@@ -267,8 +268,8 @@ def ire(
       return jnp.where(m > 0, uw * (1 + kappa_t), uw).astype(jnp.asarray(u).dtype)
 
     amplify_tree = lambda tree: jax.tree.map(amplify, tree, mask)
-    if utils.find_states(state.base_state, SALAState):
-      # IRE over SALA: SALA amplifies its base optimizer's step only; its jumps
+    if utils.applies_amplification_inside(state.base_state):
+      # E.g. IRE over SALA: SALA amplifies its base optimizer's step only; its jumps
       # back to the slow weights are not steps and must stay exact.
       extra_args = {**extra_args, utils.IRE_AMPLIFY_KWARG: amplify_tree}
       new_updates, base_state = base.update(updates, state.base_state, params, **extra_args)

@@ -31,6 +31,7 @@ from ire_optax._src import sam, utils
 __all__ = ["SALAState", "sala", "sala_eval_params", "sala_stats"]
 
 
+@utils.applies_ire_amplification
 class SALAState(NamedTuple):
   """State of the transformation returned by :func:`sala`.
 

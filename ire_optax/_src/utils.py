@@ -296,8 +296,28 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
 
 
 # The keyword argument by which ire() hands its amplification to a wrapper that
-# is not a plain step (SALA): the wrapper applies it to its base optimizer's step.
+# is not a plain step (e.g. SALA): the wrapper applies it to its base optimizer's step.
 IRE_AMPLIFY_KWARG = "ire_amplify"
+_AMPLIFY_CONSUMERS: list[type] = []
+
+
+def applies_ire_amplification(state_cls: type) -> type:
+  """Declares that the transformation with states ``state_cls`` applies IRE's amplification.
+
+  A wrapper whose update is not one plain step (SALA: base steps and jumps back to slow
+  weights) registers its state class here; ``ire()`` over a state holding one passes the
+  amplification ``tree -> tree`` as the keyword argument ``IRE_AMPLIFY_KWARG`` instead of
+  amplifying the wrapper's output, and the wrapper applies it to its base step only.
+  Returns ``state_cls`` (usable as a class decorator).
+  """
+  if state_cls not in _AMPLIFY_CONSUMERS:
+    _AMPLIFY_CONSUMERS.append(state_cls)
+  return state_cls
+
+
+def applies_amplification_inside(state: Any) -> bool:
+  """Whether ``state`` holds the state of a transformation that applies IRE's amplification."""
+  return any(find_states(state, cls) for cls in _AMPLIFY_CONSUMERS)
 
 
 def compute_dtype(*trees: Any) -> Any:
