@@ -73,6 +73,25 @@ def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
   return _data.load_mnist(d)
 
 
+# The training experiments' data sets: name -> (path under --data-dir, the examples' --data
+# spec of that path); None: built in (offline).
+DATASETS = {"mnist": ("mnist", "mnist:{}"), "wikitext2": ("wikitext-2", "wikitext:{}"),
+            "shakespeare": ("tinyshakespeare/input.txt", "text:{}"),
+            "digits": (None, "digits"), "cpython-docs": (None, "cpython-docs")}
+
+
+def data_spec(name: str, data_dir: str | os.PathLike | None) -> str:
+  """The examples' data spec of data set ``name`` (:data:`DATASETS`) under ``data_dir``."""
+  path, spec = DATASETS[name]
+  if path is None:
+    return spec
+  found = data_path(data_dir, *path.split("/"))
+  if found is None:
+    raise FileNotFoundError(f"{path} not found: pass --data-dir DIR (or set ${DATA_ENV}) with "
+                            f"DIR/{path}; --smoke runs on offline data.")
+  return spec.format(found)
+
+
 def describe_images(img: _data.ImageData) -> str:
   """One line naming the data set and its split sizes."""
   name = "MNIST" if img.name == "mnist" else (

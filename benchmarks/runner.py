@@ -1,0 +1,126 @@
+"""The one runner: trains every arm of an :class:`~benchmarks.spec.Experiment` through the
+examples' typed API (``examples.<example>.get_config()`` + ``examples.common.train.run``).
+
+Each run (task x seed x arm) is one ``TrainConfig``; its record (final metrics, curves,
+timings and what the experiment's ``measure`` adds) is cached as
+``{out}/runs/{experiment}/{config_hash}.json``, the hash taken over the whole configuration
+(with the data set's name, not where it lies). A run whose file exists is read, not trained:
+an interrupted experiment resumes, and experiments that share runs train them once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks import data
+from benchmarks.spec import Arm, Experiment, Task, config_hash
+
+Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) -> extra fields
+
+
+def override(cfg: Any, changes: Mapping[str, Any]) -> Any:
+  """``cfg`` (a frozen dataclass) with ``changes``; a mapping changes a nested config."""
+  fields = {}
+  for k, v in changes.items():
+    sub = getattr(cfg, k)
+    fields[k] = override(sub, v) if isinstance(v, Mapping) and dataclasses.is_dataclass(sub) \
+        else v
+  return dataclasses.replace(cfg, **fields)
+
+
+def configure(spec: Experiment, task: Task, arm: Arm, seed: int) -> Any:
+  """The ``TrainConfig`` of one run: the example's defaults, then the experiment's steps and
+  the seed, the task's overrides, the arm's (the data set by name: :func:`resolve` it)."""
+  cfg = importlib.import_module(f"examples.{task.example}").get_config()
+  cfg = override(cfg, {"steps": spec.steps, "seed": seed, "data": {"spec": task.data},
+                       "no_checkpoint": True, "no_plot": True, "no_progress": True})
+  return override(cfg, {**task.overrides, **arm.train,
+                        "optimizer": {**task.overrides.get("optimizer", {}), **arm.optimizer}})
+
+
+def resolve(cfg: Any, data_dir: str | None, out: str) -> Any:
+  """``cfg`` with its data set found under ``data_dir`` and its run directory under ``out``."""
+  return override(cfg, {"data": {"spec": data.data_spec(cfg.data.spec, data_dir)}, "out": out})
+
+
+def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
+  """``(step, value)`` of every logged record that has ``key``."""
+  return [(int(r["step"]), float(r[key])) for r in records if key in r]
+
+
+def record(cfg: Any, result: Any, wall_s: float) -> dict[str, Any]:
+  """What one run leaves: final metrics, the held-out and training-loss curves, timings."""
+  from examples.common import train
+
+  s = result.summary
+  recs = train.read_metrics(s["run_dir"])
+  rate = "tok_per_s" if cfg.kind == "text" else "img_per_s"
+  per_example = cfg.data.seq_len if cfg.kind == "text" else 1
+  windows = [cfg.batch_size * per_example / r[rate] for r in recs[1:]
+             if r.get(rate) and math.isfinite(r[rate])]
+  flat = curve(recs, "ire_flat_fraction")
+  return {
+      "steps": cfg.steps, "params": s["params"], "diverged": False,
+      "final_eval_loss": s["eval_loss"], "final_eval_acc": s["eval_acc"],
+      "final_train_loss": s["train_loss"],
+      "s_per_step": 1.0 / s["steps_per_s"] if s["steps_per_s"] else None,
+      "s_per_step_median_window": statistics.median(windows) if windows else None,
+      "first_step_s": s["first_step_s"], "wall_s": wall_s,
+      "ire_flat_fraction_end": flat[-1][1] if flat else None,
+      "curve": curve(recs, "eval_loss"), "loss_curve": curve(recs, "loss"),
+  }
+
+
+def train_one(cfg: Any, *, data_dir: str | None, measure: Measure | None = None,
+              **run_kwargs: Any) -> dict[str, Any]:
+  """Trains ``cfg`` (in a temporary run directory) and returns its :func:`record`."""
+  from examples.common import train
+
+  with tempfile.TemporaryDirectory(prefix="ire_bench_run_") as tmp:
+    cfg = resolve(cfg, data_dir, tmp)
+    t0 = time.perf_counter()
+    result = train.run(cfg, quiet=True, **run_kwargs)
+    rec = record(cfg, result, time.perf_counter() - t0)
+    if measure is not None:
+      rec.update(measure(cfg, result))
+  return rec
+
+
+def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
+            measure: Measure | None = None, extra: Any = None, log: Callable[[str], None] = print
+            ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+  """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
+
+  ``extra`` (e.g. the settings of ``measure``) is part of every run's hash.
+  """
+  cache = Path(out) / "runs" / spec.name
+  cache.mkdir(parents=True, exist_ok=True)
+  plan = [(t, s, a) for t in spec.tasks for s in spec.seeds for a in spec.arms
+          if not t.arms or a.label in t.arms]
+  runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+  t_start = time.perf_counter()
+  for i, (task, seed, arm) in enumerate(plan):
+    cfg = configure(spec, task, arm, seed)
+    key = config_hash(cfg, extra)
+    path = cache / f"{key}.json"
+    if path.exists():
+      rec, how = json.loads(path.read_text()), "cached"
+    else:
+      rec, how = train_one(cfg, data_dir=data_dir, measure=measure), "trained"
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps(dict(rec, config_hash=key), default=str))
+      os.replace(tmp, path)
+    runs.setdefault(task.key, {}).setdefault(str(seed), {})[arm.label] = rec
+    log(f"[{i + 1}/{len(plan)}] {task.key} seed {seed} {arm.label}: {how}, final held-out "
+        f"loss {rec['final_eval_loss']:.4f} ({time.perf_counter() - t_start:.0f} s)")
+  return runs
