@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("pretraining",)
+NAMES: tuple[str, ...] = ("pretraining", "generalization")
 
 
 def load(name: str) -> ModuleType:
