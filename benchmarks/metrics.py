@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -61,6 +61,40 @@ def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]
   m, sd = mean_std(diffs)
   se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
   return {"mean": m, "std": sd, "se": se, "n": len(diffs), "diffs": diffs}
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Sequence[str],
+              base: Callable[[Mapping[str, Any]], tuple]) -> list[dict[str, Any]]:
+  """Per group of runs (the values of ``group``; in first-seen order): their number ``n``,
+  the mean and std (``KEY_std``) of each of ``keys``, and ``time_ratio``: the median over
+  seeds of ``time_per_step_s`` over that of the run of the same seed in group ``base(run)``.
+  """
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r[g] for g in group), []).append(r)
+  seeds = {(k, r["seed"]): r["time_per_step_s"] for k, rs in groups.items() for r in rs}
+  out = []
+  for k, rs in groups.items():
+    a: dict[str, Any] = dict(zip(group, k), n=len(rs))
+    for key in keys:
+      a[key], a[key + "_std"] = mean_std(r.get(key) for r in rs)
+    a["time_ratio"] = median(r["time_per_step_s"] / seeds[base(r), r["seed"]] for r in rs
+                             if seeds.get((base(r), r["seed"])) and r["time_per_step_s"])
+    out.append(a)
+  return out
+
+
+def paired(rows: Sequence[Mapping[str, Any]], where: Mapping[str, Any], worse: str,
+           better: str, key: str) -> dict[str, Any] | None:
+  """:func:`paired_difference` of ``key`` between the runs of optimizers ``worse`` and
+  ``better`` matching ``where``, by seed, with its :func:`verdict`; None if no pair."""
+  def by(opt: str) -> dict[Any, float]:
+    return {r["seed"]: r[key] for r in rows if r["optimizer"] == opt
+            and all(r[k] == v for k, v in where.items())}
+
+  d = paired_difference(by(worse), by(better))
+  return None if d is None else {**where, "worse": worse, "better": better, **d,
+                                 "verdict": verdict(d)}
 
 
 def verdict(d: Mapping[str, Any] | None) -> str:

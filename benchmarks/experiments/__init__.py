@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("pretraining", "generalization")
+NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise")
 
 
 def load(name: str) -> ModuleType:

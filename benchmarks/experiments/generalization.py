@@ -111,35 +111,17 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-  """Per model, data set and optimizer (in run order): mean and std over seeds of every
-  metric, and the median over seeds of the time per step over the base's of the same seed."""
-  groups: dict[tuple[str, str, str], list[dict]] = {}
-  for r in rows:
-    groups.setdefault((r["model"], r["dataset"], r["optimizer"]), []).append(r)
-  out = []
-  for (model, data, opt), rs in groups.items():
-    base = {r["seed"]: r["time_per_step_s"] for r in groups[model, data, BASE[model]]}
-    a: dict[str, Any] = {"model": model, "dataset": data, "optimizer": opt, "n": len(rs)}
-    for k in SPEC.metrics:
-      a[k], a[k + "_std"] = metrics.mean_std(r[k] for r in rs)
-    a["time_ratio"] = metrics.median(r["time_per_step_s"] / base[r["seed"]] for r in rs
-                                     if base.get(r["seed"]) and r["time_per_step_s"])
-    out.append(a)
-  return out
+  """Per model, data set and optimizer: mean and std over seeds, time over the base's."""
+  return metrics.aggregate(rows, ("model", "dataset", "optimizer"), SPEC.metrics,
+                           lambda r: (r["model"], r["dataset"], BASE[r["model"]]))
 
 
 def orderings(rows: list[dict]) -> list[dict]:
   """The papers' orderings, paired by seed: test-accuracy difference and verdict."""
-  found = []
-  for model, data in dict.fromkeys((r["model"], r["dataset"]) for r in rows):
-    for m, worse, better in ORDERINGS:
-      by = lambda o: {r["seed"]: r["test_acc"] for r in rows  # noqa: E731
-                      if (r["model"], r["dataset"], r["optimizer"]) == (model, data, o)}
-      d = metrics.paired_difference(by(worse), by(better)) if m == model else None
-      if d is not None:
-        found.append({"model": model, "dataset": data, "worse": worse, "better": better, **d,
-                      "verdict": metrics.verdict(d)})
-  return found
+  found = [metrics.paired(rows, {"model": m, "dataset": d}, worse, better, "test_acc")
+           for m, d in dict.fromkeys((r["model"], r["dataset"]) for r in rows)
+           for om, worse, better in ORDERINGS if om == m]
+  return [f for f in found if f is not None]
 
 
 def result_rows(aggs: list[dict]) -> list[schema.Row]:
