@@ -116,10 +116,11 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
     if path.exists():
       rec, how = json.loads(path.read_text()), "cached"
     else:
-      rec, how = train_one(cfg, data_dir=data_dir, measure=measure), "trained"
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text(json.dumps(dict(rec, config_hash=key), default=str))
+      rec = dict(train_one(cfg, data_dir=data_dir, measure=measure), config_hash=key)
+      tmp, how = path.with_suffix(".tmp"), "trained"
+      tmp.write_text(json.dumps(rec, default=str))
       os.replace(tmp, path)
+      rec = json.loads(path.read_text())  # as a later read gives it (lists, not tuples)
     runs.setdefault(task.key, {}).setdefault(str(seed), {})[arm.label] = rec
     log(f"[{i + 1}/{len(plan)}] {task.key} seed {seed} {arm.label}: {how}, final held-out "
         f"loss {rec['final_eval_loss']:.4f} ({time.perf_counter() - t_start:.0f} s)")
