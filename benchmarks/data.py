@@ -182,3 +182,36 @@ def cross_entropy(logits: Any, labels: Any) -> Any:
   import optax
 
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def small_net(*, in_shape: Sequence[int], channels: Sequence[int] = (),
+              strides: Sequence[int] = (), dense: Sequence[int] = (), num_classes: int = 10,
+              seed: int = 0, **_: Any) -> Any:
+  """A Flax NNX classifier for the examples' loop (``train.run(cfg, model=...)``): 3x3
+  ``SAME`` convolutions of ``channels``/``strides`` with ReLU, flattened, ReLU dense layers
+  of widths ``dense``, a linear head; ``(x, train=...)`` like the examples' models.
+  ``in_shape``: one image's (H, W, C)."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      h, w, c = in_shape
+      self.convs = nnx.List([])
+      for c_out, s in zip(channels, strides, strict=True):
+        self.convs.append(nnx.Conv(c, c_out, (3, 3), strides=s, padding="SAME", rngs=rngs))
+        c, h, w = c_out, -(-h // s), -(-w // s)
+      widths = [h * w * c, *dense, num_classes]
+      self.dense = nnx.List([nnx.Linear(m, n, rngs=rngs)
+                             for m, n in zip(widths, widths[1:], strict=False)])
+
+    def __call__(self, x: Any, *, train: bool = False) -> Any:
+      import jax
+
+      for conv in self.convs:
+        x = jax.nn.relu(conv(x))
+      x = x.reshape(x.shape[0], -1)
+      for layer in self.dense[:-1]:
+        x = jax.nn.relu(layer(x))
+      return self.dense[-1](x)
+
+  return Net(nnx.Rngs(seed))

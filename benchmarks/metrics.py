@@ -75,7 +75,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Seq
   seeds = {(k, r["seed"]): r["time_per_step_s"] for k, rs in groups.items() for r in rs}
   out = []
   for k, rs in groups.items():
-    a: dict[str, Any] = dict(zip(group, k), n=len(rs))
+    a: dict[str, Any] = dict(zip(group, k, strict=True), n=len(rs))
     for key in keys:
       a[key], a[key + "_std"] = mean_std(r.get(key) for r in rs)
     a["time_ratio"] = median(r["time_per_step_s"] / seeds[base(r), r["seed"]] for r in rs

@@ -11,6 +11,7 @@ an interrupted experiment resumes, and experiments that share runs train them on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -77,7 +78,8 @@ def record(cfg: Any, result: Any, wall_s: float) -> dict[str, Any]:
       "s_per_step_median_window": statistics.median(windows) if windows else None,
       "first_step_s": s["first_step_s"], "wall_s": wall_s,
       "ire_flat_fraction_end": flat[-1][1] if flat else None,
-      "curve": curve(recs, "eval_loss"), "loss_curve": curve(recs, "loss"),
+      "curve": curve(recs, "eval_loss"), "acc_curve": curve(recs, "eval_acc"),
+      "loss_curve": curve(recs, "loss"),
   }
 
 
@@ -97,11 +99,14 @@ def train_one(cfg: Any, *, data_dir: str | None, measure: Measure | None = None,
 
 
 def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
-            measure: Measure | None = None, extra: Any = None, log: Callable[[str], None] = print
-            ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+            measure: Measure | None = None, extra: Any = None,
+            inputs: Callable[[Task, int], Mapping[str, Any]] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, dict[str, dict[str, dict]]]:
   """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
 
-  ``extra`` (e.g. the settings of ``measure``) is part of every run's hash.
+  ``inputs(task, seed)``: arguments of ``train.run`` (``data``, ``model``) that replace the
+  example's. ``extra`` (what ``measure`` and ``inputs`` depend on) and the task's name are
+  part of every run's hash.
   """
   cache = Path(out) / "runs" / spec.name
   cache.mkdir(parents=True, exist_ok=True)
@@ -111,12 +116,13 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
   t_start = time.perf_counter()
   for i, (task, seed, arm) in enumerate(plan):
     cfg = configure(spec, task, arm, seed)
-    key = config_hash(cfg, extra)
+    key = config_hash(cfg, task.key, extra)
     path = cache / f"{key}.json"
     if path.exists():
       rec, how = json.loads(path.read_text()), "cached"
     else:
-      rec = dict(train_one(cfg, data_dir=data_dir, measure=measure), config_hash=key)
+      rec = dict(train_one(cfg, data_dir=data_dir, measure=measure,
+                           **(inputs(task, seed) if inputs else {})), config_hash=key)
       tmp, how = path.with_suffix(".tmp"), "trained"
       tmp.write_text(json.dumps(rec, default=str))
       os.replace(tmp, path)
@@ -125,3 +131,37 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
     log(f"[{i + 1}/{len(plan)}] {task.key} seed {seed} {arm.label}: {how}, final held-out "
         f"loss {rec['final_eval_loss']:.4f} ({time.perf_counter() - t_start:.0f} s)")
   return runs
+
+
+def sharpness(result: Any, batch: Mapping[str, Any], *, lanczos_iters: int,
+              hutchinson_samples: int = 0, unroll: bool = False) -> dict[str, float]:
+  """The top Hessian eigenvalue (Lanczos) and, with ``hutchinson_samples``, the trace of the
+  eval-mode loss (BatchNorm's running statistics) on ``batch`` at a run's evaluated weights,
+  with a fixed key: ``{"top_eig"[, "trace"]}``. Runs of one model share one compilation."""
+  import jax
+
+  eig, trace = _sharpness_fn()(result.graphdef, result.eval_params(), result.state.stats,
+                               dict(batch), jax.random.key(1234), lanczos_iters,
+                               hutchinson_samples, unroll)
+  return {"top_eig": float(eig), **({"trace": float(trace)} if hutchinson_samples else {})}
+
+
+@functools.cache
+def _sharpness_fn() -> Callable[..., Any]:
+  import jax
+
+  from examples.common import optim, train
+  from ire_optax import sharpness as sh
+
+  def fn(graphdef, params, stats, batch, key, iters, samples, unroll):
+    def loss_fn(p, b):
+      return optim.cross_entropy(train.apply_model(graphdef, p, stats, b["x"], train=False)[0],
+                                 b["y"])[0]
+
+    k_eig, k_trace = jax.random.split(key)
+    eig = sh.top_hessian_eigs(loss_fn, params, batch, key=k_eig, k=1, num_iters=iters,
+                              unroll=unroll)[0][0]
+    return eig, (sh.hessian_trace(loss_fn, params, batch, key=k_trace, num_samples=samples,
+                                  unroll=unroll)[0] if samples else eig)
+
+  return jax.jit(fn, static_argnums=(0, 5, 6, 7))

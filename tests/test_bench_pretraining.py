@@ -3,14 +3,12 @@ the per-seed metrics, the run cache and a smoke run of both presets."""
 
 import dataclasses
 import json
-import math
-from pathlib import Path
 
 import pytest
 
 from benchmarks import metrics, render, runner
 from benchmarks.experiments import pretraining as pt
-from benchmarks.spec import Arm, Experiment, Task, config_hash, smoke
+from benchmarks.spec import Arm, Experiment, Task, config_hash
 
 # Hand-made held-out curves, evaluated every 10 steps.
 BASE_2T = [(10, 3.0), (20, 2.5), (30, 2.2), (40, 2.0), (50, 1.9), (60, 1.8)]

@@ -76,11 +76,30 @@ ORDERINGS = (("resnet", "SGD", "SGD+IRE"), ("resnet", "SAM", "SAM+IRE"), ("resne
              ("vit", "AdamW", "AdamW+IRE"), ("vit", "SAM", "SAM+IRE"), ("vit", "AdamW", "SAM"))
 
 
-def measure(sharp: Mapping[str, int]):
-  """The runner's hook: sharpness at the evaluated weights and the training loss's tail."""
+def measure(sharp: Mapping[str, int]) -> runner.Measure:
+  """The runner's hook: sharpness at the evaluated weights on the first training examples
+  (the HVP loops unrolled for the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
   def hook(cfg: Any, result: Any) -> dict[str, Any]:
-    raise NotImplementedError  # filled in on the examples' typed API
+    from examples.common import train
+
+    d, n = train.load_data(cfg), sharp["batch"]
+    return runner.sharpness(result, {"x": d.x_train[:n], "y": d.y_train[:n]},
+                            lanczos_iters=sharp["lanczos_iters"],
+                            hutchinson_samples=sharp["hutchinson_samples"],
+                            unroll=cfg.example == "resnet")
   return hook
+
+
+def row(task: str, seed: str, arm: str, r: Mapping[str, Any]) -> dict[str, Any]:
+  """One run as the report reads it: test metrics, the last 10% of steps' training loss."""
+  model, data = task.split("-", 1)
+  tail = [v for s, v in r["loss_curve"] if s > r["steps"] - max(1, math.ceil(0.1 * r["steps"]))]
+  return {"model": model, "dataset": data, "optimizer": arm.replace("base", BASE[model]),
+          "seed": int(seed), "steps": r["steps"], "params": r["params"],
+          "test_acc": r["final_eval_acc"], "test_loss": r["final_eval_loss"],
+          "train_loss": statistics.fmean(tail) if tail else float("nan"),
+          "top_eig": r["top_eig"], "trace": r["trace"], "time_per_step_s": r["s_per_step"],
+          "first_step_s": r["first_step_s"], "wall_s": r["wall_s"]}
 
 
 def run(spec: Experiment, args: argparse.Namespace) -> None:
@@ -88,9 +107,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir, measure=measure(sharp),
                         extra=sharp)
-  rows = [dict(r, model=t.split("-")[0], dataset=t.split("-", 1)[1], seed=int(s),
-               optimizer=a.replace("base", BASE[t.split("-")[0]]), steps=r["steps"])
-          for t, per in runs.items() for s, arms in per.items() for a, r in arms.items()]
+  rows = [row(t, s, a, r) for t, per in runs.items() for s, arms in per.items()
+          for a, r in arms.items()]
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "machine": timing.machine()["summary"], "total_wall_s": time.perf_counter() - t0,
           "command": "python -m benchmarks generalization " + " ".join(sys.argv[2:]),

@@ -399,9 +399,10 @@ def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
       "res": res, "c": c, "stem": res["stem"], "summary": summary_table(res),
       "short": summary_table(res, short=True), "seeds": seed_table(res), "runs": run_table(res),
       "verdicts": "\n".join(verdicts(res) + [lr_verdict] * bool(lr_verdict)),
-      "lr_table": lr_table, "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"], "wall_min": res["total_wall_s"] / 60,
+      "lr_table": lr_table, "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
+      "wall_min": res["total_wall_s"] / 60,
       "params": ", ".join(f"{d['label']}: {d['params']:,}" for d in datasets),
-      "params_k": datasets[0]["params"] / 1e3, "data_notes": "; ".join(d["note"] for d in datasets),
+      "data_notes": "; ".join(d["note"] for d in datasets),
       "ire": "\n".join(
           f"- IRE `{v}`: {s['curvature']} estimator, gamma {s['gamma']:g}, kappa "
           f"{s['kappa']:g}{' x lr_t / lr_peak' if s['kappa_schedule'] == 'lr' else ''}, "
