@@ -1,6 +1,7 @@
 """benchmarks/experiments/generalization.py: the aggregation, the paired orderings, the cost
 rows and the reports rendered from the committed results."""
 
+import dataclasses
 import math
 
 import pytest
@@ -71,3 +72,10 @@ def test_spec_declares_every_arm_once_per_model():
 def test_reports_are_rendered_from_the_committed_results():
   for target, text in gen.render(render.Results()).items():
     assert (render.ROOT / target).read_text() == text, f"stale {target}"
+
+
+def test_rows_of_the_committed_runs_are_the_committed_rows():
+  doc = render.Results()["generalization"]
+  rows = gen.result_rows(gen.aggregate(doc["details"]["runs"]))
+  assert [dataclasses.asdict(r) for r in rows] == [
+      pytest.approx(r) for r in doc["rows"]]

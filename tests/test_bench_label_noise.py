@@ -1,6 +1,9 @@
 """benchmarks/experiments/label_noise.py and sala.py: aggregation, paired claims and the
 reports rendered from the committed results."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from benchmarks import render
@@ -39,3 +42,31 @@ def test_claims_pair_seeds_on_final_and_best_accuracy():
 def test_reports_are_rendered_from_the_committed_results(module):
   for target, text in module.render(render.Results()).items():
     assert (render.ROOT / target).read_text() == text, f"stale {target}"
+
+
+def test_noisy_labels_are_fixed_per_example_and_always_wrong_when_corrupted():
+  y = np.random.default_rng(0).integers(0, 10, 20_000).astype(np.int32)
+  noisy, corrupted = ln.noisy_labels(y, 0.4, seed=3)
+  again, corrupted2 = ln.noisy_labels(y, 0.4, seed=3)
+  np.testing.assert_array_equal(noisy, again)  # a pure function of (seed, rate)
+  np.testing.assert_array_equal(corrupted, corrupted2)
+  assert abs(corrupted.mean() - 0.4) < 0.015
+  assert np.all(noisy[corrupted] != y[corrupted]) and np.all(noisy[~corrupted] == y[~corrupted])
+  counts = np.bincount((noisy[corrupted] - y[corrupted]) % 10, minlength=10)
+  assert counts[0] == 0 and counts[1:].min() > 0.8 * counts[1:].mean()  # uniform over others
+  assert np.mean(ln.noisy_labels(y, 0.4, seed=4)[0] != noisy) > 0.3
+  np.testing.assert_array_equal(ln.noisy_labels(y, 0.0, seed=3)[0], y)
+
+
+def test_pool_means_2x2_blocks():
+  x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+  np.testing.assert_allclose(ln.pool(x)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+
+
+@pytest.mark.parametrize("name", ["label_noise", "sala"])
+def test_rows_of_the_committed_runs_are_the_committed_rows(name):
+  doc = render.Results()[name]
+  rows = (ln.result_rows(ln.aggregate(doc["details"]["runs"])) if name == "label_noise"
+          else sala.result_rows(doc["details"]))
+  assert [dataclasses.asdict(r) for r in rows] == [
+      pytest.approx(r) for r in doc["rows"]]

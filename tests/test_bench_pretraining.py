@@ -137,3 +137,11 @@ def test_runner_caches_each_run_under_its_whole_configuration(tmp_path, monkeypa
       "lr": 0.2}}),)), **quiet)
   assert len(trained) == 6 + 4  # a setting of every arm: all four runs again
   assert config_hash(_Cfg()) != config_hash(_Cfg(seed=1))
+
+
+@pytest.mark.parametrize("name", ["pretraining", "pretraining_official"])
+def test_rows_of_the_committed_runs_are_the_committed_rows(name):
+  """The rows the cost table and the summary read: a re-run writes them as before."""
+  doc = render.Results()[name]
+  assert [dataclasses.asdict(r) for r in pt.result_rows(pt.load(doc, name))] == [
+      pytest.approx(r) for r in doc["rows"]]
