@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ COSTS = {"base": {}, "lookahead (k=5)": ARMS["lookahead"], "sam": ARMS["sam"],
          "sala k=2 (rho=0)": {**SALA, "rho": 0.0},
          "sala k=2 (always stage 2)": {**SALA, "rho": 1.0},
          "sala k=5 (always stage 2)": {**SALA, "rho": 1.0, "sala_sync_period": 5}}
+LEGACY_COMMAND = "python benchmarks/bench_sala.py --epochs 8 --seeds 2"  # files without one
 SPEC = Micro(name="sala", measures="train-step time over the base's (SGD, Nesterov momentum)",
              blocks=tuple(ARMS), baseline="base", sizes=tuple(map(tuple, CONFIG["sizes"])),
              reps=CONFIG["reps"])
@@ -144,7 +146,8 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
              for n, v in ratios.items()}
   machine = timing.machine()
   details = {"config": {**c, "data": data.describe_images(img), "machine": machine["summary"],
-                        "wall_s": time.perf_counter() - t0},
+                        "wall_s": time.perf_counter() - t0,
+                        "command": "python -m benchmarks sala " + " ".join(sys.argv[2:])},
              "summary": summary, "stage2_fraction": frac, "step_costs": costs, "runs": runs,
              "stage2_fraction_per_epoch": [statistics.fmean(r["frac_per_epoch"][e] for r in runs)
                                            for e in range(c["epochs"])]}
@@ -175,7 +178,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   if doc is None:
     return {}
   d = doc["details"]
-  c, costs = d["config"], d["step_costs"]
+  c, costs = {"command": LEGACY_COMMAND, **d["config"]}, d["step_costs"]
   runs = d["runs"]
   labels = list(next(iter(costs.values()))["ratios"])
   fractions = {n: min(x["sala_stage2_fraction"][n] for x in costs.values())
