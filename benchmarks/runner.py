@@ -134,20 +134,21 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
 
 
 def sharpness(result: Any, batch: Mapping[str, Any], *, lanczos_iters: int,
-              hutchinson_samples: int = 0, unroll: bool = False) -> dict[str, float]:
+              hutchinson_samples: int = 0, unroll: bool = False, fast_compile: bool = False
+              ) -> dict[str, float]:
   """The top Hessian eigenvalue (Lanczos) and, with ``hutchinson_samples``, the trace of the
   eval-mode loss (BatchNorm's running statistics) on ``batch`` at a run's evaluated weights,
   with a fixed key: ``{"top_eig"[, "trace"]}``. Runs of one model share one compilation."""
   import jax
 
-  eig, trace = _sharpness_fn()(result.graphdef, result.eval_params(), result.state.stats,
+  eig, trace = _sharpness_fn(fast_compile)(result.graphdef, result.eval_params(), result.state.stats,
                                dict(batch), jax.random.key(1234), lanczos_iters,
                                hutchinson_samples, unroll)
   return {"top_eig": float(eig), **({"trace": float(trace)} if hutchinson_samples else {})}
 
 
 @functools.cache
-def _sharpness_fn() -> Callable[..., Any]:
+def _sharpness_fn(fast_compile: bool) -> Callable[..., Any]:
   import jax
 
   from examples.common import optim, train
@@ -164,4 +165,5 @@ def _sharpness_fn() -> Callable[..., Any]:
     return eig, (sh.hessian_trace(loss_fn, params, batch, key=k_trace, num_samples=samples,
                                   unroll=unroll)[0] if samples else eig)
 
-  return jax.jit(fn, static_argnums=(0, 5, 6, 7))
+  return jax.jit(fn, static_argnums=(0, 5, 6, 7),
+                 compiler_options=train.compiler_options(fast_compile))

@@ -86,7 +86,7 @@ def measure(sharp: Mapping[str, int]) -> runner.Measure:
     return runner.sharpness(result, {"x": d.x_train[:n], "y": d.y_train[:n]},
                             lanczos_iters=sharp["lanczos_iters"],
                             hutchinson_samples=sharp["hutchinson_samples"],
-                            unroll=cfg.example == "resnet")
+                            unroll=cfg.example == "resnet", fast_compile=cfg.fast_compile)
   return hook
 
 
@@ -117,8 +117,13 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                                   if t.example == "resnet")
           + f" of batch {spec.tasks[0].overrides['batch_size']}",
           "data": [t.data for t in spec.tasks if t.example == "resnet"],
-          "models": {m: f"{MODELS[m]}: {MODEL[m]['model']}" for m in MODEL},
-          "model_argv": {m: {**MODEL[m]["model"], **MODEL[m]["optimizer"]} for m in MODEL},
+          "models": {m: f"{MODELS[m]}: " + ", ".join(f"{r['params']:,} params on {r['dataset']}"
+                                                    for r in rows if r["model"] == m
+                                                    and r["optimizer"] == BASE[m]
+                                                    and r["seed"] == spec.seeds[0])
+                     for m in MODEL},
+          "model_argv": {t.example: {**t.overrides["model"], **t.overrides["optimizer"]}
+                         for t in spec.tasks},
           "optimizers": {m: [[a.label.replace("base", BASE[m]), dict(a.optimizer)]
                              for a in spec.arms] for m in MODEL}}
   aggs = aggregate(rows)

@@ -95,7 +95,8 @@ def measure(x: np.ndarray, y: np.ndarray, clean: np.ndarray, c: Mapping[str, Any
             "memorised": float(np.mean(pred[bad] == y[bad])),
             "corrupted_fraction": float(np.mean(bad)),
             **runner.sharpness(result, {"x": x[:n], "y": y[:n]},
-                               lanczos_iters=c["sharpness"]["lanczos_iters"])}
+                               lanczos_iters=c["sharpness"]["lanczos_iters"],
+                               fast_compile=cfg.fast_compile)}
   return hook
 
 

@@ -130,7 +130,10 @@ def smooth(points: list, window: int) -> list[tuple[int, float]]:
 
 
 def run(spec: Experiment, args: argparse.Namespace) -> None:
-  spec = smoke(PRESETS[args.preset]) if args.smoke else PRESETS[args.preset]
+  """Trains (or reads from the cache) every run of ``spec`` (another ``--preset``: that
+  one's) and writes ``results/{spec.name}.json``."""
+  if getattr(args, "preset", "default") != "default":
+    spec = smoke(PRESETS[args.preset]) if args.smoke else PRESETS[args.preset]
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
   window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
@@ -164,9 +167,6 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   meta = {k: res[k] for k in ("date", "machine", "command", "complete")}
   schema.write_results(out / spec.name, benchmark="pretraining", meta=meta,
                        rows=result_rows(load(res, spec.name)), details=res)
-  if args.out is None:
-    from benchmarks.render import main
-    main()
 
 
 def result_rows(res: dict[str, Any]) -> list[schema.Row]:
