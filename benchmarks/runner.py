@@ -141,9 +141,9 @@ def sharpness(result: Any, batch: Mapping[str, Any], *, lanczos_iters: int,
   with a fixed key: ``{"top_eig"[, "trace"]}``. Runs of one model share one compilation."""
   import jax
 
-  eig, trace = _sharpness_fn(fast_compile)(result.graphdef, result.eval_params(), result.state.stats,
-                               dict(batch), jax.random.key(1234), lanczos_iters,
-                               hutchinson_samples, unroll)
+  eig, trace = _sharpness_fn(fast_compile)(
+      result.graphdef, result.eval_params(), result.state.stats, dict(batch),
+      jax.random.key(1234), lanczos_iters, hutchinson_samples, unroll)
   return {"top_eig": float(eig), **({"trace": float(trace)} if hutchinson_samples else {})}
 
 
