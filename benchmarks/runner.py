@@ -89,7 +89,7 @@ def train_one(cfg: Any, *, data_dir: str | None, measure: Measure | None = None,
   from examples.common import train
 
   with tempfile.TemporaryDirectory(prefix="ire_bench_run_") as tmp:
-    cfg = resolve(cfg, data_dir, tmp)
+    cfg = override(cfg, {"out": tmp}) if "data" in run_kwargs else resolve(cfg, data_dir, tmp)
     t0 = time.perf_counter()
     result = train.run(cfg, quiet=True, **run_kwargs)
     rec = record(cfg, result, time.perf_counter() - t0)
@@ -105,7 +105,7 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
   """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
 
   ``inputs(task, seed)``: arguments of ``train.run`` (``data``, ``model``) that replace the
-  example's. ``extra`` (what ``measure`` and ``inputs`` depend on) and the task's name are
+  example's, and a ``measure`` for this run. ``extra`` (what ``measure`` and ``inputs`` depend on) and the task's name are
   part of every run's hash.
   """
   cache = Path(out) / "runs" / spec.name
@@ -121,8 +121,8 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
     if path.exists():
       rec, how = json.loads(path.read_text()), "cached"
     else:
-      rec = dict(train_one(cfg, data_dir=data_dir, measure=measure,
-                           **(inputs(task, seed) if inputs else {})), config_hash=key)
+      kwargs = {"measure": measure, **(inputs(task, seed) if inputs else {})}
+      rec = dict(train_one(cfg, data_dir=data_dir, **kwargs), config_hash=key)
       tmp, how = path.with_suffix(".tmp"), "trained"
       tmp.write_text(json.dumps(rec, default=str))
       os.replace(tmp, path)

@@ -140,8 +140,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
             "optimizer": {**SGD, **opt}}
 
   grid = dataclasses.replace(spec, name="label_noise_grid", seeds=(0,), tasks=(Task(
-      "resnet", "mnist", {**LOOP, **steps(len(x) - hold)}, name="grid"),), arms=tuple(
-      Arm(f"lr={lr:g}", {"lr": lr}) for lr in c["lr_grid"]))
+      "resnet", spec.tasks[0].data, {**LOOP, **steps(len(x) - hold)}, name="grid"),), arms=tuple(
+      Arm(f"lr={lr:g}", {"lr": lr}) for lr in c["lr_grid"]), baseline=f"lr={c['lr_grid'][0]:g}")
   g = runner.run_all(grid, out=out, data_dir=args.data_dir, extra=c, inputs=inputs)
   grid_rows = [row(r, optimizer="SGD", lr=float(k[3:]), seed=0)
                for k, r in g["grid"]["0"].items()]
@@ -249,6 +249,10 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                           f"({'final' if c['metric'] == 'eval_acc_final' else 'best'}: "
                           f"{100 * c['mean']:+.2f} pp, {c['verdict']})" for c in found
                           if "2 SE" in c["verdict"]) or "none",
+      "regime": "with little to memorise, this setting cannot show the protection the claim is "
+                "about" if max(r["memorised"] for r in det["runs"]) < 0.1 and max(
+                    r["eval_acc_best"] - r["eval_acc_final"] for r in det["runs"]) < 0.01
+                else "the models memorise, so the claim can show here",
       "n_seeds": len(meta["config"]["seeds"]),
       "params": meta.get("params", 0)}
   return {"benchmarks/results/label_noise.md": fill("label_noise.md", ctx),

@@ -115,7 +115,7 @@ def step_costs(img: Any, c: Mapping[str, Any]) -> dict[str, Any]:
     blocks = {n: stepper(o, hidden, img.image_shape, 10_000, 0, lambda i: (batch, i), 10)[0]
               for n, o in COSTS.items()}
     t = timing.time_interleaved(blocks, baseline="base", reps=c["reps"], units=10, warmup=1)
-    out["-".join(map(str, (784, *hidden, 10)))] = {
+    out["-".join(map(str, (int(np.prod(img.image_shape)), *hidden, 10)))] = {
         "params": sum(v.size for v in jax.tree.leaves(blocks["base"].carry.params)),
         "base_step_ms": 1e3 * t.median("base"),
         "ratios": {n: t.ratio(n) for n in COSTS}, "min_ratios": {n: t.min_ratio(n) for n in COSTS},
