@@ -105,8 +105,8 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
   """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
 
   ``inputs(task, seed)``: arguments of ``train.run`` (``data``, ``model``) that replace the
-  example's, and a ``measure`` for this run. ``extra`` (what ``measure`` and ``inputs`` depend on) and the task's name are
-  part of every run's hash.
+  example's, and a ``measure`` for this run. ``extra`` (what ``measure`` and ``inputs``
+  depend on) and the task's name are part of every run's hash.
   """
   cache = Path(out) / "runs" / spec.name
   cache.mkdir(parents=True, exist_ok=True)
