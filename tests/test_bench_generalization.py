@@ -1,6 +1,7 @@
 """benchmarks/experiments/generalization.py: the aggregation, the paired orderings, the cost
 rows and the reports rendered from the committed results."""
 
+import argparse
 import dataclasses
 import math
 
@@ -79,3 +80,20 @@ def test_rows_of_the_committed_runs_are_the_committed_rows():
   rows = gen.result_rows(gen.aggregate(doc["details"]["runs"]))
   assert [dataclasses.asdict(r) for r in rows] == [
       pytest.approx(r) for r in doc["rows"]]
+
+
+@pytest.mark.slow  # trains (compiles) several optimizers
+def test_smoke_run_measures_every_run(tmp_path):
+  spec = dataclasses.replace(gen.SPEC.smoke["tasks"][0], arms=("base", "SAM+IRE"))
+  spec = dataclasses.replace(gen.SPEC, seeds=(0,), tasks=(spec,))
+  gen.run(spec, argparse.Namespace(smoke=True, out=str(tmp_path), data_dir=None))
+  doc = render.Results(tmp_path)["generalization"]
+  rows = doc["details"]["runs"]
+  assert [r["optimizer"] for r in rows] == ["SGD", "SAM+IRE"]
+  for r in rows:
+    assert 0.0 <= r["test_acc"] <= 1.0
+    for k in ("test_loss", "train_loss", "top_eig", "trace", "time_per_step_s"):
+      assert math.isfinite(r[k]), k
+  assert [(r["optimizer"], r["metric"]) for r in doc["rows"]] == [("SAM+IRE", "time_ratio")]
+  assert "| SAM+IRE |" in gen.render(render.Results(tmp_path))[
+      "benchmarks/results/generalization.md"]

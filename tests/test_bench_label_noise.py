@@ -1,7 +1,9 @@
 """benchmarks/experiments/label_noise.py and sala.py: aggregation, paired claims and the
 reports rendered from the committed results."""
 
+import argparse
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from benchmarks import render
 from benchmarks.experiments import label_noise as ln
 from benchmarks.experiments import sala
+from benchmarks.spec import smoke
 
 
 def _run(opt, seed, noise, final, best, t=0.01):
@@ -70,3 +73,32 @@ def test_rows_of_the_committed_runs_are_the_committed_rows(name):
           else sala.result_rows(doc["details"]))
   assert [dataclasses.asdict(r) for r in rows] == [
       pytest.approx(r) for r in doc["rows"]]
+
+
+@pytest.mark.slow  # trains (compiles) several optimizers
+def test_label_noise_smoke_run_measures_memorisation(tmp_path):
+  spec = dataclasses.replace(smoke(ln.SPEC), arms=ln.SPEC.arms[:3:2])  # SGD, SAM
+  ln.run(spec, argparse.Namespace(smoke=True, out=str(tmp_path), data_dir=None))
+  doc = render.Results(tmp_path)["label_noise"]
+  runs = doc["details"]["runs"]
+  assert [r["optimizer"] for r in runs] == ["SGD", "SAM"] and doc["details"]["lr"] == 0.1
+  for r in runs:
+    assert len(r["eval_acc_curve"]) == ln.SMOKE["epochs"]
+    assert 0.3 < r["corrupted_fraction"] < 0.5 and 0 <= r["memorised"] <= 1
+    assert math.isfinite(r["top_eig"])
+  assert "| 40% | SGD < SAM | final |" in ln.render(render.Results(tmp_path))[
+      "benchmarks/results/label_noise.md"]
+
+
+@pytest.mark.slow  # trains (compiles) several optimizers
+def test_sala_smoke_run_times_every_chunk_of_every_optimizer(tmp_path):
+  sala.run(sala.SPEC, argparse.Namespace(smoke=True, out=str(tmp_path), data_dir=None))
+  d = render.Results(tmp_path)["sala"]["details"]
+  (run,) = d["runs"]
+  rounds = len(run["steps_per_round"])
+  assert run["steps"] == rounds * sala.SMOKE["chunk"]
+  assert all(len(t) == rounds and min(t) > 0 for t in run["times"].values())
+  assert run["sala_cycles"] == run["steps"] // sala.SMOKE["sala"]["k"]
+  (cost,) = d["step_costs"].values()
+  assert cost["all_finite"] and cost["sala_stage2_fraction"]["sala k=2 (rho=0)"] == 0.0
+  assert "## Step cost" in sala.render(render.Results(tmp_path))["benchmarks/results/sala.md"]

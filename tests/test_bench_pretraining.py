@@ -1,14 +1,16 @@
 """benchmarks/experiments/pretraining.py and the runner: the speed-up metric with its bounds,
 the per-seed metrics, the run cache and a smoke run of both presets."""
 
+import argparse
 import dataclasses
+import math
 import json
 
 import pytest
 
 from benchmarks import metrics, render, runner
 from benchmarks.experiments import pretraining as pt
-from benchmarks.spec import Arm, Experiment, Task, config_hash
+from benchmarks.spec import Arm, Experiment, Task, config_hash, smoke
 
 # Hand-made held-out curves, evaluated every 10 steps.
 BASE_2T = [(10, 3.0), (20, 2.5), (30, 2.2), (40, 2.0), (50, 1.9), (60, 1.8)]
@@ -145,3 +147,42 @@ def test_rows_of_the_committed_runs_are_the_committed_rows(name):
   doc = render.Results()[name]
   assert [dataclasses.asdict(r) for r in pt.result_rows(pt.load(doc, name))] == [
       pytest.approx(r) for r in doc["rows"]]
+
+
+@pytest.mark.slow  # trains (compiles) several optimizers
+def test_smoke_run_writes_what_the_report_reads(tmp_path):
+  spec = dataclasses.replace(smoke(pt.SPEC), arms=pt.arms({"fisher": pt.ire()}, 8))
+  args = argparse.Namespace(smoke=True, out=str(tmp_path), data_dir=None, preset="default")
+  pt.run(spec, args)
+  doc = render.Results(tmp_path)["pretraining"]
+  assert doc["schema"] == "ire_optax-benchmark/1"
+  runs = doc["details"]["results"]["cpython-docs"]["0"]["runs"]
+  assert set(runs) == {"adamw-T", "adamw-2T", "ire-fisher-T"}
+  for kind, r in runs.items():
+    assert math.isfinite(r["final_eval_loss"]), kind
+    assert r["curve"][-1][0] == (16 if kind == "adamw-2T" else 8), kind
+  assert runs["ire-fisher-T"]["ire_flat_fraction_end"] == pytest.approx(0.6, abs=0.01)
+  # IRE's own final loss is reached by IRE at the latest at its last step.
+  assert pt.seed_metrics(runs, "fisher")["vs_2T"]["fast_step"] is not None
+  assert [r["variant"] for r in doc["rows"] if r["metric"] == "time_ratio"] == ["fisher"]
+  md = pt.render(render.Results(tmp_path))["benchmarks/results/pretraining.md"]
+  assert "| CPython docs (offline) | `fisher` |" in md
+  before = sorted(p.name for p in (tmp_path / "runs" / "pretraining").iterdir())
+  pt.run(spec, args)  # every run from the cache
+  assert sorted(p.name for p in (tmp_path / "runs" / "pretraining").iterdir()) == before
+  assert render.Results(tmp_path)["pretraining"]["details"]["results"] == doc["details"][
+      "results"]
+
+
+def test_official_preset_declares_the_authors_settings():
+  cfg = runner.configure(pt.OFFICIAL, pt.OFFICIAL.tasks[0], pt.OFFICIAL.arm("ire-g0.99-k5lr-T"),
+                         0)
+  o = cfg.optimizer
+  assert (o.eps, o.decay_mask, o.b2, o.clip_norm, o.final_lr_ratio, o.lr) == (
+      1e-16, "all", 0.95, 0.0, 0.05, 6e-4)
+  assert (o.name, o.ire_gamma, o.ire_kappa, o.ire_kappa_schedule) == ("adamw+ire", 0.99, 5.0,
+                                                                       "lr")
+  assert (cfg.model.dim, cfg.model.depth, cfg.data.seq_len, cfg.steps) == (64, 2, 32, 3000)
+  two_t = runner.configure(pt.OFFICIAL, pt.OFFICIAL.tasks[0], pt.OFFICIAL.arm("adamw-2T"), 0)
+  assert (two_t.steps, two_t.optimizer.warmup_steps, two_t.optimizer.name) == (6000, 30,
+                                                                               "adamw")

@@ -121,7 +121,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                                                     for r in rows if r["model"] == m
                                                     and r["optimizer"] == BASE[m]
                                                     and r["seed"] == spec.seeds[0])
-                     for m in MODEL},
+                     for m in dict.fromkeys(t.example for t in spec.tasks)},
           "model_argv": {t.example: {**t.overrides["model"], **t.overrides["optimizer"]}
                          for t in spec.tasks},
           "optimizers": {m: [[a.label.replace("base", BASE[m]), dict(a.optimizer)]

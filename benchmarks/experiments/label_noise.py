@@ -217,8 +217,8 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   sam = [c for c in found if (c["worse"], c["better"], c["metric"]) ==
          ("SGD", "SAM", "eval_acc_final")]
   by_opt = {o: {a["noise"]: a for a in aggs if a["optimizer"] == o} for o in OPTIMIZERS}
-  flatter = {n: [o for o in OPTIMIZERS if by_opt[o][n]["top_eig"] < by_opt["SGD"][n]["top_eig"]]
-             for n in noises}
+  flatter = {n: [o for o in OPTIMIZERS if n in by_opt[o]
+                 and by_opt[o][n]["top_eig"] < by_opt["SGD"][n]["top_eig"]] for n in noises}
   ctx = {
       "meta": meta, "c": meta["config"], "tables": tables,
       "grid": table(["SGD learning rate", "held-out acc, noisy labels (%) final", "best"],
