@@ -3,8 +3,8 @@ the per-seed metrics, the run cache and a smoke run of both presets."""
 
 import argparse
 import dataclasses
-import math
 import json
+import math
 
 import pytest
 
