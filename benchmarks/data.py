@@ -196,10 +196,11 @@ def small_net(*, in_shape: Sequence[int], channels: Sequence[int] = (),
   class Net(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
       h, w, c = in_shape
-      self.convs = nnx.List([])
+      convs = []
       for c_out, s in zip(channels, strides, strict=True):
-        self.convs.append(nnx.Conv(c, c_out, (3, 3), strides=s, padding="SAME", rngs=rngs))
+        convs.append(nnx.Conv(c, c_out, (3, 3), strides=s, padding="SAME", rngs=rngs))
         c, h, w = c_out, -(-h // s), -(-w // s)
+      self.convs = nnx.List(convs)
       widths = [h * w * c, *dense, num_classes]
       self.dense = nnx.List([nnx.Linear(m, n, rngs=rngs)
                              for m, n in zip(widths, widths[1:], strict=False)])

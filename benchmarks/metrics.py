@@ -135,7 +135,7 @@ def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
   """
   from examples.common.train import steps_to_reach
 
-  b, f = steps_to_reach(base, target), steps_to_reach(fast, target)
+  b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
   if b is not None and f is not None:
     return {"base_step": b, "fast_step": f, "value": b / f, "bound": "exact"}
   if f is not None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks import metrics, runner, schema, timing
 from benchmarks.render import fill, table
-from benchmarks.spec import Arm, Experiment, Task, smoke
+from benchmarks.spec import Arm, Experiment, Task
 
 ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
 IRE_KEYS = ("curvature", "gamma", "kappa", "kappa_schedule", "refresh_every")
@@ -133,7 +133,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   """Trains (or reads from the cache) every run of ``spec`` (another ``--preset``: that
   one's) and writes ``results/{spec.name}.json``."""
   if getattr(args, "preset", "default") != "default":
-    spec = smoke(PRESETS[args.preset]) if args.smoke else PRESETS[args.preset]
+    spec = PRESETS[args.preset]
+    spec = dataclasses.replace(spec, **spec.smoke) if args.smoke else spec
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
   window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
