@@ -1,7 +1,8 @@
-"""Is SAM far more robust than SGD to noisy training labels (Foret et al. 2021, §3.3)? The same
-question for IRE, mSAM, SALA and Lookahead, on MNIST with 20% and 40% symmetric label noise
-(fixed per example and seed), clean test labels; SGD's learning rate chosen once on a held-out
-part of the noisy training set.
+"""Robustness to noisy labels: SAM (Foret et al. 2021, §3.3), IRE, mSAM, SALA, Lookahead.
+
+Is SAM far more robust than SGD to noisy training labels? The same question for the others, on
+MNIST with 20% and 40% symmetric label noise (fixed per example and seed), clean test labels, a
+small CNN; SGD's learning rate chosen once on a held-out part of the noisy training set.
 """
 
 from __future__ import annotations

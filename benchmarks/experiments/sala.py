@@ -1,6 +1,7 @@
-"""SALA against its base, Lookahead and SAM: a real MNIST training run (MLP 784-512-256-10)
-with the optimizers interleaved chunk by chunk in one process, and the train step's cost on a
-fixed batch at three sizes. Reported: SALA's stage-2 fraction, the gradient-evaluation ratio
+"""SALA against its base, Lookahead and SAM: an MNIST training run and the step cost.
+
+An MLP 784-512-256-10 trained with the optimizers interleaved chunk by chunk in one process,
+and the train step's cost on a fixed batch at three sizes. Reported: SALA's stage-2 fraction, the gradient-evaluation ratio
 (exact, from ``sala_stats``) and the time ratio against the base, measured and expected
 (1 + fraction / k), the final training loss and the test accuracy (slow weights for SALA and
 Lookahead).
