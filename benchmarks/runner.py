@@ -5,7 +5,8 @@ Each run (task x seed x arm) is one ``TrainConfig``; its record (final metrics, 
 timings and what the experiment's ``measure`` adds) is cached as
 ``{out}/runs/{experiment}/{config_hash}.json``, the hash taken over the whole configuration
 (with the data set's name, not where it lies). A run whose file exists is read, not trained:
-an interrupted experiment resumes, and experiments that share runs train them once.
+an interrupted experiment resumes, and experiments that share runs train them once. The code
+is not part of the hash: delete ``runs/{experiment}`` after changing what a run computes.
 """
 
 from __future__ import annotations
