@@ -81,8 +81,10 @@ def measure(sharp: Mapping[str, int]) -> runner.Measure:
   (the HVP loops unrolled for the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
   def hook(cfg: Any, result: Any) -> dict[str, Any]:
     from examples.common import train
+    from examples.common.data import ImageData
 
     d, n = train.load_data(cfg), sharp["batch"]
+    assert isinstance(d, ImageData)
     return runner.sharpness(result, {"x": d.x_train[:n], "y": d.y_train[:n]},
                             lanczos_iters=sharp["lanczos_iters"],
                             hutchinson_samples=sharp["hutchinson_samples"],

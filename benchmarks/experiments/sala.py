@@ -1,10 +1,10 @@
 """SALA against its base, Lookahead and SAM: an MNIST training run and the step cost.
 
 An MLP 784-512-256-10 trained with the optimizers interleaved chunk by chunk in one process,
-and the train step's cost on a fixed batch at three sizes. Reported: SALA's stage-2 fraction, the gradient-evaluation ratio
-(exact, from ``sala_stats``) and the time ratio against the base, measured and expected
-(1 + fraction / k), the final training loss and the test accuracy (slow weights for SALA and
-Lookahead).
+and the train step's cost on a fixed batch at three sizes. Reported: SALA's stage-2 fraction,
+the gradient-evaluation ratio (exact, from ``sala_stats``) and the time ratio against the
+base, measured and expected (1 + fraction / k), the final training loss and the test accuracy
+(slow weights for SALA and Lookahead). Both parts run the examples' optimizers and train step.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def stepper(opt: Mapping[str, Any], hidden: list[int], shape: tuple, total: int,
             args_at: Any, steps: int) -> tuple[timing.Stepper, Any, Any]:
   """A timing block of ``steps`` train steps of the examples' loop (optimizer ``opt`` over
   the base, an MLP of widths ``hidden``); with its optimizer and the model's graph."""
-  from examples.common.config import OptimizerConfig
-
   from examples.common import optim, train
+  from examples.common.config import OptimizerConfig
 
   graphdef, params, stats = train.split_model(data.small_net(in_shape=shape, dense=hidden,
                                                              seed=seed))
