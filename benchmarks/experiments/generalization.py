@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import metrics, runner, schema, timing
-from benchmarks.render import fill, table
+from benchmarks.render import fill, paired_cells, pm, table
 from benchmarks.spec import Arm, Experiment, Task
 
 BASE = {"resnet": "SGD", "vit": "AdamW"}
@@ -168,10 +168,6 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
   return out
 
 
-def pm(m: float, s: float, f: str, scale: float = 1.0) -> str:
-  return "-" if not math.isfinite(m) else f"{scale * m:{f}} ± {scale * s:{f}}"
-
-
 def settings(x: Any) -> str:
   """An optimizer's or model's settings as recorded: command-line arguments or overrides."""
   return " ".join(x) if isinstance(x, list) else ", ".join(f"{k}={v}" for k, v in x.items())
@@ -188,7 +184,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
       f"## {meta['models'][m].split(':')[0]} on {d}\n\n" + table(
           ["optimizer", "test acc (%)", "test loss", "final train loss", "top eig", "trace",
            "ms/step", "time ratio"],
-          [[a["optimizer"], pm(a["test_acc"], a["test_acc_std"], ".2f", 100),
+          [[a["optimizer"], pm(a["test_acc"], a["test_acc_std"], scale=100),
             pm(a["test_loss"], a["test_loss_std"], ".4f"),
             pm(a["train_loss"], a["train_loss_std"], ".4f"), pm(a["top_eig"],
                                                                 a["top_eig_std"], ".3g"),
@@ -203,15 +199,13 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   name = lambda m, d: f"{'ResNet' if m == 'resnet' else 'ViT'} {d}"  # noqa: E731
   summary = table(["optimizer"] + [f"{name(*c)} acc %" for c in combos]
                   + [f"{name(*c)} time" for c in timed],
-                  [[o] + [pm(cells[c]["test_acc"], cells[c]["test_acc_std"], ".2f", 100)
+                  [[o] + [pm(cells[c]["test_acc"], cells[c]["test_acc_std"], scale=100)
                           if c in cells else "-" for c in combos]
                    + [f"{cells[c]['time_ratio']:.2f}x" if c in cells else "-" for c in timed]
                    for o, cells in by_name.items()])
   claims = table(["model", "data", "claim", "Δ test acc (pp), paired mean ± std", "per seed",
                   "verdict"],
-                 [[f["model"], f["dataset"], f"{f['worse']} < {f['better']}",
-                   f"{100 * f['mean']:+.2f} ± {100 * f['std']:.2f}",
-                   ", ".join(f"{100 * x:+.2f}" for x in f["diffs"]), f["verdict"]]
+                 [[f["model"], f["dataset"], f"{f['worse']} < {f['better']}", *paired_cells(f)]
                   for f in found])
   opts = table(["optimizer"] + [MODELS[m] for m in meta["optimizers"]], [
       [label] + [settings(dict(meta["optimizers"][m]).get(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import data, metrics, runner, schema, timing
-from benchmarks.render import fill, table
+from benchmarks.render import fill, paired_cells, pm, table
 from benchmarks.spec import Arm, Experiment, Task
 
 # Every setting, as the results record it (the arms and the model are built from it).
@@ -198,11 +198,6 @@ def claims(runs: list[dict]) -> list[dict]:
   return [f for f in found if "mean" in f]
 
 
-def cell(a: Mapping[str, Any], key: str) -> str:
-  scale = 1.0 if key == "top_eig" else 100.0
-  return f"{scale * a[key]:{COLUMNS[key][1]}} ± {scale * a[key + '_std']:{COLUMNS[key][1]}}"
-
-
 def render(results: Mapping[str, Any]) -> dict[str, str]:
   doc = results["label_noise"]
   if doc is None:
@@ -213,7 +208,8 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   pct = lambda x: f"{round(100 * x)}%"  # noqa: E731
   tables = "\n\n".join(f"## {pct(n)} label noise\n\n" + table(
       ["optimizer", *(c[0] for c in COLUMNS.values()), "time / SGD"],
-      [[a["optimizer"], *(cell(a, k) for k in COLUMNS), f"{a['time_ratio']:.2f}"]
+      [[a["optimizer"], *(pm(a[k], a[k + "_std"], f, 1 if k == "top_eig" else 100)
+                          for k, (_, f) in COLUMNS.items()), f"{a['time_ratio']:.2f}"]
        for a in aggs if a["noise"] == n], "l" + "r" * 6) for n in noises)
   sam = [c for c in found if (c["worse"], c["better"], c["metric"]) ==
          ("SGD", "SAM", "eval_acc_final")]
@@ -230,9 +226,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                        "per seed", "verdict"],
                       [[pct(c["noise"]), f"{c['worse']} < {c['better']}",
                         "final" if c["metric"] == "eval_acc_final" else "best",
-                        f"{100 * c['mean']:+.2f} ± {100 * c['std']:.2f}",
-                        ", ".join(f"{100 * x:+.2f}" for x in c["diffs"]), c["verdict"]]
-                       for c in found], "lllrll"),
+                        *paired_cells(c)] for c in found], "lllrll"),
       "summary": table(["optimizer"] + [f"{pct(n)} noise: final / best test acc %"
                                         for n in noises]
                        + [f"{pct(n)} noise: memorised %" for n in noises],

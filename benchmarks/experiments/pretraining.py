@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import metrics, runner, schema, timing
-from benchmarks.render import fill, table
+from benchmarks.render import fill, pm, table
 from benchmarks.spec import Arm, Experiment, Task
 
 ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
@@ -269,8 +269,7 @@ def aggregate(res: Mapping[str, Any]) -> dict[str, dict[str, dict[str, list]]]:
 
 
 def losses(a: Mapping[str, list], prefix: str = "") -> str:
-  return " / ".join(f"{m:.3f} ± {s:.3f}" for m, s in (metrics.mean_std(a[prefix + k])
-                                                      for k in ("ire", "a1", "a2")))
+  return " / ".join(pm(*metrics.mean_std(a[prefix + k]), ".3f") for k in ("ire", "a1", "a2"))
 
 
 def spread(values: list[float]) -> str:
