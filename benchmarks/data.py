@@ -73,6 +73,25 @@ def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
   return _data.load_mnist(d)
 
 
+# The training experiments' data sets: name -> (path under --data-dir, the examples' --data
+# spec of that path); None: built in (offline).
+DATASETS = {"mnist": ("mnist", "mnist:{}"), "wikitext2": ("wikitext-2", "wikitext:{}"),
+            "shakespeare": ("tinyshakespeare/input.txt", "text:{}"),
+            "digits": (None, "digits"), "cpython-docs": (None, "cpython-docs")}
+
+
+def data_spec(name: str, data_dir: str | os.PathLike | None) -> str:
+  """The examples' data spec of data set ``name`` (:data:`DATASETS`) under ``data_dir``."""
+  path, spec = DATASETS[name]
+  if path is None:
+    return spec
+  found = data_path(data_dir, *path.split("/"))
+  if found is None:
+    raise FileNotFoundError(f"{path} not found: pass --data-dir DIR (or set ${DATA_ENV}) with "
+                            f"DIR/{path}; --smoke runs on offline data.")
+  return spec.format(found)
+
+
 def describe_images(img: _data.ImageData) -> str:
   """One line naming the data set and its split sizes."""
   name = "MNIST" if img.name == "mnist" else (
@@ -163,3 +182,37 @@ def cross_entropy(logits: Any, labels: Any) -> Any:
   import optax
 
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def small_net(*, in_shape: Sequence[int], channels: Sequence[int] = (),
+              strides: Sequence[int] = (), dense: Sequence[int] = (), num_classes: int = 10,
+              seed: int = 0, **_: Any) -> Any:
+  """A Flax NNX classifier for the examples' loop (``train.run(cfg, model=...)``): 3x3
+  ``SAME`` convolutions of ``channels``/``strides`` with ReLU, flattened, ReLU dense layers
+  of widths ``dense``, a linear head; ``(x, train=...)`` like the examples' models.
+  ``in_shape``: one image's (H, W, C)."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      h, w, c = in_shape
+      convs = []
+      for c_out, s in zip(channels, strides, strict=True):
+        convs.append(nnx.Conv(c, c_out, (3, 3), strides=s, padding="SAME", rngs=rngs))
+        c, h, w = c_out, -(-h // s), -(-w // s)
+      self.convs = nnx.List(convs)
+      widths = [h * w * c, *dense, num_classes]
+      self.dense = nnx.List([nnx.Linear(m, n, rngs=rngs)
+                             for m, n in zip(widths, widths[1:], strict=False)])
+
+    def __call__(self, x: Any, *, train: bool = False) -> Any:
+      import jax
+
+      for conv in self.convs:
+        x = jax.nn.relu(conv(x))
+      x = x.reshape(x.shape[0], -1)
+      for layer in self.dense[:-1]:
+        x = jax.nn.relu(layer(x))
+      return self.dense[-1](x)
+
+  return Net(nnx.Rngs(seed))

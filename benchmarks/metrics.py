@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -63,6 +63,40 @@ def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]
   return {"mean": m, "std": sd, "se": se, "n": len(diffs), "diffs": diffs}
 
 
+def aggregate(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Sequence[str],
+              base: Callable[[Mapping[str, Any]], tuple]) -> list[dict[str, Any]]:
+  """Per group of runs (the values of ``group``; in first-seen order): their number ``n``,
+  the mean and std (``KEY_std``) of each of ``keys``, and ``time_ratio``: the median over
+  seeds of ``time_per_step_s`` over that of the run of the same seed in group ``base(run)``.
+  """
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r[g] for g in group), []).append(r)
+  seeds = {(k, r["seed"]): r["time_per_step_s"] for k, rs in groups.items() for r in rs}
+  out = []
+  for k, rs in groups.items():
+    a: dict[str, Any] = dict(zip(group, k, strict=True), n=len(rs))
+    for key in keys:
+      a[key], a[key + "_std"] = mean_std(r.get(key) for r in rs)
+    a["time_ratio"] = median(r["time_per_step_s"] / seeds[base(r), r["seed"]] for r in rs
+                             if seeds.get((base(r), r["seed"])) and r["time_per_step_s"])
+    out.append(a)
+  return out
+
+
+def paired(rows: Sequence[Mapping[str, Any]], where: Mapping[str, Any], worse: str,
+           better: str, key: str) -> dict[str, Any] | None:
+  """:func:`paired_difference` of ``key`` between the runs of optimizers ``worse`` and
+  ``better`` matching ``where``, by seed, with its :func:`verdict`; None if no pair."""
+  def by(opt: str) -> dict[Any, float]:
+    return {r["seed"]: r[key] for r in rows if r["optimizer"] == opt
+            and all(r[k] == v for k, v in where.items())}
+
+  d = paired_difference(by(worse), by(better))
+  return None if d is None else {**where, "worse": worse, "better": better, **d,
+                                 "verdict": verdict(d)}
+
+
 def verdict(d: Mapping[str, Any] | None) -> str:
   """Words for a paired difference (better - worse): reproduced needs mean >= 2 SE."""
   if d is None:
@@ -79,3 +113,93 @@ def verdict(d: Mapping[str, Any] | None) -> str:
   if t > -2:
     return "opposite direction, within noise"
   return "reversed (>= 2 SE)"
+
+
+# -----------------------------------------------------------------------------
+# Speed-ups with bounds: steps to reach a loss, one curve against another
+# -----------------------------------------------------------------------------
+
+NO_SPEEDUP = {"base_step": None, "fast_step": None, "value": None, "bound": None}
+
+
+def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
+            target: float) -> dict[str, Any]:
+  """Speed-up of ``fast`` over ``base`` at reaching ``target``: a ratio of steps.
+
+  Curves are ``(step, loss)`` pairs; a curve reaches the target at its first step whose
+  loss is <= it (``examples.common.train.steps_to_reach``). Returns ``{"base_step",
+  "fast_step", "value", "bound"}``: ``bound`` is ``"exact"`` when both reach it (value =
+  base_step / fast_step); ``"lower"`` when only ``fast`` does (value = last base step /
+  fast_step); ``"upper"`` when only ``base`` does (value = base_step / last fast step);
+  None (value None) when neither does.
+  """
+  from examples.common.train import steps_to_reach
+
+  b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
+  if b is not None and f is not None:
+    return {"base_step": b, "fast_step": f, "value": b / f, "bound": "exact"}
+  if f is not None:
+    return {"base_step": None, "fast_step": f, "value": base[-1][0] / f, "bound": "lower"}
+  if b is not None:
+    return {"base_step": b, "fast_step": None, "value": b / fast[-1][0], "bound": "upper"}
+  return dict(NO_SPEEDUP)
+
+
+def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]
+                   ) -> dict[str, Any]:
+  """(last step of ``base``) / (first step at which ``fast`` reaches ``base``'s last loss).
+
+  ``"upper"`` (value = last base step / last fast step) if ``fast`` never reaches it.
+  """
+  end, target = base[-1]
+  f = speedup(base, fast, target)["fast_step"]
+  if f is None:
+    return {"base_step": end, "fast_step": None, "value": end / fast[-1][0], "bound": "upper"}
+  return {"base_step": end, "fast_step": f, "value": end / f, "bound": "exact"}
+
+
+def speedup_text(s: Mapping[str, Any]) -> str:
+  """``"1.67x"``, ``"> 3.00x"`` (lower bound), ``"< 1.67x"`` (upper bound) or ``"n/a"``."""
+  if s["value"] is None:
+    return "n/a"
+  return {"exact": "", "lower": "> ", "upper": "< "}[s["bound"]] + f"{s['value']:.2f}x"
+
+
+def speedups_text(entries: Sequence[Mapping[str, Any]]) -> str:
+  """Mean ± std of speed-ups over seeds, bounds flagged.
+
+  Every seed a bound of one kind: the loosest (``"> 2.00x (... 3/3)"``); some bounds: the
+  mean marked ``>=``/``<=`` with their count.
+  """
+  vals = [e["value"] for e in entries if e["value"] is not None]
+  if not vals:
+    return "n/a"
+  m, s = mean_std(vals)
+  bounds = [e["bound"] for e in entries]
+  if len(vals) == len(entries) and len(set(bounds)) == 1 and bounds[0] != "exact":
+    if bounds[0] == "upper":
+      return f"< {max(vals):.2f}x (IRE-T never reaches the target: {len(vals)}/{len(vals)})"
+    return f"> {min(vals):.2f}x (AdamW never reaches the target: {len(vals)}/{len(vals)})"
+  mark = (">= " if "lower" in bounds and "upper" not in bounds else
+          "<= " if "upper" in bounds and "lower" not in bounds else "")
+  text = f"{mark}{m:.2f} ± {s:.2f}x"
+  n_bound = sum(b in ("lower", "upper") for b in bounds)
+  if n_bound:
+    text += f" ({n_bound}/{len(bounds)} bounds)"
+  if len(vals) < len(entries):
+    text += f" ({len(entries) - len(vals)} n/a)"
+  return text
+
+
+def speedup_verdict(entries: Sequence[Mapping[str, Any]], claim: float) -> str:
+  """Whether speed-ups (one per seed) reproduce a claimed factor: their mean >= 0.8 x the
+  claim is "reproduced", a mean >= 1.1 (not every seed an upper bound) a smaller speed-up."""
+  vals = [e["value"] for e in entries if e["value"] is not None]
+  if not vals:
+    return "not measurable"
+  m, text = statistics.fmean(vals), speedups_text(entries)
+  if {e["bound"] for e in entries} == {"upper"} or m < 1.1:
+    return f"not reproduced: no speed-up ({text})"
+  if m >= 0.8 * claim:
+    return f"reproduced ({text}, claim {claim:g}x)"
+  return f"partly: a speed-up, smaller than the claim ({text}, claim {claim:g}x)"

@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import string
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +54,18 @@ def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
   lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def pm(mean: float, std: float, spec: str = ".2f", scale: float = 1.0) -> str:
+  """``mean ± std`` (both scaled), or ``-`` where the mean is not a number."""
+  return "-" if not math.isfinite(mean) else f"{scale * mean:{spec}} ± {scale * std:{spec}}"
+
+
+def paired_cells(d: Mapping[str, Any], scale: float = 100.0) -> list[str]:
+  """A paired difference's cells (:func:`benchmarks.metrics.paired`): the mean ± std, the
+  per-seed differences, the verdict."""
+  return [f"{scale * d['mean']:+.2f} ± {scale * d['std']:.2f}",
+          ", ".join(f"{scale * x:+.2f}" for x in d["diffs"]), d["verdict"]]
 
 
 def replace_block(text: str, name: str, body: str, source: str = "") -> str:

@@ -44,11 +44,26 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What is trained: an example (``"resnet"``, ``"llama"``, ...), its data, config overrides."""
+  """What is trained: an example (``"resnet"``, ``"llama"``, ...), its data, config overrides.
+
+  Attributes:
+    example: the example whose ``get_config()`` is the starting point.
+    data: the data set's name (:data:`benchmarks.data.DATASETS`).
+    overrides: of the ``TrainConfig``; a nested config by a mapping
+      (``{"model": {"size": "toy"}, "optimizer": {"lr": 0.1}}``).
+    name: its key in the results (default ``"{example}-{data}"``).
+    arms: the labels of the arms trained on it (default: every arm).
+  """
 
   example: str
   data: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  name: str = ""
+  arms: tuple[str, ...] = ()
+
+  @property
+  def key(self) -> str:
+    return self.name or f"{self.example}-{self.data}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""bench_ire's and bench_sala's timings run through ``_common.time_interleaved`` (smoke runs)."""
+"""bench_ire's timings run through ``_common.time_interleaved`` (a smoke run)."""
 
 import math
 import sys
@@ -8,7 +8,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_ire  # noqa: E402
-import bench_sala  # noqa: E402
 
 
 def test_bench_ire_row_has_every_ratio_on_both_clocks():
@@ -21,16 +20,3 @@ def test_bench_ire_row_has_every_ratio_on_both_clocks():
       assert math.isfinite(c[key]) and c[key] > 0, (clock, key, c[key])
   # the uint8 mask (plus a few scalars over 4000 params)
   assert 1.0 <= row["extra_state_bytes_per_param"] < 1.05
-
-
-def test_bench_sala_training_run_times_every_chunk_of_every_optimizer():
-  (xtr, ytr), (xte, yte), _ = bench_sala.load_data(None)
-  data = ((xtr[:512], ytr[:512]), (xte[:128], yte[:128]))
-  names = ["base", "lookahead", "sam", "sala"]
-  res = bench_sala.run_seed(0, data, 2, 64, names, log=lambda s: None, chunk=3)
-  # 8 steps per epoch in chunks of 3, 3, 2: one timed block per chunk, epoch and optimizer
-  assert res["steps_per_round"] == [3, 3, 2] * 2
-  for n in names:
-    assert len(res["times"][n]) == 6 and all(t > 0 for t in res["times"][n])
-    assert math.isfinite(res["final"][n]["test_loss"])
-  assert res["steps"] == 16 and res["sala_cycles"] == 16 // bench_sala.SALA_K

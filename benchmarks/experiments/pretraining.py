@@ -1,0 +1,433 @@
+"""IRE's pre-training speed-up over AdamW (Wang et al. 2024), a character-level Llama.
+
+The claims: 2x in held-out loss, 5.4x in training loss, at small scale here.
+
+Per data set and seed: AdamW for T steps (``adamw-T``), for 2T steps (``adamw-2T``: the same
+peak lr and warm-up steps, the cosine stretched to 2T) and AdamW+IRE for T steps once per IRE
+setting (``ire-<setting>-T``), from the same initialisation on the same batches. Speed-up vs
+2T (the paper's metric) = (first evaluated step at which AdamW-2T reaches IRE-T's final loss)
+/ (the step at which IRE-T does); a bound where a curve never gets there. Presets (one
+pipeline): ``default`` (three Hessian-diagonal estimators, two data sets), ``official`` (the
+IRE authors' settings, with a learning-rate check at a larger lr), ``kappa3_lr`` (an IRE
+ablation). ``python -m benchmarks pretraining --data-dir DIR [--preset official]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks import metrics, runner, schema, timing
+from benchmarks.render import fill, pm, table
+from benchmarks.spec import Arm, Experiment, Task
+
+ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
+IRE_KEYS = ("curvature", "gamma", "kappa", "kappa_schedule", "refresh_every")
+DATASETS = {
+    "wikitext2": {"label": "WikiText-2", "note": "WikiText-2 has no training split here: "
+                  "trained on valid.txt, evaluated on test.txt"},
+    "shakespeare": {"label": "Tiny Shakespeare",
+                    "note": "Tiny Shakespeare: first 90% trained on, last 10% held out"},
+    "cpython-docs": {"label": "CPython docs (offline)", "note": "the offline CPython "
+                     "documentation text (last 10% held out)"},
+}
+
+
+def ire(curvature: str = "fisher", gamma: float = 0.6, kappa: float = 3.0,
+        kappa_schedule: str = "constant") -> dict[str, Any]:
+  """The ``OptimizerConfig`` overrides of AdamW+IRE with K = 10."""
+  return {"name": "adamw+ire", "ire_curvature": curvature, "ire_gamma": gamma,
+          "ire_kappa": kappa, "ire_kappa_schedule": kappa_schedule, "ire_refresh_every": 10}
+
+
+def arms(settings: Mapping[str, Mapping[str, Any]], steps: int, two_t_last: bool = False,
+         notes: Mapping[str, str] | None = None) -> tuple[Arm, ...]:
+  ires = [Arm(f"ire-{v}-T", o, note=(notes or {}).get(v, "")) for v, o in settings.items()]
+  a1, a2 = Arm("adamw-T"), Arm("adamw-2T", train={"steps": 2 * steps})
+  return (a1, *ires, a2) if two_t_last else (a1, a2, *ires)
+
+
+def tasks(names: tuple[str, ...], **overrides: Any) -> tuple[Task, ...]:
+  return tuple(Task("llama", n, overrides, name=n) for n in names)
+
+
+ADAMW = {"lr": 4e-3, "warmup_steps": 15, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1,
+         "clip_norm": 1.0, "schedule": "cosine"}
+LOOP = {"model": {"size": "mini"}, "batch_size": 16, "data": {"seq_len": 64},
+        "eval_batches": 16, "eval_every": 15, "log_every": 15}
+SMOKE = {"model": {"size": "toy"}, "batch_size": 4, "data": {"seq_len": 16, "max_chars": 20000},
+         "eval_batches": 2, "eval_every": 2, "log_every": 1, "fast_compile": True}
+SMOKE_OPT = {"lr": 1e-2, "warmup_steps": 2}
+ESTIMATOR_ARMS = {e: ire(e) for e in ESTIMATORS}
+SPEC = Experiment(
+    name="pretraining", claim="AdamW+IRE-T reaches AdamW-2T's loss at half the steps "
+    "(Wang et al. 2024, 2x)", tasks=tasks(("wikitext2", "shakespeare"), **LOOP,
+                                          optimizer=ADAMW),
+    arms=arms(ESTIMATOR_ARMS, 300), seeds=(0, 1, 2), steps=300, metrics=("eval_loss",),
+    baseline="adamw-T", smoke={"tasks": tasks(("cpython-docs",), **SMOKE, optimizer=SMOKE_OPT),
+                               "arms": arms(ESTIMATOR_ARMS, 8), "seeds": (0,), "steps": 8})
+KAPPA3_LR = dataclasses.replace(
+    SPEC, name="pretraining_ablations/kappa3_lr/pretraining",
+    arms=arms({"fisher": ire(kappa_schedule="lr")}, 300),
+    smoke=dict(SPEC.smoke, arms=arms({"fisher": ire(kappa_schedule="lr")}, 8)))
+# The IRE authors' settings (wmz9/IRE-algorithm-framework): their small-scale model at half
+# width as a Llama block, AdamW eps 1e-16 with weight decay on every parameter, no clipping,
+# warm-up 1% of T, cosine to lr/20; both published IRE settings.
+OFFICIAL_IRE = {"g0.6-k3": ire(gamma=0.6, kappa=3.0),
+                "g0.99-k5lr": ire(gamma=0.99, kappa=5.0, kappa_schedule="lr")}
+OFFICIAL_SOURCES = {
+    "g0.6-k3": "README's Llama commands: rank=0.4, prog=3.0, constant "
+               "(NLP/LLM/train_admire_wiki103_Llama.py)",
+    "g0.99-k5lr": "NLP/small-scale/TF_IRE.ipynb: rank=0.01, prog=5.0, prog_decay=True "
+                  "(kappa_t = 5 lr_t / lr_max), beta=0"}
+OFFICIAL_OPT = {"lr": 6e-4, "warmup_steps": 30, "b1": 0.9, "b2": 0.95, "eps": 1e-16,
+                "weight_decay": 5e-4, "decay_mask": "all", "clip_norm": 0.0,
+                "final_lr_ratio": 0.05, "schedule": "cosine"}
+OFFICIAL_MODEL = {"size": "mini", "dim": 64, "depth": 2, "heads": 4, "ffn_dim": 256}
+OFFICIAL = Experiment(
+    name="pretraining_official", claim="IRE's 5.4x (training loss) and 2x (held-out) "
+    "speed-ups with the authors' settings", tasks=tasks(
+        ("wikitext2",), model=OFFICIAL_MODEL, batch_size=16, data={"seq_len": 32},
+        eval_batches=16, eval_every=150, log_every=10, optimizer=OFFICIAL_OPT),
+    arms=arms(OFFICIAL_IRE, 3000, True, OFFICIAL_SOURCES), seeds=(0, 1), steps=3000,
+    metrics=("eval_loss", "train_loss"), baseline="adamw-T",
+    smoke={"tasks": tasks(("cpython-docs",), **SMOKE, optimizer={**OFFICIAL_OPT, **SMOKE_OPT}),
+           "arms": arms(OFFICIAL_IRE, 20, True), "seeds": (0,), "steps": 20})
+LR_CHECK = 2.4e-3  # the official preset's runs of seed 0 (AdamW-2T aside) at this peak lr
+PRESETS = {"default": SPEC, "official": OFFICIAL, "kappa3_lr": KAPPA3_LR}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                 help="default: three estimators, two data sets; official: the IRE authors' "
+                      "settings (+ a learning-rate check); kappa3_lr: an IRE ablation")
+
+
+# -----------------------------------------------------------------------------
+# Runs
+# -----------------------------------------------------------------------------
+
+
+def leaves(cfg: Any) -> dict[str, Any]:
+  """The fields of a nested config, flat (the report's settings)."""
+  out: dict[str, Any] = {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    out.update(leaves(v) if dataclasses.is_dataclass(v) else {f.name: v})
+  return out
+
+
+def smooth(points: list, window: int) -> list[tuple[int, float]]:
+  """Logged mini-batch losses averaged over ``(step - window, step]``, from step ``window``."""
+  return [(s, statistics.fmean(v for t, v in points if s - window < t <= s))
+          for s, _ in points if s >= window]
+
+
+def run(spec: Experiment, args: argparse.Namespace) -> None:
+  """Trains (or reads from the cache) every run of ``spec`` (another ``--preset``: that
+  one's) and writes ``results/{spec.name}.json``."""
+  if getattr(args, "preset", "default") != "default":
+    spec = PRESETS[args.preset]
+    spec = dataclasses.replace(spec, **spec.smoke) if args.smoke else spec
+  out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
+  window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
+  runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
+  if spec.name == OFFICIAL.name:  # the learning-rate check: seed 0 at a larger peak lr
+    task = spec.tasks[0]
+    task = dataclasses.replace(task, overrides={**task.overrides, "optimizer": {
+        **task.overrides["optimizer"], "lr": LR_CHECK}})
+    check = dataclasses.replace(spec, name=spec.name + "_lr", seeds=(0,), arms=spec.arms[:-1],
+                                tasks=(task,))
+    lr_runs = next(iter(runner.run_all(check, out=out, data_dir=args.data_dir).values()))["0"]
+  for rec in [r for t in runs.values() for s in t.values() for r in s.values()] + (
+      list(lr_runs.values()) if spec.name == OFFICIAL.name else []):
+    if window:
+      rec["train_curve"] = smooth(rec["loss_curve"], window)
+  first = runner.configure(spec, spec.tasks[0], spec.arm(spec.baseline), spec.seeds[0])
+  res: dict[str, Any] = {
+      "stem": spec.name, "complete": True, "machine": timing.machine(),
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "command": "python -m benchmarks pretraining " + " ".join(sys.argv[2:]),
+      "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
+                 "ire_settings": {a.label[4:-2]: {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
+                                  | {"source": a.note} for a in spec.arms if a.optimizer}},
+      "datasets": {t.key: dict(DATASETS[t.data], params=runs[t.key][str(spec.seeds[0])][
+          spec.baseline]["params"]) for t in spec.tasks},
+      "results": {t: {s: {"runs": r} for s, r in per.items()} for t, per in runs.items()},
+      "notes": [], "total_wall_s": time.perf_counter() - t0}
+  if spec.name == OFFICIAL.name:
+    res["lr_check"] = {f"{k[4:-2] if k.startswith('ire-') else 'adamw'}@{LR_CHECK:g}": dict(
+        r, lr=LR_CHECK, variant=k[4:-2] if k.startswith("ire-") else None)
+        for k, r in lr_runs.items()}
+  meta = {k: res[k] for k in ("date", "machine", "command", "complete")}
+  schema.write_results(out / spec.name, benchmark="pretraining", meta=meta,
+                       rows=result_rows(load(res, spec.name)), details=res)
+
+
+def result_rows(res: dict[str, Any]) -> list[schema.Row]:
+  """Per data set and IRE setting: the speed-ups (mean over seeds, std as spread, bounds in
+  the note) and, for the default preset, IRE's time/step over AdamW's (median over seeds)."""
+  c, rows = res["config"], []
+  for d, per_v in aggregate(res).items():
+    ds = res["datasets"][d]
+    task = (f"{c['depth']}-layer d_model {c['dim']} Llama ({ds['params']:,} params), "
+            f"{ds['label']}, char-level, T={c['steps']}" if res["official"] else
+            f"Llama {c['size']} ({ds['params']:,} params), {ds['label']}")
+    for v, a in per_v.items():
+      if not res["official"] and a["ratio"]:
+        rows.append(schema.time_row("AdamW+IRE", "AdamW", task, "train step",
+                                    statistics.median(a["ratio"]), "bench_pretraining",
+                                    f"median of {len(a['ratio'])} seeds", variant=v,
+                                    interleaved=False, n=len(a["ratio"])))
+      for key, what in SPEEDUPS.items():
+        got = [e for e in a.get(key, []) if e["value"] is not None]
+        if got:
+          mean, std = metrics.mean_std(e["value"] for e in got)
+          bounds = sorted({e["bound"] for e in got} - {"exact"})
+          rows.append(schema.Row(
+              "AdamW+IRE", task, f"speedup_{what[0]}", mean, base="AdamW", what=what[1],
+              variant=v, n=len(got), spread=std, interleaved=False, source="bench_pretraining",
+              note=("some seeds are bounds: " + ", ".join(bounds)) if bounds else ""))
+  return rows
+
+
+SPEEDUPS = {  # per-seed metric -> (row metric suffix, what it counts)
+    "train_vs_T": ("train_vs_T", "steps to AdamW-T's final training loss"),
+    "train_vs_2T": ("train_vs_2T", "steps to IRE-T's final training loss"),
+    "vs_2T": ("heldout_vs_2T", "steps to IRE-T's final held-out loss"),
+    "vs_T": ("heldout_vs_T", "steps to AdamW-T's final held-out loss")}
+
+
+# -----------------------------------------------------------------------------
+# Metrics and reports
+# -----------------------------------------------------------------------------
+
+
+# Settings files of the default preset did not record (then fixed).
+LEGACY = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "clip_norm": 1.0, "final_lr_ratio": 0.0}
+
+
+def load(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
+  """The run's record (the results' ``details``; older files: all of it), its settings under
+  today's names (files of the default preset before it recorded every IRE setting)."""
+  res = dict(doc.get("details", doc), stem=name)
+  c = res["config"] = {**LEGACY, **res["config"]}
+  c.setdefault("warmup_steps", res.get("warmup_steps"))
+  c.setdefault("decay_mask", "all" if c.get("decay_all") else "weights")
+  c.setdefault("ire_settings", {e: {"curvature": e, "gamma": c["gamma"], "kappa": c["kappa"],
+                                    "kappa_schedule": c["kappa_schedule"], "refresh_every": 10}
+                                for e in c.get("estimators", ())})
+  res["official"] = name == OFFICIAL.name
+  return res
+
+
+def seed_metrics(runs: Mapping[str, Any], v: str) -> dict[str, Any]:
+  """One seed's speed-ups of ``ire-{v}-T`` (held-out; training loss where recorded)."""
+  a1, a2, r = runs["adamw-T"], runs.get("adamw-2T"), runs[f"ire-{v}-T"]
+  sps = [x.get("s_per_step_median_window") or x["s_per_step"] for x in (a1, a2) if x]
+  mine = r.get("s_per_step_median_window") or r["s_per_step"]
+  m = {"vs_2T": metrics.speedup(a2["curve"], r["curve"], r["final_eval_loss"]) if a2 else
+       dict(metrics.NO_SPEEDUP), "vs_T": metrics.speedup(a1["curve"], r["curve"],
+                                                         a1["final_eval_loss"]),
+       "ratio": mine / min(sps) if mine and all(sps) else None}
+  if "train_curve" in r:
+    t, t1 = r["train_curve"], a1["train_curve"]
+    m.update(train_vs_T=metrics.speedup_at_end(t1, t),
+             train_vs_T_first=metrics.speedup(t1, t, t1[-1][1]),
+             train_vs_2T=metrics.speedup(a2["train_curve"], t, t[-1][1]) if a2 else
+             dict(metrics.NO_SPEEDUP))
+  return m
+
+
+def final(r: Mapping[str, Any], train: bool = False) -> float:
+  return r["train_curve"][-1][1] if train else r["final_eval_loss"]
+
+
+def aggregate(res: Mapping[str, Any]) -> dict[str, dict[str, dict[str, list]]]:
+  """Per data set and IRE setting: each per-seed metric and final loss, listed over seeds."""
+  agg: dict[str, dict[str, dict[str, list]]] = {}
+  for d, per_seed in res["results"].items():
+    for v in res["config"]["ire_settings"]:
+      a = agg.setdefault(d, {}).setdefault(v, {})
+      for sr in per_seed.values():
+        runs = sr["runs"]
+        for k, x in seed_metrics(runs, v).items():
+          a.setdefault(k, []).append(x)
+        for k, run_kind in (("ire", f"ire-{v}-T"), ("a1", "adamw-T"), ("a2", "adamw-2T")):
+          a.setdefault(k, []).append(final(runs[run_kind]))
+          if "train_curve" in runs[run_kind]:
+            a.setdefault("train_" + k, []).append(final(runs[run_kind], train=True))
+      a["ratio"] = [x for x in a["ratio"] if x]
+  return agg
+
+
+def losses(a: Mapping[str, list], prefix: str = "") -> str:
+  return " / ".join(pm(*metrics.mean_std(a[prefix + k]), ".3f") for k in ("ire", "a1", "a2"))
+
+
+def spread(values: list[float]) -> str:
+  return (f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+          if values else "n/a")
+
+
+def steps(x: int | None) -> str:
+  return "never" if x is None else str(x)
+
+
+def summary_table(res: Mapping[str, Any], short: bool = False) -> str:
+  """One row per data set and IRE setting; ``short``: the claims' columns only."""
+  train = "train_vs_T" in next(iter(next(iter(aggregate(res).values())).values()))
+  cols = [("data", True, lambda d, v, a: res["datasets"][d]["label"]),
+          ("IRE setting", True, lambda d, v, a: f"`{v}`"),
+          ("training loss: speed-up vs AdamW-T (claim 5.4x)", train,
+           lambda d, v, a: metrics.speedups_text(a["train_vs_T"])),
+          ("training loss: speed-up vs AdamW-2T", train and not short,
+           lambda d, v, a: metrics.speedups_text(a["train_vs_2T"])),
+          ("held-out: speed-up vs AdamW-2T (claim 2x)", True,
+           lambda d, v, a: metrics.speedups_text(a["vs_2T"])),
+          ("held-out: speed-up vs AdamW-T", not short,
+           lambda d, v, a: metrics.speedups_text(a["vs_T"])),
+          ("final train loss IRE-T / AdamW-T / AdamW-2T", train and not short,
+           lambda d, v, a: losses(a, "train_")),
+          ("final held-out loss IRE-T / AdamW-T / AdamW-2T", True, lambda d, v, a: losses(a)),
+          ("time/step IRE/AdamW, median [min, max]", not short,
+           lambda d, v, a: spread(a["ratio"]))]
+  cols = [c for c in cols if c[1]]
+  return table([c[0] for c in cols], [[c[2](d, v, a) for c in cols]
+                                             for d, per_v in aggregate(res).items()
+                                             for v, a in per_v.items()])
+
+
+def seed_table(res: Mapping[str, Any]) -> str:
+  train = res["official"]
+  head = ["data", "seed", "IRE setting", "L* (IRE-T final held-out)",
+          "steps to L* AdamW-2T / IRE-T", "held-out: speed-up vs 2T", "held-out: speed-up vs T"]
+  head += ["train: AdamW-T final", "train: speed-up vs T (T / IRE-T's step at it)",
+           "train: stricter (AdamW-T's own first step at it)", "train: speed-up vs 2T"] * train
+  rows = []
+  for d, per_seed in res["results"].items():
+    for s, sr in per_seed.items():
+      for v in res["config"]["ire_settings"]:
+        m = seed_metrics(sr["runs"], v)
+        row = [res["datasets"][d]["label"], s, f"`{v}`",
+               f"{final(sr['runs'][f'ire-{v}-T']):.4f}",
+               f"{steps(m['vs_2T']['base_step'])} / {steps(m['vs_2T']['fast_step'])}",
+               metrics.speedup_text(m["vs_2T"]), metrics.speedup_text(m["vs_T"])]
+        if train:
+          row += [f"{final(sr['runs']['adamw-T'], True):.4f}"] + [
+              metrics.speedup_text(m[k]) for k in ("train_vs_T", "train_vs_T_first",
+                                                   "train_vs_2T")]
+        rows.append(row)
+  return table(head, rows)
+
+
+def run_table(res: Mapping[str, Any]) -> str:
+  head = ["data", "seed", "run", "steps", "final held-out loss", "final train loss", "s/step",
+          "first step s (compile)", "wall s", "IRE flat fraction at end"]
+  num = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
+  rows = [[res["datasets"][d]["label"], s, k, r["steps"], f"{final(r):.4f}",
+           f"{final(r, True) if 'train_curve' in r else r['final_train_loss']:.4f}",
+           num(r["s_per_step"], ".3f"), num(r["first_step_s"], ".1f"), f"{r['wall_s']:.0f}",
+           num(r["ire_flat_fraction_end"], ".3f")]
+          for d, per_seed in res["results"].items() for s, sr in per_seed.items()
+          for k, r in sr["runs"].items()]
+  return table(head, rows)
+
+
+def verdicts(res: Mapping[str, Any]) -> list[str]:
+  out = []
+  for d, per_v in aggregate(res).items():
+    label = res["datasets"][d]["label"]
+    for v, a in per_v.items():
+      if "train_vs_T" in a:
+        out.append(f"- {label}, `{v}`, training loss vs AdamW-T (the 5.4x claim): "
+                   f"{metrics.speedup_verdict(a['train_vs_T'], 5.4)}.")
+      out.append(f"- {label}, `{v}`, held-out loss vs AdamW-2T (the 2x claim): "
+                 f"{metrics.speedup_verdict(a['vs_2T'], 2.0)}.")
+    gap = statistics.fmean(a["a2"]) - statistics.fmean(a["a1"])
+    out.append(f"- {label}: AdamW-2T ends {gap:+.3f} nats/char (held-out) from AdamW-T "
+               f"({'still learning at T' if gap < -0.01 else 'nearly converged at T'}).")
+  return out
+
+
+def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
+  """The learning-rate check's table and verdict (seed 0 of the first data set)."""
+  c, main = res["config"], next(iter(res["results"].values()))["0"]["runs"]
+  groups = {c["lr"]: {k: r for k, r in main.items() if k != "adamw-2T"}}
+  for r in res["lr_check"].values():
+    groups.setdefault(r["lr"], {})[f"ire-{r['variant']}-T" if r.get("variant") else "adamw-T"] = r
+  rows = []
+  for lr, g in groups.items():
+    for k, r in g.items():
+      m = seed_metrics(g, k[4:-2]) if k != "adamw-T" else None
+      rows.append([f"{lr:g}", k, f"{final(r, True):.4f}", f"{final(r):.4f}"] + (
+          [metrics.speedup_text(m["train_vs_T"]), metrics.speedup_text(m["vs_T"])] if m
+          else ["-", "-"]))
+  text = table(["peak lr", "run", "final train loss", "final held-out loss",
+                        "training loss: speed-up vs AdamW-T at this lr",
+                       "held-out: speed-up vs AdamW-T at this lr"], rows)
+  best = min(groups, key=lambda lr: final(groups[lr]["adamw-T"], True))
+  if best == c["lr"]:
+    return text, f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr " \
+                  "checked for AdamW-T."
+  ires = {k: r for k, r in groups[c["lr"]].items() if k != "adamw-T"}
+  below = [final(r, True) < final(groups[best]["adamw-T"], True) for r in ires.values()]
+  return text, (
+      f"- Learning-rate check (seed 0): AdamW-T alone at peak lr {best:g} ends at training / "
+      f"held-out loss {final(groups[best]['adamw-T'], True):.3f} / "
+      f"{final(groups[best]['adamw-T']):.3f}, vs {final(main['adamw-T'], True):.3f} / "
+      f"{final(main['adamw-T']):.3f} at the authors' {c['lr']:g}; AdamW+IRE-T at "
+      f"{c['lr']:g} ends at " + ", ".join(f"{final(r, True):.3f} / {final(r):.3f} ({k[4:-2]})"
+                                         for k, r in ires.items())
+      + f": {'all' if all(below) else 'some' if any(below) else 'none'} below AdamW alone at "
+      f"{best:g}. The speed-ups above are against AdamW at a learning rate this check finds "
+      "too small for it.")
+
+
+def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
+  c, datasets = res["config"], list(res["datasets"].values())
+  ablations = [(a, results[a.name]) for a in (KAPPA3_LR,)
+               if a.name != res["stem"] and not res["official"] and results[a.name]]
+  lr_table, lr_verdict = lr_check(res) if res.get("lr_check") else ("", "")
+  return {
+      "res": res, "c": c, "stem": res["stem"], "summary": summary_table(res),
+      "short": summary_table(res, short=True), "seeds": seed_table(res), "runs": run_table(res),
+      "verdicts": "\n".join(verdicts(res) + [lr_verdict] * bool(lr_verdict)),
+      "lr_table": lr_table, "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
+      "wall_min": res["total_wall_s"] / 60,
+      "params": ", ".join(f"{d['label']}: {d['params']:,}" for d in datasets),
+      "data_notes": "; ".join(d["note"] for d in datasets),
+      "ire": "\n".join(
+          f"- IRE `{v}`: {s['curvature']} estimator, gamma {s['gamma']:g}, kappa "
+          f"{s['kappa']:g}{' x lr_t / lr_peak' if s['kappa_schedule'] == 'lr' else ''}, "
+          f"refreshed every {s['refresh_every']} steps, on from step {c['warmup_steps']} "
+          f"(right after the warm-up)." + (f" Source: {s['source']}." if s.get("source") else "")
+          for v, s in c["ire_settings"].items()),
+      "decay": "every parameter" if c["decay_mask"] == "all" else "weight matrices only",
+      "clip": f"clip {c['clip_norm']:g}" if c.get("clip_norm") else "no gradient clipping",
+      "notes": "".join(f"\n- Note: {n}" for n in res.get("notes", []))
+      + (f"\n- Learning rate: {c['lr_note']}" if c.get("lr_note") else ""),
+      "ablations": "".join(f"\n\n## Other IRE settings tried: `{a.name}.md`\n\nThe same AdamW "
+                           f"runs; IRE as listed there.\n\n{summary_table(load(doc, a.name))}"
+                           for a, doc in ablations)}
+
+
+def render(results: Mapping[str, Any]) -> dict[str, str]:
+  out = {}
+  for spec in PRESETS.values():
+    if results[spec.name] is not None:
+      res = load(results[spec.name], spec.name)
+      ctx = context(res, results)
+      kind = "pretraining_official" if res["official"] else "pretraining"
+      out[f"benchmarks/results/{spec.name}.md"] = fill(f"{kind}.md", ctx)
+      if spec is not KAPPA3_LR:
+        out[f"benchmarks/results/{spec.name}_summary.md"] = fill(f"{kind}_summary.md",
+                                                                       ctx)
+  return out

@@ -1,0 +1,170 @@
+"""The one runner: trains every arm of an :class:`~benchmarks.spec.Experiment` through the
+examples' typed API (``examples.<example>.get_config()`` + ``examples.common.train.run``).
+
+Each run (task x seed x arm) is one ``TrainConfig``; its record (final metrics, curves,
+timings and what the experiment's ``measure`` adds) is cached as
+``{out}/runs/{experiment}/{config_hash}.json``, the hash taken over the whole configuration
+(with the data set's name, not where it lies). A run whose file exists is read, not trained:
+an interrupted experiment resumes, and experiments that share runs train them once. The code
+is not part of the hash: delete ``runs/{experiment}`` after changing what a run computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks import data
+from benchmarks.spec import Arm, Experiment, Task, config_hash
+
+Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) -> extra fields
+
+
+def override(cfg: Any, changes: Mapping[str, Any]) -> Any:
+  """``cfg`` (a frozen dataclass) with ``changes``; a mapping changes a nested config."""
+  fields = {}
+  for k, v in changes.items():
+    sub = getattr(cfg, k)
+    fields[k] = override(sub, v) if isinstance(v, Mapping) and dataclasses.is_dataclass(sub) \
+        else v
+  return dataclasses.replace(cfg, **fields)
+
+
+def configure(spec: Experiment, task: Task, arm: Arm, seed: int) -> Any:
+  """The ``TrainConfig`` of one run: the example's defaults, then the experiment's steps and
+  the seed, the task's overrides, the arm's (the data set by name: :func:`resolve` it)."""
+  cfg = importlib.import_module(f"examples.{task.example}").get_config()
+  cfg = override(cfg, {"steps": spec.steps, "seed": seed, "data": {"spec": task.data},
+                       "no_checkpoint": True, "no_plot": True, "no_progress": True})
+  return override(cfg, {**task.overrides, **arm.train,
+                        "optimizer": {**task.overrides.get("optimizer", {}), **arm.optimizer}})
+
+
+def resolve(cfg: Any, data_dir: str | None, out: str) -> Any:
+  """``cfg`` with its data set found under ``data_dir`` and its run directory under ``out``."""
+  return override(cfg, {"data": {"spec": data.data_spec(cfg.data.spec, data_dir)}, "out": out})
+
+
+def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
+  """``(step, value)`` of every logged record that has ``key``."""
+  return [(int(r["step"]), float(r[key])) for r in records if key in r]
+
+
+def record(cfg: Any, result: Any, wall_s: float) -> dict[str, Any]:
+  """What one run leaves: final metrics, the held-out and training-loss curves, timings."""
+  from examples.common import train
+
+  s = result.summary
+  recs = train.read_metrics(s["run_dir"])
+  rate = "tok_per_s" if cfg.kind == "text" else "img_per_s"
+  per_example = cfg.data.seq_len if cfg.kind == "text" else 1
+  windows = [cfg.batch_size * per_example / r[rate] for r in recs[1:]
+             if r.get(rate) and math.isfinite(r[rate])]
+  flat = curve(recs, "ire_flat_fraction")
+  return {
+      "steps": cfg.steps, "params": s["params"], "diverged": False,
+      "final_eval_loss": s["eval_loss"], "final_eval_acc": s["eval_acc"],
+      "final_train_loss": s["train_loss"],
+      "s_per_step": 1.0 / s["steps_per_s"] if s["steps_per_s"] else None,
+      "s_per_step_median_window": statistics.median(windows) if windows else None,
+      "first_step_s": s["first_step_s"], "wall_s": wall_s,
+      "ire_flat_fraction_end": flat[-1][1] if flat else None,
+      "curve": curve(recs, "eval_loss"), "acc_curve": curve(recs, "eval_acc"),
+      "loss_curve": curve(recs, "loss"),
+  }
+
+
+def train_one(cfg: Any, *, data_dir: str | None, measure: Measure | None = None,
+              **run_kwargs: Any) -> dict[str, Any]:
+  """Trains ``cfg`` (in a temporary run directory) and returns its :func:`record`."""
+  from examples.common import train
+
+  with tempfile.TemporaryDirectory(prefix="ire_bench_run_") as tmp:
+    cfg = override(cfg, {"out": tmp}) if "data" in run_kwargs else resolve(cfg, data_dir, tmp)
+    t0 = time.perf_counter()
+    result = train.run(cfg, quiet=True, **run_kwargs)
+    rec = record(cfg, result, time.perf_counter() - t0)
+    if measure is not None:
+      rec.update(measure(cfg, result))
+  return rec
+
+
+def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
+            measure: Measure | None = None, extra: Any = None,
+            inputs: Callable[[Task, int], Mapping[str, Any]] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, dict[str, dict[str, dict]]]:
+  """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
+
+  ``inputs(task, seed)``: arguments of ``train.run`` (``data``, ``model``) that replace the
+  example's, and a ``measure`` for this run. ``extra`` (what ``measure`` and ``inputs``
+  depend on) and the task's name are part of every run's hash.
+  """
+  cache = Path(out) / "runs" / spec.name
+  cache.mkdir(parents=True, exist_ok=True)
+  plan = [(t, s, a) for t in spec.tasks for s in spec.seeds for a in spec.arms
+          if not t.arms or a.label in t.arms]
+  runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+  t_start = time.perf_counter()
+  for i, (task, seed, arm) in enumerate(plan):
+    cfg = configure(spec, task, arm, seed)
+    key = config_hash(cfg, task.key, extra)
+    path = cache / f"{key}.json"
+    if path.exists():
+      rec, how = json.loads(path.read_text()), "cached"
+    else:
+      kwargs = {"measure": measure, **(inputs(task, seed) if inputs else {})}
+      rec = dict(train_one(cfg, data_dir=data_dir, **kwargs), config_hash=key)
+      tmp, how = path.with_suffix(".tmp"), "trained"
+      tmp.write_text(json.dumps(rec, default=str))
+      os.replace(tmp, path)
+      rec = json.loads(path.read_text())  # as a later read gives it (lists, not tuples)
+    runs.setdefault(task.key, {}).setdefault(str(seed), {})[arm.label] = rec
+    log(f"[{i + 1}/{len(plan)}] {task.key} seed {seed} {arm.label}: {how}, final held-out "
+        f"loss {rec['final_eval_loss']:.4f} ({time.perf_counter() - t_start:.0f} s)")
+  return runs
+
+
+def sharpness(result: Any, batch: Mapping[str, Any], *, lanczos_iters: int,
+              hutchinson_samples: int = 0, unroll: bool = False, fast_compile: bool = False
+              ) -> dict[str, float]:
+  """The top Hessian eigenvalue (Lanczos) and, with ``hutchinson_samples``, the trace of the
+  eval-mode loss (BatchNorm's running statistics) on ``batch`` at a run's evaluated weights,
+  with a fixed key: ``{"top_eig"[, "trace"]}``. Runs of one model share one compilation."""
+  import jax
+
+  eig, trace = _sharpness_fn(fast_compile)(
+      result.graphdef, result.eval_params(), result.state.stats, dict(batch),
+      jax.random.key(1234), lanczos_iters, hutchinson_samples, unroll)
+  return {"top_eig": float(eig), **({"trace": float(trace)} if hutchinson_samples else {})}
+
+
+@functools.cache
+def _sharpness_fn(fast_compile: bool) -> Callable[..., Any]:
+  import jax
+
+  from examples.common import optim, train
+  from ire_optax import sharpness as sh
+
+  def fn(graphdef, params, stats, batch, key, iters, samples, unroll):
+    def loss_fn(p, b):
+      return optim.cross_entropy(train.apply_model(graphdef, p, stats, b["x"], train=False)[0],
+                                 b["y"])[0]
+
+    k_eig, k_trace = jax.random.split(key)
+    eig = sh.top_hessian_eigs(loss_fn, params, batch, key=k_eig, k=1, num_iters=iters,
+                              unroll=unroll)[0][0]
+    return eig, (sh.hessian_trace(loss_fn, params, batch, key=k_trace, num_samples=samples,
+                                  unroll=unroll)[0] if samples else eig)
+
+  return jax.jit(fn, static_argnums=(0, 5, 6, 7),
+                 compiler_options=train.compiler_options(fast_compile))
