@@ -55,6 +55,22 @@ def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -
   return "\n".join(lines)
 
 
+def bounds(mid: float | None, lo: float | None, hi: float | None, fmt: str = ".2f") -> str:
+  """``mid [lo–hi]`` (a median and its range), or an em dash if ``mid`` is None."""
+  if mid is None:
+    return "—"
+  return f"{mid:{fmt}} [{lo:{fmt}}–{hi:{fmt}}]"
+
+
+def span(values: Iterable[float | None], fmt: str = ".2f") -> str:
+  """``lo–hi`` of the values that are not None (one number if they agree at ``fmt``)."""
+  v = [x for x in values if x is not None]
+  if not v:
+    return "not run"
+  lo, hi = f"{min(v):{fmt}}", f"{max(v):{fmt}}"
+  return lo if lo == hi else f"{lo}–{hi}"
+
+
 def replace_block(text: str, name: str, body: str, source: str = "") -> str:
   """``text`` with the block ``name`` (between its begin/end markers) replaced by ``body``."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
