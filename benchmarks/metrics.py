@@ -79,3 +79,8 @@ def verdict(d: Mapping[str, Any] | None) -> str:
   if t > -2:
     return "opposite direction, within noise"
   return "reversed (>= 2 SE)"
+
+
+def ratio_bounds(paired: Sequence[float]) -> dict[str, float]:
+  """Median and range of ratios paired by repetition (``Timings.paired``)."""
+  return {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
