@@ -71,6 +71,12 @@ def span(values: Iterable[float | None], fmt: str = ".2f") -> str:
   return lo if lo == hi else f"{lo}–{hi}"
 
 
+def machine(doc: Mapping[str, Any]) -> str:
+  """The machine a results document was measured on (``meta.machine``), in words."""
+  m = doc["meta"].get("machine")
+  return m.get("summary", "") if isinstance(m, dict) else (m or "machine not recorded")
+
+
 def replace_block(text: str, name: str, body: str, source: str = "") -> str:
   """``text`` with the block ``name`` (between its begin/end markers) replaced by ``body``."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
