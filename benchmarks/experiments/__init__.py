@@ -15,7 +15,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("ire", "multidevice", "sam", "selection", "sharpness", "summary")
+NAMES: tuple[str, ...] = ("ire", "multidevice", "sam", "selection", "sharpness", "train_step",
+                          "summary")
 
 
 def load(name: str) -> ModuleType:

@@ -8,6 +8,7 @@ cycles of each; the exact selection alone (the default method and XLA's scatter)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from benchmarks import timing
@@ -56,8 +57,8 @@ def measure(n: int, reps: int) -> dict[str, Any]:
       "ire_plain": timing.update_stepper(ire(2**31 - 1), params, grads),
       "cycle_adamw": timing.update_stepper(adamw(), params, grads, K),
       "cycle_ire": timing.update_stepper(ire(K), params, grads, K),
-      "radix": lambda f=select(): f(h), "radix_xla": lambda f=select(method="scatter"): f(h),
-      "sort": lambda f=jax.jit(lambda t: jnp.sort(flat(t))[k - 1]): f(h)}
+      "radix": partial(select(), h), "radix_xla": partial(select(method="scatter"), h),
+      "sort": partial(jax.jit(lambda t: jnp.sort(flat(t))[k - 1]), h)}
   if n > SORT_MAX:
     del blocks["sort"]
   t = timing.time_interleaved(blocks, baseline="adamw", reps=reps)
@@ -84,8 +85,8 @@ def run(spec: Micro, args: Any) -> None:
   rows = [measure(n, spec.reps) for n in spec.sizes]
   write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
                 meta={"machine": timing.machine()},
-                details={"meta": {"reps": spec.reps, "selection": f"auto on {jax.default_backend()}"},
-                         "rows": rows},
+                details={"rows": rows, "meta": {
+                    "reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}},
                 rows=[time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params",
                                f"update (K={K})", r["cpu"]["amortized_ratio_K10"], spec.name,
                                f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW "

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from benchmarks import data, timing
@@ -70,7 +71,8 @@ def worker(devices: int, reps: int, batch_size: int = BATCH, hidden: int = HIDDE
       f = lambda p, s, b, name=name, tx=tx: step(p, s, b, name, tx)
       if axis:
         f = jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()))
-      blocks[name] = timing.Stepper(lambda c, f=jax.jit(f, donate_argnums=(0, 1)): f(*c, gbatch),
+      jitted = jax.jit(f, donate_argnums=(0, 1))
+      blocks[name] = timing.Stepper(lambda c, f=jitted, b=gbatch: f(*c, b),
                                     jax.device_put((params, tx.init(params)), rep), STEPS)
     t = timing.time_interleaved(blocks, baseline="adamw", reps=reps, units=STEPS)
     out["placements"][placement] = {n: {
@@ -83,9 +85,9 @@ def worker(devices: int, reps: int, batch_size: int = BATCH, hidden: int = HIDDE
     fns = {}  # the same state every call: every call of ire (K = 1) is a refresh
     for name, tx in (("adamw", optax.adamw(1e-3)), ("ire_refresh", ire_optax.ire(
         optax.adamw(1e-3), kappa=3.0, gamma=0.6, refresh_every=1))):
-      fns[name] = timing.Stepper(lambda c, f=jax.jit(tx.update), s=tx.init(tp): f(tg, s, tp)[0],
-                                 None, 3)
-    t = timing.time_interleaved(fns, baseline="adamw", reps=reps, units=3)
+      fns[name] = partial(jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0]), tg,
+                          tx.init(tp), tp)
+    t = timing.time_interleaved(fns, baseline="adamw", reps=reps)
     out["refresh"][placement] = {"ire_refresh_ms": 1e3 * t.median("ire_refresh"),
                                  "adamw_update_ms": 1e3 * t.median("adamw"),
                                  "refresh_over_adamw": t.ratio("ire_refresh")}
@@ -95,16 +97,17 @@ def worker(devices: int, reps: int, batch_size: int = BATCH, hidden: int = HIDDE
 def run(spec: Micro, args: Any) -> None:
   t0, results = time.perf_counter(), []
   for d in spec.sizes:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={d}",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                                  os.environ.get("PYTHONPATH", "")])}
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-m", __name__, str(d), str(spec.reps)], env=env,
                           capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode:
       raise RuntimeError(f"worker D={d} failed:\n{proc.stderr[-4000:]}")
     results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   one = next(r for r in results if r["devices"] == 1)
-  names = {"adamw+ire": ("AdamW+IRE", "grad_sq"), "sam": ("SAM", ""), "msam": ("mSAM", "m=8, vmap")}
+  names = {"adamw+ire": ("AdamW+IRE", "grad_sq"), "sam": ("SAM", ""),
+           "msam": ("mSAM", "m=8, vmap")}
   write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
                 meta={"machine": timing.machine()},
                 details={"reps": spec.reps, "global_batch": BATCH, "targets": TARGETS,
@@ -127,6 +130,8 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   msam_sam = lambda devices: span([ratio(r, p, "msam") / ratio(r, p, "sam") for r in res
                                    for p in ("shard_map", "gspmd") if r["devices"] == devices])
   fresh = lambda r, p: r["refresh"][p]
+  speedup = lambda r: fresh(r, "replicated")["ire_refresh_ms"] / fresh(r, "sharded")[
+      "ire_refresh_ms"]
   return {"benchmarks/results/multidevice.md": fill("multidevice.md", {
       "machine": machine(doc), "reps": d["reps"], "batch": d["global_batch"], "hidden": HIDDEN,
       "steps": STEPS, "params": res[0]["params"], "wall_s": d["wall_s"],
@@ -146,14 +151,13 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                                          for k, fmt in (("ire_refresh_ms", ".1f"),
                                                         ("adamw_update_ms", ".1f"),
                                                         ("refresh_over_adamw", ".2f"))),
-                         f"{fresh(r, 'replicated')['ire_refresh_ms'] / fresh(r, 'sharded')['ire_refresh_ms']:.2f}"]
+                         f"{speedup(r):.2f}"]
                         for r in res], "r" * 8),
       "ire": span(cells("adamw+ire")), "sam": span(cells("sam")),
       "msam_1": msam_sam(1), "msam_max": msam_sam(max(r["devices"] for r in res)),
       "max_devices": max(r["devices"] for r in res),
       "sharded": span([fresh(r, "sharded")["refresh_over_adamw"] for r in res]),
-      "speedup": span([fresh(r, "replicated")["ire_refresh_ms"] / fresh(r, "sharded")[
-          "ire_refresh_ms"] for r in res if r["devices"] > 1])})}
+      "speedup": span([speedup(r) for r in res if r["devices"] > 1])})}
 
 
 if __name__ == "__main__":  # the worker of one device count: D REPS

@@ -174,6 +174,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   res = doc["details"]["results"]
   mem = [n for n in ARMS if n != "base"]
   f = lambda r, a, b: r["xla_flops"][a] / r["xla_flops"][b]
+  extra = lambda r: (r["peak_bytes"]["sam"] - r["peak_bytes"]["base"]) / r["param_bytes"]
   flop_pairs = [p for p in PAIRS if p[1] != "msam8_scan"]  # XLA counts a loop's body once
   return {"benchmarks/results/sam.md": fill("sam.md", {
       "machine": machine(doc), "steps": doc["details"]["steps"], "reps": doc["details"]["reps"],
@@ -186,7 +187,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                        *(f"{n}/base" for n in mem)],
                       [[r["task"], f"{r['param_bytes'] / 1e6:.3f}",
                         f"{r['peak_bytes']['base'] / 1e6:.2f}",
-                        f"{(r['peak_bytes']['sam'] - r['peak_bytes']['base']) / r['param_bytes']:+.2f}",
+                        f"{extra(r):+.2f}",
                         *(f"{r['peak_bytes'][n] / r['peak_bytes']['base']:.3f}" for n in mem)]
                        for r in res], "lrrr" + "r" * len(mem)),
       "flops": table(["task", *(p[0] for p in flop_pairs)],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from benchmarks import data, metrics, timing
@@ -90,8 +91,8 @@ def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[s
   blocks: dict[str, Any] = {"adamw": timing.update_stepper(optax.adamw(1e-3), zeros, grads),
                             "adamw_x10": timing.update_stepper(optax.adamw(1e-3), zeros, grads, K)}
   for m in methods:
-    blocks[f"refresh:{m}"] = lambda f=jax.jit(lambda t, m=m: ire_optax.flat_mask(
-        t, GAMMA, method=m)): f(grads)
+    blocks[f"refresh:{m}"] = partial(jax.jit(partial(ire_optax.flat_mask, gamma=GAMMA, method=m)),
+                                     grads)
     with ire_optax.selection_method(m):  # read when the step is traced: trace it here
       blocks[f"ire_x10:{m}"] = s = timing.update_stepper(
           ire_optax.ire(optax.adamw(1e-3), gamma=GAMMA, refresh_every=K), zeros, grads, K)
@@ -138,7 +139,8 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   methods, kinds = meta["methods"], [k for k in KINDS if any(r["kind"] == k for r in res)]
   res = sorted(res, key=lambda r: (r["n"], KINDS.index(r["kind"])))
   cell = lambda d: bounds(d["median"], d["min"], d["max"]) if d else "—"
-  load = lambda r: "—" if r["load_before"] is None else f"{r['load_before']:.1f}→{r['load_after']:.1f}"
+  load = lambda r: ("—" if r["load_before"] is None
+                    else f"{r['load_before']:.1f}→{r['load_after']:.1f}")
   sizes = sorted({r["n"] for r in res})
   over = lambda key, m, n: span([r[key][m]["median"] for r in res
                                  if r["n"] == n and m in r.get(key, {})])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from benchmarks import data, timing
@@ -82,7 +83,7 @@ def run(spec: Micro, args: Any) -> None:
   for kind, width in spec.sizes:
     params, loss = model(kind, width)
     fns = {m: jax.jit(estimator(m, loss)) for m in spec.blocks if kind in MEASURES[m][2]}
-    t = timing.time_interleaved({m: lambda f=f: f(params, batch, key) for m, f in fns.items()},
+    t = timing.time_interleaved({m: partial(f, params, batch, key) for m, f in fns.items()},
                                 baseline=spec.baseline, reps=spec.reps).summary()
     rows.append({"model": kind, "width": width, "grad_ms": 1e3 * t["median_s"]["grad"],
                  "num_params": sum(v.size for v in jax.tree.leaves(params)),
