@@ -91,7 +91,7 @@ class Results(Mapping[str, Any]):
   """The committed results documents by name, read lazily (None where absent)."""
 
   def __init__(self, directory: Path = RESULTS):
-    self.directory, self._docs = Path(directory), {}
+    self.directory, self._docs = Path(directory), dict[str, Any]()
 
   def __getitem__(self, name: str) -> Any:
     if name not in self._docs:

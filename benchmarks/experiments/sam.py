@@ -18,7 +18,7 @@ from benchmarks.schema import RESULTS, time_row, write_results
 from benchmarks.spec import Micro
 
 # block -> (factory kind, keyword arguments); the base is SGD with momentum 0.9.
-ARMS = {"base": ("base", {}), "sam": ("sam", {"rho": 0.05}),
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {"base": ("base", {}), "sam": ("sam", {"rho": 0.05}),
         "asam": ("sam", {"rho": 0.5, "adaptive": True}), "optax_sam": ("optax", {}),
         **{f"msam8_{m}": ("msam", {"rho": 0.05, "num_microbatches": 8, "microbatch_mode": m})
            for m in ("vmap", "scan", "unroll")}}
@@ -133,7 +133,8 @@ def measure(size: tuple[Any, ...], blocks: tuple[str, ...], reps: int,
     state = tx.init(params)
     step = jax.jit(train_step(kind, tx, loss), donate_argnums=(0, 1))
     compiled = step.lower(params, state, batches[0]).compile()
-    m, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    m: Any = compiled.memory_analysis()
+    cost: Any = compiled.cost_analysis()
     peak[name] = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                   - m.alias_size_in_bytes)
     flops[name] = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0))

@@ -191,7 +191,7 @@ def base_of(name: str) -> str:
   """The example's default base optimizer (``"sgd"`` or ``"adamw"``)."""
   from examples.common import cli
 
-  return cli.EXAMPLES[name]["base"]
+  return str(cli.EXAMPLES[name]["base"])
 
 
 def run(spec: Micro, args: Any) -> None:
