@@ -51,7 +51,8 @@ def measure(n: int, reps: int) -> dict[str, Any]:
   h, k = jax.tree.map(jnp.square, grads), int(0.6 * n)
   select = lambda **kw: jax.jit(lambda t: ire_optax.kth_smallest(t, k, **kw))
   flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
-  blocks: dict[str, Any] = {  # refresh_every 1: every step refreshes; 2**31 - 1: only the untimed first one
+  # refresh_every 1: every step refreshes; 2**31 - 1: only the untimed first one does.
+  blocks: dict[str, Any] = {
       "adamw": timing.update_stepper(adamw(), params, grads),
       "ire_refresh": timing.update_stepper(ire(1), params, grads),
       "ire_plain": timing.update_stepper(ire(2**31 - 1), params, grads),
