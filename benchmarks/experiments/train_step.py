@@ -59,19 +59,22 @@ SELECTION = {"ire_grad_sq": OPTS["ire_grad_sq"], **{
     f"ire_grad_sq_{m}": dataclasses.replace(OPTS["ire_grad_sq"], variant=f"grad_sq, {m}",
                                             target=None, method=m)
     for m in ("native", "threshold")}}
-# model -> (label, example config overrides, image shape, vocabulary)
+# model -> (label, overrides of the example's config: its sections and training fields, image
+# shape, vocabulary)
 MODELS = {
-    "resnet": ("ResNet-8 w16 (32x32x3, batch 64)", {"size": "toy", "width": 16, "batch_size": 64},
-               (32, 32, 3), 0),
+    "resnet": ("ResNet-8 w16 (32x32x3, batch 64)",
+               {"model": {"size": "toy", "width": 16}, "batch_size": 64}, (32, 32, 3), 0),
     "vit": ("ViT mini (32x32x3, patch 4, batch 64)",
-            {"size": "mini", "patch_size": 4, "batch_size": 64}, (32, 32, 3), 0),
+            {"model": {"size": "mini", "patch_size": 4}, "batch_size": 64}, (32, 32, 3), 0),
     "llama": ("Llama mini (seq 128, batch 16, vocab 96)",
-              {"size": "mini", "seq_len": 128, "batch_size": 16}, (), 96)}
+              {"model": {"size": "mini"}, "data": {"seq_len": 128}, "batch_size": 16}, (), 96)}
 SMOKE_MODELS = {
-    "resnet": ("ResNet-8 w4 (8x8x1, batch 16)", {"size": "toy", "batch_size": 16}, (8, 8, 1), 0),
-    "vit": ("ViT toy (8x8x1, batch 16)", {"size": "toy", "batch_size": 16}, (8, 8, 1), 0),
-    "llama": ("Llama toy (seq 16, batch 8)", {"size": "toy", "seq_len": 16, "batch_size": 8},
-              (), 32)}
+    "resnet": ("ResNet-8 w4 (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
+               (8, 8, 1), 0),
+    "vit": ("ViT toy (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
+            (8, 8, 1), 0),
+    "llama": ("Llama toy (seq 16, batch 8)",
+              {"model": {"size": "toy"}, "data": {"seq_len": 16}, "batch_size": 8}, (), 32)}
 SPEC = Micro(name="train_step", measures="train-step time over the base optimizer's",
              blocks=tuple(OPTS), baseline="base", sizes=tuple(MODELS), reps=5,
              smoke={"reps": 1})
@@ -89,13 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def example_args(example: str, overrides: Mapping[str, Any]) -> argparse.Namespace:
-  """The example's settings for ``overrides`` (config field -> value) through its parser."""
+  """The example's settings for ``overrides`` (its config's sections ``model``, ``data``,
+  ``optimizer`` and training fields, each a mapping field -> value) through its parser."""
   from examples.common import cli
 
   argv = []
-  for k, v in overrides.items():
-    flag = "--opt" if k == "name" else "--" + k.replace("_", "-")
-    argv += [flag] if v is True else [flag, str(v)]
+  for section, fields in overrides.items():
+    for k, v in (fields.items() if isinstance(fields, Mapping) else [(section, fields)]):
+      flag = "--opt" if (section, k) == ("optimizer", "name") else "--" + k.replace("_", "-")
+      argv += [flag] if v is True else [flag, str(v)]
   return cli.make_parser(example).parse_args(argv)
 
 
@@ -109,8 +114,9 @@ def build_step(name: str, opt: Opt, size: tuple[Any, ...], smoke: bool = False) 
 
   _, overrides, shape, vocab = size
   base = base_of(name)
-  args = example_args(name, {"name": base, "warmup_steps": 0, **overrides, **opt.optimizer,
-                             **opt.train, **({"base": base} if "name" in opt.optimizer else {}),
+  optimizer = {"name": base, "warmup_steps": 0, **opt.optimizer,
+               **({"base": base} if "name" in opt.optimizer else {})}
+  args = example_args(name, {**overrides, "optimizer": optimizer, **opt.train,
                              **({"fast_compile": True} if smoke else {})})
   rng, b = np.random.default_rng(0), args.batch_size
   if name == "llama":
