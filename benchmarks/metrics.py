@@ -84,3 +84,14 @@ def verdict(d: Mapping[str, Any] | None) -> str:
 def ratio_bounds(paired: Sequence[float]) -> dict[str, float]:
   """Median and range of ratios paired by repetition (``Timings.paired``)."""
   return {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+
+
+def target_verdict(values: Iterable[Any], limit: float) -> str:
+  """Words for measured values against an upper target: met by all, or how many miss it."""
+  v = finite(values)
+  if not v:
+    return "not measured"
+  over = [x for x in v if x > limit]
+  if not over:
+    return f"met ({len(v)} of {len(v)})"
+  return f"missed in {len(over)} of {len(v)} (worst {max(over):.2f})"

@@ -138,3 +138,9 @@ def test_update_stepper_applies_updates_on_its_own_copy():
   p, _ = step()
   np.testing.assert_allclose(p["w"], [-1.0, -1.0, -1.0])  # 1 - 2 * 0.5 * 2
   np.testing.assert_allclose(params["w"], [1.0, 1.0, 1.0])  # the caller's tree is untouched
+
+
+def test_target_verdict_counts_the_misses():
+  assert metrics.target_verdict([1.0, 1.1, None], 1.15) == "met (2 of 2)"
+  assert metrics.target_verdict([1.0, 1.2, 1.3], 1.15) == "missed in 2 of 3 (worst 1.30)"
+  assert metrics.target_verdict([float("nan")], 1.0) == "not measured"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks import data, timing
+from benchmarks import data, metrics, timing
 from benchmarks.render import fill, machine, span, table
 from benchmarks.schema import RESULTS, time_row, write_results
 from benchmarks.spec import Micro
@@ -31,6 +31,9 @@ SPEC = Micro(name="sam", measures="train-step time, peak memory and flops over t
              sizes=(("cnn", 8, 128), ("cnn", 16, 128), ("tfm", 64, 32), ("tfm", 128, 32)),
              smoke={"sizes": (("cnn", 4, 16), ("tfm", 16, 8)), "reps": 1})
 STEPS, LR, STRIDES, SEQ, LAYERS = 3, 0.05, (1, 2), 64, 2
+# Upper targets: paired time ratios, and SAM's extra peak memory in parameter buffers.
+TARGETS = {"sam/base": 2.05, "msam8_vmap/sam": 1.15, "msam8_scan/sam": 1.15,
+           "msam8_unroll/sam": 1.15, "sam/optax_sam": 1.0, "memory": 1.0}
 
 
 def optimizer(kind: str, kw: Mapping[str, Any]) -> Any:
@@ -197,4 +200,10 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
       "sam_flops": span([f(r, a, "base") for r in res for a in ("sam", "asam", "optax_sam")]),
       "msam_flops": span([f(r, a, "sam") for r in res for a in ("msam8_vmap", "msam8_unroll")]),
       "scan_memory": span([r["peak_bytes"]["msam8_scan"] / r["peak_bytes"]["base"] for r in res]),
-      "sam_optax": span([r["median_paired_ratio"]["sam/optax_sam"] for r in res])})}
+      "sam_optax": span([r["median_paired_ratio"]["sam/optax_sam"] for r in res]),
+      "rho": ARMS["sam"][1]["rho"], "asam_rho": ARMS["asam"][1]["rho"],
+      "m": ARMS["msam8_vmap"][1]["num_microbatches"],
+      "targets": "; ".join(
+          f"{k} ≤ {v:g}: " + metrics.target_verdict(
+              [extra(r) if k == "memory" else r["median_paired_ratio"][k] for r in res], v)
+          for k, v in TARGETS.items())})}

@@ -27,6 +27,7 @@ SPEC = Micro(name="selection", measures="one refresh, and IRE(AdamW) at K=10, in
              blocks=("adamw", *METHODS), baseline="adamw", sizes=(1e6, 1e7, 5e7), reps=5,
              smoke={"sizes": (2e4,), "reps": 1})
 TREE_BLOCKS, GAMMA, K = 21, 0.6, 10  # model_tree: 21 blocks of a large kernel and two vectors
+TARGETS = {"refresh": 2.0, "amortized": 1.10}  # in AdamW updates; IRE/AdamW at K
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +149,10 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
       "machine": meta["machine"]["summary"], "model": meta["model"], "K": meta["K"],
       "leaves": 3 * TREE_BLOCKS, "blocks": TREE_BLOCKS,
       "reps": span([r["reps"] for r in res], "d"),
+      "targets": "; ".join(f"{key} ≤ {v:.2f}: " + ", ".join(
+          f"{m} " + metrics.target_verdict([r[key][m]["median"] for r in res
+                                           if m in r.get(key, {})], v) for m in methods)
+          for key, v in TARGETS.items()),
       "refresh": table(["keys", "N", "AdamW update (ms)", *methods, "load"],
                        [[r["kind"], f"{r['n']:.0e}", f"{r['adamw_ms']:.1f}",
                          *(cell(r["refresh"].get(m)) for m in methods), load(r)] for r in res],
