@@ -226,6 +226,11 @@ def note(r: Mapping[str, Any]) -> str:
   return "; ".join(parts)
 
 
+def cell(r: Mapping[str, Any]) -> str:
+  """A ratio's cell: median [min–max] over the repetitions."""
+  return bounds(r["ratio"], r["ratio_min"], r["ratio_max"])
+
+
 SELECTION_LABELS = (("ire_grad_sq", "default (`auto`: `scatter` on the CPU)"),
                     ("ire_grad_sq_native", "`native` (opt-in)"),
                     ("ire_grad_sq_threshold", "`threshold`"))
@@ -235,18 +240,18 @@ def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
   """``train_step.md`` (or ``train_step_selection.md``): every optimizer on every model."""
   d, names = doc["details"], list(doc["details"])
 
-  def cell(r: Mapping[str, Any] | None) -> str:
+  def marked(r: Mapping[str, Any] | None) -> str:
     if r is None:
       return "—"
     vs = "" if r["vs"] == "base" else f" ({r['ratio_vs']:.2f}x {r['vs'].upper()})"
     mark = "" if r["met"] is None else (" ✓" if r["met"] else " ✗")
-    return bounds(r["ratio"], r["ratio_min"], r["ratio_max"]) + vs + mark
+    return cell(r) + vs + mark
 
   bases = {BASES[d[n]["base"]] for n in names}
   rows = [[o.label.format(base=bases.pop() if len(bases) == 1 else "base"), o.variant,
            "" if o.target is None else f"≤ {o.target}x" + (
                "" if o.over == "base" else f" {o.over.upper()}"),
-           *(cell(d[n]["results"].get(k)) for n in names)]
+           *(marked(d[n]["results"].get(k)) for n in names)]
           for k, o in opts.items() if any(k in d[n]["results"] for n in names)]
   return fill("train_step.md", {
       "reps": doc["meta"]["reps"], "steps": doc["meta"]["steps_per_block"],
@@ -267,8 +272,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
     out["docs/performance.md#branch-hints"] = fill("train_step_hints.md", {
         "reps": doc["meta"]["reps"], "machine": doc["meta"]["machine"]["summary"],
         "load0": res["loadavg"][0], "load1": res["loadavg"][1],
-        **{k: bounds(r["ratio"], r["ratio_min"], r["ratio_max"])
-           for k, r in res["results"].items()}})
+        **{k: cell(r) for k, r in res["results"].items()}})
   if sel is not None:
     out["benchmarks/results/train_step_selection.md"] = report(sel, SELECTION)
     d = sel["details"]
@@ -277,9 +281,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
     out["docs/selection.md#selection-train-step"] = fill("train_step_selection.md", {
         "table": table(["IRE (grad_sq, K = 10) counting with",
                         *(f"{d[n]['label']}, over {BASES[d[n]['base']]}" for n in d)],
-                       [*([label, *(bounds(d[n]["results"][k]["ratio"],
-                                           d[n]["results"][k]["ratio_min"],
-                                           d[n]["results"][k]["ratio_max"]) for n in d)]
+                       [*([label, *(cell(d[n]["results"][k]) for n in d)]
                           for k, label in SELECTION_LABELS),
                         ["what `native` saves per step, in base steps",
                          *(f"{x:+.2f}" for x in saved)]], "l" + "r" * len(d)),
