@@ -1,12 +1,15 @@
 """The timed micro-benchmarks run through ``timing.time_interleaved`` (smoke runs)."""
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.__main__ import main
 from benchmarks.experiments import ire, sam, sharpness
+from benchmarks.schema import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -14,8 +17,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_sala  # noqa: E402
 
 
-def test_ire_row_has_every_ratio_on_both_clocks():
-  row = ire.measure(4000, reps=2)
+def test_ire_smoke_has_every_ratio_on_both_clocks_and_spares_the_committed_results(capsys):
+  committed = RESULTS / "ire.json"
+  before = committed.read_text()
+  assert main(["ire", "--smoke"]) == 0
+  out = Path(capsys.readouterr().out.split("results in ")[1].split()[0])
+  (row,) = json.loads((out / "ire.json").read_text())["details"]["rows"]
+  assert committed.read_text() == before and row["n"] == 4000
   for clock in ("wall", "cpu"):
     c = row[clock]
     for key in ("ire_plain_ratio", "ire_refresh_ratio", "amortized_ratio_K10",
