@@ -43,7 +43,8 @@ def optimizer(kind: str, kw: Mapping[str, Any]) -> Any:
 
   base = optax.sgd(LR, momentum=0.9)
   if kind == "optax":
-    return optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),
+    rho = ARMS["sam"][1]["rho"]  # the same algorithm as "sam"
+    return optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
                              opaque_mode=True)
   return base if kind == "base" else getattr(ire_optax, kind)(base, **kw)
 
