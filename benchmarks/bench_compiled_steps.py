@@ -264,15 +264,15 @@ def measure_update(target: str, widths: tuple[int, ...], batch: int,
 def example_parts(model: T.Model, opt: T.Opt, batch_size: int | None = None):
   """``(graphdef, spec, state, batch, num_classes)`` of the example's train step for ``opt``:
   the command line parsed as ``bench_train_step`` does, state and batch as shapes."""
-  base = cli.EXAMPLES[model.example]["base"]
+  base = cli.get_config(model.example).optimizer.base
   argv = ["--opt", base, "--warmup-steps", "0", *model.argv, *opt.argv]
   if opt.argv[:1] == ("--opt",):
     argv += ["--base", base]
   if batch_size is not None:
     argv += ["--batch-size", str(batch_size)]
-  args = cli.make_parser(model.example).parse_args(argv)
+  args = cli.parse(model.example, argv)
   graphdef, params, stats = train.split_model(T.build_model(model, args))
-  spec = optim.build_optimizer(args, 10_000, default_base=base, model_stats=stats)
+  spec = optim.build_optimizer(args.optimizer, 10_000, seed=args.seed, model_stats=stats)
   state = train.TrainState(params, stats, jax.eval_shape(spec.tx.init, params))
   b = args.batch_size
   if model.example == "llama":
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
       for name in ["llama"] if smoke else args.models.split(","):
         model = table[name]
         m = trains.setdefault(name, {"label": model.label, "targets": {}, "base_name":
-                                     T.base_label(cli.EXAMPLES[model.example]["base"])})
+                                     T.base_label(cli.get_config(model.example).optimizer.base)})
         progs = m["targets"].setdefault(target, {})
         for key in keys:
           if key in progs:
