@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+import types
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -91,61 +92,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "counting method of the refresh -> results/train_step_selection.json")
 
 
-def example_args(example: str, overrides: Mapping[str, Any]) -> argparse.Namespace:
-  """The example's settings for ``overrides`` (its config's sections ``model``, ``data``,
-  ``optimizer`` and training fields, each a mapping field -> value) through its parser."""
+def config(name: str, overrides: Mapping[str, Any]) -> Any:
+  """The example's ``TrainConfig`` with ``overrides``: its sections (``model``, ``data``,
+  ``optimizer``: field -> value) and training fields."""
   from examples.common import cli
 
-  argv = []
-  for section, fields in overrides.items():
-    for k, v in (fields.items() if isinstance(fields, Mapping) else [(section, fields)]):
-      flag = "--opt" if (section, k) == ("optimizer", "name") else "--" + k.replace("_", "-")
-      argv += [flag] if v is True else [flag, str(v)]
-  return cli.make_parser(example).parse_args(argv)
+  cfg = cli.get_config(name)
+  return dataclasses.replace(cfg, **{
+      k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, Mapping) else v
+      for k, v in overrides.items()})
 
 
 def build_step(name: str, opt: Opt, size: tuple[Any, ...], smoke: bool = False) -> tuple:
   """``(step_fn, state, batch, loss)``: the example's train step for ``opt`` and its loss."""
   import jax
   import numpy as np
-  import optax
 
-  from examples.common import models, optim, train
+  from examples.common import optim, train
 
   _, overrides, shape, vocab = size
   base = base_of(name)
-  optimizer = {"name": base, "warmup_steps": 0, **opt.optimizer,
-               **({"base": base} if "name" in opt.optimizer else {})}
-  args = example_args(name, {**overrides, "optimizer": optimizer, **opt.train,
-                             **({"fast_compile": True} if smoke else {})})
-  rng, b = np.random.default_rng(0), args.batch_size
-  if name == "llama":
-    m = models.build_llama(args.size, vocab_size=vocab, seed=0, dim=args.dim, depth=args.depth,
-                           heads=args.heads, ffn_dim=args.ffn_dim).model
-    tokens = rng.integers(0, vocab, (b, args.seq_len + 1)).astype(np.int32)
-    batch, classes = {"x": tokens[:, :-1], "y": tokens[:, 1:]}, vocab
+  cfg = config(name, {**overrides, **opt.train, "fast_compile": smoke, "optimizer": {
+      "name": base, "warmup_steps": 0, **opt.optimizer,
+      **({"base": base} if "name" in opt.optimizer else {})}})
+  data = types.SimpleNamespace(image_shape=shape, num_classes=10, vocab_size=vocab)
+  graphdef, params, stats = train.split_model(train.build_model(cfg, data).model)
+  spec = optim.build_optimizer(cfg.optimizer, 10_000, model_stats=stats)
+  rng, b = np.random.default_rng(0), cfg.batch_size
+  if vocab:
+    tokens = rng.integers(0, vocab, (b, cfg.data.seq_len + 1)).astype(np.int32)
+    batch = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
   else:
-    build = {"resnet": lambda: models.build_resnet(
-        args.size, num_classes=10, in_channels=shape[2], seed=0, depth=args.depth,
-        width=args.width), "vit": lambda: models.build_vit(
-        args.size, num_classes=10, image_size=shape[0], in_channels=shape[2], seed=0,
-        dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim,
-        patch_size=args.patch_size)}[name]
-    m = build().model
     batch = {"x": rng.standard_normal((b, *shape)).astype(np.float32),
              "y": rng.integers(0, 10, b).astype(np.int32)}
-    classes = 10
-  graphdef, params, stats = train.split_model(m)
-  spec = optim.build_optimizer(args, 10_000, default_base=base, model_stats=stats)
-  if spec.lookahead:
-    params = optax.LookaheadParams.init_synced(params)
-  state = train.TrainState(params, stats, jax.jit(spec.tx.init)(params))
-  state = jax.device_put(state, jax.devices()[0], may_alias=False)  # the step donates it
-  batch = jax.device_put(batch)
   loss = lambda p, x: optim.cross_entropy(
       train.apply_model(graphdef, p, stats, x["x"], train=True)[0], x["y"])[0]
-  return (train.make_train_step(graphdef, spec, num_classes=classes, fast_compile=smoke,
-                                branch_hints=args.branch_hints), state, batch, loss)
+  return (train.make_train_step(graphdef, spec, num_classes=vocab or 10, fast_compile=smoke,
+                                branch_hints=cfg.branch_hints),
+          train.init_state(spec, params, stats), jax.device_put(batch), loss)
 
 
 def measure(name: str, opts: Mapping[str, Opt], reps: int, smoke: bool) -> dict[str, Any]:
@@ -197,7 +181,7 @@ def base_of(name: str) -> str:
   """The example's default base optimizer (``"sgd"`` or ``"adamw"``)."""
   from examples.common import cli
 
-  return str(cli.EXAMPLES[name]["base"])
+  return cli.get_config(name).optimizer.base
 
 
 def run(spec: Micro, args: Any) -> None:
