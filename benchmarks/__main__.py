@@ -42,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
   module = experiments.load(args.command)
   spec = module.SPEC
   if args.smoke:
+    import tempfile
+
     from benchmarks.spec import smoke
     spec = smoke(spec)
+    if args.out is None:  # a smoke run never overwrites the committed results
+      args.out = tempfile.mkdtemp(prefix=f"{args.command}-smoke-")
+      print(f"--smoke: results in {args.out}")
   module.run(spec, args)
-  return 0 if args.out else render.main()  # in the repository: its reports too
+  return render.main() if args.out is None else 0  # the committed results: their reports too
 
 
 if __name__ == "__main__":

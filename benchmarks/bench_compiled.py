@@ -14,7 +14,7 @@ the same way (parameters and optimizer state donated, as a train step donates th
   conditional's false branch included).
 
 N = 1e6, 1e7, 1e8 float32 parameters (the steps at 1e7 only, to keep compiling to minutes),
-as one leaf and as a 63-leaf tree shaped like a convnet's (``bench_selection.tree_sizes``).
+as one leaf and as a 63-leaf tree shaped like a convnet's (``selection.tree_sizes``).
 Columns: device-memory bytes (operands + results of every executed kernel, loop trip counts
 applied; XLA:TPU's VMEM-resident arrays count nothing), the TPU compiler's estimated cycles, the
 H100 time model (bytes / 3.35 TB/s + 4 µs per executed kernel + 10 µs per host round trip),
@@ -36,9 +36,9 @@ import _compiled as X  # before any JAX backend starts: it sets JAX_PLATFORMS
 import jax
 import jax.numpy as jnp
 import optax
-from bench_selection import tree_sizes
 
 import ire_optax
+from benchmarks.experiments.selection import tree_sizes
 
 GAMMA, K = 0.6, 10
 SIZES = (10**6, 10**7, 10**8)

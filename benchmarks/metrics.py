@@ -203,3 +203,17 @@ def speedup_verdict(entries: Sequence[Mapping[str, Any]], claim: float) -> str:
   if m >= 0.8 * claim:
     return f"reproduced ({text}, claim {claim:g}x)"
   return f"partly: a speed-up, smaller than the claim ({text}, claim {claim:g}x)"
+def ratio_bounds(paired: Sequence[float]) -> dict[str, float]:
+  """Median and range of ratios paired by repetition (``Timings.paired``)."""
+  return {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+
+
+def target_verdict(values: Iterable[Any], limit: float) -> str:
+  """Words for measured values against an upper target: met by all, or how many miss it."""
+  v = finite(values)
+  if not v:
+    return "not measured"
+  over = [x for x in v if x > limit]
+  if not over:
+    return f"met ({len(v)} of {len(v)})"
+  return f"missed in {len(over)} of {len(v)} (worst {max(over):.2f})"

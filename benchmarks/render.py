@@ -66,6 +66,26 @@ def paired_cells(d: Mapping[str, Any], scale: float = 100.0) -> list[str]:
   per-seed differences, the verdict."""
   return [f"{scale * d['mean']:+.2f} ± {scale * d['std']:.2f}",
           ", ".join(f"{scale * x:+.2f}" for x in d["diffs"]), d["verdict"]]
+def bounds(mid: float | None, lo: float | None, hi: float | None, fmt: str = ".2f") -> str:
+  """``mid [lo–hi]`` (a median and its range), or an em dash if ``mid`` is None."""
+  if mid is None:
+    return "—"
+  return f"{mid:{fmt}} [{lo:{fmt}}–{hi:{fmt}}]"
+
+
+def span(values: Iterable[float | None], fmt: str = ".2f") -> str:
+  """``lo–hi`` of the values that are not None (one number if they agree at ``fmt``)."""
+  v = [x for x in values if x is not None]
+  if not v:
+    return "not run"
+  lo, hi = f"{min(v):{fmt}}", f"{max(v):{fmt}}"
+  return lo if lo == hi else f"{lo}–{hi}"
+
+
+def machine(doc: Mapping[str, Any]) -> str:
+  """The machine a results document was measured on (``meta.machine``), in words."""
+  m = doc["meta"].get("machine")
+  return m.get("summary", "") if isinstance(m, dict) else (m or "machine not recorded")
 
 
 def replace_block(text: str, name: str, body: str, source: str = "") -> str:
@@ -82,7 +102,7 @@ class Results(Mapping[str, Any]):
   """The committed results documents by name, read lazily (None where absent)."""
 
   def __init__(self, directory: Path = RESULTS):
-    self.directory, self._docs = Path(directory), {}
+    self.directory, self._docs = Path(directory), dict[str, Any]()
 
   def __getitem__(self, name: str) -> Any:
     if name not in self._docs:

@@ -184,3 +184,21 @@ def machine() -> dict[str, Any]:
                  f"optax {optax.__version__}"
                  + (f", load average {load:.1f}" if load is not None else ""),
   }
+
+
+def update_stepper(tx: Any, params: Any, grads: Any, steps: int = 1) -> Stepper:
+  """A block of ``steps`` jitted ``tx`` updates and applies on fixed ``grads``.
+
+  The stepper owns (and donates) its own copy of ``params`` and the state ``tx.init`` makes.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def step(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  p = jax.tree.map(jnp.copy, params)
+  return Stepper(jax.jit(step, donate_argnums=0), (p, tx.init(p)), steps, lambda i: (grads,))

@@ -1,65 +1,44 @@
-"""benchmarks/bench_train_step.py: a smoke run, the part/merge path, and the committed table."""
+"""benchmarks.experiments.train_step: a smoke run on the examples' step, the arms, the tables."""
 
-import json
-import sys
-from pathlib import Path
+import argparse
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import _common as C  # noqa: E402
-import bench_train_step as B  # noqa: E402
+from benchmarks import render
+from benchmarks.experiments import train_step as B
+from benchmarks.spec import smoke
 
 
-def test_smoke_times_the_examples_step_with_branch_hints(tmp_path, capsys):
-  part = tmp_path / "llama.json"
-  assert B.main(["--smoke", "--models", "llama", "--only", "ire_fisher", "--part",
-                 str(part)]) == 0
-  doc = json.loads(part.read_text())
-  res = doc["details"]["llama"]["results"]["ire_fisher"]
-  assert res["ratio"] > 0 and res["target"] == 1.15
-  # Two compiled variants of the IRE step (hinted refresh step, hinted plain step) ran.
-  assert set(doc["details"]["llama"]["summary"]["seconds"]) == {"base", "ire_fisher"}
-  (row,) = doc["rows"]
-  assert row["optimizer"] == "AdamW+IRE" and row["variant"] == "fisher"
-  assert row["metric"] == "time_ratio" and row["source"] == "bench_train_step"
-
-  # The HVP/gradient measurement is a part of its own, merged into the model's details.
-  hvp = tmp_path / "hvp.json"
-  assert B.main(["--smoke", "--models", "llama", "--hvp-only", "--part", str(hvp)]) == 0
-  h = json.loads(hvp.read_text())["details"]["llama"]["hvp"]
-  assert h["ratio"] > 1 and h["grad_ms"] > 0  # an HVP does a gradient's work and more
-
-  out = tmp_path / "train_step"
-  assert B.main(["--merge", str(part), str(hvp), "--out", str(out)]) == 0
-  merged = C.read_results(out.with_suffix(".json"))
-  assert [r.optimizer for r in merged["rows"]] == ["AdamW+IRE"]
-  assert merged["details"]["llama"]["hvp"] == h and "results" in merged["details"]["llama"]
-  md = out.with_suffix(".md").read_text()
-  assert "| AdamW+IRE | fisher | ≤ 1.15x |" in md
-  assert "One Hessian-vector product" in md and f"llama {h['ratio']:.2f}" in md
+def test_smoke_times_the_examples_step_and_keeps_the_other_models(tmp_path):
+  args = argparse.Namespace(out=str(tmp_path), models=["llama"], only=["ire_fisher"], reps=None,
+                            selection=False, smoke=True)
+  (tmp_path / "train_step.json").write_text(render.ROOT.joinpath(  # an earlier run's models
+      "benchmarks/results/train_step.json").read_text())
+  B.run(smoke(B.SPEC), args)
+  doc = render.Results(tmp_path)["train_step"]
+  assert set(doc["details"]) == {"resnet", "vit", "llama"}  # resnet, vit kept
+  res = doc["details"]["llama"]
+  assert res["label"].startswith("Llama toy") and set(res["results"]) == {"ire_fisher"}
+  r = res["results"]["ire_fisher"]
+  assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["target"] == 1.15
+  assert res["hvp"]["ratio"] > 1 and res["hvp"]["grad_ms"] > 0  # a gradient's work and more
+  llama = [r for r in doc["rows"] if r["task"] == res["label"]]
+  assert [(r["optimizer"], r["variant"], r["source"]) for r in llama] == [
+      ("AdamW+IRE", "fisher", "train_step")]
+  md = B.render({"train_step": doc})["benchmarks/results/train_step.md"]
+  assert "| base+IRE | fisher | ≤ 1.15x |" in md and "llama " in md
 
 
-def test_every_optimizer_of_the_issue_is_measured():
-  keys = {o.key for o in B.optimizers(gsam=True)}
+def test_every_optimizer_of_the_issue_is_measured_with_its_target():
   assert {"base", "ire_grad_sq", "ire_fisher", "ire_hutchinson", "sam", "asam", "msam", "sala",
-          "lookahead", "gsam", "sam_every_k"} <= keys
-  targets = {o.key: (o.target, o.target_over) for o in B.optimizers(gsam=False)}
-  assert targets["msam"] == (1.1, "sam") and targets["sala"] == (1.6, "base")
-  # --selection-methods: the same IRE step traced with each other counting method.
-  methods = {o.key: o.method for o in B.optimizers(gsam=False, selection=True)}
-  assert methods["ire_grad_sq"] == "auto"
-  assert methods["ire_grad_sq_native"] == "native"
-  assert methods["ire_grad_sq_threshold"] == "threshold"
-  argv = {o.key: o.argv for o in B.optimizers(gsam=False, selection=True)}
-  assert argv["ire_grad_sq_native"] == argv["ire_grad_sq"]
+          "lookahead", "gsam", "sam_every_k"} <= set(B.OPTS)
+  assert (B.OPTS["msam"].target, B.OPTS["msam"].over) == (1.1, "sam")
+  assert (B.OPTS["sala"].target, B.OPTS["sala"].over) == (1.6, "base")
+  assert B.OPTS["ire_fisher_cond"].train == {"branch_hints": "off"}
+  # --selection: the same IRE step traced with each counting method.
+  assert {k: o.method for k, o in B.SELECTION.items()} == {
+      "ire_grad_sq": "auto", "ire_grad_sq_native": "native", "ire_grad_sq_threshold": "threshold"}
+  assert len({repr(o.optimizer) for o in B.SELECTION.values()}) == 1
 
 
-def test_committed_table_has_every_model():
-  doc = C.read_results(C.RESULTS / "train_step.json")
-  if doc is None:
-    pytest.skip("benchmarks/results/train_step.json not written yet")
-  assert set(doc["details"]) == {"resnet", "vit", "llama"}
-  assert all(r.metric == "time_ratio" and r.value > 0 for r in doc["rows"])
+def test_note_names_the_stage2_fraction_and_other_references():
+  assert B.note({"vs": "base", "stage2_fraction": 1.0}) == "stage-2 fraction 1.00"
+  assert B.note({"vs": "sam", "ratio_vs": 0.614}) == "0.61x SAM"

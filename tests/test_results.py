@@ -1,26 +1,21 @@
-"""The committed benchmark results, the cost table and the README's results block agree."""
+"""The committed reports are generated from the results, and the summary's cost table agrees."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from benchmarks import render
+from benchmarks.experiments import summary
+from benchmarks.schema import Row, time_row, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _report():
-  spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_readme_and_cost_table_are_generated_from_the_results():
-  report = _report()
-  stale = [p for p, content in report.outputs().items() if p.read_text() != content]
-  assert not stale, f"run `python benchmarks/report.py`; stale: {stale}"
+def test_every_report_and_docs_block_is_generated_from_the_results():
+  stale = [p for p, content in render.outputs().items() if p.read_text() != content]
+  assert not stale, f"run `python -m benchmarks render`; stale: {stale}"
 
 
 def test_cost_table_covers_every_optimizer_with_finite_ratios():
@@ -31,27 +26,39 @@ def test_cost_table_covers_every_optimizer_with_finite_ratios():
     assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
 
 
-def test_replace_block_and_digest(tmp_path):
-  report = _report()
-  text = f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n"
-  assert report.replace_block(text, "NEW") == "intro\nNEW\noutro\n"
-  with pytest.raises(ValueError, match="no"):
-    report.replace_block("no markers", "NEW")
-  rows = [report._row("SAM", "SGD", f"m{i}", "train step", r, "x") for i, r in
-          enumerate([1.0, 3.0, 2.0, 10.0])]
-  rows.append(report._row("SAM", "SGD", "u", "update (K=10)", 99.0, "x"))  # not a train step
-  digest = report.cost_digest(rows)
+def test_replace_block_keeps_the_markers():
+  text = "intro\n<!-- x:begin -->\nold\n<!-- x:end -->\noutro\n"
+  assert render.replace_block(text, "x", "NEW") == (
+      "intro\n<!-- x:begin -->\nNEW\n<!-- x:end -->\noutro\n")
+  with pytest.raises(ValueError, match="markers"):
+    render.replace_block("no markers", "x", "NEW")
+
+
+def test_digest_is_the_median_and_range_of_the_interleaved_train_steps():
+  rows = [dict(optimizer="SAM", variant="", ratio=r, what="train step", interleaved=True)
+          for r in (1.0, 3.0, 2.0, 10.0)]
+  rows.append(dict(optimizer="SAM", variant="", ratio=99.0, what="update (K=10)",
+                   interleaved=True))  # not a train step
+  rows.append(dict(optimizer="SAM", variant="", ratio=99.0, what="train step",
+                   interleaved=False))  # whole runs one after another
+  rows.append(dict(optimizer="mSAM", variant="m=8", ratio=1.5, what="train step",
+                   interleaved=True))
+  digest = summary.cost_digest(rows)
   assert "| SAM | 4 | 2.50 | 1.00–10.00 |" in digest
-  # Every results file is read through its rows: time ratios only, in table order.
-  common = report.C
-  common.write_results(tmp_path / "a", benchmark="x", meta={}, rows=[
-      common.time_row("SALA", "SGD", "t", "train step", 1.2, "bench_sala"),
-      common.time_row("SAM", "SGD", "t", "train step", 2.0, "bench_sam"),
-      common.Row("SAM", "t", "test_acc", 0.9)])  # not a cost
+  assert "| mSAM (m=8) | 1 | 1.50 | 1.50–1.50 |" in digest
+
+
+def test_cost_rows_read_every_results_file_in_table_order(tmp_path):
+  write_results(tmp_path / "a", benchmark="x", meta={}, rows=[
+      time_row("SALA", "SGD", "t", "train step", 1.2, "bench_sala"),
+      time_row("SAM", "SGD", "t", "train step", 2.0, "sam"),
+      time_row("flat_mask (native)", "AdamW", "t", "refresh", 0.5, "selection"),  # internal
+      Row("SAM", "t", "test_acc", 0.9)])  # not a cost
   (tmp_path / "legacy.json").write_text(json.dumps({"results": []}))  # other schema: skipped
-  got = report.cost_rows(tmp_path)
-  assert [(r["optimizer"], r["ratio"]) for r in got] == [("SAM", 2.0), ("SALA", 1.2)]
+  got = summary.cost_rows(render.Results(tmp_path))
+  assert [(r["optimizer"], r["ratio"], r["source"]) for r in got] == [
+      ("SAM", 2.0, "sam"), ("SALA", 1.2, "sala")]
+  write_results(tmp_path / "b", benchmark="x", meta={}, rows=[
+      time_row("SAM", "SGD", "t", "train step", float("nan"), "sam")])
   with pytest.raises(ValueError, match="bad cost ratio"):
-    common.write_results(tmp_path / "b", benchmark="x", meta={}, rows=[
-        common.time_row("SAM", "SGD", "t", "train step", float("nan"), "bench_sam")])
-    report.cost_rows(tmp_path)
+    summary.cost_rows(render.Results(tmp_path))

@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise", "sala")
+NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise", "sala", "ire",
+                          "multidevice", "sam", "selection", "sharpness", "train_step",
+                          "summary")
 
 
 def load(name: str) -> ModuleType:

@@ -1,0 +1,132 @@
+"""IRE: AdamW+IRE's update (plain, refresh, amortized K = 10) over one optax.adamw update.
+
+Per size N (a model-like tree: one large matrix, a few medium ones, vectors), timed interleaved
+in one process on both clocks: AdamW updates; IRE plain steps and refresh steps; real 10-step
+cycles of each; the exact selection alone (the default method and XLA's scatter), and sorting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+from benchmarks import metrics, timing
+from benchmarks.render import fill, span, table
+from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.spec import Micro
+
+SPEC = Micro(
+    name="ire", measures="AdamW+IRE update time over optax.adamw's (kappa 3, gamma 0.6, grad_sq)",
+    blocks=("adamw", "ire_refresh", "ire_plain", "cycle_adamw", "cycle_ire", "radix",
+            "radix_xla", "sort"),
+    baseline="adamw", sizes=(1_000_000, 10_000_000, 50_000_000), reps=9,
+    smoke={"sizes": (4000,), "reps": 2})
+SORT_MAX = 10_000_000  # larger trees skip the jnp.sort reference
+K = 10
+TARGETS = {"amortized": 1.15, "refresh": 2.0}  # over AdamW, on the cpu clock
+
+
+def tree(n: int, seed: int = 0) -> dict[str, Any]:
+  """A model-like tree of ``n`` float32 values: 60%, 25%, 10% and the rest."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  sizes = [int(n * 0.6), int(n * 0.25), int(n * 0.1)]
+  sizes.append(n - sum(sizes))
+  rng = np.random.default_rng(seed)
+  return {f"p{i}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(sizes)}
+
+
+def measure(n: int, reps: int) -> dict[str, Any]:
+  """One size: the timings, derived per clock (the ``details.rows`` entry)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import ire_optax
+
+  params, grads = tree(n), tree(n, seed=1)
+  adamw = lambda: optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
+  ire = lambda every: ire_optax.ire(adamw(), kappa=3.0, gamma=0.6, refresh_every=every)
+  h, k = jax.tree.map(jnp.square, grads), int(0.6 * n)
+  select = lambda **kw: jax.jit(lambda t: ire_optax.kth_smallest(t, k, **kw))
+  flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
+  # refresh_every 1: every step refreshes; 2**31 - 1: only the untimed first one does.
+  blocks: dict[str, Any] = {
+      "adamw": timing.update_stepper(adamw(), params, grads),
+      "ire_refresh": timing.update_stepper(ire(1), params, grads),
+      "ire_plain": timing.update_stepper(ire(2**31 - 1), params, grads),
+      "cycle_adamw": timing.update_stepper(adamw(), params, grads, K),
+      "cycle_ire": timing.update_stepper(ire(K), params, grads, K),
+      "radix": partial(select(), h), "radix_xla": partial(select(method="scatter"), h),
+      "sort": partial(jax.jit(lambda t: jnp.sort(flat(t))[k - 1]), h)}
+  if n > SORT_MAX:
+    del blocks["sort"]
+  t = timing.time_interleaved(blocks, baseline="adamw", reps=reps)
+  row: dict[str, Any] = {"n": n, "reps": reps}
+  for clock in ("wall", "cpu"):
+    c, a = t.on(clock), t.on(clock).median("adamw")
+    row[clock] = {
+        "adamw_ms": a * 1e3, "adamw_ns_per_param": a / n * 1e9,
+        "ire_plain_ratio": c.ratio("ire_plain"), "ire_refresh_ratio": c.ratio("ire_refresh"),
+        "amortized_ratio_K10": c.ratio("cycle_ire", "cycle_adamw"),
+        "refresh_cost_adamw_updates": (c.median("ire_refresh") - c.median("ire_plain")) / a,
+        "radix_select_adamw_updates": c.ratio("radix"),
+        "radix_select_xla_scatter_adamw_updates": c.ratio("radix_xla"),
+        "sort_select_adamw_updates": c.ratio("sort") if "sort" in blocks else None}
+  size = lambda tx: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      jax.eval_shape(tx.init, params)))
+  row["extra_state_bytes_per_param"] = (size(ire(K)) - size(adamw())) / n
+  return row
+
+
+def run(spec: Micro, args: Any) -> None:
+  import jax
+
+  rows = [measure(n, spec.reps) for n in spec.sizes]
+  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
+                meta={"machine": timing.machine()},
+                details={"rows": rows, "meta": {
+                    "reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}},
+                rows=[time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params",
+                               f"update (K={K})", r["cpu"]["amortized_ratio_K10"], spec.name,
+                               f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW "
+                               "updates (CPU time)", variant="grad_sq", n=spec.reps)
+                      for r in rows])
+
+
+def render(results: Mapping[str, Any]) -> dict[str, str]:
+  doc = results.get("ire")
+  if doc is None:
+    return {}
+  rows, meta = doc["details"]["rows"], doc["details"]["meta"]
+  f = lambda v, fmt: "—" if v is None or v != v else f"{v:{fmt}}"
+  main = [[f"{r['n']:,}", clock] + [f(r[clock].get(key), fmt) for key, fmt in (
+      ("adamw_ms", ".1f"), ("ire_plain_ratio", ".3f"), ("ire_refresh_ratio", ".2f"),
+      ("amortized_ratio_K10", ".3f"), ("refresh_cost_adamw_updates", ".2f"),
+      ("radix_select_adamw_updates", ".2f"), ("radix_select_xla_scatter_adamw_updates", ".2f"),
+      ("sort_select_adamw_updates", ".1f"))] + [f(r["extra_state_bytes_per_param"], ".3f")]
+      for r in rows for clock in ("wall", "cpu")]
+  cpu = [r["cpu"] for r in rows]
+  return {"benchmarks/results/ire.md": fill("ire.md", {
+      "machine": doc["meta"]["machine"]["summary"], "reps": meta.get("reps", rows[0]["reps"]),
+      "selection": meta["selection"], "K": K,
+      "table": table(["params", "clock", "AdamW update (ms)", "IRE plain step / AdamW",
+                      "IRE refresh step / AdamW", f"amortized (K={K}) / AdamW",
+                      "refresh cost (AdamW updates)", "select, default method (AdamW updates)",
+                      "select, XLA scatter (AdamW updates)", "jnp.sort select (AdamW updates)",
+                      "extra state bytes/param"], main, "rlrrrrrrrrr"),
+      "amortized": span([c["amortized_ratio_K10"] for c in cpu], ".3f"), "targets": TARGETS,
+      "sort_max": SORT_MAX,
+      "v_amortized": metrics.target_verdict([c["amortized_ratio_K10"] for c in cpu],
+                                            TARGETS["amortized"]),
+      "v_refresh": metrics.target_verdict([c["refresh_cost_adamw_updates"] for c in cpu],
+                                          TARGETS["refresh"]),
+      "refresh": span([c["refresh_cost_adamw_updates"] for c in cpu]),
+      "bytes": span([r["extra_state_bytes_per_param"] for r in rows], ".3f"),
+      "adamw_ns": span([c["adamw_ns_per_param"] for c in cpu]),
+      "scatter": span([c["radix_select_xla_scatter_adamw_updates"] for c in cpu]),
+      "default": span([c["radix_select_adamw_updates"] for c in cpu]),
+      "sort": span([c["sort_select_adamw_updates"] for c in cpu
+                    if c["sort_select_adamw_updates"] == c["sort_select_adamw_updates"]], ".0f")})}
