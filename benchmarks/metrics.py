@@ -79,3 +79,8 @@ def verdict(d: Mapping[str, Any] | None) -> str:
   if t > -2:
     return "opposite direction, within noise"
   return "reversed (>= 2 SE)"
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+  """``num / den``, or None where either is missing or ``den`` is 0 (not measured)."""
+  return None if num is None or not den else float(num) / float(den)

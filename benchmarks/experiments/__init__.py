@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ()
+NAMES: tuple[str, ...] = ("compiled",)
 
 
 def load(name: str) -> ModuleType:
