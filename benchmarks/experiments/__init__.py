@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("compiled",)
+NAMES: tuple[str, ...] = ("compiled", "compiled_steps")
 
 
 def load(name: str) -> ModuleType:
