@@ -393,8 +393,9 @@ def render(results: Any) -> dict[str, str]:
           "table": update_table(d["update"]), **next(iter(d["update"].values()))}),
       "train": fill("compiled_steps_train.md", {"table": train_table(d["train"]),
                                                  "period": PERIOD, **train_context(d["train"])}),
-      "pod": fill("compiled_steps_pod.md", {"table": pod_table(d["pod"]), **d["pod"], "chips": math.prod(
-          int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})}
+      "pod": fill("compiled_steps_pod.md", {
+          "table": pod_table(d["pod"]), **d["pod"],
+          "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})}
   bold = lambda text: re.sub(r"^## (.*)$", r"**\1**", text, flags=re.M)
   return {"benchmarks/results/compiled_steps.md": fill("compiled_steps.md", {
       **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, **sections}),
