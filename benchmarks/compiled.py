@@ -1,29 +1,17 @@
-"""Deviceless compiles for a TPU v5e (a chip or a slice), an NVIDIA H100 or the CPU, and what
-the optimized HLO executes.
+"""Deviceless compiles for a TPU v5e (chip or slice), an H100 or the CPU, read from the HLO.
 
-XLA compiles for a described target: libtpu's topology (``"tpu-v5e"``: one chip of a v5e:2x2;
-``"v5e:4x4"``: every chip of that slice), a GpuTargetConfig of an H100 SXM (``h100_sxm.txtpb``
-beside this file) or the host CPU. Nothing runs. Import this module before JAX starts a backend:
-it sets ``JAX_PLATFORMS=cpu`` unless set (the host only compiles).
+XLA compiles for a described target (libtpu's topology: ``"tpu-v5e"`` is one chip of a v5e:2x2,
+``"v5e:4x4"`` a slice; ``h100_sxm.txtpb`` for an H100 SXM; the host CPU); nothing runs. Import
+this module before JAX starts a backend: it sets ``JAX_PLATFORMS=cpu`` unless set.
 
-:func:`analyze` counts every instruction that executes: a ``while`` body ``trips`` times (XLA:GPU
-prints ``known_trip_count``; XLA:TPU's counted loops are read from their condition and
-increment), a ``conditional`` as executed with its branches' contents added as ``branch`` says
-(None: none, the plain path; an index, as ``lax.cond`` numbers them: 0 is the false branch;
-``"max"``: the branch moving the most bytes); each branch is also analysed alone
-(:attr:`Analysis.conditionals`). Per executed kernel (an instruction that launches device work:
-not a value, a view or control flow):
-
-* **bytes**: operands + result in device memory, as XLA's cost analysis counts a fusion (an
-  operand it only slices counts the slices, an in-place dynamic-update-slice root its window);
-  arrays in TPU on-chip memory (layout ``S(n)``: VMEM, ...) count nothing;
-* **cycles** (TPU): the compiler's ``estimated_cycles``;
-* **host round trips** (GPU): XLA:GPU reads a conditional's predicate, and an uncounted loop's
-  condition each trip, on the host;
-* **collectives**: opcode, result shape and bytes, executions.
-
-:func:`h100_seconds` is the H100 time model: bytes / 3.35 TB/s + 4 µs per executed kernel +
-10 µs per host round trip.
+:func:`analyze` counts what executes: a ``while`` body per trip (XLA:TPU's counted loops read
+from their condition), a ``conditional`` with the branches ``branch`` names (None: none, the
+plain path; an index, 0 the false branch; ``"max"``: the most bytes), each branch also alone
+(:attr:`Analysis.conditionals`). Per executed kernel: **bytes** of operands + result in device
+memory, as XLA's cost analysis counts a fusion (sliced operands count their slices, an in-place
+update its window, TPU on-chip arrays nothing); TPU **cycles** (the compiler's estimates); GPU
+**host round trips** (a conditional's predicate, an uncounted loop's condition); collectives.
+:func:`h100_seconds` is the H100 time model (:data:`TIME_MODEL`).
 
 Example::
 
@@ -125,10 +113,7 @@ def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool
 
 
 # Parsing the optimized HLO text.
-_ELEMENT_BYTES = {"pred": 1, "s4": .5, "u4": .5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                  "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-                  "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
-                  "f8e4m3fnuz": 1, "f8e5m2fnuz": 1}
+_BITS = re.compile(r"(?:pred|[a-z]+?(\d+)[a-z0-9]*)")  # pred, s4, bf16, f8e4m3fn, c128, ...
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
@@ -143,8 +128,9 @@ def shape_bytes(shape: str) -> float:
   """Device-memory bytes of an HLO shape (an array or a tuple); on-chip arrays count 0."""
   total = 0.0
   for dtype, dims, layout in _ARRAY.findall(shape):
-    if dtype in _ELEMENT_BYTES and not _ON_CHIP.search(layout):
-      total += _ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    bits = _BITS.fullmatch(dtype)
+    if bits and not _ON_CHIP.search(layout):
+      total += int(bits.group(1) or 8) / 8 * math.prod(int(d) for d in dims.split(",") if d)
   return total
 
 
@@ -256,22 +242,13 @@ class Analysis:
                     [dataclasses.replace(c, count=c.count * k) for c in self.collectives],
                     [[b.scaled(k) for b in bs] for bs in self.conditionals])
 
-  def collective_summary(self) -> dict[str, dict[str, float]]:
-    """Per collective opcode: executions and bytes (result bytes × executions)."""
-    out: dict[str, dict[str, float]] = {}
-    for c in self.collectives:
-      d = out.setdefault(c.opcode, {"count": 0.0, "bytes": 0.0})
-      d["count"] += c.count
-      d["bytes"] += c.bytes * c.count
-    return out
-
   def summary(self, params: int) -> dict[str, Any]:
     """The headline numbers as a JSON-able record, for a program of ``params`` parameters."""
     return {"bytes": self.bytes, "kernels": self.num_kernels,
             "kernels_by_opcode": dict(sorted(self.kernels.items())),
             "conditionals_executed": self.conditionals_executed,
             "host_round_trips": self.host_round_trips, "cycles": self.cycles,
-            "loop_iterations": self.loop_iterations, "collectives": self.collective_summary(),
+            "loop_iterations": self.loop_iterations,
             "h100_seconds": h100_seconds(self), "bytes_per_param": self.bytes / params}
 
 

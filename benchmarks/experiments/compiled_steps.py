@@ -190,11 +190,12 @@ def step_kinds(spec: optim.OptSpec) -> list[tuple[float, tuple, Any]]:
   """``(share of the steps, hints, branches taken)`` per kind of step over :data:`PERIOD`: SALA's
   cycle end runs its end-of-cycle branch; any other hinted step takes no branch."""
   kinds: dict[tuple, list] = {}
-  for t in range(PERIOD if spec.hints else 1):
+  steps = PERIOD if spec.hints else 1
+  for t in range(steps):
     hints = spec.hints(t) if spec.hints else ()
     picks = X.last_taken if spec.sala and t % SALA_K == SALA_K - 1 else None
-    kinds.setdefault((hints, picks), [0.0, hints, picks])[0] += 1 / (PERIOD if spec.hints else 1)
-  return [tuple(k) for k in kinds.values()]  # type: ignore[misc]
+    kinds.setdefault((hints, picks), [0, hints, picks])[0] += 1
+  return [(n / steps, hints, picks) for n, hints, picks in kinds.values()]
 
 
 def compile_kinds(task: Task, arm: Arm, target: str, mesh: Any = None, batch: int | None = None
