@@ -40,7 +40,7 @@ from benchmarks import metrics
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "jax" in sys.modules:  # JAX read the variable when imported: tell its config too
   import jax as _jax
-  if not _jax.config.jax_platforms:
+  if not _jax.config.jax_platforms:  # type: ignore[attr-defined]
     _jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 # libtpu must not look for a TPU or a metadata server; several processes may load it at once.
 _TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",

@@ -66,7 +66,7 @@ UPDATE_WIDTHS, SMOKE_WIDTHS = (512, 2048, 2048, 2048, 10), (16, 32, 32, 10)
 _ON, _OFF = {"sam_hint": True}, {"sam_hint": False}
 # One optimizer step of the MLP: (program, transformation, hints, branches taken); programs
 # with the same transformation and hints are read from one compiled step.
-UPDATES = (
+UPDATES: tuple[tuple[str, str, dict[str, bool], X.Picks | None], ...] = (
     ("adamw", "adamw", {}, None), ("sam", "sam", {}, None),
     ("sam k=5 ascent, hinted", "samk", _ON, None), ("sam k=5 plain, hinted", "samk", _OFF, None),
     ("sam k=5 ascent, unhinted", "samk", {}, X.first_taken),
@@ -126,8 +126,8 @@ def _update_step(tx: optax.GradientTransformation, key: str, hints: dict[str, An
   return step
 
 
-def measure_update(target: str, widths: tuple[int, ...], batch: int, done: dict[str, Any]
-                   ) -> dict[str, Any]:
+def measure_update(target: str, widths: tuple[int, ...], batch: int,
+                   done: dict[str, Any] | None) -> dict[str, Any]:
   params = {f"{k}{i}": jax.ShapeDtypeStruct((a, b) if k == "w" else (b,), jnp.float32)
             for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)) for k in "wb"}
   n = sum(x.size for x in params.values())
