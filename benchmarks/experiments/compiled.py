@@ -133,7 +133,9 @@ def tables(details: list[dict[str, Any]]) -> dict[str, str]:
            for r in rs], "lrrrr"),
       "refresh": table(
           ["target", "N", "leaves", "refresh, bytes", "refresh, TPU cycles",
-           "refresh, H100 time model", "H100 kernels (≤ 40 + 2/leaf)", "refresh step, bytes"],
+           "refresh, H100 time model",
+           f"H100 kernels (≤ {TARGETS['kernels']} + {TARGETS['kernels_per_leaf']}/leaf)",
+           "refresh step, bytes"],
           refresh, "lrrrrrrr"),
       "conditional": table(
           ["target", "N", "leaves", "plain step", "bytes / AdamW", "H100 time model / AdamW",
