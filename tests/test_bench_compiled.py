@@ -42,3 +42,9 @@ def test_verdicts_name_the_worst_case_against_each_target():
       "- refresh, H100 time model ≤ 3: 1 of 1 met; worst 1 (h100, N=1e+07, 1 leaves)",
       "- refresh, H100 kernels ≤ 42: 0 of 1 met; worst 43 (h100, N=1e+07, 1 leaves)",
       "- plain step, bytes ≤ 1.05: 1 of 2 met; worst 1.06 (tpu-v5e, N=1e+07, 63 leaves)"]
+
+
+def test_committed_reports_and_docs_blocks_are_rendered_from_the_results():
+  from benchmarks import render
+  stale = [p for p, text in render.outputs().items() if p.read_text() != text]
+  assert not stale, f"run `python -m benchmarks render`; stale: {stale}"
