@@ -21,8 +21,8 @@ learning-rate schedule (per model, dataset and seed), and records for each run
   base optimizer's (SGD for the ResNet, AdamW for the ViT) on the same model,
   dataset and seed, in the same process (median over seeds).
 
-Models and loops are ``examples/common`` (``cli.make_parser`` +
-``cli.run_example``); only the optimizer arguments differ between runs.
+Models and loops are ``examples/common`` (``cli.parse`` +
+``train.run``); only the optimizer arguments differ between runs.
 Compiled train steps are shared across seeds through JAX's persistent
 compilation cache in a temporary directory (the step of a given optimizer and
 model is the same XLA program for every seed: the seed enters only through the
@@ -63,7 +63,7 @@ import _common as C
 import jax
 import numpy as np
 
-from examples.common import cli, models, optim, train
+from examples.common import cli, optim, train
 from ire_optax import sharpness
 
 ROOT = C.ROOT
@@ -218,24 +218,14 @@ def run_one(model: str, dataset: str, label: str, opt_argv: list[str], seed: int
       "--out", str(runs_dir), "--name", f"{model}-{dataset}-{label.replace('+', '_')}-s{seed}"])
   if cfg.fast_compile:
     argv.append("--fast-compile")
-  args = cli.make_parser(model).parse_args(argv)
+  args = cli.parse(model, argv)
   t0 = time.perf_counter()
-  result = cli.run_example(model, args, quiet=True)
+  result = train.run(args, quiet=True)
   s = result.summary
 
-  # The weights to evaluate and the model's graph (the same construction as run_example).
-  spec = optim.build_optimizer(args, args.steps, default_base=str(cli.EXAMPLES[model]["base"]))
-  params = train.eval_params(spec, result.state)
-  d = cli._images(args.data)
-  h, _, c = d.image_shape
-  if model == "resnet":
-    m = models.build_resnet(args.size, num_classes=d.num_classes, in_channels=c, seed=seed,
-                            depth=args.depth, width=args.width)
-  else:
-    m = models.build_vit(args.size, num_classes=d.num_classes, image_size=h, in_channels=c,
-                         seed=seed, dim=args.dim, depth=args.depth, heads=args.heads,
-                         mlp_dim=args.mlp_dim, patch_size=args.patch_size)
-  graphdef = train.split_model(m.model)[0]
+  # The weights to evaluate and the model's graph.
+  params, graphdef = result.eval_params(), result.graphdef
+  d = train.load_data(args)
   n = min(cfg.sharp_batch, len(d.x_train))
   batch = {"x": d.x_train[:n], "y": d.y_train[:n]}
   t_sharp = time.perf_counter()
@@ -249,7 +239,7 @@ def run_one(model: str, dataset: str, label: str, opt_argv: list[str], seed: int
   last = max(1, math.ceil(0.1 * args.steps))
   tail = [r["loss"] for r in records if "loss" in r and r["step"] > args.steps - last]
   return {
-      "model": model, "dataset": dataset, "optimizer": label, "opt": spec.name, "seed": seed,
+      "model": model, "dataset": dataset, "optimizer": label, "opt": s["opt"], "seed": seed,
       "steps": args.steps, "params": s["params"],
       "test_acc": s["eval_acc"], "test_loss": s["eval_loss"],
       "train_loss": float(np.mean(tail)) if tail else float("nan"),
@@ -280,7 +270,7 @@ def settings_text(meta: dict) -> str:
       "What: each model is trained from the same initialisation on the same batches in the "
       "same order with the same learning-rate schedule for every optimizer (per seed); only "
       "the optimizer differs. Seeds: " + ", ".join(map(str, meta["seeds"])) + " (init and data "
-      "order). Models, data and loop are `examples/common` (`cli.run_example`).",
+      "order). Models, data and loop are `examples/common` (`train.run`).",
       "",
       "Data: " + "; ".join(meta["data"]) + ".",
       "",

@@ -53,7 +53,6 @@ them. Results: ``NAME.json`` in the benchmarks' common schema (its
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import hashlib
@@ -71,10 +70,10 @@ import _common as C  # puts the repository root on sys.path
 
 ROOT = C.ROOT
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from examples.common import cli, optim, train  # noqa: E402
+from examples.common import cli, train  # noqa: E402
+from examples.common import data as data_lib  # noqa: E402
 
 ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
 DATASETS = {
@@ -255,25 +254,6 @@ def run_key(cfg: dict, dataset: str, data: dict, seed: int, kind: str,
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def decay_every_parameter(on: bool):
-  """While building the optimizer, weight decay applies to every parameter.
-
-  The examples decay weight matrices only (``optim._decay_mask``); the IRE
-  authors' scripts decay ``model.parameters()``, norm scales included. The
-  mask is bound when the optimizer is built, inside this context.
-  """
-  if not on:
-    yield
-    return
-  saved = optim._decay_mask
-  optim._decay_mask = lambda params: jax.tree.map(lambda _: True, params)
-  try:
-    yield
-  finally:
-    optim._decay_mask = saved
-
-
 def smooth_train_curve(recs: list[dict], window: int) -> list[tuple[int, float]]:
   """Training loss averaged over the logged steps in ``(step - window, step]``.
 
@@ -321,14 +301,14 @@ def one_run(cfg: dict, spec: str, seed: int, variant: str | None, mult: int,
              "--ire-kappa", str(ire["kappa"]), "--ire-gamma", str(ire["gamma"]),
              "--ire-refresh-every", str(ire["refresh_every"]),
              "--ire-kappa-schedule", ire["kappa_schedule"]]
-  args = cli.make_parser("llama").parse_args(argv)
-  # Part of the step cache's key (and of config.json): the decay mask is not an argument.
-  args.decay_every_parameter = bool(cfg.get("decay_all"))
+  # The examples decay weight matrices only; the IRE authors' scripts decay
+  # model.parameters(), norm scales included ("decay_all").
+  argv += ["--decay-mask", "all" if cfg.get("decay_all") else "weights"]
+  args = cli.parse("llama", argv)
   window = cfg.get("train_window")
   t0 = time.perf_counter()
   try:
-    with decay_every_parameter(bool(cfg.get("decay_all"))):
-      s = cli.run_example("llama", args, quiet=True).summary
+    s = train.run(args, quiet=True).summary
   except FloatingPointError as err:  # the loop stops on a non-finite training loss
     print(f"  DIVERGED: {err}", flush=True)
     recs = train.read_metrics(run_root / name)
@@ -1306,7 +1286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   try:
     for dname, d in datasets.items():
       results[dname] = {}
-      tdata = cli._text(d["spec"], "char", cfg["max_chars"])
+      tdata = data_lib.cached_text(d["spec"], "char", cfg["max_chars"])
       d["vocab"] = int(tdata.vocab_size)
       d["train_tokens"], d["eval_tokens_total"] = len(tdata.train), len(tdata.valid)
       for seed in cfg["seeds"]:

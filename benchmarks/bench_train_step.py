@@ -52,6 +52,7 @@ import optax
 
 import ire_optax
 from examples.common import cli, models, optim, train
+from examples.common.config import TrainConfig
 
 NAME = "train_step"
 STEPS_PER_BLOCK = 10
@@ -153,7 +154,7 @@ def build_step(model: Model, opt: Opt, base: str, seed: int = 0, fast_compile: b
     argv.append("--fast-compile")
   if opt.argv[:1] == ("--opt",):
     argv += ["--base", base]
-  args = cli.make_parser(model.example).parse_args(argv)
+  args = cli.parse(model.example, argv)
   rng = np.random.default_rng(seed)
   b = args.batch_size
   m = build_model(model, args, seed)
@@ -167,8 +168,7 @@ def build_step(model: Model, opt: Opt, base: str, seed: int = 0, fast_compile: b
     batch = {"x": rng.standard_normal((b, h, w, c)).astype(np.float32),
              "y": rng.integers(0, num_classes, b).astype(np.int32)}
   graphdef, params, stats = train.split_model(m)
-  spec = optim.build_optimizer(args, 10_000, default_base=cli.EXAMPLES[model.example]["base"],
-                               model_stats=stats)
+  spec = optim.build_optimizer(args.optimizer, 10_000, seed=args.seed, model_stats=stats)
   if spec.lookahead:
     params = optax.LookaheadParams.init_synced(params)
   state = train.TrainState(params, stats, jax.jit(spec.tx.init)(params))
@@ -219,7 +219,7 @@ def hvp_cost(model: Model, reps: int, *, fast_compile: bool, lock: str | None) -
 
   _, state, batch, _ = build_step(model, Opt("base", "", "", ()), "sgd",
                                   fast_compile=fast_compile)
-  args = cli.make_parser(model.example).parse_args(["--opt", "sgd", *model.argv])
+  args = cli.parse(model.example, ["--opt", "sgd", *model.argv])
   graphdef = train.split_model(build_model(model, args))[0]  # equal to the step's
   params, stats = state.params, state.stats
 
@@ -242,19 +242,19 @@ def hvp_cost(model: Model, reps: int, *, fast_compile: bool, lock: str | None) -
           "grad_ms": 1e3 * t.median("grad")}
 
 
-def build_model(model: Model, args: argparse.Namespace, seed: int = 0):
+def build_model(model: Model, args: TrainConfig, seed: int = 0):
   """The example's Flax model for ``args``."""
+  a = args.model
   if model.example == "llama":
-    return models.build_llama(args.size, vocab_size=model.vocab, seed=seed, dim=args.dim,
-                              depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim).model
+    return models.build_llama(a.size, vocab_size=model.vocab, seed=seed, dim=a.dim,
+                              depth=a.depth, heads=a.heads, ffn_dim=a.ffn_dim).model
   h, _, c = model.image_shape
   if model.example == "resnet":
-    return models.build_resnet(args.size, num_classes=model.num_classes, in_channels=c,
-                               seed=seed, depth=args.depth, width=args.width).model
-  return models.build_vit(args.size, num_classes=model.num_classes, image_size=h,
-                          in_channels=c, seed=seed, dim=args.dim, depth=args.depth,
-                          heads=args.heads, mlp_dim=args.mlp_dim,
-                          patch_size=args.patch_size).model
+    return models.build_resnet(a.size, num_classes=model.num_classes, in_channels=c,
+                               seed=seed, depth=a.depth, width=a.width).model
+  return models.build_vit(a.size, num_classes=model.num_classes, image_size=h,
+                          in_channels=c, seed=seed, dim=a.dim, depth=a.depth,
+                          heads=a.heads, mlp_dim=a.mlp_dim, patch_size=a.patch_size).model
 
 
 def base_label(base: str) -> str:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_model(name: str, model: Model, opts: list[Opt], reps: int, *, smoke: bool,
                   lock: str | None) -> tuple[dict, list]:
-  base = cli.EXAMPLES[model.example]["base"]
+  base = cli.get_config(model.example).optimizer.base
   print(f"{model.label}: base {base}", file=sys.stderr, flush=True)
   r = measure(model, opts, base, reps, fast_compile=smoke, lock=lock)
   t = r["timings"]

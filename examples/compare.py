@@ -43,7 +43,7 @@ import re
 import sys
 from pathlib import Path
 
-from examples.common import cli, plots, train
+from examples.common import cli, config, plots, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's committed record and the docs page whose table is generated from it.
@@ -151,7 +151,7 @@ def make_record(example: str, opts: list[str], argv: list[str], rows: list[dict]
 def docs_block(record: dict) -> str:
   """The generated part of docs/examples.md: the command, the table and what it says."""
   rows = record["rows"]
-  text = cli.EXAMPLES[record["example"]]["kind"] == "text"
+  text = config.KINDS[record["example"]] == "text"
   base, steps = rows[0], rows[0]["steps"]
   argv = " ".join(record["argv"])
   command = "python -m examples.compare" + (f" {argv}" if argv else "")
@@ -195,7 +195,8 @@ def read_record(example: str = "llama") -> dict:
   return json.loads(Path(str(RECORD).format(example=example)).read_text())
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def make_parser() -> argparse.ArgumentParser:
+  """The options of the comparison itself; every other option goes to the example."""
   presets = "\n".join(f"    {k}: {' '.join(v)}" for k, v in DEMO_DEFAULTS.items())
   parser = argparse.ArgumentParser(
       prog="python -m examples.compare", description=__doc__.split("\n\n")[0],
@@ -220,60 +221,70 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--update-docs", action="store_true",
                       help="write the record to examples/results/compare_EXAMPLE.json and "
                            "regenerate the table of docs/examples.md from it")
-  args, rest = parser.parse_known_args(argv)
+  return parser
+
+
+def train_each(example: str, opts: list[str], base_argv: list[str], out: Path, *,
+               progress: bool) -> list[dict]:
+  """Trains ``example`` once per optimizer specification; the summaries and records."""
+  rows = []
+  for i, (text, name) in enumerate(zip(opts, run_names(opts), strict=True)):
+    _, opt_argv = parse_opt(text)
+    run_argv = base_argv + opt_argv + ["--out", str(out), "--name", name]
+    if not progress:
+      run_argv.append("--no-progress")
+    result = train.run(cli.parse(example, run_argv), quiet=(i > 0))
+    s = dict(result.summary, label=text)
+    s["records"] = train.read_metrics(s["run_dir"])
+    rows.append(s)
+    print(f"  {text:<24} held-out loss {s['eval_loss']:.4f}  acc {s['eval_acc']:.4f}  "
+          f"({s['wall_s']:.0f}s)", flush=True)
+  # Steps to reach the baseline's final held-out loss, and the speed-up over the baseline.
+  base_reach = steps_to_reach(rows[0]["records"], rows[0]["eval_loss"])
+  for r in rows:
+    r["reach"] = steps_to_reach(r["records"], rows[0]["eval_loss"])
+    r["speedup"] = base_reach / r["reach"] if r["reach"] else None
+  return rows
+
+
+def update_docs(example: str, opts: list[str], argv: list[str], rows: list[dict]) -> None:
+  """Writes the record of the comparison and regenerates the table of the docs from it."""
+  shown = [a for a in argv if a not in ("--update-docs", "--progress", "--no-progress")]
+  record = make_record(example, opts, shown, rows)
+  path = Path(str(RECORD).format(example=example))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record, indent=2) + "\n")
+  DOCS_PAGE.write_text(replace_block(DOCS_PAGE.read_text(), docs_block(record)))
+  print(f"wrote {path} and the table of {DOCS_PAGE}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  args, rest = make_parser().parse_known_args(argv)
   opts = args.opts or DEFAULT_OPTS[args.example]
   root = Path(args.out) / args.example
   out = output_dir(root, overwrite=args.overwrite)
-
-  ex_parser = cli.make_parser(args.example)
   base_argv = DEMO_DEFAULTS[args.example] + rest
   print(f"compare.py: {args.example} | " + " vs ".join(opts) + f" | extra options: "
         f"{' '.join(base_argv)}", flush=True)
   if out != root:
     print(f"{root} holds an earlier comparison (--overwrite replaces it); this one goes to "
           f"{out}", flush=True)
-  rows = []
-  for i, (text, name) in enumerate(zip(opts, run_names(opts), strict=True)):
-    _, opt_argv = parse_opt(text)
-    run_argv = base_argv + opt_argv + ["--out", str(out), "--name", name]
-    show = sys.stderr.isatty() if args.progress is None else args.progress
-    if not show:
-      run_argv.append("--no-progress")
-    run_args = ex_parser.parse_args(run_argv)
-    result = cli.run_example(args.example, run_args, quiet=(i > 0))
-    s = dict(result.summary, label=text)
-    s["records"] = train.read_metrics(s["run_dir"])
-    rows.append(s)
-    print(f"  {text:<24} held-out loss {s['eval_loss']:.4f}  acc {s['eval_acc']:.4f}  "
-          f"({s['wall_s']:.0f}s)", flush=True)
-
-  target = rows[0]["eval_loss"]
-  base_reach = steps_to_reach(rows[0]["records"], target)
-  for r in rows:
-    r["reach"] = steps_to_reach(r["records"], target)
-    r["speedup"] = base_reach / r["reach"] if r["reach"] else None
-  text = cli.EXAMPLES[args.example]["kind"] == "text"
-  table = format_table(rows, text=text)
+  progress = sys.stderr.isatty() if args.progress is None else args.progress
+  rows = train_each(args.example, opts, base_argv, out, progress=progress)
+  table = format_table(rows, text=config.KINDS[args.example] == "text")
   png = plots.plot_runs({r["label"]: r["records"] for r in rows}, out / "comparison.png",
                         title=f"{args.example}: " + " vs ".join(opts))
   print()
   print(f"Held-out loss of the baseline ({opts[0]}) after {rows[0]['steps']} steps: "
-        f"{target:.4f}. 'steps to baseline' is the first evaluation at which each optimizer "
-        f"reaches it; speed-up = {base_reach} / that.")
+        f"{rows[0]['eval_loss']:.4f}. 'steps to baseline' is the first evaluation at which "
+        f"each optimizer reaches it; speed-up = {rows[0]['reach']} / that.")
   print(table)
   print(f"\ncurves: {png}")
   (out / "comparison.md").write_text(table + "\n")
   (out / "comparison.json").write_text(json.dumps(
       [{k: v for k, v in r.items() if k != "records"} for r in rows], indent=2))
   if args.update_docs:
-    given = sys.argv[1:] if argv is None else list(argv)
-    shown = [a for a in given if a not in ("--update-docs", "--progress", "--no-progress")]
-    record = make_record(args.example, opts, shown, rows)
-    path = Path(str(RECORD).format(example=args.example))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    DOCS_PAGE.write_text(replace_block(DOCS_PAGE.read_text(), docs_block(record)))
-    print(f"wrote {path} and the table of {DOCS_PAGE}")
+    update_docs(args.example, opts, sys.argv[1:] if argv is None else list(argv), rows)
   return rows
 
 

@@ -38,6 +38,7 @@ Metrics go to ``OUT/NAME/metrics.jsonl`` (written by process 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -82,6 +83,68 @@ def setup_devices(args: argparse.Namespace) -> None:
                                num_processes=args.num_processes, process_id=args.process_id)
 
 
+def put(tree, sharding):
+  """Global arrays from host NumPy copies: each device receives only its slice."""
+  import jax
+  import numpy as np
+
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), sharding, lambda idx: np.asarray(a)[idx]), tree)
+
+
+def build_step(cfg, placement: str, mesh, graphdef, stats, num_classes: int):
+  """``(spec, step)``: the optimizer and the train step of ``placement`` over ``mesh``."""
+  import jax
+
+  from examples.common import optim, train
+
+  P = jax.sharding.PartitionSpec
+  axis = mesh.axis_names[0]
+  loss_options = dict(num_classes=num_classes, label_smoothing=cfg.label_smoothing,
+                      label_noise=cfg.label_noise, seed=cfg.seed, precision=cfg.precision)
+  if placement == "gspmd":
+    # The unchanged step: XLA partitions it along the batch's sharding.
+    spec = optim.build_optimizer(cfg.optimizer, cfg.steps, seed=cfg.seed, model_stats=stats)
+    if spec.lookahead:
+      raise SystemExit("the data-parallel example does not cover lookahead.")
+    return spec, train.make_train_step(graphdef, spec, **loss_options,
+                                       fast_compile=cfg.fast_compile)
+  spec = optim.build_optimizer(cfg.optimizer, cfg.steps, seed=cfg.seed, axis_name=axis,
+                               model_stats=stats)
+  body = train.step_function(graphdef, spec, **loss_options, axis_name=axis)
+  # state and step replicated, the batch split; the returned state and metrics
+  # are replicated (the step averages what differs between devices).
+  return spec, train.TrainStep(jax.jit(
+      jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P())),
+      donate_argnums=0, compiler_options=train.compiler_options(cfg.fast_compile)))
+
+
+def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[object, float]:
+  """Runs ``cfg.steps`` steps; logs loss and tokens per second to ``log`` (None: quiet).
+
+  ``batch_at(t)`` is step t's global batch, placed; returns the final state and loss.
+  """
+  import numpy as np
+
+  t_start = t_window = time.perf_counter()
+  tokens, loss = 0, float("nan")
+  for t in range(cfg.steps):
+    state, metrics = step_fn(state, batch_at(t), np.int32(t))
+    tokens += cfg.batch_size * cfg.data.seq_len
+    done = t + 1
+    if done % cfg.log_every == 0 or done == cfg.steps:
+      loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+      now = time.perf_counter()
+      rec = {"step": done, "loss": loss, "tok_per_s": tokens / (now - t_window),
+             "time": now - t_start}
+      tokens, t_window = 0, now
+      if log is not None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"step {done:6d} | loss {loss:.4f} | {rec['tok_per_s']:,.0f} tok/s", flush=True)
+  return state, loss
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = make_parser().parse_args(argv)
   setup_devices(args)
@@ -89,88 +152,43 @@ def main(argv: list[str] | None = None) -> dict:
   import jax
   import numpy as np
 
-  from examples.common import data as data_lib
-  from examples.common import models, optim, train
+  from examples.common import cli, config, train
 
-  axis = "data"
+  cfg = cli.to_config(args, cli.get_config("llama"))
+  n = jax.device_count()
+  if cfg.batch_size % n:
+    raise SystemExit(f"--batch-size {cfg.batch_size} must divide by the {n} devices.")
   # Auto axes: GSPMD propagates the batch sharding through model code that has no
   # sharding annotations (an Explicit mesh would ask the model for them).
-  mesh = jax.make_mesh((jax.device_count(),), (axis,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  n = jax.device_count()
-  if args.batch_size % n:
-    raise SystemExit(f"--batch-size {args.batch_size} must divide by the {n} devices.")
+  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   P = jax.sharding.PartitionSpec
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  split = jax.sharding.NamedSharding(mesh, P(axis))
-
-  def put(tree, sharding):
-    """Global arrays from host NumPy copies: each device receives only its slice."""
-    return jax.tree.map(lambda a: jax.make_array_from_callback(
-        np.shape(a), sharding, lambda idx: np.asarray(a)[idx]), tree)
-
-  d = data_lib.load_text(args.data, tokenizer=args.tokenizer, max_chars=args.max_chars)
-  m = models.build_llama(args.size, vocab_size=d.vocab_size, seed=args.seed, dim=args.dim,
-                         depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim,
-                         tie_embeddings=args.tie_embeddings or None)
-  batcher = data_lib.TextBatcher(d.train, args.batch_size, args.seq_len, seed=args.seed)
+  replicated, split = (jax.sharding.NamedSharding(mesh, P()),
+                       jax.sharding.NamedSharding(mesh, P("data")))
+  d = train.load_data(cfg)
+  m = train.build_model(cfg, d)
+  task = train.make_task(cfg, d)
   graphdef, params, stats = train.split_model(m.model)
-
-  loss_options = dict(num_classes=d.vocab_size, label_smoothing=args.label_smoothing,
-                      label_noise=args.label_noise, seed=args.seed, precision=args.precision)
-  if args.data_parallel == "gspmd":
-    # The unchanged step: XLA partitions it along the batch's sharding.
-    spec = optim.build_optimizer(args, args.steps, default_base="adamw", model_stats=stats)
-    if spec.lookahead:
-      raise SystemExit("the data-parallel example does not cover lookahead.")
-    step_fn = train.make_train_step(graphdef, spec, **loss_options,
-                                    fast_compile=args.fast_compile)
-  else:
-    spec = optim.build_optimizer(args, args.steps, default_base="adamw", axis_name=axis,
-                                 model_stats=stats)
-    body = train.step_function(graphdef, spec, **loss_options, axis_name=axis)
-    # state and step replicated, the batch split; the returned state and metrics
-    # are replicated (the step averages what differs between devices).
-    step_fn = train.TrainStep(jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P())),
-        donate_argnums=0, compiler_options=train.compiler_options(args.fast_compile)))
+  spec, step_fn = build_step(cfg, args.data_parallel, mesh, graphdef, stats, task.num_classes)
   state = put(train.TrainState(params, stats, spec.tx.init(params),
-                               train.initial_loss_scale(args.precision)), replicated)
-  name = spec.name
+                               train.initial_loss_scale(cfg.precision)), replicated)
 
-  run_name = args.name or f"data_parallel-{args.data_parallel}-{name}"
-  out = Path(args.out) / run_name
+  out = Path(cfg.out) / (cfg.name or f"data_parallel-{args.data_parallel}-{spec.name}")
   lead = jax.process_index() == 0
   if lead:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    record = dict(config.to_dict(cfg), data_parallel=args.data_parallel)
+    (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
     print(f"{jax.process_count()} process(es), {n} devices ({jax.local_device_count()} local, "
-          f"{jax.devices()[0].platform}) | {args.data_parallel} | llama {args.size} "
-          f"({m.num_params:,} params) | {name} | global batch {args.batch_size} "
-          f"= {args.batch_size // n} per device", flush=True)
-  log = (out / "metrics.jsonl").open("w") if lead else None
+          f"{jax.devices()[0].platform}) | {args.data_parallel} | llama {cfg.model.size} "
+          f"({m.num_params:,} params) | {spec.name} | global batch {cfg.batch_size} "
+          f"= {cfg.batch_size // n} per device", flush=True)
+  batch_at = lambda t: put(task.batch_at(t), split)
   # Every step variant compiles before the clock starts: the rates time training only.
-  compile_s = step_fn.compile(state, put(batcher.batch_at(0), split), range(args.steps))
+  compile_s = step_fn.compile(state, batch_at(0), range(cfg.steps))
   if lead:
     print(f"compiled the train step in {compile_s:.1f}s", flush=True)
-  t_start = t_window = time.perf_counter()
-  tokens, loss = 0, float("nan")
-  for t in range(args.steps):
-    state, metrics = step_fn(state, put(batcher.batch_at(t), split), np.int32(t))
-    tokens += args.batch_size * args.seq_len
-    done = t + 1
-    if done % args.log_every == 0 or done == args.steps:
-      loss = float(np.asarray(metrics["loss"].addressable_data(0)))
-      now = time.perf_counter()
-      rec = {"step": done, "loss": loss, "tok_per_s": tokens / (now - t_window),
-             "time": now - t_start}
-      tokens, t_window = 0, now
-      if lead:
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        print(f"step {done:6d} | loss {loss:.4f} | {rec['tok_per_s']:,.0f} tok/s", flush=True)
-  if log is not None:
-    log.close()
+  with (out / "metrics.jsonl").open("w") if lead else contextlib.nullcontext() as log:
+    state, loss = train_steps(cfg, step_fn, state, batch_at, log)
   final_params = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params)
   if args.coordinator:
     jax.distributed.shutdown()

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -283,8 +281,7 @@ class SAMAuxTest(parameterized.TestCase):
 def _example(argv, example="llama"):
   from examples.common import cli, models, optim, train
 
-  args = cli.make_parser(example).parse_args(
-      ["--size", "toy", "--batch-size", "8", "--warmup-steps", "0", *argv])
+  args = cli.parse(example, ["--size", "toy", "--batch-size", "8", "--warmup-steps", "0", *argv])
   if example == "llama":
     m = models.build_llama("toy", vocab_size=11, seed=0)
     tokens = np.random.default_rng(0).integers(0, 11, (8, 9)).astype(np.int32)
@@ -296,7 +293,7 @@ def _example(argv, example="llama"):
              "y": rng.integers(0, 3, 8).astype(np.int32)}
     num_classes = 3
   graphdef, params, stats = train.split_model(m.model)
-  spec = optim.build_optimizer(args, 100, default_base="adamw", model_stats=stats)
+  spec = optim.build_optimizer(args.optimizer, 100, seed=args.seed, model_stats=stats)
   state = train.TrainState(params, stats, spec.tx.init(params))
   return args, spec, graphdef, state, batch, num_classes
 
@@ -377,10 +374,8 @@ def test_examples_branch_hints_on_equal_off(opt):
 
 
 def test_cli_offers_every_microbatch_mode():
-  from examples.common import optim
+  from examples.common import cli
 
-  p = argparse.ArgumentParser()
-  optim.add_optimizer_args(p)
   for mode in ("auto", "vmap", "scan", "unroll"):
-    assert p.parse_args(["--microbatch-mode", mode]).microbatch_mode == mode
-  assert p.parse_args([]).microbatch_mode == "auto"
+    assert cli.parse("resnet", ["--microbatch-mode", mode]).optimizer.microbatch_mode == mode
+  assert cli.parse("resnet", []).optimizer.microbatch_mode == "auto"

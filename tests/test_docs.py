@@ -130,11 +130,10 @@ def test_demo_record_still_comes_out_of_the_code(tmp_path):
   row = next(r for r in record["rows"] if r["label"] == "adamw+ire")
   step, want = row["curve"][0]
   _, opt_argv = compare.parse_opt(row["label"])
-  args = cli.make_parser("llama").parse_args(
-      compare.DEMO_DEFAULTS["llama"] + opt_argv + [
-          "--stop-after", str(step), "--out", str(tmp_path), "--no-checkpoint", "--no-plot",
-          "--no-progress"])
-  result = cli.run_example("llama", args, quiet=True)
+  cfg = cli.parse("llama", compare.DEMO_DEFAULTS["llama"] + opt_argv + [
+      "--stop-after", str(step), "--out", str(tmp_path), "--no-checkpoint", "--no-plot",
+      "--no-progress"])
+  result = train.run(cfg, quiet=True)
   got = [r["eval_loss"] for r in train.read_metrics(result.summary["run_dir"])
          if r["step"] == step]
   assert got == [pytest.approx(want, abs=1e-3)], (

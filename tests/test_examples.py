@@ -23,6 +23,7 @@ import optax  # noqa: E402
 import ire_optax  # noqa: E402
 from examples import compare  # noqa: E402
 from examples.common import cli, data, models, optim, train  # noqa: E402
+from examples.common.config import OptimizerConfig  # noqa: E402
 
 TOY = {
     "resnet": ["--size", "toy", "--batch-size", "8"],
@@ -43,26 +44,24 @@ IRE_CASES = [
 
 
 def args_for(example, *extra, out):
-  return cli.make_parser(example).parse_args(TOY[example] + QUICK + ["--out", str(out)]
-                                             + list(extra))
+  return cli.parse(example, TOY[example] + QUICK + ["--out", str(out)] + list(extra))
 
 
-def initial_params(example, args):
+def initial_params(example, cfg):
   """The parameters the run starts from (same construction, same seed)."""
   if example == "llama":
-    d = cli._text(args.data, args.tokenizer, args.max_chars)
-    m = models.build_llama(args.size, vocab_size=d.vocab_size, seed=args.seed)
+    d = data.cached_text(cfg.data.spec, cfg.data.tokenizer, cfg.data.max_chars)
+    m = models.build_llama(cfg.model.size, vocab_size=d.vocab_size, seed=cfg.seed)
   else:
-    d = cli._images(args.data)
-    kw = dict(num_classes=10, in_channels=1, seed=args.seed)
-    m = (models.build_resnet(args.size, **kw) if example == "resnet"
-         else models.build_vit(args.size, image_size=8, **kw))
+    kw = dict(num_classes=10, in_channels=1, seed=cfg.seed)
+    m = (models.build_resnet(cfg.model.size, **kw) if example == "resnet"
+         else models.build_vit(cfg.model.size, image_size=8, **kw))
   return train.split_model(m.model)[1]
 
 
 def check_run(example, opt, tmp_path, *extra):
   args = args_for(example, "--opt", opt, *extra, out=tmp_path)
-  res = cli.run_example(example, args, quiet=True)
+  res = train.run(args, quiet=True)
   recs = train.read_metrics(res.summary["run_dir"])
   assert [r["step"] for r in recs] == [1, 2]
   assert all(math.isfinite(r["loss"]) for r in recs)
@@ -105,10 +104,108 @@ def test_ire_over_every_optimizer(example, opt, curvature, tmp_path):
 
 
 def test_ire_over_msam_needs_fisher():
-  args = cli.make_parser("resnet").parse_args(["--opt", "msam+ire", "--ire-curvature",
-                                               "grad_sq"])
+  cfg = cli.parse("resnet", ["--opt", "msam+ire", "--ire-curvature", "grad_sq"])
   with pytest.raises(ValueError, match="fisher"):
-    optim.build_optimizer(args, 10)
+    optim.build_optimizer(cfg.optimizer, 10)
+
+
+# -----------------------------------------------------------------------------
+# Typed configs: the command line is a thin layer over them
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", ["resnet", "vit", "llama"])
+def test_empty_command_line_is_get_config(example):
+  module = __import__(f"examples.{example}", fromlist=["get_config"])
+  assert cli.parse(example, []) == module.get_config()
+  assert module.get_config().example == example
+
+
+@pytest.mark.parametrize("argv,path,want", [
+    (["--opt", "sam+ire"], "optimizer.name", "sam+ire"),
+    (["--data", "cifar10:x"], "data.spec", "cifar10:x"),
+    (["--seq-len", "32"], "data.seq_len", 32),
+    (["--dim", "24", "--depth", "3"], "model.dim", 24),
+    (["--tie-embeddings"], "model.tie_embeddings", True),
+    (["--warmup-steps", "0.25"], "optimizer.warmup_steps", 0.25),
+    (["--ire-warmup", "7"], "optimizer.ire_warmup", 7.0),
+    (["--rho", "0.1"], "optimizer.rho", 0.1),
+    (["--decay-mask", "all"], "optimizer.decay_mask", "all"),
+    (["--nesterov"], "optimizer.nesterov", True),
+    (["--label-noise", "0.2"], "label_noise", 0.2),
+    (["--eval-batches", "3"], "eval_batches", 3),
+    (["--stop-after", "5", "--no-plot"], "stop_after", 5),
+])
+def test_a_flag_sets_its_field_and_nothing_else(argv, path, want):
+  import dataclasses
+
+  cfg, default = cli.parse("llama", argv), cli.get_config("llama")
+  section, _, name = path.rpartition(".")
+  obj = getattr(cfg, section) if section else cfg
+  assert getattr(obj, name) == want
+  changed = {f"{s}.{k}" if s else k
+             for s in ("data", "model", "optimizer", "")
+             for k, v in dataclasses.asdict(getattr(cfg, s) if s else cfg).items()
+             if not isinstance(v, dict)
+             and v != getattr(getattr(default, s) if s else default, k)}
+  flags = [a for a in argv if a.startswith("--")]
+  assert path in changed and len(changed) == len(flags), changed
+
+
+def test_flags_follow_the_example():
+  """Options of another example's model or data are not offered (a usage error)."""
+  assert cli.parse("resnet", ["--width", "8"]).model.width == 8
+  for example, argv in (("vit", ["--width", "8"]), ("resnet", ["--seq-len", "8"]),
+                        ("llama", ["--augment", "on"])):
+    with pytest.raises(SystemExit):
+      cli.parse(example, argv)
+
+
+def test_configs_validate_their_values():
+  import dataclasses
+
+  from examples.common.config import DataConfig, TrainConfig
+
+  cfg = cli.get_config("vit")
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    dataclasses.replace(cfg.optimizer, name="adam")
+  with pytest.raises(ValueError, match="decay_mask"):
+    OptimizerConfig(decay_mask="biases")
+  with pytest.raises(ValueError, match="augment"):
+    DataConfig(augment="maybe")
+  with pytest.raises(ValueError, match="precision"):
+    dataclasses.replace(cfg, precision="float8")
+  with pytest.raises(ValueError, match="example"):
+    TrainConfig(example="mnist")
+  with pytest.raises(ValueError, match="warmup_steps"):
+    OptimizerConfig(warmup_steps=-1)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.steps = 3
+
+
+def test_run_trains_a_typed_config(tmp_path):
+  """The Python API: get_config() + dataclasses.replace + train.run, no argv."""
+  import dataclasses
+
+  from examples import vit
+
+  cfg = vit.get_config()
+  cfg = dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, size="toy"), batch_size=8, steps=2,
+      eval_every=0, eval_batches=1, log_every=1, fast_compile=True, no_checkpoint=True,
+      no_plot=True, out=str(tmp_path),
+      optimizer=dataclasses.replace(cfg.optimizer, name="sam", lr=0.01))
+  res = train.run(cfg, quiet=True)
+  assert res.summary["opt"] == "sam" and res.summary["name"] == "vit-sam"
+  assert math.isfinite(res.summary["eval_loss"])
+  assert res.spec.family == "sam" and res.graphdef is not None
+  chex.assert_trees_all_equal(res.eval_params(), res.state.params)
+  saved = json.loads((tmp_path / "vit-sam" / "config.json").read_text())
+  assert saved["optimizer"]["name"] == "sam" and saved["model"]["size"] == "toy"
+  # The same run from the command line is the same config, hence the same numbers.
+  argv = TOY["vit"] + QUICK + ["--opt", "sam", "--out", str(tmp_path), "--name", "cli"]
+  again = train.run(cli.parse("vit", argv), quiet=True)
+  assert again.summary["eval_loss"] == res.summary["eval_loss"]
 
 
 def test_optimizer_names():
@@ -142,14 +239,14 @@ def test_a_bad_optimizer_name_is_a_one_line_usage_error(example, name, capsys):
 
 
 def _bn_setup(opt, *extra):
-  args = cli.make_parser("resnet").parse_args(
-      TOY["resnet"] + ["--opt", opt, "--rho", "0.5", "--fast-compile", *extra])
+  args = cli.parse("resnet", TOY["resnet"] + ["--opt", opt, "--rho", "0.5", "--fast-compile",
+                                              *extra])
   m = models.build_resnet("toy", num_classes=10, in_channels=1, seed=0)
   graphdef, params, stats = train.split_model(m.model)
-  spec = optim.build_optimizer(args, 10, model_stats=stats)
+  spec = optim.build_optimizer(args.optimizer, 10, model_stats=stats)
   # Non-trivial running statistics, so that "unchanged" and "updated" differ.
   stats = jax.tree.map(lambda s: s + 0.3, stats)
-  d = cli._images("digits")
+  d = data.cached_images("digits")
   batch = data.ImageBatcher(d.x_train, d.y_train, 8, seed=0).batch_at(0)
   return args, spec, graphdef, params, stats, batch
 
@@ -168,7 +265,7 @@ def test_batchnorm_statistics_from_clean_pass_only(opt):
     # What a single clean forward pass in training mode does to the statistics
     # (mSAM: its clean micro-batch passes, averaged over the micro-batches)...
     if opt == "msam":
-      m = args.num_microbatches
+      m = args.optimizer.num_microbatches
       parts = [train.apply_model(graphdef, params, stats, xb, train=True)[1]
                for xb in jnp.split(batch["x"], m)]
       clean = jax.tree.map(lambda *a: sum(a) / m, *parts)
@@ -222,16 +319,13 @@ def test_resume_is_bit_identical(example, opt, extra, tmp_path):
   base = TOY[example] + ["--opt", opt, "--steps", "4", "--eval-every", "2", "--eval-batches",
                          "1", "--log-every", "1", "--lr", "0.01", "--no-plot", "--no-progress",
                          "--fast-compile", "--out", str(tmp_path), *extra]
-  parser = cli.make_parser(example)
+  run = lambda *argv: train.run(cli.parse(example, base + list(argv)), quiet=True)
   # Checkpoints every step: the step after each (asynchronous) save donates the buffers.
-  full = cli.run_example(example, parser.parse_args(base + ["--name", "full", "--ckpt-every",
-                                                            "1"]), quiet=True)
-  part = cli.run_example(example, parser.parse_args(
-      base + ["--name", "part", "--stop-after", "2"]), quiet=True)
+  full = run("--name", "full", "--ckpt-every", "1")
+  part = run("--name", "part", "--stop-after", "2")
   assert part.summary["eval_loss"] is not None  # evaluated at step 2
   assert (tmp_path / "part" / "checkpoints" / "2").exists()
-  resumed = cli.run_example(example, parser.parse_args(base + ["--name", "part", "--resume"]),
-                            quiet=True)
+  resumed = run("--name", "part", "--resume")
   a, b = jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)
   assert jax.tree.structure(full.state) == jax.tree.structure(resumed.state)
   for x, y in zip(a, b, strict=True):
@@ -246,8 +340,7 @@ def test_resume_is_bit_identical(example, opt, extra, tmp_path):
                                                       strict=True))
   # The intermediate checkpoint of step 3, saved while training went on, resumes exactly.
   shutil.rmtree(tmp_path / "full" / "checkpoints" / "4")
-  again = cli.run_example(example, parser.parse_args(base + ["--name", "full", "--resume"]),
-                          quiet=True)
+  again = run("--name", "full", "--resume")
   for x, y in zip(a, jax.tree.leaves(again.state), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -257,14 +350,14 @@ def test_checkpoint_files_and_fresh_runs(tmp_path):
       "--out", str(tmp_path), "--name", "r"]
   ckpts = lambda: sorted(int(p.name) for p in (tmp_path / "r" / "checkpoints").iterdir()
                          if p.name.isdigit())
-  parser = cli.make_parser("vit")
-  cli.run_example("vit", parser.parse_args(argv + ["--ckpt-every", "1"]), quiet=True)
+  run = lambda *extra: train.run(cli.parse("vit", argv + list(extra)), quiet=True)
+  run("--ckpt-every", "1")
   assert ckpts() == [1, 2]
   # A fresh run (no --resume) of the same name replaces the old run's checkpoints.
-  cli.run_example("vit", parser.parse_args(argv), quiet=True)
+  run()
   assert ckpts() == [2]
   # Resuming a finished run trains no further and keeps its log.
-  res = cli.run_example("vit", parser.parse_args(argv + ["--resume"]), quiet=True)
+  res = run("--resume")
   assert [r["step"] for r in train.read_metrics(tmp_path / "r")] == [1, 2]
   assert res.summary["eval_loss"] is not None
 
@@ -278,7 +371,7 @@ def test_outputs_csv_jsonl_png(tmp_path, capsys):
   argv = TOY["vit"] + QUICK + ["--out", str(tmp_path), "--name", "plotted"]
   argv.remove("--no-plot")
   argv.remove("--no-progress")
-  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv))
+  res = train.run(cli.parse("vit", argv))
   # Not a terminal (pytest captures it): plain lines, no progress bar's carriage returns.
   out, err = capsys.readouterr()
   assert "\r" not in out + err
@@ -290,7 +383,7 @@ def test_outputs_csv_jsonl_png(tmp_path, capsys):
   header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
   assert header[:3] == ["step", "loss", "acc"] and "eval_loss" in header
   assert json.loads((run / "summary.json").read_text())["eval_loss"] == res.summary["eval_loss"]
-  assert json.loads((run / "config.json").read_text())["opt"] == "adamw"
+  assert json.loads((run / "config.json").read_text())["optimizer"]["name"] == "adamw"
   from examples import plot
 
   out = plot.main([str(run), str(run), "-o", str(tmp_path / "both.png")])
@@ -318,7 +411,7 @@ def test_reported_speed_excludes_compilation(tmp_path, monkeypatch):
     args = args_for("resnet", "--opt", "sgd+ire", "--ire-refresh-every", "2", "--ire-warmup",
                     "0", "--ire-curvature", "grad_sq", "--branch-hints", "on", "--steps", "4",
                     "--name", "timed", out=tmp_path)
-    res = cli.run_example("resnet", args, quiet=True)
+    res = train.run(args, quiet=True)
   finally:
     jax.monitoring.unregister_event_duration_listener(on_duration)
   loop = [i for i, (kind, _) in enumerate(events) if kind == "batch"][-4:]  # steps 0..3
@@ -375,8 +468,9 @@ def test_compare_script(tmp_path, capsys):
   assert rows[0]["speedup"] == 1.0
   # Every run has its own directory, named after its whole specification.
   config = lambda run: json.loads((tmp_path / run / "config.json").read_text())
-  assert config("vit/adamw")["lr"] == 0.001 and config("vit/adamw_lr=0.02")["lr"] == 0.02
-  assert config("vit/adamw_ire_ire-kappa=1")["ire_kappa"] == 1.0
+  opt = lambda run: config(run)["optimizer"]
+  assert opt("vit/adamw")["lr"] == 0.001 and opt("vit/adamw_lr=0.02")["lr"] == 0.02
+  assert opt("vit/adamw_ire_ire-kappa=1")["ire_kappa"] == 1.0
   assert [r["run_dir"] for r in rows] == [str(tmp_path / "vit" / n) for n in (
       "adamw", "adamw_ire_ire-kappa=1", "adamw_lr=0.02")]
   # A rerun goes to a new directory and leaves the first comparison as it was (the same
@@ -434,9 +528,9 @@ def test_data_parallel_shard_map_honours_the_kappa_schedule(tmp_path):
 
 
 def test_shard_map_builders_reject_lookahead():
-  args = cli.make_parser("llama").parse_args(["--opt", "lookahead"])
+  cfg = cli.parse("llama", ["--opt", "lookahead"])
   with pytest.raises(ValueError, match="lookahead"):
-    optim.build_optimizer(args, 10, axis_name="data")
+    optim.build_optimizer(cfg.optimizer, 10, axis_name="data")
 
 
 def test_compare_helpers():
@@ -485,10 +579,10 @@ def test_label_noise():
 def test_label_noise_in_the_train_step_depends_on_the_step(tmp_path):
   argv = TOY["vit"] + QUICK + ["--out", str(tmp_path), "--label-noise", "1.0", "--opt", "sgd",
                                "--lr", "0.0"]
-  res = cli.run_example("vit", cli.make_parser("vit").parse_args(argv), quiet=True)
+  res = train.run(cli.parse("vit", argv), quiet=True)
   recs = train.read_metrics(res.summary["run_dir"])
-  clean = cli.run_example("vit", cli.make_parser("vit").parse_args(
-      [a for a in argv if a not in ("--label-noise", "1.0")] + ["--name", "c"]), quiet=True)
+  clean = train.run(cli.parse("vit", [a for a in argv if a not in ("--label-noise", "1.0")]
+                              + ["--name", "c"]), quiet=True)
   crecs = train.read_metrics(clean.summary["run_dir"])
   # lr 0: same parameters, so a different loss comes from the noisy labels alone.
   assert recs[0]["loss"] != crecs[0]["loss"]
@@ -510,21 +604,24 @@ def test_lr_schedule_matches_numpy():
   assert optim.to_steps(0.25, 200) == 50 and optim.to_steps(30, 200) == 30
 
 
-def test_weight_decay_skips_biases_and_norms():
-  args = cli.make_parser("vit").parse_args(["--opt", "sgd", "--weight-decay", "0.5", "--lr",
-                                            "1.0", "--momentum", "0"])
-  tx = optim.build_optimizer(args, 10).tx
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("mask", ["weights", "all"])
+def test_weight_decay_mask(base, mask):
+  """``decay_mask="weights"`` skips biases and norm scales; ``"all"`` decays them too."""
+  cfg = OptimizerConfig(name=base, weight_decay=0.5, lr=1.0, momentum=0, decay_mask=mask)
+  tx = optim.build_optimizer(cfg, 10).tx
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
   zeros = jax.tree.map(jnp.zeros_like, params)
   upd, _ = tx.update(zeros, tx.init(params), params)
+  # Zero gradients: SGD's and Adam's steps are 0, only the decay -lr * wd * p remains.
   np.testing.assert_allclose(upd["kernel"], -0.5 * np.ones((2, 2)))
-  np.testing.assert_array_equal(upd["bias"], np.zeros(2))
+  np.testing.assert_allclose(upd["bias"], -0.5 * np.ones(2) if mask == "all" else np.zeros(2))
 
 
 def test_clipping_is_inside_the_base():
-  args = cli.make_parser("llama").parse_args(["--opt", "sgd", "--clip-norm", "1.0", "--lr",
-                                              "1.0", "--momentum", "0", "--weight-decay", "0"])
-  tx = optim.build_optimizer(args, 10).tx
+  cfg = cli.parse("llama", ["--opt", "sgd", "--clip-norm", "1.0", "--lr", "1.0", "--momentum",
+                            "0", "--weight-decay", "0"])
+  tx = optim.build_optimizer(cfg.optimizer, 10).tx
   params = {"w": jnp.zeros(4)}
   upd, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
   assert float(np.linalg.norm(upd["w"])) == pytest.approx(1.0, rel=1e-5)

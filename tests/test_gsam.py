@@ -363,11 +363,11 @@ def test_docstring_examples(name):
 def test_examples_cli_builds_gsam_every_k_masked_with_schedules():
   from examples.common import cli, optim
 
-  args = cli.make_parser("resnet").parse_args(
-      ["--opt", "gsam+ire", "--gsam-alpha", "0.3", "--sam-every-k", "2", "--perturb", "weights",
-       "--rho", "0.2", "--rho-schedule", "lr", "--rho-min", "0.02", "--final-lr-ratio", "0.1",
-       "--ire-gamma-end", "0.9", "--ire-curvature", "grad_sq", "--ire-kappa-schedule", "lr"])
-  spec = optim.build_optimizer(args, 10, default_base="sgd")
+  args = cli.parse("resnet", [
+      "--opt", "gsam+ire", "--gsam-alpha", "0.3", "--sam-every-k", "2", "--perturb", "weights",
+      "--rho", "0.2", "--rho-schedule", "lr", "--rho-min", "0.02", "--final-lr-ratio", "0.1",
+      "--ire-gamma-end", "0.9", "--ire-curvature", "grad_sq", "--ire-kappa-schedule", "lr"])
+  spec = optim.build_optimizer(args.optimizer, 10)
   assert spec.family == "sam" and spec.sam_aux  # grad_fn also returns the perturbed loss
   params, batches = problem(12)
   got, state = run(spec.tx, params, batches, steps=2, has_aux=True)

@@ -1,160 +1,139 @@
-"""Command lines of the three examples and the glue from arguments to a training run."""
+"""The examples' command lines: ``argv`` -> :class:`~examples.common.config.TrainConfig`.
+
+Every flag is generated from a field of the typed configs
+(:mod:`examples.common.config`: its help, group, choices and parser live in the
+field's metadata) with the example's ``get_config()`` as its default; a flag
+that an example does not use (``--width`` of the ViT) is not offered. This
+module turns ``argv`` into a config and nothing else: the run itself is
+:func:`examples.common.train.run`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import textwrap
+import dataclasses
+import importlib
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from . import data as data_lib
-from . import models, optim, train
+from . import config as config_lib
 
-# Per-example defaults (each can be overridden on the command line).
-EXAMPLES = {
-    "resnet": dict(
-        doc="CIFAR-style ResNet (BatchNorm) on images; default: ResNet-20 on scikit-learn's "
-            "bundled digits (offline).",
-        kind="image", base="sgd",
-        defaults=dict(data="digits", size="resnet20", opt="sgd", lr=0.1, weight_decay=5e-4,
-                      batch_size=128, steps=400, eval_every=100),
-        usage=["python -m examples.resnet --opt sam --rho 0.05",
-               "python -m examples.resnet --opt asam --rho 1.0 --perturb weights "
-               "--sam-every-k 2",
-               "python -m examples.resnet --opt sgd+ire --ire-kappa 2 --ire-gamma 0.8 "
-               "--ire-warmup 0.35",
-               "python -m examples.resnet --data cifar10:~/data/cifar-10-batches-py "
-               "--size resnet56 --steps 64000 --nesterov"]),
-    "vit": dict(
-        doc="Vision Transformer on images; default: a small ViT on scikit-learn's bundled "
-            "digits (offline).",
-        kind="image", base="adamw",
-        defaults=dict(data="digits", size="mini", opt="adamw", lr=1e-3, weight_decay=0.05,
-                      warmup_steps=0.05, batch_size=128, steps=400, eval_every=100),
-        usage=["python -m examples.vit --opt adamw+ire --ire-kappa 2 --ire-gamma 0.8",
-               "python -m examples.vit --opt gsam --rho 0.6 --rho-min 0.1 --rho-schedule lr "
-               "--gsam-alpha 0.6 --final-lr-ratio 0.01",
-               "python -m examples.vit --data cifar100:~/data/cifar-100-python --size vit-s "
-               "--label-smoothing 0.1"]),
-    "llama": dict(
-        doc="Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU, causal attention) "
-            "language model; default: a small model on the documentation text that ships "
-            "with CPython, character level (offline).",
-        kind="text", base="adamw",
-        defaults=dict(data="cpython-docs", size="mini", opt="adamw", lr=2e-3, b2=0.95,
-                      weight_decay=0.1, clip_norm=1.0, warmup_steps=0.05, batch_size=16,
-                      steps=500, eval_every=100, eval_batches=16),
-        usage=["python -m examples.llama --opt adamw+ire --ire-kappa 3 --ire-gamma 0.6",
-               "python -m examples.llama --data wikitext:~/data/wikitext-103 --tokenizer "
-               "t5-base --size 60m --seq-len 256 --lr 6e-4"]),
-}
+EXAMPLES = tuple(config_lib.KINDS)
+# The argument groups in the order --help shows them.
+GROUPS = ("data and model", "optimizer", "sharpness-aware wrappers",
+          "IRE (implicit regularization enhancement)", "loss", "training", "output")
+# The sub-configs of a TrainConfig whose fields are flags (None: its own fields).
+SECTIONS = ("data", "model", "optimizer", None)
 
 
-def make_parser(example: str) -> argparse.ArgumentParser:
-  """The full command line of ``example`` ("resnet", "vit" or "llama")."""
-  ex = EXAMPLES[example]
-  epilog = "examples:\n" + "\n".join(f"  {u}" for u in ex["usage"])
+def example_module(example: str) -> Any:
+  """The module ``examples.<example>`` (its ``get_config``, ``USAGE`` and docstring)."""
+  if example not in config_lib.KINDS:
+    raise ValueError(f"unknown example {example!r}; use one of {', '.join(EXAMPLES)}.")
+  return importlib.import_module(f"examples.{example}")
+
+
+def get_config(example: str) -> config_lib.TrainConfig:
+  """The defaults of ``python -m examples.<example>``."""
+  return example_module(example).get_config()
+
+
+def _flags(cfg: config_lib.TrainConfig) -> Iterator[tuple[str | None, dataclasses.Field, Any]]:
+  """``(section, field, value)`` of every field of ``cfg`` that is a flag of its example."""
+  for section in SECTIONS:
+    obj = cfg if section is None else getattr(cfg, section)
+    for f in dataclasses.fields(obj):
+      shown = f.metadata.get("examples")
+      if "help" in f.metadata and (shown is None or cfg.example in shown):
+        yield section, f, getattr(obj, f.name)
+
+
+def _dest(section: str | None, f: dataclasses.Field) -> str:
+  return f.name if section is None else f"{section}.{f.name}"
+
+
+def _usage_error(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+  """``parse`` whose ``ValueError`` becomes argparse's one-line usage error."""
+
+  def wrapped(text: str) -> Any:
+    try:
+      return parse(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+
+  wrapped.__name__ = parse.__name__
+  return wrapped
+
+
+def _argument(section: str | None, f: dataclasses.Field, default: Any, hint: Any,
+              example: str) -> tuple[str, dict[str, Any]]:
+  """The flag and the ``add_argument`` keywords of one config field."""
+  meta = f.metadata
+  flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+  kw: dict[str, Any] = dict(dest=_dest(section, f), default=default, help=meta["help"])
+  typ = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+  if typ is bool:
+    kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+  else:
+    kw["type"] = _usage_error(meta["parse"]) if "parse" in meta else typ
+    choices = meta.get("choices")
+    if choices is not None:
+      kw["choices"] = list(choices(example) if callable(choices) else choices)
+    if "choices" not in kw:  # argparse's default, from the flag rather than the dest
+      kw["metavar"] = meta.get("metavar", flag[2:].replace("-", "_").upper())
+  return flag, kw
+
+
+def make_parser(example: str, defaults: config_lib.TrainConfig | None = None
+                ) -> argparse.ArgumentParser:
+  """The command line of ``example``, its defaults those of ``defaults`` (its get_config())."""
+  module = example_module(example)
+  cfg = module.get_config() if defaults is None else defaults
   p = argparse.ArgumentParser(
-      prog=f"python -m examples.{example}", description=textwrap.fill(ex["doc"], 79),
-      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-  g = p.add_argument_group("data and model")
-  if ex["kind"] == "image":
-    g.add_argument("--data", help="digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
-                                  "hf:NAME | tfds:NAME (default: %(default)s)")
-    g.add_argument("--augment", choices=("auto", "on", "off"), default="auto",
-                   help="random shifts and flips; auto: on for CIFAR only (%(default)s)")
-  else:
-    g.add_argument("--data", help="cpython-docs | text:PATH | wikitext:DIR | hf:NAME[:CONFIG] "
-                                  "(default: %(default)s)")
-    g.add_argument("--tokenizer", default="char",
-                   help="char | byte | a Hugging Face tokenizer name or tokenizer.json "
-                        "(%(default)s)")
-    g.add_argument("--max-chars", type=int, default=None,
-                   help="use only this many characters of the training text")
-    g.add_argument("--seq-len", type=int, default=128, help="(%(default)s)")
-  if example == "resnet":
-    g.add_argument("--size", choices=sorted(models.RESNET_PRESETS), help="(%(default)s)")
-    g.add_argument("--depth", type=int, help="6n+2 layers (overrides the preset)")
-    g.add_argument("--width", type=int, help="first-stage channels (overrides the preset)")
-  elif example == "vit":
-    g.add_argument("--size", choices=sorted(models.VIT_PRESETS), help="(%(default)s)")
-    g.add_argument("--dim", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--heads", type=int)
-    g.add_argument("--mlp-dim", type=int)
-    g.add_argument("--patch-size", type=int, help="default: 2 for images <= 16 px, else 4")
-  else:
-    g.add_argument("--size", choices=sorted(models.LLAMA_PRESETS), help="(%(default)s)")
-    g.add_argument("--dim", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--heads", type=int)
-    g.add_argument("--ffn-dim", type=int, help="SwiGLU width (default: 8/3 dim, rounded)")
-    g.add_argument("--tie-embeddings", action="store_true",
-                   help="share the input embedding and the output projection")
-  optim.add_optimizer_args(p)
-  train.add_train_args(p)
-  p.set_defaults(**ex["defaults"])
+      prog=f"python -m examples.{example}", description=module.__doc__,
+      epilog="examples:\n" + "\n".join(f"  {u}" for u in module.USAGE),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  groups = {name: p.add_argument_group(name) for name in GROUPS}
+  hints = {cls: typing.get_type_hints(cls) for cls in (
+      config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimizerConfig,
+      config_lib.TrainConfig)}
+  for section, f, value in _flags(cfg):
+    cls = type(cfg if section is None else getattr(cfg, section))
+    flag, kw = _argument(section, f, value, hints[cls][f.name], example)
+    groups[f.metadata["group"]].add_argument(flag, **kw)
   return p
 
 
-@functools.lru_cache(maxsize=4)
-def _images(spec: str) -> data_lib.ImageData:
-  return data_lib.load_images(spec)
+def to_config(namespace: argparse.Namespace, defaults: config_lib.TrainConfig
+              ) -> config_lib.TrainConfig:
+  """``defaults`` with every flag's value of ``namespace`` (parsed by :func:`make_parser`)."""
+  values = vars(namespace)
+  changes: dict[str | None, dict[str, Any]] = {s: {} for s in SECTIONS}
+  for section, f, _ in _flags(defaults):
+    changes[section][f.name] = values[_dest(section, f)]
+  top = changes.pop(None)
+  nested = {s: dataclasses.replace(getattr(defaults, s), **c) for s, c in changes.items()}
+  return dataclasses.replace(defaults, **nested, **top)
 
 
-@functools.lru_cache(maxsize=4)
-def _text(spec: str, tokenizer: str, max_chars: int | None) -> data_lib.TextData:
-  return data_lib.load_text(spec, tokenizer=tokenizer, max_chars=max_chars)
+def parse(example: str, argv: list[str] | None = None) -> config_lib.TrainConfig:
+  """The :class:`~examples.common.config.TrainConfig` of ``python -m examples.<example> argv``.
+
+  ``parse(example, [])`` is the example's ``get_config()``; an invalid value is a
+  one-line usage error (``SystemExit(2)``), as for any command line.
+  """
+  defaults = get_config(example)
+  parser = make_parser(example, defaults)
+  namespace = parser.parse_args(argv)
+  try:
+    return to_config(namespace, defaults)
+  except ValueError as e:
+    parser.error(str(e))
 
 
-def run_example(example: str, args: argparse.Namespace, *, quiet: bool = False
-                ) -> train.RunResult:
-  """Loads the data, builds the model and the optimizer, and trains."""
-  ex = EXAMPLES[example]
-  if ex["kind"] == "image":
-    d = _images(args.data)
-    h, w, c = d.image_shape
-    if example == "resnet":
-      m = models.build_resnet(args.size, num_classes=d.num_classes, in_channels=c,
-                              seed=args.seed, depth=args.depth, width=args.width)
-    else:
-      if h != w:
-        raise ValueError(f"the ViT example needs square images; got {h}x{w}.")
-      m = models.build_vit(args.size, num_classes=d.num_classes, image_size=h, in_channels=c,
-                           seed=args.seed, dim=args.dim, depth=args.depth, heads=args.heads,
-                           mlp_dim=args.mlp_dim, patch_size=args.patch_size)
-    augment = args.augment == "on" or (args.augment == "auto" and d.name.startswith("cifar"))
-    batcher = data_lib.ImageBatcher(d.x_train, d.y_train, args.batch_size, seed=args.seed,
-                                    augment=augment)
-    cap = None if args.eval_batches is None else args.eval_batches * args.batch_size
-    eval_batches = lambda: data_lib.image_eval_batches(d.x_test, d.y_test, args.batch_size,
-                                                       cap)
-    num_classes, unit, per_example = d.num_classes, "img", 1
-    desc = f"{d.name}: {len(d.x_train)} train / {len(d.x_test)} held-out images {h}x{w}x{c}"
-  else:
-    d = _text(args.data, args.tokenizer, args.max_chars)
-    m = models.build_llama(args.size, vocab_size=d.vocab_size, seed=args.seed, dim=args.dim,
-                           depth=args.depth, heads=args.heads, ffn_dim=args.ffn_dim,
-                           tie_embeddings=args.tie_embeddings or None)
-    batcher = data_lib.TextBatcher(d.train, args.batch_size, args.seq_len, seed=args.seed)
-    eval_batches = lambda: data_lib.text_eval_batches(d.valid, args.batch_size, args.seq_len,
-                                                      args.eval_batches)
-    num_classes, unit, per_example = d.vocab_size, "tok", args.seq_len
-    desc = (f"{d.name}: {len(d.train)} train / {len(d.valid)} held-out tokens, "
-            f"vocabulary {d.vocab_size} ({args.tokenizer})")
-  # After the model: mSAM's auxiliary output carries its BatchNorm statistics.
-  spec = optim.build_optimizer(args, args.steps, default_base=ex["base"],
-                               model_stats=train.split_model(m.model)[2])
-  if not quiet:
-    print(f"{example} {args.size} ({m.num_params:,} parameters) | {desc} | "
-          f"optimizer {spec.name}" + (f" over {args.base or ex['base']}"
-                                      if spec.name.split('+')[0] not in ('adamw', 'sgd')
-                                      else ""))
-  return train.run(args, example=example, model=m.model, spec=spec, batch_at=batcher.batch_at,
-                   eval_batches=eval_batches, num_classes=num_classes, unit=unit,
-                   unit_per_example=per_example, quiet=quiet)
+def main(example: str, argv: list[str] | None = None):
+  """Entry point of ``python -m examples.<example>``: parses ``argv`` and trains."""
+  from . import train
 
-
-def main(example: str, argv: list[str] | None = None) -> train.RunResult:
-  """Entry point of ``python -m examples.<example>``."""
-  args = make_parser(example).parse_args(argv)
-  return run_example(example, args)
+  return train.run(parse(example, argv))

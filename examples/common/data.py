@@ -30,6 +30,7 @@ run sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import io
 import os
@@ -501,6 +502,18 @@ def load_text(spec: str, *, tokenizer: str = "char", max_chars: int | None = Non
 # -----------------------------------------------------------------------------
 # Batching (deterministic functions of the step)
 # -----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def cached_images(spec: str) -> ImageData:
+  """:func:`load_images`, remembered: the runs of a process share the arrays (read-only)."""
+  return load_images(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_text(spec: str, tokenizer: str = "char", max_chars: int | None = None) -> TextData:
+  """:func:`load_text`, remembered: the runs of a process share the arrays (read-only)."""
+  return load_text(spec, tokenizer=tokenizer, max_chars=max_chars)
 
 
 def _rng(*seeds: int) -> np.random.Generator:

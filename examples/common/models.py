@@ -255,6 +255,9 @@ class Llama(nnx.Module):
 # Construction from presets
 # -----------------------------------------------------------------------------
 
+# The size presets of each example's model.
+PRESETS = {"resnet": RESNET_PRESETS, "vit": VIT_PRESETS, "llama": LLAMA_PRESETS}
+
 
 @dataclasses.dataclass
 class ModelSpec:

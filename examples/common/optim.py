@@ -1,7 +1,7 @@
-"""Optimizers for the examples, built from command-line arguments.
+"""Optimizers for the examples, built from an :class:`~examples.common.config.OptimizerConfig`.
 
-``--opt`` names the algorithm and ``--base`` the Optax optimizer that the
-wrappers (SAM, ASAM, mSAM, SALA, Lookahead) drive:
+``name`` (``--opt``) names the algorithm and ``base`` (``--base``) the Optax
+optimizer that the wrappers (SAM, ASAM, GSAM, mSAM, SALA, Lookahead) drive:
 
 =============  ================================================================
 ``adamw``      ``optax.adamw`` (decoupled weight decay)
@@ -28,7 +28,6 @@ a cosine (or constant, or linear) decay.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Callable
@@ -40,107 +39,14 @@ import optax
 
 import ire_optax
 
-OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "gsam", "msam", "sala", "lookahead")
-CURVATURES = ("fisher", "grad_sq", "hutchinson")
+from .config import CURVATURES, OPTIMIZERS, OptimizerConfig, parse_name, to_steps
+
+__all__ = ["CURVATURES", "DEFAULT_RHO", "OPTIMIZERS", "OptSpec", "build_base",
+           "build_optimizer", "cross_entropy", "decay_mask", "label_noise",
+           "lookahead_with_extra_args", "lr_schedule", "parse_name", "to_steps",
+           "weights_only"]
+
 DEFAULT_RHO = {"sam": 0.05, "asam": 1.0, "gsam": 0.05, "msam": 0.05, "sala": 0.2}
-
-
-def steps_or_fraction(text: str) -> float:
-  """argparse type: an integer number of steps, or a fraction of the run if < 1."""
-  value = float(text)
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0; got {text}")
-  return value
-
-
-def to_steps(value: float, total_steps: int) -> int:
-  """Resolves :func:`steps_or_fraction` against the run length."""
-  return int(round(value * total_steps)) if 0 < value < 1 else int(value)
-
-
-def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
-  """Adds the optimizer and loss options shared by every example."""
-  g = parser.add_argument_group("optimizer")
-  g.add_argument("--opt", default="adamw", metavar="NAME", type=opt_name,
-                 help=f"one of {', '.join(OPTIMIZERS)}; append '+ire' for IRE on top "
-                      "(default: %(default)s)")
-  g.add_argument("--base", choices=("adamw", "sgd"), default=None,
-                 help="base optimizer that sam/asam/msam/sala/lookahead drive "
-                      "(default: the example's)")
-  g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (%(default)s)")
-  g.add_argument("--schedule", choices=("cosine", "constant", "linear"), default="cosine",
-                 help="decay after warm-up (%(default)s)")
-  g.add_argument("--warmup-steps", type=steps_or_fraction, default=0.0, metavar="N",
-                 help="linear learning-rate warm-up: steps, or a fraction of --steps if < 1 "
-                      "(%(default)s)")
-  g.add_argument("--final-lr-ratio", type=float, default=0.0,
-                 help="learning rate at the end of the decay / peak (%(default)s)")
-  g.add_argument("--weight-decay", type=float, default=0.0,
-                 help="decoupled for adamw, L2 for sgd; applied to weight matrices and "
-                      "kernels, not to biases or norm scales (%(default)s)")
-  g.add_argument("--clip-norm", type=float, default=0.0,
-                 help="clip the gradient's global norm (0: off) (%(default)s)")
-  g.add_argument("--b1", type=float, default=0.9, help="adamw beta1 (%(default)s)")
-  g.add_argument("--b2", type=float, default=0.999, help="adamw beta2 (%(default)s)")
-  g.add_argument("--eps", type=float, default=1e-8, help="adamw epsilon (%(default)s)")
-  g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (%(default)s)")
-  g.add_argument("--nesterov", action="store_true", help="sgd with Nesterov momentum")
-
-  g = parser.add_argument_group("sharpness-aware wrappers")
-  g.add_argument("--rho", type=float, default=None,
-                 help="SAM/ASAM/mSAM/SALA radius (default: sam 0.05, asam 1.0, msam 0.05, "
-                      "sala 0.2)")
-  g.add_argument("--rho-schedule", choices=("constant", "lr"), default="constant",
-                 help="'lr': rho follows the learning rate from --rho (peak lr) down to "
-                      "--rho-min (final lr), GSAM's schedule (%(default)s)")
-  g.add_argument("--rho-min", type=float, default=0.0,
-                 help="radius at the final learning rate with --rho-schedule lr (%(default)s)")
-  g.add_argument("--gsam-alpha", type=float, default=0.6,
-                 help="GSAM's surrogate-gap weight alpha (%(default)s)")
-  g.add_argument("--sam-every-k", type=int, default=1,
-                 help="sam/asam/gsam: the ascent every k-th step only, plain base steps "
-                      "between (cost 1 + 1/k gradients) (%(default)s)")
-  g.add_argument("--perturb", choices=("all", "weights"), default="all",
-                 help="leaves the SAM ascent perturbs (one global norm): all, or weight "
-                      "matrices and kernels only, not biases and norm scales (%(default)s)")
-  g.add_argument("--num-microbatches", type=int, default=2,
-                 help="mSAM micro-batches per batch (%(default)s)")
-  g.add_argument("--microbatch-mode", choices=("auto", "vmap", "scan", "unroll"),
-                 default="auto",
-                 help="mSAM over micro-batches: vmap (vectorised), scan (sequential, least "
-                      "memory), unroll (sequential, unrolled: fastest on CPU), auto (unroll "
-                      "on CPU, vmap elsewhere) (%(default)s)")
-  g.add_argument("--sala-sync-period", type=int, default=2, help="SALA k (%(default)s)")
-  g.add_argument("--sala-slow-step", type=float, default=0.5, help="SALA alpha (%(default)s)")
-  g.add_argument("--la-sync-period", type=int, default=5, help="Lookahead k (%(default)s)")
-  g.add_argument("--la-slow-step", type=float, default=0.8,
-                 help="Lookahead alpha (%(default)s)")
-
-  g = parser.add_argument_group("IRE (implicit regularization enhancement)")
-  g.add_argument("--ire", action="store_true", help="wrap the optimizer in IRE (same as +ire)")
-  g.add_argument("--ire-kappa", type=float, default=3.0,
-                 help="flat coordinates take (1+kappa)x the base step (%(default)s)")
-  g.add_argument("--ire-gamma", type=float, default=0.6,
-                 help="fraction of coordinates treated as flat (%(default)s)")
-  g.add_argument("--ire-refresh-every", type=int, default=10,
-                 help="re-estimate the curvature every K steps (%(default)s)")
-  g.add_argument("--ire-warmup", type=steps_or_fraction, default=None, metavar="N",
-                 help="IRE off for the first N steps (or fraction of --steps if < 1); "
-                      "default: the learning-rate warm-up")
-  g.add_argument("--ire-curvature", choices=CURVATURES, default="fisher",
-                 help="Hessian-diagonal estimator: fisher (labels sampled from the model, "
-                      "the paper's), grad_sq (free), hutchinson (one HVP) (%(default)s)")
-  g.add_argument("--ire-kappa-schedule", choices=("constant", "lr"), default="constant",
-                 help="'lr': kappa_t = kappa * lr_t / lr_peak (%(default)s)")
-  g.add_argument("--ire-gamma-end", type=float, default=None,
-                 help="grow gamma linearly from --ire-gamma to this value over the run "
-                      "(default: constant gamma)")
-
-  g = parser.add_argument_group("loss")
-  g.add_argument("--label-smoothing", type=float, default=0.0, help="(%(default)s)")
-  g.add_argument("--label-noise", type=float, default=0.0,
-                 help="replace each training label by a uniformly random class with this "
-                      "probability, afresh every step (Damian et al. 2021) (%(default)s)")
 
 
 @dataclasses.dataclass
@@ -182,26 +88,6 @@ class OptSpec:
   sam_aux: bool = False
 
 
-def parse_name(name: str, ire_flag: bool = False) -> tuple[str, bool]:
-  """``"sam+ire"`` -> ``("sam", True)``; validates the algorithm name."""
-  parts = name.lower().split("+")
-  algo, mods = parts[0], parts[1:]
-  if algo not in OPTIMIZERS or any(m != "ire" for m in mods):
-    hint = " (IRE wraps one of them: e.g. adamw+ire or sgd+ire)" if algo == "ire" else ""
-    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}, "
-                     f"optionally with '+ire'{hint}.")
-  return algo, ire_flag or bool(mods)
-
-
-def opt_name(text: str) -> str:
-  """argparse type of ``--opt``: a bad name is a one-line usage error, not a traceback."""
-  try:
-    parse_name(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
-  return text
-
-
 def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str = "cosine",
                 final_ratio: float = 0.0) -> optax.Schedule:
   """Linear warm-up from ``peak/warmup`` to ``peak``, then cosine/linear/constant decay."""
@@ -223,23 +109,34 @@ def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str = "c
   return schedule
 
 
-def _decay_mask(params):
-  return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
+def weights_only(params: Any) -> Any:
+  """The mask of the weight matrices and kernels (``ndim > 1``): not biases or norm scales."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def build_base(args: argparse.Namespace, base: str,
+def decay_mask(kind: str) -> Callable[[Any], Any]:
+  """The weight-decay mask of ``OptimizerConfig.decay_mask``: "weights" or "all"."""
+  if kind == "weights":
+    return weights_only
+  if kind == "all":
+    return lambda params: jax.tree.map(lambda _: True, params)
+  raise ValueError(f"decay_mask must be 'weights' or 'all'; got {kind!r}.")
+
+
+def build_base(cfg: OptimizerConfig, base: str,
                schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-  """``chain(clip, [L2 decay,] adamw|sgd)`` from the command-line arguments."""
+  """``chain(clip, [L2 decay,] adamw|sgd)`` of ``cfg``."""
   parts = []
-  if args.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(args.clip_norm))
+  if cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  mask = decay_mask(cfg.decay_mask)
   if base == "adamw":
-    parts.append(optax.adamw(schedule, b1=args.b1, b2=args.b2, eps=args.eps,
-                             weight_decay=args.weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=mask))
   elif base == "sgd":
-    if args.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(args.weight_decay, mask=_decay_mask))
-    parts.append(optax.sgd(schedule, momentum=args.momentum or None, nesterov=args.nesterov))
+    if cfg.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=mask))
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   else:
     raise ValueError(f"unknown base optimizer {base!r}; use adamw or sgd.")
   return optax.chain(*parts)
@@ -275,10 +172,105 @@ def lookahead_with_extra_args(fast: optax.GradientTransformation, *, sync_period
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
-def build_optimizer(args: argparse.Namespace, total_steps: int,
-                    default_base: str = "adamw", *, axis_name: str | None = None,
-                    model_stats: Any = None) -> OptSpec:
-  """The optimizer named by ``args.opt`` (and ``args.ire``) with its hyperparameters.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What :func:`build_optimizer` resolved from the config before building."""
+
+  cfg: OptimizerConfig
+  algo: str
+  use_ire: bool
+  total_steps: int
+  warmup: int  # learning-rate warm-up steps
+  ire_warmup: int
+  schedule: Callable[[Any], Any]
+  curvature: str | None
+  seed: int
+  axis_name: str | None
+
+
+def _plan(cfg: OptimizerConfig, total_steps: int, seed: int,
+          axis_name: str | None) -> _Plan:
+  algo, use_ire = cfg.algorithm
+  if axis_name is not None and algo == "lookahead":
+    raise ValueError("lookahead is not available with an axis_name (a shard_map step); "
+                     "use adamw, sgd, sam, asam, msam or sala (+ire), or train lookahead "
+                     "under plain jit.")
+  curvature = cfg.ire_curvature if use_ire else None
+  if use_ire and algo == "msam" and curvature != "fisher":
+    raise ValueError("IRE over mSAM needs --ire-curvature fisher: mSAM never forms the "
+                     "full-batch clean gradient (grad_sq) and its grad_fn takes a "
+                     "micro-batch (hutchinson needs grad_fn(params)).")
+  warmup = to_steps(cfg.warmup_steps, total_steps)
+  ire_warmup = warmup if cfg.ire_warmup is None else to_steps(cfg.ire_warmup, total_steps)
+  schedule = lr_schedule(cfg.lr, total_steps, warmup, cfg.schedule, cfg.final_lr_ratio)
+  return _Plan(cfg, algo, use_ire, total_steps, warmup, ire_warmup, schedule, curvature, seed,
+               axis_name)
+
+
+def _with_ire(plan: _Plan, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``ire(tx)`` with the config's (scheduled) kappa and gamma."""
+  cfg = plan.cfg
+  kappa: Any = cfg.ire_kappa
+  if cfg.ire_kappa_schedule == "lr":
+    kappa = ire_optax.lr_proportional(plan.schedule, max_value=cfg.ire_kappa, lr_max=cfg.lr)
+  gamma: Any = cfg.ire_gamma
+  if cfg.ire_gamma_end is not None:
+    gamma = optax.linear_schedule(cfg.ire_gamma, cfg.ire_gamma_end, plan.total_steps)
+  return ire_optax.ire(tx, kappa=kappa, gamma=gamma, refresh_every=cfg.ire_refresh_every,
+                       warmup_steps=plan.ire_warmup, curvature=plan.curvature, seed=plan.seed,
+                       axis_name=plan.axis_name)
+
+
+def _rho(plan: _Plan) -> Any:
+  """SAM's radius: the config's (or the algorithm's default), optionally following the lr."""
+  cfg = plan.cfg
+  rho: Any = cfg.rho if cfg.rho is not None else DEFAULT_RHO.get(plan.algo, 0.05)
+  if cfg.rho_schedule == "lr":
+    rho = ire_optax.lr_proportional(plan.schedule, max_value=rho, min_value=cfg.rho_min,
+                                    lr_max=cfg.lr, lr_min=cfg.lr * cfg.final_lr_ratio)
+  return rho
+
+
+def _wrap(plan: _Plan, base: optax.GradientTransformation, model_stats: Any
+          ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+  """The algorithm around ``base`` and the :class:`OptSpec` fields it implies."""
+  cfg, algo, axis = plan.cfg, plan.algo, plan.axis_name
+  perturb_mask = None if cfg.perturb == "all" else weights_only
+  if algo in ("adamw", "sgd"):
+    return base, {}
+  if algo in ("sam", "asam", "gsam"):
+    # The perturbed loss for logging (free), unless IRE's hutchinson shares grad_fn.
+    aux = plan.curvature != "hutchinson"
+    kw = dict(rho=_rho(plan), axis_name=axis, perturb_mask=perturb_mask,
+              every_k=cfg.sam_every_k, has_aux=aux)
+    tx = (ire_optax.gsam(base, alpha=cfg.gsam_alpha, **kw) if algo == "gsam"
+          else ire_optax.sam(base, adaptive=(algo == "asam"), **kw))
+    return tx, {"family": "sam", "sam_aux": aux}
+  if algo == "msam":
+    aux_init = {"loss": jnp.zeros((), jnp.float32), "acc": jnp.zeros((), jnp.float32),
+                "stats": {} if model_stats is None else model_stats}
+    tx = ire_optax.msam(base, rho=_rho(plan), num_microbatches=cfg.num_microbatches,
+                        microbatch_mode=cfg.microbatch_mode, axis_name=axis,
+                        perturb_mask=perturb_mask, has_aux=True, aux_init=aux_init)
+    return tx, {"family": "msam"}
+  if algo == "sala":
+    tx = ire_optax.sala(base, sync_period=cfg.sala_sync_period,
+                        slow_step_size=cfg.sala_slow_step, rho=_rho(plan), axis_name=axis,
+                        perturb_mask=perturb_mask)
+    return tx, {"family": "sam", "sala": True}
+  # lookahead: IRE goes on the fast optimizer
+  fast = _with_ire(plan, base) if plan.use_ire else base
+  tx = lookahead_with_extra_args(fast, sync_period=cfg.la_sync_period,
+                                 slow_step_size=cfg.la_slow_step)
+  return tx, {"lookahead": True}
+
+
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, *, seed: int = 0,
+                    axis_name: str | None = None, model_stats: Any = None) -> OptSpec:
+  """The optimizer named by ``cfg.name`` (and ``cfg.ire``) with its hyperparameters.
+
+  ``total_steps`` is the run's length (the schedules span it; fractional
+  warm-ups are fractions of it); ``seed`` seeds IRE's curvature estimator.
 
   ``model_stats`` (the model's non-parameter state, e.g. BatchNorm statistics;
   None: none) fixes the structure of mSAM's auxiliary output, through which
@@ -291,98 +283,29 @@ def build_optimizer(args: argparse.Namespace, total_steps: int,
   with the same ``axis_name`` averages the gradient of the plain optimizers.
   Lookahead is not available with an ``axis_name``.
   """
-  algo, use_ire = parse_name(args.opt, getattr(args, "ire", False))
-  if axis_name is not None and algo == "lookahead":
-    raise ValueError("lookahead is not available with an axis_name (a shard_map step); "
-                     "use adamw, sgd, sam, asam, msam or sala (+ire), or train lookahead "
-                     "under plain jit.")
-  warmup = to_steps(args.warmup_steps, total_steps)
-  schedule = lr_schedule(args.lr, total_steps, warmup, args.schedule, args.final_lr_ratio)
-
-  if algo in ("adamw", "sgd"):
-    base_name = algo
-  else:
-    base_name = args.base or default_base
-  base = build_base(args, base_name, schedule)
-  rho: Any = args.rho if args.rho is not None else DEFAULT_RHO.get(algo, 0.05)
-  if getattr(args, "rho_schedule", "constant") == "lr":
-    rho = ire_optax.lr_proportional(schedule, max_value=rho, min_value=args.rho_min,
-                                    lr_max=args.lr, lr_min=args.lr * args.final_lr_ratio)
-  perturb_mask = (None if getattr(args, "perturb", "all") == "all"
-                  else lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params))
-  every_k = getattr(args, "sam_every_k", 1)
-
-  curvature = args.ire_curvature if use_ire else None
-  if use_ire and algo == "msam" and curvature != "fisher":
-    raise ValueError("IRE over mSAM needs --ire-curvature fisher: mSAM never forms the "
-                     "full-batch clean gradient (grad_sq) and its grad_fn takes a "
-                     "micro-batch (hutchinson needs grad_fn(params)).")
-
-  def with_ire(tx):
-    kappa: Any = args.ire_kappa
-    if args.ire_kappa_schedule == "lr":
-      kappa = ire_optax.lr_proportional(schedule, max_value=args.ire_kappa, lr_max=args.lr)
-    gamma: Any = args.ire_gamma
-    if getattr(args, "ire_gamma_end", None) is not None:
-      gamma = optax.linear_schedule(args.ire_gamma, args.ire_gamma_end, total_steps)
-    ire_warm = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
-    return ire_optax.ire(tx, kappa=kappa, gamma=gamma,
-                         refresh_every=args.ire_refresh_every, warmup_steps=ire_warm,
-                         curvature=curvature, seed=args.seed, axis_name=axis_name)
-
-  family, lookahead, sala, sam_aux = "plain", False, False, False
-  if algo in ("adamw", "sgd"):
-    tx = base
-  elif algo in ("sam", "asam", "gsam"):
-    # The perturbed loss for logging (free), unless IRE's hutchinson shares grad_fn.
-    sam_aux = curvature != "hutchinson"
-    if algo == "gsam":
-      tx = ire_optax.gsam(base, rho=rho, alpha=args.gsam_alpha, axis_name=axis_name,
-                          perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
-    else:
-      tx = ire_optax.sam(base, rho=rho, adaptive=(algo == "asam"), axis_name=axis_name,
-                         perturb_mask=perturb_mask, every_k=every_k, has_aux=sam_aux)
-    family = "sam"
-  elif algo == "msam":
-    tx = ire_optax.msam(base, rho=rho, num_microbatches=args.num_microbatches,
-                        microbatch_mode=args.microbatch_mode, axis_name=axis_name,
-                        perturb_mask=perturb_mask, has_aux=True,
-                        aux_init={"loss": jnp.zeros((), jnp.float32),
-                                  "acc": jnp.zeros((), jnp.float32),
-                                  "stats": {} if model_stats is None else model_stats})
-    family = "msam"
-  elif algo == "sala":
-    tx = ire_optax.sala(base, sync_period=args.sala_sync_period,
-                        slow_step_size=args.sala_slow_step, rho=rho, axis_name=axis_name,
-                        perturb_mask=perturb_mask)
-    family, sala = "sam", True
-  else:  # lookahead: IRE goes on the fast optimizer
-    fast = with_ire(base) if use_ire else base
-    tx = lookahead_with_extra_args(fast, sync_period=args.la_sync_period,
-                                   slow_step_size=args.la_slow_step)
-    lookahead = True
-  if use_ire and algo != "lookahead":
-    tx = with_ire(tx)
-  tx = optax.with_extra_args_support(tx)
-  name = algo + ("+ire" if use_ire else "")
-  return OptSpec(tx, name, family, lookahead, sala, curvature, schedule,
-                 hints=_branch_hints(args, algo, use_ire, warmup, total_steps, every_k),
-                 sam_aux=sam_aux)
+  plan = _plan(cfg, total_steps, seed, axis_name)
+  base_name = plan.algo if plan.algo in ("adamw", "sgd") else cfg.base
+  tx, fields = _wrap(plan, build_base(cfg, base_name, plan.schedule), model_stats)
+  if plan.use_ire and plan.algo != "lookahead":
+    tx = _with_ire(plan, tx)
+  fields = {"family": "plain", "lookahead": False, "sala": False, **fields}
+  name = plan.algo + ("+ire" if plan.use_ire else "")
+  return OptSpec(optax.with_extra_args_support(tx), name, curvature=plan.curvature,
+                 schedule=plan.schedule, hints=_branch_hints(plan), **fields)
 
 
-def _branch_hints(args: argparse.Namespace, algo: str, use_ire: bool, warmup: int,
-                  total_steps: int, every_k: Any) -> Callable[[int], tuple] | None:
+def _branch_hints(plan: _Plan) -> Callable[[int], tuple] | None:
   """``step -> static hints``: the steps of IRE's refreshes and of SALA's/SAM-every-k's ascents."""
   parts: list[Callable[[int], tuple[str, bool]]] = []
-  if use_ire:
-    k = args.ire_refresh_every
-    t_w = warmup if args.ire_warmup is None else to_steps(args.ire_warmup, total_steps)
+  if plan.use_ire:
+    k, t_w = plan.cfg.ire_refresh_every, plan.ire_warmup
     parts.append(lambda t: ("refresh_hint", t >= t_w and (t - t_w) % k == 0))
-  if algo == "sala":
-    k_sala = args.sala_sync_period
+  every_k = plan.cfg.sam_every_k
+  if plan.algo == "sala":
+    k_sala = plan.cfg.sala_sync_period
     parts.append(lambda t: ("sam_hint", t % k_sala == 0))
     parts.append(lambda t: ("cycle_end_hint", t % k_sala == k_sala - 1))
-  elif algo in ("sam", "asam", "gsam") and every_k not in (None, 1):
+  elif plan.algo in ("sam", "asam", "gsam") and every_k not in (None, 1):
     parts.append(lambda t: ("sam_hint", t % every_k == 0))
   if not parts:
     return None

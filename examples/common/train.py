@@ -1,5 +1,11 @@
 """One training loop for every example: jitted functional step, eval, logs, checkpoints.
 
+:func:`run` trains a :class:`~examples.common.config.TrainConfig`: it loads the
+data (:func:`load_data`), builds the model (:func:`build_model`), the batchers
+(:func:`make_task`) and the optimizer
+(:func:`examples.common.optim.build_optimizer`), and runs the loop; the
+examples' command lines and the benchmarks both train through it.
+
 The model is split once into its graph definition, its parameters and its
 other state (BatchNorm statistics), both as pure nested dicts of arrays::
 
@@ -34,8 +40,8 @@ Batches are a pure function of the step and checkpoints hold the whole
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -54,7 +60,9 @@ from flax import nnx
 
 import ire_optax
 
-from . import optim, plots
+from . import data as data_lib
+from . import models, optim, plots
+from .config import LOOP_ONLY_FIELDS, PRECISIONS, TrainConfig, to_dict
 
 
 class TrainState(NamedTuple):
@@ -65,7 +73,6 @@ class TrainState(NamedTuple):
   loss_scale: Any = ()
 
 
-PRECISIONS = ("float32", "bfloat16", "float16")
 INITIAL_LOSS_SCALE = 2.0**15
 
 
@@ -127,123 +134,180 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
   average theirs themselves, and the logged metrics and BatchNorm statistics are
   averaged over the axis, so that the returned state and metrics are replicated.
   """
-  tx = spec.tx
   if axis_name is not None and spec.lookahead:
     raise ValueError("lookahead is not available with an axis_name.")
   initial_loss_scale(precision)  # checks the name
-  compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[precision]
-  scaled = precision == "float16"
-  if scaled:
-    import jmp  # the examples' [examples] extra
-
-  def to_compute(tree):
-    if compute_dtype is None:
-      return tree
-    return jax.tree.map(
-        lambda v: v.astype(compute_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
-
-  def pmean(tree):
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+  o = _StepOptions(graphdef, spec, num_classes, label_smoothing, label_noise, seed, axis_name,
+                   precision)
+  if precision == "float16":
+    import jmp  # noqa: F401  (the examples' [examples] extra: fail here, not when tracing)
 
   def step_fn(state: TrainState, batch, step, hints: tuple = ()):
-    params, stats, opt_state, loss_scale = state
-    if scaled:
-      ls = jmp.DynamicLossScale(loss_scale["scale"], loss_scale["counter"])
-    y = batch["y"]
-    if label_noise > 0:
-      key = jax.random.fold_in(jax.random.key(seed), step)
-      if axis_name is not None:  # independent noise on every device's slice
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-      y = optim.label_noise(key, y, num_classes, label_noise)
-    batch = {"x": batch["x"], "y": y}
-    p = params.fast if spec.lookahead else params
-    if axis_name is not None:
-      # The parameters are replicated: marked as varying over the axis, jax.grad
-      # returns this device's gradient instead of its sum over the axis.
-      p = jax.lax.pcast(p, axis_name, to="varying")
-
-    def loss_fn(q, b):
-      logits, new_stats = apply_model(graphdef, to_compute(q), stats, to_compute(b["x"]),
-                                      train=True)
-      new_stats = jax.tree.map(lambda n, o: n.astype(o.dtype), new_stats, stats)
-      loss, acc = optim.cross_entropy(logits.astype(jnp.float32), b["y"],
-                                      label_smoothing=label_smoothing)
-      return loss, (new_stats, acc)
-
-    def value_and_grad(q, b):
-      """``((loss, (stats, acc)), gradient)``; under loss scaling the gradient is unscaled."""
-      if not scaled:
-        return jax.value_and_grad(loss_fn, has_aux=True)(q, b)
-
-      def scaled_loss(q):
-        loss, aux = loss_fn(q, b)
-        return ls.scale(loss), (loss, aux)
-
-      (_, out), g = jax.value_and_grad(scaled_loss, has_aux=True)(q)
-      return out, ls.unscale(g)
-
-    def grad_fn(q, b=batch):  # gradient only: its BatchNorm statistics are dropped
-      return value_and_grad(q, b)[1]
-
-    def micro_grad_fn(q, b):  # mSAM: the clean passes' loss and statistics come back as aux
-      (loss, (new_stats, acc)), g = value_and_grad(q, b)
-      return g, {"loss": loss, "acc": acc, "stats": new_stats}
-
-    def grad_and_loss_fn(q, b=batch):  # SAM: the perturbed loss comes back as aux
-      (loss, _), g = value_and_grad(q, b)
-      return g, loss
-
-    extra: dict[str, Any] = dict(hints)  # static branch hints (spec.hints)
-    if spec.family == "msam":
-      grads = None
-      extra["grad_fn"] = micro_grad_fn
-      extra["batch"] = batch
-    else:
-      (loss, (new_stats, acc)), grads = value_and_grad(p, batch)
-      if spec.family == "plain":
-        grads = pmean(grads)  # plain Optax and IRE: the step averages the gradient
-      if spec.family == "sam" or spec.curvature == "hutchinson":
-        extra["grad_fn"] = grad_and_loss_fn if spec.sam_aux else grad_fn
-    if spec.curvature == "fisher":
-      extra["logits_fn"] = lambda q: apply_model(graphdef, q, stats, batch["x"], train=True)[0]
-
-    old = (params, stats, opt_state)
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    if spec.family == "msam":
-      aux = ire_optax.sam_aux(opt_state)
-      loss, acc, new_stats = aux["loss"], aux["acc"], aux["stats"]
-    loss, acc, new_stats = pmean((loss, acc, new_stats))
-    metrics = {"loss": loss, "acc": acc, "lr": spec.schedule(step)}
-    if scaled:
-      # Every gradient of the step shares the scale: a non-finite one makes the update
-      # non-finite, and the whole step is skipped (on every device alike).
-      finite = jmp.all_finite((grads, updates))
-      if axis_name is not None:
-        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
-      metrics["loss_scale"] = ls.loss_scale
-      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-      ls = ls.adjust(finite)
-      loss_scale = {"scale": ls.loss_scale, "counter": ls.counter}
-      params, new_stats, opt_state = jmp.select_tree(finite, (params, new_stats, opt_state),
-                                                     old)
-    if spec.sam_aux:
-      perturbed = pmean(ire_optax.sam_aux(opt_state))
-      metrics["perturbed_loss"] = perturbed
-      metrics["sharpness"] = perturbed - loss
-    if grads is not None:
-      g = grads if spec.family == "plain" else pmean(grads)
-      metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                                          for x in jax.tree.leaves(g)))
-    if spec.curvature is not None:
-      mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
-      metrics["ire_flat_fraction"] = (sum(jnp.sum(m, dtype=jnp.float32) for m in mask)
-                                      / sum(m.size for m in mask))
-    if spec.sala:
-      metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
-    return TrainState(params, new_stats, opt_state, loss_scale), metrics
+    return _train_step(o, state, batch, step, hints)
 
   return step_fn
+
+
+class _StepOptions(NamedTuple):
+  """The static settings of a train step (:func:`step_function`'s arguments)."""
+
+  graphdef: Any
+  spec: optim.OptSpec
+  num_classes: int
+  label_smoothing: float
+  label_noise: float
+  seed: int
+  axis_name: str | None
+  precision: str
+
+  def pmean(self, tree):
+    return tree if self.axis_name is None else jax.lax.pmean(tree, self.axis_name)
+
+  def to_compute(self, tree):
+    """Floating leaves in the compute dtype of ``precision`` (float32: unchanged)."""
+    dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[self.precision]
+    if dtype is None:
+      return tree
+    return jax.tree.map(
+        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
+
+class _Passes:
+  """The forward/backward passes of one step, all from the statistics the step started from.
+
+  ``value_and_grad`` is the clean pass; the others are the callbacks the optimizer
+  takes (their BatchNorm statistics are dropped, except mSAM's clean micro-batch
+  passes, which return them as aux). Under loss scaling every gradient is scaled by
+  the same ``ls`` and unscaled before the optimizer sees it.
+  """
+
+  def __init__(self, o: _StepOptions, stats, ls, batch):
+    self.o, self.stats, self.ls, self.batch = o, stats, ls, batch
+
+  def loss_fn(self, q, b):
+    o = self.o
+    logits, new_stats = apply_model(o.graphdef, o.to_compute(q), self.stats,
+                                    o.to_compute(b["x"]), train=True)
+    new_stats = jax.tree.map(lambda n, old: n.astype(old.dtype), new_stats, self.stats)
+    loss, acc = optim.cross_entropy(logits.astype(jnp.float32), b["y"],
+                                    label_smoothing=o.label_smoothing)
+    return loss, (new_stats, acc)
+
+  def value_and_grad(self, q, b):
+    """``((loss, (stats, acc)), gradient)``; under loss scaling the gradient is unscaled."""
+    if self.ls is None:
+      return jax.value_and_grad(self.loss_fn, has_aux=True)(q, b)
+
+    def scaled_loss(q):
+      loss, aux = self.loss_fn(q, b)
+      return self.ls.scale(loss), (loss, aux)
+
+    (_, out), g = jax.value_and_grad(scaled_loss, has_aux=True)(q)
+    return out, self.ls.unscale(g)
+
+  def grad(self, q, b=None):  # gradient only: its BatchNorm statistics are dropped
+    return self.value_and_grad(q, self.batch if b is None else b)[1]
+
+  def grad_and_loss(self, q, b=None):  # SAM: the perturbed loss comes back as aux
+    (loss, _), g = self.value_and_grad(q, self.batch if b is None else b)
+    return g, loss
+
+  def micro_grad(self, q, b):  # mSAM: the clean passes' loss and statistics come back as aux
+    (loss, (new_stats, acc)), g = self.value_and_grad(q, b)
+    return g, {"loss": loss, "acc": acc, "stats": new_stats}
+
+  def logits(self, q):  # IRE's "fisher": float32, statistics dropped
+    return apply_model(self.o.graphdef, q, self.stats, self.batch["x"], train=True)[0]
+
+
+def _noisy_labels(o: _StepOptions, y, step):
+  """``y`` with label noise drawn from the step (and the device, under an axis)."""
+  if o.label_noise <= 0:
+    return y
+  key = jax.random.fold_in(jax.random.key(o.seed), step)
+  if o.axis_name is not None:  # independent noise on every device's slice
+    key = jax.random.fold_in(key, jax.lax.axis_index(o.axis_name))
+  return optim.label_noise(key, y, o.num_classes, o.label_noise)
+
+
+def _clean_pass(o: _StepOptions, passes: _Passes, p, hints: tuple):
+  """``(grads, extra, clean)``: the step's gradient (None for mSAM), the keyword arguments
+  of ``tx.update`` and the clean pass's ``(loss, acc, stats)`` (None for mSAM)."""
+  spec = o.spec
+  extra: dict[str, Any] = dict(hints)  # static branch hints (spec.hints)
+  grads, clean = None, None
+  if spec.family == "msam":
+    extra["grad_fn"] = passes.micro_grad
+    extra["batch"] = passes.batch
+  else:
+    (loss, (new_stats, acc)), grads = passes.value_and_grad(p, passes.batch)
+    clean = (loss, acc, new_stats)
+    if spec.family == "plain":
+      grads = o.pmean(grads)  # plain Optax and IRE: the step averages the gradient
+    if spec.family == "sam" or spec.curvature == "hutchinson":
+      extra["grad_fn"] = passes.grad_and_loss if spec.sam_aux else passes.grad
+  if spec.curvature == "fisher":
+    extra["logits_fn"] = passes.logits
+  return grads, extra, clean
+
+
+def _train_step(o: _StepOptions, state: TrainState, batch, step, hints: tuple):
+  """The body of :func:`step_function`'s ``step_fn``."""
+  params, stats, opt_state, loss_scale = state
+  ls = None
+  if o.precision == "float16":
+    import jmp
+
+    ls = jmp.DynamicLossScale(loss_scale["scale"], loss_scale["counter"])
+  batch = {"x": batch["x"], "y": _noisy_labels(o, batch["y"], step)}
+  p = params.fast if o.spec.lookahead else params
+  if o.axis_name is not None:
+    # The parameters are replicated: marked as varying over the axis, jax.grad
+    # returns this device's gradient instead of its sum over the axis.
+    p = jax.lax.pcast(p, o.axis_name, to="varying")
+  grads, extra, clean = _clean_pass(o, _Passes(o, stats, ls, batch), p, hints)
+  old = (params, stats, opt_state)
+  updates, opt_state = o.spec.tx.update(grads, opt_state, params, **extra)
+  params = optax.apply_updates(params, updates)
+  if clean is None:  # mSAM: its clean micro-batch passes
+    aux = ire_optax.sam_aux(opt_state)
+    clean = (aux["loss"], aux["acc"], aux["stats"])
+  loss, acc, new_stats = o.pmean(clean)
+  metrics = {"loss": loss, "acc": acc, "lr": o.spec.schedule(step)}
+  if ls is not None:
+    # Every gradient of the step shares the scale: a non-finite one makes the update
+    # non-finite, and the whole step is skipped (on every device alike).
+    finite = jmp.all_finite((grads, updates))
+    if o.axis_name is not None:
+      finite = jax.lax.pmin(finite.astype(jnp.int32), o.axis_name).astype(bool)
+    metrics["loss_scale"] = ls.loss_scale
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    ls = ls.adjust(finite)
+    loss_scale = {"scale": ls.loss_scale, "counter": ls.counter}
+    params, new_stats, opt_state = jmp.select_tree(finite, (params, new_stats, opt_state), old)
+  metrics.update(_optimizer_metrics(o, opt_state, grads, loss))
+  return TrainState(params, new_stats, opt_state, loss_scale), metrics
+
+
+def _optimizer_metrics(o: _StepOptions, opt_state, grads, loss) -> dict:
+  """What the optimizer's state tells of the step: SAM's perturbed loss and sharpness,
+  the gradient norm, IRE's flat fraction, SALA's statistics."""
+  spec, metrics = o.spec, {}
+  if spec.sam_aux:
+    perturbed = o.pmean(ire_optax.sam_aux(opt_state))
+    metrics["perturbed_loss"] = perturbed
+    metrics["sharpness"] = perturbed - loss
+  if grads is not None:
+    g = grads if spec.family == "plain" else o.pmean(grads)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                        for x in jax.tree.leaves(g)))
+  if spec.curvature is not None:
+    mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
+    metrics["ire_flat_fraction"] = (sum(jnp.sum(m, dtype=jnp.float32) for m in mask)
+                                    / sum(m.size for m in mask))
+  if spec.sala:
+    metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
+  return metrics
 
 
 def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
@@ -408,56 +472,8 @@ def steps_to_reach(curve: Iterable[tuple[int, float]], target: float) -> int | N
 # -----------------------------------------------------------------------------
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-  """Options of the loop shared by every example."""
-  g = parser.add_argument_group("training")
-  g.add_argument("--steps", type=int, default=500, help="optimizer steps (%(default)s)")
-  g.add_argument("--batch-size", type=int, default=128, help="(%(default)s)")
-  g.add_argument("--seed", type=int, default=0, help="model init, data order, noise")
-  g.add_argument("--eval-every", type=int, default=100,
-                 help="evaluate on held-out data every N steps and at the end (0: end only)")
-  g.add_argument("--eval-batches", type=int, default=None,
-                 help="cap on held-out batches per evaluation (default: all)")
-  g.add_argument("--log-every", type=int, default=10,
-                 help="log training metrics every N steps (%(default)s)")
-  g.add_argument("--fast-compile", action="store_true",
-                 help="compile without XLA backend optimisations: starts sooner, runs "
-                      "slower (smoke tests)")
-  g.add_argument("--branch-hints", choices=("auto", "on", "off"), default="auto",
-                 help="compile one step per kind of step (IRE refresh, SALA SAM step) and "
-                      "pick it on the host from the step number, instead of lax.cond: no "
-                      "host round trip per step on GPU, no slow conditional on CPU; auto = "
-                      "on (%(default)s)")
-  g.add_argument("--precision", choices=PRECISIONS, default="float32",
-                 help="compute dtype of the training passes (params, optimizer and evaluation "
-                      "stay float32); float16 uses dynamic loss scaling shared by all of a "
-                      "step's gradients and skips non-finite steps (%(default)s)")
-  g = parser.add_argument_group("output")
-  g.add_argument("--out", default="runs", help="output root directory (%(default)s)")
-  g.add_argument("--name", default=None,
-                 help="run name (default: <example>-<opt>); the run writes to OUT/NAME/")
-  g.add_argument("--ckpt-every", type=int, default=0,
-                 help="save an Orbax checkpoint every N steps (and at the end); 0: end only")
-  g.add_argument("--keep-checkpoints", type=int, default=2, help="(%(default)s)")
-  g.add_argument("--no-checkpoint", action="store_true", help="save no checkpoints at all")
-  g.add_argument("--resume", action="store_true",
-                 help="continue from the run's latest checkpoint (bit-identical)")
-  g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                 help="stop (with a checkpoint) after N steps of this invocation; the "
-                      "schedules still span --steps, so --resume continues the same run")
-  g.add_argument("--no-plot", action="store_true", help="skip the PNG of the curves")
-  g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def _fmt_rate(x: float) -> str:
   return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
-
-
-_STEP_CACHE: dict = {}
-# Arguments that do not change the computation of a train step.
-_LOOP_ONLY_ARGS = frozenset({
-    "out", "name", "resume", "stop_after", "ckpt_every", "keep_checkpoints", "no_checkpoint",
-    "no_plot", "no_progress", "eval_every", "eval_batches", "log_every"})
 
 
 def _progress_bar(*, total: int, initial: int, desc: str, disable: bool):
@@ -468,161 +484,301 @@ def _progress_bar(*, total: int, initial: int, desc: str, disable: bool):
               disable=disable or not sys.stderr.isatty(), leave=True)
 
 
-class RunResult(NamedTuple):
-  summary: dict  # also written to summary.json
-  state: TrainState
+class Task(NamedTuple):
+  """The data side of a run: its batches and how the loop counts and describes them."""
+
+  batch_at: Callable[[int], dict]  # the training batch of a step (a pure function of it)
+  eval_batches: Callable[[], Iterable[dict]]  # the held-out batches, afresh
+  num_classes: int  # classes, or the vocabulary
+  unit: str  # "img" or "tok": what the logged rates count
+  unit_per_example: int  # 1, or the sequence length
+  description: str
 
 
-def run(args: argparse.Namespace, *, example: str, model, spec: optim.OptSpec,
-        batch_at: Callable[[int], dict], eval_batches: Callable[[], Iterable[dict]],
-        num_classes: int, unit: str, unit_per_example: int = 1,
-        quiet: bool = False) -> RunResult:
-  """Trains ``model`` for ``args.steps`` steps; returns the summary and the final state.
+def load_data(cfg: TrainConfig) -> data_lib.ImageData | data_lib.TextData:
+  """The data set of ``cfg`` (cached: the runs of a process share it)."""
+  if cfg.kind == "image":
+    return data_lib.cached_images(cfg.data.spec)
+  return data_lib.cached_text(cfg.data.spec, cfg.data.tokenizer, cfg.data.max_chars)
 
-  Writes ``config.json``, ``metrics.jsonl``/``.csv``, ``summary.json``,
-  ``curves.png`` and ``checkpoints/`` under ``args.out/args.name``.
+
+def build_model(cfg: TrainConfig, data: Any) -> models.ModelSpec:
+  """The example's model for ``cfg`` and its data (image shape, classes or vocabulary)."""
+  m, seed = cfg.model, cfg.seed
+  if cfg.kind == "text":
+    return models.build_llama(m.size, vocab_size=data.vocab_size, seed=seed, dim=m.dim,
+                              depth=m.depth, heads=m.heads, ffn_dim=m.ffn_dim,
+                              tie_embeddings=m.tie_embeddings or None)
+  h, w, c = data.image_shape
+  if cfg.example == "resnet":
+    return models.build_resnet(m.size, num_classes=data.num_classes, in_channels=c, seed=seed,
+                               depth=m.depth, width=m.width)
+  if h != w:
+    raise ValueError(f"the ViT example needs square images; got {h}x{w}.")
+  return models.build_vit(m.size, num_classes=data.num_classes, image_size=h, in_channels=c,
+                          seed=seed, dim=m.dim, depth=m.depth, heads=m.heads,
+                          mlp_dim=m.mlp_dim, patch_size=m.patch_size)
+
+
+def make_task(cfg: TrainConfig, data: Any) -> Task:
+  """The batchers of ``cfg`` over ``data`` (an ``ImageData`` or a ``TextData``)."""
+  b = cfg.batch_size
+  if cfg.kind == "image":
+    h, w, c = data.image_shape
+    augment = cfg.data.augment == "on" or (cfg.data.augment == "auto"
+                                           and data.name.startswith("cifar"))
+    batcher = data_lib.ImageBatcher(data.x_train, data.y_train, b, seed=cfg.seed,
+                                    augment=augment)
+    cap = None if cfg.eval_batches is None else cfg.eval_batches * b
+    return Task(batcher.batch_at,
+                lambda: data_lib.image_eval_batches(data.x_test, data.y_test, b, cap),
+                data.num_classes, "img", 1,
+                f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} held-out "
+                f"images {h}x{w}x{c}")
+  seq = cfg.data.seq_len
+  batcher = data_lib.TextBatcher(data.train, b, seq, seed=cfg.seed)
+  return Task(batcher.batch_at,
+              lambda: data_lib.text_eval_batches(data.valid, b, seq, cfg.eval_batches),
+              data.vocab_size, "tok", seq,
+              f"{data.name}: {len(data.train)} train / {len(data.valid)} held-out tokens, "
+              f"vocabulary {data.vocab_size} ({cfg.data.tokenizer})")
+
+
+def init_state(spec: optim.OptSpec, params: Any, stats: Any,
+               precision: str = "float32") -> TrainState:
+  """A fresh :class:`TrainState` on the first device, every leaf in its own buffer.
+
+  The step donates its input buffers, and an optimizer state may alias the
+  params (e.g. slow weights initialised to them); committed to one device, like
+  restored checkpoints, so that a resumed run hits the same compiled step.
   """
-  import orbax.checkpoint as ocp
-
-  name = args.name or f"{example}-{spec.name}"
-  run_dir = Path(args.out) / name
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
-
-  graphdef, params, stats = split_model(model)
-  num_params = int(sum(x.size for x in jax.tree.leaves(params)))
   if spec.lookahead:
     params = optax.LookaheadParams.init_synced(params)
   opt_state = jax.jit(spec.tx.init, compiler_options=compiler_options(True))(params)
-  # The step donates its input buffers; an optimizer state may alias the params
-  # (e.g. slow weights initialised to them), so give every leaf its own buffer.
-  # Committed to one device, like restored checkpoints, so that a resumed run
-  # hits the same compiled step.
-  precision = getattr(args, "precision", "float32")
-  state = jax.device_put(TrainState(params, stats, opt_state, initial_loss_scale(precision)),
-                         jax.devices()[0], may_alias=False)
-  # Runs of this process with the same model and the same arguments (a resumed
-  # run, a repeated comparison) reuse one compiled step.
-  key = (graphdef, num_classes, tuple(sorted((k, str(v)) for k, v in vars(args).items()
-                                             if k not in _LOOP_ONLY_ARGS)))
+  return jax.device_put(TrainState(params, stats, opt_state, initial_loss_scale(precision)),
+                        jax.devices()[0], may_alias=False)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _cached_train_step(cfg: TrainConfig, graphdef, spec: optim.OptSpec,
+                       num_classes: int) -> TrainStep:
+  """The run's jitted step; runs of this process with the same model and the same
+  step-relevant config (a resumed run, a repeated comparison) reuse one compiled step."""
+  step_cfg = tuple((f.name, repr(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)
+                   if f.name not in LOOP_ONLY_FIELDS)
+  key = (graphdef, num_classes, step_cfg)
   if key not in _STEP_CACHE:
     _STEP_CACHE.clear()  # keep at most one (compiled steps hold memory)
-    _STEP_CACHE[key] = make_train_step(graphdef, spec, num_classes=num_classes,
-                                       label_smoothing=args.label_smoothing,
-                                       label_noise=args.label_noise, seed=args.seed,
-                                       fast_compile=args.fast_compile,
-                                       branch_hints=getattr(args, "branch_hints", "auto"),
-                                       precision=precision)
-  step_fn = _STEP_CACHE[key]
+    _STEP_CACHE[key] = make_train_step(
+        graphdef, spec, num_classes=num_classes, label_smoothing=cfg.label_smoothing,
+        label_noise=cfg.label_noise, seed=cfg.seed, fast_compile=cfg.fast_compile,
+        branch_hints=cfg.branch_hints, precision=cfg.precision)
+  return _STEP_CACHE[key]
 
-  ckpt_dir = (run_dir / "checkpoints").absolute()
-  start = 0
-  mngr = None
-  if not args.no_checkpoint or args.resume:
-    if not args.resume and ckpt_dir.exists():
-      shutil.rmtree(ckpt_dir)  # a fresh run replaces the old one's checkpoints
-    mngr = ocp.CheckpointManager(
-        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=args.keep_checkpoints))
-  latest = mngr.latest_step() if args.resume else None
-  if args.resume and latest is None and not quiet:
-    print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
-  if latest is not None:
-    target = {"state": jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+
+class Checkpoints:
+  """The run's Orbax checkpoints: ``TrainState`` and step, every ``ckpt_every`` steps."""
+
+  def __init__(self, cfg: TrainConfig, run_dir: Path):
+    import orbax.checkpoint as ocp
+
+    self.ocp, self.cfg = ocp, cfg
+    self.dir = (run_dir / "checkpoints").absolute()
+    self.manager = None
+    if not cfg.no_checkpoint or cfg.resume:
+      if not cfg.resume and self.dir.exists():
+        shutil.rmtree(self.dir)  # a fresh run replaces the old one's checkpoints
+      self.manager = ocp.CheckpointManager(
+          self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints))
+
+  def restore(self, state: TrainState) -> tuple[TrainState, int | None]:
+    """``(state, step)`` of the latest checkpoint with ``resume``; else ``(state, None)``."""
+    latest = self.manager.latest_step() if self.cfg.resume and self.manager else None
+    if latest is None:
+      return state, None
+    target = {"state": jax.tree.map(self.ocp.utils.to_shape_dtype_struct, state),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    restored = mngr.restore(latest, args=ocp.args.StandardRestore(target))
-    state, start = restored["state"], int(restored["step"])
-    if not quiet:
-      print(f"resumed {name} from step {start}")
-  log = MetricsLog(run_dir, resume_step=start if latest is not None else None)
+    restored = self.manager.restore(latest, args=self.ocp.args.StandardRestore(target))
+    return restored["state"], int(restored["step"])
 
-  def save(step):
-    if mngr is not None and not args.no_checkpoint:
-      mngr.save(step, args=ocp.args.StandardSave(
+  def save(self, state: TrainState, step: int) -> None:
+    if self.manager is not None and not self.cfg.no_checkpoint:
+      self.manager.save(step, args=self.ocp.args.StandardSave(
           {"state": state, "step": jnp.asarray(step, jnp.int32)}), force=True)
 
-  stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-  t_run = time.perf_counter()  # wall_s and the records' "time" include the compilation
-  # Every step variant (IRE refresh, SALA / SAM-every-k ascent, plain) compiles here,
-  # before the clock starts: the logged rates and steps_per_s time training only.
-  compile_s = step_fn.compile(state, batch_at(start), range(start, stop)) if stop > start \
-      else 0.0
-  if not quiet:
-    print(f"{name}: compiled the train step in {compile_s:.1f}s", flush=True)
-  progress = not (args.no_progress or quiet)
-  bar = _progress_bar(total=args.steps, initial=start, desc=name, disable=not progress)
-  t_window, n_window = time.perf_counter(), 0
-  first_step_s = None
-  train_time, train_steps = 0.0, 0
-  last_eval: dict[str, float] = {}
-  for step in range(start, stop):
-    batch = batch_at(step)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch, np.int32(step))
-    n_window += 1
-    done = step + 1
-    if first_step_s is None:
-      jax.block_until_ready(metrics)
-      first_step_s = compile_s + time.perf_counter() - t0  # not in the rates either
-      t_window, n_window = time.perf_counter(), 0
-    do_eval = done == args.steps or (args.eval_every > 0 and done % args.eval_every == 0)
-    if do_eval or done % args.log_every == 0 or done == stop:
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.perf_counter()
-      if n_window:
-        rate = n_window * args.batch_size * unit_per_example / (now - t_window)
-        train_time += now - t_window
-        train_steps += n_window
-      else:
-        rate = float("nan")
-      t_window, n_window = now, 0
-      rec = {"step": done, "loss": m.pop("loss"), "acc": m.pop("acc"), **m,
-             f"{unit}_per_s": rate, "time": now - t_run}
-      if not math.isfinite(rec["loss"]):
-        bar.close()
-        raise FloatingPointError(f"{name}: loss is {rec['loss']} at step {done}")
-      if do_eval:
-        last_eval = evaluate(graphdef, eval_params(spec, state), state.stats, eval_batches(),
-                             fast_compile=args.fast_compile)
-        rec.update(last_eval)
-        t_window = time.perf_counter()  # do not count evaluation as training time
-      log.write(rec)
-      status = (f"loss {rec['loss']:.4f} | {_fmt_rate(rate)} {unit}/s"
-                + (f" | eval {last_eval['eval_loss']:.4f}" if last_eval else ""))
-      if bar.disable and progress:  # not a terminal: plain lines, no carriage returns
-        print(f"{name} step {done}/{args.steps}: {status}", flush=True)
-      bar.set_postfix_str(status)
-    if args.ckpt_every and done % args.ckpt_every == 0 and done != stop:
-      save(done)
-    bar.update(1)
-  bar.close()
-  if stop > start:
-    save(stop)
-  if mngr is not None:
-    mngr.wait_until_finished()
-    mngr.close()
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
 
+
+class RunResult(NamedTuple):
+  """What :func:`run` returns: the summary, the final state, and how to read it."""
+
+  summary: dict  # also written to summary.json
+  state: TrainState
+  spec: optim.OptSpec | None = None  # the built optimizer
+  graphdef: Any = None  # the model's graph: apply_model(graphdef, params, state.stats, x)
+
+  def eval_params(self) -> Any:
+    """The weights to evaluate (:func:`eval_params`: SALA's and Lookahead's slow weights)."""
+    assert self.spec is not None
+    return eval_params(self.spec, self.state)
+
+
+def run(cfg: TrainConfig, *, data: Any = None, model: nnx.Module | None = None,
+        quiet: bool = False) -> RunResult:
+  """Trains ``cfg``: loads its data and builds its model and optimizer, unless given.
+
+  ``data`` (an ``ImageData`` / ``TextData``) replaces the loading of
+  ``cfg.data``; ``model`` (a Flax NNX module taking ``(x, train=...)``)
+  replaces the example's model. Writes ``config.json``, ``metrics.jsonl``/
+  ``.csv``, ``summary.json``, ``curves.png`` and ``checkpoints/`` under
+  ``cfg.out/cfg.run_name``; returns the summary and the final state.
+  """
+  data = load_data(cfg) if data is None else data
+  task = make_task(cfg, data)
+  model = build_model(cfg, data).model if model is None else model
+  graphdef, params, stats = split_model(model)
+  # After the model: mSAM's auxiliary output carries its BatchNorm statistics.
+  spec = optim.build_optimizer(cfg.optimizer, cfg.steps, seed=cfg.seed, model_stats=stats)
+  if not quiet:
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    over = f" over {cfg.optimizer.base}" if spec.name.split("+")[0] not in ("adamw", "sgd") \
+        else ""
+    print(f"{cfg.example} {cfg.model.size} ({num_params:,} parameters) | {task.description} | "
+          f"optimizer {spec.name}{over}")
+  return _train(cfg, task, graphdef, spec, params, stats, quiet=quiet)
+
+
+def _train(cfg: TrainConfig, task: Task, graphdef, spec: optim.OptSpec, params, stats, *,
+           quiet: bool) -> RunResult:
+  """The loop of :func:`run` over a built model and optimizer."""
+  name = cfg.run_name
+  run_dir = Path(cfg.out) / name
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+  num_params = int(sum(x.size for x in jax.tree.leaves(params)))
+  state = init_state(spec, params, stats, cfg.precision)
+  step_fn = _cached_train_step(cfg, graphdef, spec, task.num_classes)
+  ckpt = Checkpoints(cfg, run_dir)
+  state, resumed = ckpt.restore(state)
+  if cfg.resume and resumed is None and not quiet:
+    print(f"--resume: no checkpoint in {ckpt.dir} yet; starting from step 0")
+  if resumed is not None and not quiet:
+    print(f"resumed {name} from step {resumed}")
+  start = resumed or 0
+  log = MetricsLog(run_dir, resume_step=resumed)
+  stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+  loop = _Loop(cfg, task, graphdef, spec, step_fn, log, name, quiet=quiet)
+  state = loop.train(state, start, stop, ckpt)
+  ckpt.close()
   log.write_csv()
-  final = next((r for r in reversed(log.records) if "eval_loss" in r), {})
-  recent = [r["loss"] for r in log.records[-5:] if "loss" in r]
-  summary = {
-      "name": name, "example": example, "opt": spec.name, "steps": args.steps,
-      "params": num_params,
-      "train_loss": float(np.mean(recent)) if recent else None,
-      "eval_loss": final.get("eval_loss"), "eval_acc": final.get("eval_acc"),
-      # compile_s: compiling the step variants before the loop; first_step_s: that and
-      # the first step; steps_per_s (and the logged rates): the steps after the first,
-      # with no compilation and no evaluation in them.
-      "compile_s": compile_s, "first_step_s": first_step_s,
-      "wall_s": time.perf_counter() - t_run,
-      "steps_per_s": train_steps / train_time if train_time > 0 else None,
-      "run_dir": str(run_dir),
-  }
+  summary = loop.summary(num_params, str(run_dir))
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-  if not args.no_plot and log.records:
+  if not cfg.no_plot and log.records:
     summary["plot"] = str(plots.plot_runs({name: log.records}, run_dir / "curves.png",
                                           title=name))
   if not quiet:
     ev = (f"held-out loss {summary['eval_loss']:.4f}, acc {summary['eval_acc']:.4f}"
           if summary["eval_loss"] is not None else "")
     print(f"{name}: {ev} ({summary['wall_s']:.1f}s) -> {run_dir}")
-  return RunResult(summary, state)
+  return RunResult(summary, state, spec, graphdef)
+
+
+class _Loop:
+  """The steps of one run, their timing (training only) and their log records."""
+
+  def __init__(self, cfg: TrainConfig, task: Task, graphdef, spec: optim.OptSpec,
+               step_fn: TrainStep, log: MetricsLog, name: str, *, quiet: bool):
+    self.cfg, self.task, self.graphdef, self.spec = cfg, task, graphdef, spec
+    self.step_fn, self.log, self.name, self.quiet = step_fn, log, name, quiet
+    self.t_run = time.perf_counter()  # wall_s and the records' "time" include compilation
+    self.compile_s, self.first_step_s = 0.0, None
+    self.train_time, self.train_steps = 0.0, 0
+    self.t_window, self.n_window = self.t_run, 0
+    self.last_eval: dict[str, float] = {}
+
+  def train(self, state: TrainState, start: int, stop: int, ckpt: Checkpoints) -> TrainState:
+    """Steps ``start .. stop-1``; logs, evaluates and saves on the config's cadence."""
+    cfg = self.cfg
+    # Every step variant (IRE refresh, SALA / SAM-every-k ascent, plain) compiles here,
+    # before the clock starts: the logged rates and steps_per_s time training only.
+    if stop > start:
+      self.compile_s = self.step_fn.compile(state, self.task.batch_at(start),
+                                            range(start, stop))
+    if not self.quiet:
+      print(f"{self.name}: compiled the train step in {self.compile_s:.1f}s", flush=True)
+    self.progress = not (cfg.no_progress or self.quiet)
+    self.bar = _progress_bar(total=cfg.steps, initial=start, desc=self.name,
+                             disable=not self.progress)
+    for step in range(start, stop):
+      batch = self.task.batch_at(step)
+      t0 = time.perf_counter()
+      state, metrics = self.step_fn(state, batch, np.int32(step))
+      self.n_window += 1
+      done = step + 1
+      if self.first_step_s is None:
+        jax.block_until_ready(metrics)
+        self.first_step_s = self.compile_s + time.perf_counter() - t0  # not in the rates
+        self.t_window, self.n_window = time.perf_counter(), 0
+      do_eval = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
+      if do_eval or done % cfg.log_every == 0 or done == stop:
+        self._record(state, metrics, done, do_eval)
+      if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != stop:
+        ckpt.save(state, done)
+      self.bar.update(1)
+    self.bar.close()
+    if stop > start:
+      ckpt.save(state, stop)
+    return state
+
+  def _record(self, state: TrainState, metrics: dict, done: int, do_eval: bool) -> None:
+    """Logs the step's metrics (and a held-out evaluation) and the rate since the last log."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    rate = float("nan")
+    if self.n_window:
+      rate = (self.n_window * self.cfg.batch_size * self.task.unit_per_example
+              / (now - self.t_window))
+      self.train_time += now - self.t_window
+      self.train_steps += self.n_window
+    self.t_window, self.n_window = now, 0
+    unit = self.task.unit
+    rec = {"step": done, "loss": m.pop("loss"), "acc": m.pop("acc"), **m,
+           f"{unit}_per_s": rate, "time": now - self.t_run}
+    if not math.isfinite(rec["loss"]):
+      self.bar.close()
+      raise FloatingPointError(f"{self.name}: loss is {rec['loss']} at step {done}")
+    if do_eval:
+      self.last_eval = evaluate(self.graphdef, eval_params(self.spec, state), state.stats,
+                                self.task.eval_batches(), fast_compile=self.cfg.fast_compile)
+      rec.update(self.last_eval)
+      self.t_window = time.perf_counter()  # do not count evaluation as training time
+    self.log.write(rec)
+    status = (f"loss {rec['loss']:.4f} | {_fmt_rate(rate)} {unit}/s"
+              + (f" | eval {self.last_eval['eval_loss']:.4f}" if self.last_eval else ""))
+    if self.bar.disable and self.progress:  # not a terminal: plain lines, no carriage returns
+      print(f"{self.name} step {done}/{self.cfg.steps}: {status}", flush=True)
+    self.bar.set_postfix_str(status)
+
+  def summary(self, num_params: int, run_dir: str) -> dict:
+    """What ``summary.json`` holds."""
+    records = self.log.records
+    final = next((r for r in reversed(records) if "eval_loss" in r), {})
+    recent = [r["loss"] for r in records[-5:] if "loss" in r]
+    return {
+        "name": self.name, "example": self.cfg.example, "opt": self.spec.name,
+        "steps": self.cfg.steps, "params": num_params,
+        "train_loss": float(np.mean(recent)) if recent else None,
+        "eval_loss": final.get("eval_loss"), "eval_acc": final.get("eval_acc"),
+        # compile_s: compiling the step variants before the loop; first_step_s: that and
+        # the first step; steps_per_s (and the logged rates): the steps after the first,
+        # with no compilation and no evaluation in them.
+        "compile_s": self.compile_s, "first_step_s": self.first_step_s,
+        "wall_s": time.perf_counter() - self.t_run,
+        "steps_per_s": self.train_steps / self.train_time if self.train_time > 0 else None,
+        "run_dir": run_dir,
+    }

@@ -1,0 +1,316 @@
+"""Typed configurations of the examples: what a run is, as frozen dataclasses.
+
+A run of ``python -m examples.<name>`` is one :class:`TrainConfig`, which holds a
+:class:`DataConfig`, a :class:`ModelConfig` and an :class:`OptimizerConfig`.
+Each example's ``get_config()`` returns its defaults; the command line
+(:mod:`examples.common.cli`) is generated from the fields below (one flag per
+field, spelled as the field with dashes: ``ire_kappa`` is ``--ire-kappa``, unless
+the field's metadata names another flag) and only turns ``argv`` into a config.
+From Python, change a config with :func:`dataclasses.replace` and train it with
+:func:`examples.common.train.run`::
+
+    import dataclasses
+    from examples import resnet
+    from examples.common import train
+
+    cfg = resnet.get_config()
+    cfg = dataclasses.replace(
+        cfg, steps=100, optimizer=dataclasses.replace(cfg.optimizer, name="sam+ire"))
+    result = train.run(cfg)
+
+Every field's metadata holds its ``help`` (the ``--help`` text), its argument
+``group`` and, where they apply, ``flag`` (the option's name), ``choices``,
+``parse`` (the argparse type), ``metavar`` and ``examples`` (the examples that
+offer the option; default: all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+# The examples and the kind of data each trains on.
+KINDS = {"resnet": "image", "vit": "image", "llama": "text"}
+OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "gsam", "msam", "sala", "lookahead")
+CURVATURES = ("fisher", "grad_sq", "hutchinson")
+PRECISIONS = ("float32", "bfloat16", "float16")
+# Which parameters weight decay applies to: "weights" the weight matrices and kernels
+# (ndim > 1), not biases and norm scales; "all" every parameter.
+DECAY_MASKS = ("weights", "all")
+
+
+def option(default: Any, help: str, *, group: str, flag: str | None = None,
+           choices: Iterable[Any] | Callable[[str], Iterable[Any]] | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None,
+           examples: tuple[str, ...] | None = None) -> Any:
+  """A dataclass field with the metadata its command-line flag is generated from."""
+  meta = dict(help=help, group=group, flag=flag, choices=choices, parse=parse,
+              metavar=metavar, examples=examples)
+  return dataclasses.field(default=default,
+                           metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def steps_or_fraction(text: str) -> float:
+  """A number of steps, or a fraction of the run if below 1 (``--warmup-steps 0.05``)."""
+  value = float(text)
+  if value < 0:
+    raise ValueError(f"must be >= 0; got {text}")
+  return value
+
+
+def to_steps(value: float, total_steps: int) -> int:
+  """Resolves :func:`steps_or_fraction` against the run length."""
+  return int(round(value * total_steps)) if 0 < value < 1 else int(value)
+
+
+def parse_name(name: str, ire_flag: bool = False) -> tuple[str, bool]:
+  """``"sam+ire"`` -> ``("sam", True)``; validates the algorithm name."""
+  parts = name.lower().split("+")
+  algo, mods = parts[0], parts[1:]
+  if algo not in OPTIMIZERS or any(m != "ire" for m in mods):
+    hint = " (IRE wraps one of them: e.g. adamw+ire or sgd+ire)" if algo == "ire" else ""
+    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}, "
+                     f"optionally with '+ire'{hint}.")
+  return algo, ire_flag or bool(mods)
+
+
+def opt_name(text: str) -> str:
+  """The parser of ``--opt``: a valid name, else ``ValueError``."""
+  parse_name(text)
+  return text
+
+
+def check_choices(cfg: Any) -> None:
+  """Raises ``ValueError`` for a field whose value is not one of its fixed ``choices``."""
+  for f in dataclasses.fields(cfg):
+    choices = f.metadata.get("choices")
+    if choices is None or callable(choices):
+      continue
+    value = getattr(cfg, f.name)
+    if value not in choices:
+      raise ValueError(f"{type(cfg).__name__}.{f.name} must be one of {tuple(choices)}; "
+                       f"got {value!r}.")
+
+
+def _size_choices(example: str) -> list[str]:
+  from . import models
+
+  return sorted(models.PRESETS[example])
+
+
+_D = _M = "data and model"
+_O, _S, _I = "optimizer", "sharpness-aware wrappers", "IRE (implicit regularization enhancement)"
+_L, _T, _OUT = "loss", "training", "output"
+_IMG, _TXT = ("resnet", "vit"), ("llama",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The data set and how batches are cut from it."""
+
+  spec: str = option("digits", "images: digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
+                     "hf:NAME | tfds:NAME; text: cpython-docs | text:PATH | wikitext:DIR | "
+                     "hf:NAME[:CONFIG] (default: %(default)s)", group=_D, flag="--data")
+  augment: str = option("auto", "random shifts and flips; auto: on for CIFAR only (%(default)s)",
+                        group=_D, choices=("auto", "on", "off"), examples=_IMG)
+  tokenizer: str = option("char", "char | byte | a Hugging Face tokenizer name or "
+                          "tokenizer.json (%(default)s)", group=_D, examples=_TXT)
+  max_chars: int | None = option(None, "use only this many characters of the training text",
+                                 group=_D, examples=_TXT)
+  seq_len: int = option(128, "(%(default)s)", group=_D, examples=_TXT)
+
+  def __post_init__(self):
+    check_choices(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A size preset of the example's model and per-field overrides of it (None: the preset's)."""
+
+  size: str = option("mini", "size preset (%(default)s)", group=_M, choices=_size_choices)
+  dim: int | None = option(None, "width (overrides the preset)", group=_M,
+                           examples=("vit", "llama"))
+  depth: int | None = option(None, "layers; resnet: 6n+2 (overrides the preset)", group=_M)
+  width: int | None = option(None, "first-stage channels (overrides the preset)", group=_M,
+                             examples=("resnet",))
+  heads: int | None = option(None, "attention heads (overrides the preset)", group=_M,
+                             examples=("vit", "llama"))
+  mlp_dim: int | None = option(None, "MLP width (overrides the preset)", group=_M,
+                               examples=("vit",))
+  patch_size: int | None = option(None, "default: 2 for images <= 16 px, else 4", group=_M,
+                                  examples=("vit",))
+  ffn_dim: int | None = option(None, "SwiGLU width (default: 8/3 dim, rounded)", group=_M,
+                               examples=("llama",))
+  tie_embeddings: bool = option(False, "share the input embedding and the output projection",
+                                group=_M, examples=("llama",))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer (``name``, e.g. ``"sam+ire"``) and every hyperparameter of it.
+
+  See :mod:`examples.common.optim` for what each name builds. Every base is
+  ``chain(clip_by_global_norm, weight decay, adamw | sgd)`` under a linear
+  warm-up and a cosine (constant, linear) decay of the learning rate.
+  """
+
+  name: str = option("adamw", f"one of {', '.join(OPTIMIZERS)}; append '+ire' for IRE on top "
+                     "(default: %(default)s)", group=_O, flag="--opt", parse=opt_name,
+                     metavar="NAME")
+  base: str = option("adamw", "base optimizer that sam/asam/gsam/msam/sala/lookahead drive "
+                     "(%(default)s)", group=_O, choices=("adamw", "sgd"))
+  lr: float = option(1e-3, "peak learning rate (%(default)s)", group=_O)
+  schedule: str = option("cosine", "decay after warm-up (%(default)s)", group=_O,
+                         choices=("cosine", "constant", "linear"))
+  warmup_steps: float = option(0.0, "linear learning-rate warm-up: steps, or a fraction of "
+                               "--steps if < 1 (%(default)s)", group=_O,
+                               parse=steps_or_fraction, metavar="N")
+  final_lr_ratio: float = option(0.0, "learning rate at the end of the decay / peak "
+                                 "(%(default)s)", group=_O)
+  weight_decay: float = option(0.0, "decoupled for adamw, L2 for sgd; applied to the "
+                               "parameters of --decay-mask (%(default)s)", group=_O)
+  decay_mask: str = option("weights", "parameters weight decay applies to: weights (matrices "
+                           "and kernels, not biases or norm scales) or all (%(default)s)",
+                           group=_O, choices=DECAY_MASKS)
+  clip_norm: float = option(0.0, "clip the gradient's global norm (0: off) (%(default)s)",
+                            group=_O)
+  b1: float = option(0.9, "adamw beta1 (%(default)s)", group=_O)
+  b2: float = option(0.999, "adamw beta2 (%(default)s)", group=_O)
+  eps: float = option(1e-8, "adamw epsilon (%(default)s)", group=_O)
+  momentum: float = option(0.9, "sgd momentum (%(default)s)", group=_O)
+  nesterov: bool = option(False, "sgd with Nesterov momentum", group=_O)
+
+  rho: float | None = option(None, "SAM/ASAM/GSAM/mSAM/SALA radius (default: sam 0.05, asam "
+                             "1.0, gsam 0.05, msam 0.05, sala 0.2)", group=_S)
+  rho_schedule: str = option("constant", "'lr': rho follows the learning rate from --rho "
+                             "(peak lr) down to --rho-min (final lr), GSAM's schedule "
+                             "(%(default)s)", group=_S, choices=("constant", "lr"))
+  rho_min: float = option(0.0, "radius at the final learning rate with --rho-schedule lr "
+                          "(%(default)s)", group=_S)
+  gsam_alpha: float = option(0.6, "GSAM's surrogate-gap weight alpha (%(default)s)", group=_S)
+  sam_every_k: int = option(1, "sam/asam/gsam: the ascent every k-th step only, plain base "
+                            "steps between (cost 1 + 1/k gradients) (%(default)s)", group=_S)
+  perturb: str = option("all", "leaves the SAM ascent perturbs (one global norm): all, or "
+                        "weight matrices and kernels only, not biases and norm scales "
+                        "(%(default)s)", group=_S, choices=("all", "weights"))
+  num_microbatches: int = option(2, "mSAM micro-batches per batch (%(default)s)", group=_S)
+  microbatch_mode: str = option("auto", "mSAM over micro-batches: vmap (vectorised), scan "
+                                "(sequential, least memory), unroll (sequential, unrolled: "
+                                "fastest on CPU), auto (unroll on CPU, vmap elsewhere) "
+                                "(%(default)s)", group=_S,
+                                choices=("auto", "vmap", "scan", "unroll"))
+  sala_sync_period: int = option(2, "SALA k (%(default)s)", group=_S)
+  sala_slow_step: float = option(0.5, "SALA alpha (%(default)s)", group=_S)
+  la_sync_period: int = option(5, "Lookahead k (%(default)s)", group=_S)
+  la_slow_step: float = option(0.8, "Lookahead alpha (%(default)s)", group=_S)
+
+  ire: bool = option(False, "wrap the optimizer in IRE (same as +ire)", group=_I)
+  ire_kappa: float = option(3.0, "flat coordinates take (1+kappa)x the base step "
+                            "(%(default)s)", group=_I)
+  ire_gamma: float = option(0.6, "fraction of coordinates treated as flat (%(default)s)",
+                            group=_I)
+  ire_refresh_every: int = option(10, "re-estimate the curvature every K steps (%(default)s)",
+                                  group=_I)
+  ire_warmup: float | None = option(None, "IRE off for the first N steps (or fraction of "
+                                    "--steps if < 1); default: the learning-rate warm-up",
+                                    group=_I, parse=steps_or_fraction, metavar="N")
+  ire_curvature: str = option("fisher", "Hessian-diagonal estimator: fisher (labels sampled "
+                              "from the model, the paper's), grad_sq (free), hutchinson (one "
+                              "HVP) (%(default)s)", group=_I, choices=CURVATURES)
+  ire_kappa_schedule: str = option("constant", "'lr': kappa_t = kappa * lr_t / lr_peak "
+                                   "(%(default)s)", group=_I, choices=("constant", "lr"))
+  ire_gamma_end: float | None = option(None, "grow gamma linearly from --ire-gamma to this "
+                                       "value over the run (default: constant gamma)",
+                                       group=_I)
+
+  def __post_init__(self):
+    parse_name(self.name)
+    check_choices(self)
+    for name in ("warmup_steps", "ire_warmup"):
+      value = getattr(self, name)
+      if value is not None and value < 0:
+        raise ValueError(f"OptimizerConfig.{name} must be >= 0; got {value}.")
+
+  @property
+  def algorithm(self) -> tuple[str, bool]:
+    """``(algorithm, with IRE)``, e.g. ``("sam", True)`` for ``name="sam+ire"``."""
+    return parse_name(self.name, self.ire)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A whole run: the example, its data, model and optimizer, and the loop's settings."""
+
+  example: str = dataclasses.field(default="llama", metadata={"cli": False})
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+
+  label_smoothing: float = option(0.0, "(%(default)s)", group=_L)
+  label_noise: float = option(0.0, "replace each training label by a uniformly random class "
+                              "with this probability, afresh every step (Damian et al. 2021) "
+                              "(%(default)s)", group=_L)
+
+  steps: int = option(500, "optimizer steps (%(default)s)", group=_T)
+  batch_size: int = option(128, "(%(default)s)", group=_T)
+  seed: int = option(0, "model init, data order, noise (%(default)s)", group=_T)
+  eval_every: int = option(100, "evaluate on held-out data every N steps and at the end (0: "
+                           "end only) (%(default)s)", group=_T)
+  eval_batches: int | None = option(None, "cap on held-out batches per evaluation (default: "
+                                    "all)", group=_T)
+  log_every: int = option(10, "log training metrics every N steps (%(default)s)", group=_T)
+  fast_compile: bool = option(False, "compile without XLA backend optimisations: starts "
+                              "sooner, runs slower (smoke tests)", group=_T)
+  branch_hints: str = option("auto", "compile one step per kind of step (IRE refresh, SALA SAM "
+                             "step) and pick it on the host from the step number, instead of "
+                             "lax.cond: no host round trip per step on GPU, no slow "
+                             "conditional on CPU; auto = on (%(default)s)", group=_T,
+                             choices=("auto", "on", "off"))
+  precision: str = option("float32", "compute dtype of the training passes (params, optimizer "
+                          "and evaluation stay float32); float16 uses dynamic loss scaling "
+                          "shared by all of a step's gradients and skips non-finite steps "
+                          "(%(default)s)", group=_T, choices=PRECISIONS)
+
+  out: str = option("runs", "output root directory (%(default)s)", group=_OUT)
+  name: str | None = option(None, "run name (default: <example>-<opt>); the run writes to "
+                            "OUT/NAME/", group=_OUT)
+  ckpt_every: int = option(0, "save an Orbax checkpoint every N steps (and at the end); 0: "
+                           "end only", group=_OUT)
+  keep_checkpoints: int = option(2, "(%(default)s)", group=_OUT)
+  no_checkpoint: bool = option(False, "save no checkpoints at all", group=_OUT)
+  resume: bool = option(False, "continue from the run's latest checkpoint (bit-identical)",
+                        group=_OUT)
+  stop_after: int | None = option(None, "stop (with a checkpoint) after N steps of this "
+                                  "invocation; the schedules still span --steps, so --resume "
+                                  "continues the same run", group=_OUT, metavar="N")
+  no_plot: bool = option(False, "skip the PNG of the curves", group=_OUT)
+  no_progress: bool = option(False, "no progress bar", group=_OUT)
+
+  def __post_init__(self):
+    if self.example not in KINDS:
+      raise ValueError(f"TrainConfig.example must be one of {tuple(KINDS)}; "
+                       f"got {self.example!r}.")
+    check_choices(self)
+
+  @property
+  def kind(self) -> str:
+    """``"image"`` or ``"text"``: the kind of data of the example."""
+    return KINDS[self.example]
+
+  @property
+  def run_name(self) -> str:
+    """``name``, or ``<example>-<optimizer>`` (``llama-adamw+ire``)."""
+    algo, ire = self.optimizer.algorithm
+    return self.name or f"{self.example}-{algo}{'+ire' if ire else ''}"
+
+
+# Fields that do not change what a train step computes (the loop's settings and outputs).
+LOOP_ONLY_FIELDS = frozenset({
+    "out", "name", "resume", "stop_after", "ckpt_every", "keep_checkpoints", "no_checkpoint",
+    "no_plot", "no_progress", "eval_every", "eval_batches", "log_every"})
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+  """The config as nested plain dicts (what ``config.json`` holds)."""
+  return dataclasses.asdict(cfg)
