@@ -281,6 +281,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
           progs[arm.label] = measure_train(task, arm, target)
         except jax.errors.JaxRuntimeError as e:  # a compiler's failure is a result too
           m.setdefault("errors", {}).setdefault(target, {})[arm.label] = str(e).split("\n")[0]
+        print(f"train {task.example} {target} {arm.label}: done", flush=True)
         _save(path, spec, details, smoke)
   if "pod" in args.sections and not smoke and _usable([POD]):
     done = (details.get("pod") or {}).get("programs", {}) if keep else {}
