@@ -113,6 +113,18 @@ def read_text(data_dir: str | os.PathLike | None, *parts: str) -> tuple[str, str
 # -----------------------------------------------------------------------------
 
 
+def tree_sizes(n: int, blocks: int = 21) -> list[int]:
+  """Leaf sizes of a convnet-like tree of ``n`` parameters: ``blocks`` blocks of a large kernel
+  and two small vectors (63 leaves by default)."""
+  small = max(1, n // blocks // 512)
+  sizes: list[int] = []
+  for b in range(blocks):
+    big = (n - sum(sizes)) // (blocks - b) - 2 * small
+    sizes += [big, small, small]
+  sizes[-1] += n - sum(sizes)
+  return sizes
+
+
 def mlp_init(key: Any, sizes: Sequence[int]) -> list[dict[str, Any]]:
   """An MLP ``sizes[0] -> ... -> sizes[-1]``: He-normal weights (layer ``i`` from
   ``fold_in(key, i)``), zero biases."""

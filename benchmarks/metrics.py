@@ -217,3 +217,6 @@ def target_verdict(values: Iterable[Any], limit: float) -> str:
   if not over:
     return f"met ({len(v)} of {len(v)})"
   return f"missed in {len(over)} of {len(v)} (worst {max(over):.2f})"
+def ratio(num: float | None, den: float | None) -> float | None:
+  """``num / den``, or None where either is missing or ``den`` is 0 (not measured)."""
+  return None if num is None or not den else float(num) / float(den)

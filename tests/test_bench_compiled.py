@@ -1,31 +1,50 @@
-"""benchmarks/bench_compiled.py: a smoke run compiles every program and writes the table."""
+"""benchmarks/experiments/compiled.py: a smoke run, and the report's verdicts."""
 
-import json
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import bench_compiled as B  # noqa: E402
+from benchmarks import __main__ as cli
+from benchmarks.experiments import compiled as B
+from benchmarks.schema import read_results
 
 
-def test_smoke_writes_every_program_and_the_table(tmp_path):
-  out = tmp_path / "compiled"
-  assert B.main(["--smoke", "--targets", "cpu", "--leaves", "1", "63",
-                 "--out", str(out)]) == 0
-  doc = json.loads(out.with_suffix(".json").read_text())
-  targets = doc["meta"]["targets"]
-  assert targets == ["cpu"]
-  assert {(r["target"], r["leaves"]) for r in doc["details"]} == {
-      (t, leaves) for t in targets for leaves in (1, 63)}
+def test_smoke_compiles_every_program_and_renders(tmp_path):
+  assert cli.main(["compiled", "--smoke", "--targets", "cpu", "--out", str(tmp_path)]) == 0
+  doc = read_results(tmp_path / "compiled.json")
+  assert doc["meta"]["targets"] == ["cpu"]
+  assert {(r["target"], r["leaves"]) for r in doc["details"]} == {("cpu", 1), ("cpu", 63)}
   for r in doc["details"]:
-    assert set(r["programs"]) == set(B.PROGRAMS)
-    assert r["ratios"]["adamw"]["bytes"] == 1.0
+    assert set(r["programs"]) == set(B.SPEC.blocks)
+    assert r["ratios"]["adamw"] == {"bytes": 1.0, "cycles": None, "h100_time": 1.0}
     assert all(p["bytes"] > 0 for p in r["programs"].values())
     assert r["programs"]["plain step"]["conditionals_executed"] == 0
     assert r["programs"]["unhinted"]["conditionals_executed"] == 1
-  assert {row["metric"] for row in doc["rows"]} >= {"compiled_bytes_ratio"}
-  assert all(row["metric"] != "time_ratio" for row in doc["rows"])  # not in the cost table
-  md = out.with_suffix(".md").read_text()
-  assert "| cpu | 1e+05 | 1 |" in md and "time model" in md
+  assert {row.metric for row in doc["rows"]} == {"compiled_bytes_ratio"}  # no TPU, no H100
+  md = B.render({"compiled": {**doc, "rows": []}})["benchmarks/results/compiled.md"]
+  assert "| cpu | 1e+05 | 1 |" in md and "python -m benchmarks compiled --smoke" in md
+
+
+def _result(target, n, leaves, refresh, plain=None, kernels=10):
+  ratios = {"refresh": {"bytes": refresh, "cycles": refresh, "h100_time": refresh}}
+  programs = {"refresh": {"kernels": kernels}}
+  if plain is not None:
+    ratios["plain step"] = {"bytes": plain, "cycles": plain, "h100_time": plain}
+    programs["plain step"] = {"kernels": kernels}
+  return {"target": target, "n": n, "leaves": leaves, "ratios": ratios, "programs": programs}
+
+
+def test_verdicts_name_the_worst_case_against_each_target():
+  details = [_result("tpu-v5e", 10**6, 1, 1.5, plain=1.01),
+             _result("tpu-v5e", 10**7, 63, 2.5, plain=1.06),
+             _result("h100", 10**7, 1, 1.0, kernels=43),
+             _result("cpu", 10**7, 1, 9.0, plain=9.0)]  # the CPU is not a target
+  lines = B.verdicts(details).splitlines()
+  assert lines == [
+      "- refresh, bytes ≤ 2: 2 of 3 met; worst 2.5 (tpu-v5e, N=1e+07, 63 leaves)",
+      "- refresh, TPU v5e cycles ≤ 2: 1 of 2 met; worst 2.5 (tpu-v5e, N=1e+07, 63 leaves)",
+      "- refresh, H100 time model ≤ 3: 1 of 1 met; worst 1 (h100, N=1e+07, 1 leaves)",
+      "- refresh, H100 kernels ≤ 42: 0 of 1 met; worst 43 (h100, N=1e+07, 1 leaves)",
+      "- plain step, bytes ≤ 1.05: 1 of 2 met; worst 1.06 (tpu-v5e, N=1e+07, 63 leaves)"]
+
+
+def test_committed_reports_and_docs_blocks_are_rendered_from_the_results():
+  from benchmarks import render
+  stale = [p for p, text in render.outputs().items() if p.read_text() != text]
+  assert not stale, f"run `python -m benchmarks render`; stale: {stale}"

@@ -4,7 +4,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks import render
+from benchmarks import data, render
 from benchmarks.experiments import selection as B
 from benchmarks.spec import smoke
 
@@ -32,7 +32,7 @@ def test_key_distributions_and_the_tree():
   keys = B.keys_of("one_bin", 1000, g2).view(np.uint32) | np.uint32(0x80000000)
   assert len(set((keys >> 16).tolist())) == 1 and len(set(keys.tolist())) > 500
   assert B.keys_of("model", 10, g2).tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
-  sizes = B.tree_sizes(1_000_003)
+  sizes = data.tree_sizes(1_000_003)
   assert len(sizes) == 63 and sum(sizes) == 1_000_003 and sizes[1] == sizes[2] < sizes[0]
 
 

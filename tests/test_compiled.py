@@ -1,15 +1,12 @@
-"""benchmarks/_compiled.py: the compiled-program reader counts what the HLO executes."""
+"""benchmarks/compiled.py: the compiled-program reader counts what the HLO executes."""
 
-import sys
 from pathlib import Path
+
+from benchmarks import compiled as X  # before JAX starts a backend  # isort: skip
 
 import jax
 import jax.numpy as jnp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import _compiled as X  # noqa: E402
 
 # A hand-written GPU-style module: a loop of 3 trips around a fusion that slices its input, a
 # conditional whose branches differ, an all-reduce, and an in-place dynamic-update-slice.
@@ -83,7 +80,7 @@ def test_reads_loops_conditionals_fusions_and_collectives():
   taken = X.analyze(HLO, gpu=True, branch=1)  # as lax.cond numbers them: 1 is true
   assert taken.bytes == a.bytes + 800 and taken.kernels["copy"] == 1
   assert X.analyze(HLO, gpu=True, branch="max").bytes == taken.bytes
-  assert a.collective_summary() == {"all-reduce": {"count": 1, "bytes": 400}}
+  assert a.collectives == [X.Collective("all-reduce", "f32[100]", 400, 1)]
   assert X.analyze(HLO, gpu=False).host_round_trips == 0
   assert X.h100_seconds(a) == pytest.approx(a.bytes / 3.35e12 + 7 * 4e-6 + 10e-6)
 
@@ -145,3 +142,24 @@ def test_ci_installs_the_compilers_matching_jaxlib():
   except metadata.PackageNotFoundError:
     return
   assert installed.startswith(tpu.split("==")[1].rstrip("*").rstrip(".")), (tpu, installed)
+
+
+def test_branches_taken_per_conditional():
+  x = jax.ShapeDtypeStruct((4096,), jnp.float32)
+  p = jax.ShapeDtypeStruct((), bool)
+
+  def f(p, q, x):  # two conditionals in program order: the second consumes the first
+    y = jax.lax.cond(p, lambda: jnp.sin(x) * jnp.cos(x), lambda: x)
+    return jax.lax.cond(q, lambda: jnp.exp(y) + jnp.tanh(y), lambda: y)
+
+  c = X.compile_fn(f, p, p, x, target="cpu")
+  plain, first, last = X.taken(c), X.taken(c, X.first_taken), X.taken(c, X.last_taken)
+  a = X.analyze(c)
+  assert len(a.conditionals) == 2
+  assert first.bytes == plain.bytes + a.conditionals[0][1].bytes
+  assert last.bytes == plain.bytes + a.conditionals[1][1].bytes > plain.bytes
+  assert X.last_taken(3) == [0, 0, 1] and X.first_taken(2) == [1, 0] and X.last_taken(0) == []
+  # A record mixes steps by their shares; ratios are None where the base has no TPU cycles.
+  r1, r2 = plain.summary(4096), last.summary(4096)
+  assert X.mix([(.5, r1), (.5, r2)])["bytes"] == pytest.approx((r1["bytes"] + r2["bytes"]) / 2)
+  assert X.ratios(r2, r1)["cycles"] is None and X.ratios(r2, r1)["bytes"] > 1

@@ -1,26 +1,21 @@
 """The selection's and the plain steps' costs as XLA:TPU and XLA:GPU compile them.
 
 Nothing runs: each program is compiled deviceless for a TPU v5e or an H100
-(``benchmarks/_compiled.py``) and read from its optimized HLO, which is deterministic, so the
+(``benchmarks/compiled.py``) and read from its optimized HLO, which is deterministic, so the
 design targets are asserted here (``docs/selection.md``, ``docs/performance.md``). The tests
 skip where libtpu or the jax-cuda12 plugin is not installed (``.ci/run`` installs both).
 N = 1e7 compiles as fast as a small N: nothing is allocated.
 """
 
-import sys
-from pathlib import Path
+from benchmarks import compiled as X  # before JAX starts a backend  # isort: skip
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import _compiled as X  # noqa: E402
-import bench_compiled as B  # noqa: E402
-
-import ire_optax  # noqa: E402
+import ire_optax
+from benchmarks.experiments import compiled as B
 
 N = 10**7
 
@@ -37,7 +32,7 @@ _CACHE: dict = {}
 def _analysis(name, target, leaves, n=N, branch=None):
   key = (name, target, leaves, n)
   if key not in _CACHE:
-    _CACHE[key] = B.compile_program(name, target, B.params_of(n, leaves))
+    _CACHE[key] = B.compile_block(name, target, B.params_of(n, leaves))
   return X.analyze(_CACHE[key], branch=branch)
 
 

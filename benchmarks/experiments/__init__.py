@@ -17,7 +17,7 @@ from types import ModuleType
 
 NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise", "sala", "ire",
                           "multidevice", "sam", "selection", "sharpness", "train_step",
-                          "summary")
+                          "compiled", "compiled_steps", "summary")
 
 
 def load(name: str) -> ModuleType:

@@ -66,16 +66,6 @@ def keys_of(kind: str, n: int, g2: Any, seed: int = 0) -> Any:
   return np.float32(1.0) + rng.integers(0, 1 << 16, n).astype(np.float32) * np.float32(2**-23)
 
 
-def tree_sizes(n: int) -> list[int]:
-  """``model_tree``'s 63 leaf sizes summing to ``n``: 21 x (a large kernel, two vectors)."""
-  small = max(1, n // TREE_BLOCKS // 512)
-  sizes: list[int] = []
-  for b in range(TREE_BLOCKS):
-    sizes += [(n - sum(sizes)) // (TREE_BLOCKS - b) - 2 * small, small, small]
-  sizes[-1] += n - sum(sizes)
-  return sizes
-
-
 def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
@@ -85,7 +75,7 @@ def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[s
   import ire_optax
 
   flat = jnp.asarray(keys_of(kind, n, g2, seed=n))
-  parts = (jnp.split(flat, np.cumsum(tree_sizes(n))[:-1].tolist()) if kind == "model_tree"
+  parts = (jnp.split(flat, np.cumsum(data.tree_sizes(n))[:-1].tolist()) if kind == "model_tree"
            else [flat])
   grads = {f"l{i:02d}": x for i, x in enumerate(parts)}
   zeros = jax.tree.map(jnp.zeros_like, grads)

@@ -1,0 +1,457 @@
+"""Deviceless compiles for a TPU v5e (chip or slice), an H100 or the CPU, read from the HLO.
+
+XLA compiles for a described target (libtpu's topology: ``"tpu-v5e"`` is one chip of a v5e:2x2,
+``"v5e:4x4"`` a slice; ``h100_sxm.txtpb`` for an H100 SXM; the host CPU); nothing runs. Import
+this module before JAX starts a backend: it sets ``JAX_PLATFORMS=cpu`` unless set.
+
+:func:`analyze` counts what executes: a ``while`` body per trip (XLA:TPU's counted loops read
+from their condition), a ``conditional`` with the branches ``branch`` names (None: none, the
+plain path; an index, 0 the false branch; ``"max"``: the most bytes), each branch also alone
+(:attr:`Analysis.conditionals`). Per executed kernel: **bytes** of operands + result in device
+memory, as XLA's cost analysis counts a fusion (sliced operands count their slices, an in-place
+update its window, TPU on-chip arrays nothing); TPU **cycles** (the compiler's estimates); GPU
+**host round trips** (a conditional's predicate, an uncounted loop's condition); collectives.
+:func:`h100_seconds` is the H100 time model (:data:`TIME_MODEL`).
+
+Example::
+
+  from benchmarks import compiled as X
+  p = {"w": jax.ShapeDtypeStruct((10**7,), jnp.float32)}
+  a = X.analyze(X.compile_fn(step, p, p, target="h100", donate_argnums=0))
+  a.bytes, a.num_kernels, a.host_round_trips, a.cycles, X.h100_seconds(a)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import metrics
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "jax" in sys.modules:  # JAX read the variable when imported: tell its config too
+  import jax as _jax
+  if not _jax.config.jax_platforms:  # type: ignore[attr-defined]
+    _jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+# libtpu must not look for a TPU or a metadata server; several processes may load it at once.
+_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+H100_CONFIG = Path(__file__).resolve().with_name("h100_sxm.txtpb")
+H100_BANDWIDTH, H100_LAUNCH, H100_ROUND_TRIP = 3.35e12, 4e-6, 10e-6  # B/s, s/kernel, s/trip
+TIME_MODEL = ("H100: bytes / 3.35 TB/s + 4 us per executed kernel + 10 us per host round "
+              "trip; TPU v5e: the sum of the compiler's estimated_cycles of the executed "
+              "instructions")
+TARGETS = ("tpu-v5e", "h100", "cpu")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "collective-broadcast", "ragged-all-to-all")
+
+
+def _is_tpu(target: str) -> bool:
+  return target == "tpu-v5e" or target.startswith("v5e:")
+
+
+def available(target: str) -> str | None:
+  """None if ``target`` can be compiled for here, else why not (a test's skip message)."""
+  if _is_tpu(target) and importlib.util.find_spec("libtpu") is None:
+    return "libtpu is not installed (pip install --no-deps 'libtpu==<matching jaxlib>')"
+  if target == "h100" and importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    return "the jax-cuda12 plugin is not installed (jax-cuda12-plugin, jax-cuda12-pjrt)"
+  return None if target in ("cpu", "h100") or _is_tpu(target) else f"unknown target {target!r}"
+
+
+@functools.cache
+def devices(target: str) -> tuple[Any, ...]:
+  """The devices of ``target``: ``"tpu-v5e"``, a slice ``"v5e:AxB"``, ``"h100"`` or ``"cpu"``."""
+  import jax
+  from jax.experimental import topologies
+  if _is_tpu(target):
+    for k, v in _TPU_ENV.items():
+      os.environ.setdefault(k, v)
+    devs = topologies.get_topology_desc("v5e:2x2" if target == "tpu-v5e" else target,
+                                        "tpu").devices
+    return tuple(devs[:1] if target == "tpu-v5e" else devs)
+  if target == "h100":
+    return tuple(topologies.get_topology_desc(
+        platform="cuda", target_config=H100_CONFIG.read_text(), topology="1x1x1").devices)
+  if target == "cpu":
+    return tuple(jax.devices("cpu")[:1])
+  raise ValueError(f"unknown target {target!r}; one of {TARGETS} or a TPU slice 'v5e:AxB'")
+
+
+def mesh(target: str, axis_names: Sequence[str] = ("data",)) -> Any:
+  """A one-dimensional ``jax.sharding.Mesh`` over every device of ``target``."""
+  import jax
+  import numpy as np
+  return jax.sharding.Mesh(np.array(devices(target), dtype=object), tuple(axis_names))
+
+
+def place(tree: Any, target: str) -> Any:
+  """``tree``'s leaves as ShapeDtypeStructs on ``target``'s first device."""
+  import jax
+  sharding = jax.sharding.SingleDeviceSharding(devices(target)[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool = True,
+               **jit_kwargs: Any) -> Any:
+  """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target``, the args placed on
+  its first device (``place_args=False``: they already carry the shardings wanted)."""
+  import jax
+  if place_args:
+    args = tuple(place(a, target) for a in args)
+  return jax.jit(fn, **jit_kwargs).lower(*args).compile()
+
+
+# Parsing the optimized HLO text.
+_BITS = re.compile(r"(?:pred|[a-z]+?(\d+)[a-z0-9]*)")  # pred, s4, bf16, f8e4m3fn, c128, ...
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
+_NAME = re.compile(r"%([\w.\-]+)")
+_NO_KERNEL = frozenset({  # values, views, control flow (whose bodies are counted)
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency", "domain",
+    "async-update", "get-dimension-size"})
+
+
+def shape_bytes(shape: str) -> float:
+  """Device-memory bytes of an HLO shape (an array or a tuple); on-chip arrays count 0."""
+  total = 0.0
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    bits = _BITS.fullmatch(dtype)
+    if bits and not _ON_CHIP.search(layout):
+      total += int(bits.group(1) or 8) / 8 * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  attrs: str  # the text after the operands
+  args: str = ""  # the text inside the operands' parentheses
+
+  def attr(self, key: str) -> str:
+    m = re.search(rf"\b{key}=%([\w.\-]+)", self.attrs)
+    return m.group(1) if m else ""
+
+  def number(self, pattern: str) -> int:
+    m = re.search(pattern, self.attrs)
+    return int(m.group(1)) if m else -1
+
+  @property
+  def branches(self) -> list[str]:
+    m = re.search(r"branch_computations=\{([^}]*)\}", self.attrs)
+    if m:
+      return _NAME.findall(m.group(1))
+    return [c for c in (self.attr("false_computation"), self.attr("true_computation")) if c]
+
+
+def _closing(text: str, i: int) -> int:
+  """The index of the parenthesis closing the one at ``text[i]``."""
+  depth = 0
+  for j in range(i, len(text)):
+    depth += (text[j] == "(") - (text[j] == ")")
+    if depth == 0:
+      return j
+  return len(text) - 1
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+  line = line.strip().removeprefix("ROOT ")
+  if not line.startswith("%") or " = " not in line:
+    return None
+  name, _, rest = line.partition(" = ")
+  if rest.startswith("("):
+    cut = _closing(rest, 0) + 1
+    shape, tail = rest[:cut], rest[cut:].lstrip()
+  else:
+    shape, _, tail = rest.partition(" ")
+  m = re.match(r"([\w\-]+)\(", tail)
+  if not m:
+    return None
+  j = _closing(tail, m.end() - 1)
+  args = tail[m.end() - 1:j + 1]
+  return Instruction(name[1:], shape, m.group(1), _NAME.findall(args), tail[j + 1:], args[1:-1])
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """The computations of an HLO module's text (each ending with its ROOT) and the entry's name."""
+  comps: dict[str, list[Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current, comps[m.group(2)] = m.group(2), []
+      entry = m.group(2) if m.group(1) else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and (ins := _parse_instruction(line)) is not None:
+      comps[current].append(ins)
+  return comps, entry
+
+
+@dataclasses.dataclass
+class Collective:
+  opcode: str
+  shape: str  # the result's, layouts off
+  bytes: float
+  count: float
+
+
+@dataclasses.dataclass
+class Analysis:
+  """What one execution of a program (or of a conditional's branch) does."""
+
+  bytes: float = 0.0
+  kernels: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  conditionals_executed: float = 0.0
+  host_round_trips: float = 0.0
+  cycles: float = 0.0
+  loop_iterations: float = 0.0
+  collectives: list[Collective] = dataclasses.field(default_factory=list)
+  conditionals: list[list[Analysis]] = dataclasses.field(default_factory=list)  # per branch
+
+  @property
+  def num_kernels(self) -> float:
+    return float(sum(self.kernels.values()))
+
+  def __add__(self, o: Analysis) -> Analysis:
+    return Analysis(self.bytes + o.bytes, self.kernels + o.kernels,
+                    self.conditionals_executed + o.conditionals_executed,
+                    self.host_round_trips + o.host_round_trips, self.cycles + o.cycles,
+                    self.loop_iterations + o.loop_iterations, self.collectives + o.collectives,
+                    self.conditionals + o.conditionals)
+
+  def scaled(self, k: float) -> Analysis:
+    kernels = collections.Counter({o: v * k for o, v in self.kernels.items()})
+    return Analysis(self.bytes * k, kernels, self.conditionals_executed * k,
+                    self.host_round_trips * k, self.cycles * k, self.loop_iterations * k,
+                    [dataclasses.replace(c, count=c.count * k) for c in self.collectives],
+                    [[b.scaled(k) for b in bs] for bs in self.conditionals])
+
+  def summary(self, params: int) -> dict[str, Any]:
+    """The headline numbers as a JSON-able record, for a program of ``params`` parameters."""
+    return {"bytes": self.bytes, "kernels": self.num_kernels,
+            "kernels_by_opcode": dict(sorted(self.kernels.items())),
+            "conditionals_executed": self.conditionals_executed,
+            "host_round_trips": self.host_round_trips, "cycles": self.cycles,
+            "loop_iterations": self.loop_iterations,
+            "h100_seconds": h100_seconds(self), "bytes_per_param": self.bytes / params}
+
+
+def h100_seconds(a: Analysis) -> float:
+  """The H100 time model: bytes / 3.35 TB/s + 4 µs per kernel + 10 µs per host round trip."""
+  return a.bytes / H100_BANDWIDTH + a.num_kernels * H100_LAUNCH + a.host_round_trips * \
+      H100_ROUND_TRIP
+
+
+def _fusion_bytes(comps: dict[str, list[Instruction]], ins: Instruction,
+                  shapes: dict[str, str]) -> float:
+  fused = comps.get(ins.attr("calls"), [])
+  params = {int(f.args): f.name for f in fused if f.opcode == "parameter" and f.args.isdigit()}
+  users: dict[str, list[Instruction]] = collections.defaultdict(list)
+  for f in fused:
+    for op in f.operands:
+      users[op].append(f)
+  total, buffer = shape_bytes(ins.shape), None
+  if fused and fused[-1].opcode == "dynamic-update-slice":  # in place: the window only
+    buffer = fused[-1].operands[0]
+    update = next((f for f in fused if f.name == fused[-1].operands[1]), None)
+    total = 2 * shape_bytes(update.shape) if update else total
+  for i, op in enumerate(ins.operands):
+    full, p = shape_bytes(shapes.get(op, "")), params.get(i, "")
+    us = users.get(p, [])
+    if p and p == buffer:
+      continue
+    sliced = us and all(u.opcode in ("slice", "dynamic-slice") and u.operands[0] == p for u in us)
+    total += min(full, sum(shape_bytes(u.shape) for u in us)) if sliced else full
+  return total
+
+
+def _bytes(comps: dict[str, list[Instruction]], ins: Instruction, shapes: dict[str, str]) -> float:
+  operand = lambda k: shape_bytes(shapes.get(ins.operands[k], "")) if len(ins.operands) > k else 0.
+  if ins.opcode == "fusion":
+    return _fusion_bytes(comps, ins, shapes)
+  if ins.opcode == "dynamic-update-slice":
+    return 2 * operand(1)
+  if ins.opcode in ("copy-start", "slice-start"):  # result: (destination, source, context)
+    arrays = ["{}[{}]{}".format(*a) for a in _ARRAY.findall(ins.shape)]
+    if len(arrays) < 2:
+      return 0.0
+    dest = arrays[1] if ins.opcode == "slice-start" else arrays[0]
+    source = operand(0)
+    if ins.opcode == "slice-start":
+      source = min(source, shape_bytes(_ON_CHIP.sub("", dest)))
+    return source + shape_bytes(dest)
+  if 'custom_call_target="ConcatBitcast"' in ins.attrs:
+    return 0.0  # XLA:TPU's view of adjacent buffers as one
+  if ins.opcode in ("slice", "dynamic-slice"):
+    return 2 * shape_bytes(ins.shape)
+  return shape_bytes(ins.shape) + sum(operand(k) for k in range(len(ins.operands)))
+
+
+def _constant(comp: list[Instruction], name: str) -> int | None:
+  """The integer value of ``name`` in ``comp`` if it is a (copied) scalar constant."""
+  local = {i.name: i for i in comp}
+  ins = local.get(name)
+  while ins is not None and ins.opcode == "copy" and ins.operands:
+    ins = local.get(ins.operands[0])
+  ok = ins is not None and ins.opcode == "constant" and ins.args.lstrip("-").isdigit()
+  return int(ins.args) if ok else None  # type: ignore[union-attr]
+
+
+def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instruction) -> int | None:
+  """The trips of ``while (i = I; i < C; i += S)`` (XLA:TPU prints no ``known_trip_count``)."""
+  cond, body = comps.get(ins.attr("condition"), []), comps.get(ins.attr("body"), [])
+  if not cond or not body or not ins.operands or cond[-1].opcode != "compare":
+    return None
+  gte = next((i for i in cond if i.name == cond[-1].operands[0]), None)
+  limit = _constant(cond, cond[-1].operands[1]) if len(cond[-1].operands) == 2 else None
+  direction = re.search(r"direction=(LT|LE)\b", cond[-1].attrs)
+  if gte is None or gte.opcode != "get-tuple-element" or limit is None or not direction:
+    return None
+  k = gte.number(r"index=(\d+)")
+  init = next((i for i in comps[comp] if i.name == ins.operands[0]), None)
+  if init is None or init.opcode != "tuple" or body[-1].opcode != "tuple":
+    return None
+  start = _constant(comps[comp], init.operands[k]) if k < len(init.operands) else None
+  inc = next((i for i in body if k < len(body[-1].operands) and i.name == body[-1].operands[k]),
+             None)
+  if start is None or inc is None or inc.opcode != "add":
+    return None
+  step = next((s for s in (_constant(body, o) for o in inc.operands) if s is not None), None)
+  counter = any(i.name in inc.operands and i.opcode == "get-tuple-element"
+                and i.number(r"index=(\d+)") == k for i in body)
+  if step is None or step <= 0 or not counter:
+    return None
+  return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
+
+
+def _analyze(comps: dict[str, list[Instruction]], comp: str, branch: Any, gpu: bool) -> Analysis:
+  a = Analysis()
+  shapes = {i.name: i.shape for i in comps[comp]}
+  for ins in comps[comp]:
+    op = ins.opcode
+    a.cycles += max(0, ins.number(r'"estimated_cycles":"(\d+)"'))
+    if op == "while":  # a known trip count runs no condition; else it runs each trip
+      known = ins.number(r'"known_trip_count":\{"n":"(\d+)"')
+      inferred = _infer_trips(comps, comp, ins) if known < 0 else None
+      trips = known if known >= 0 else (1 if inferred is None else inferred)
+      a += _analyze(comps, ins.attr("body"), branch, gpu).scaled(trips)
+      a.loop_iterations += trips
+      if known < 0:
+        a += _analyze(comps, ins.attr("condition"), branch, gpu).scaled(trips + 1)
+        a.host_round_trips += (trips + 1) * gpu
+    elif op == "conditional":
+      a.conditionals_executed += 1
+      a.host_round_trips += gpu
+      per_branch = [_analyze(comps, b, branch, gpu) for b in ins.branches]
+      a.conditionals.append(per_branch)
+      if per_branch and branch == "max":
+        a += max(per_branch, key=lambda b: b.bytes)
+      elif per_branch and isinstance(branch, int) and not isinstance(branch, bool):
+        a += per_branch[min(branch, len(per_branch) - 1)]
+    elif op == "call":
+      a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), branch, gpu)
+    elif op not in _NO_KERNEL and not op.endswith("-done"):
+      if op == "async-start" and ins.attr("calls") in comps:
+        op = comps[ins.attr("calls")][-1].opcode + "-start"  # e.g. all-reduce-start
+      a.bytes += _bytes(comps, ins, shapes)
+      a.kernels[op] += 1
+      if op.removesuffix("-start") in COLLECTIVES:
+        a.collectives.append(Collective(op.removesuffix("-start"),
+                                        re.sub(r"\{[^}]*\}", "", ins.shape),
+                                        shape_bytes(ins.shape), 1.0))
+  return a
+
+
+def analyze(compiled: Any, *, branch: Any = None, gpu: bool | None = None) -> Analysis:
+  """The executed cost of a ``jax.stages.Compiled`` (or its ``as_text()``); see the module doc.
+
+  ``gpu``: whether conditionals round-trip to the host (default: read from the HLO's GPU
+  backend configs).
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  comps, entry = parse_hlo(text)
+  if gpu is None:
+    gpu = any(s in text for s in ('"operation_queue_id"', "__cublas", "__triton"))
+  return _analyze(comps, entry, branch, gpu)
+
+
+# Reading a compiled train step.
+Picks = Callable[[int], list[int]]
+
+
+def first_taken(n: int) -> list[int]:
+  """An unhinted ascent step: the first conditional (the SAM gradient) is taken."""
+  return [1] + [0] * (n - 1) if n else []
+
+
+def last_taken(n: int) -> list[int]:
+  """SALA's cycle end: its end-of-cycle conditional (the last one) is taken, no other."""
+  return [0] * (n - 1) + [1] if n else []
+
+
+def taken(compiled: Any, picks: Picks | None = None) -> Analysis:
+  """The cost of a step that takes, of its ``n`` conditionals in program order, the branches
+  ``picks(n)`` (default: each conditional's false branch)."""
+  a = analyze(compiled)
+  p = picks(len(a.conditionals)) if picks else [0] * len(a.conditionals)
+  for branches, i in zip(list(a.conditionals), p, strict=True):
+    a = a + branches[min(i, len(branches) - 1)]
+  return a
+
+
+def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any]]:
+  """The executed collectives of a step per (opcode, result shape): executions and bytes."""
+  groups: dict[tuple[str, str], list[float]] = {}
+  for c in taken(compiled, picks).collectives:
+    groups.setdefault((c.opcode, c.shape), [0.0, c.bytes])[0] += c.count
+  return [{"opcode": op, "shape": shape, "count": n, "bytes": b}
+          for (op, shape), (n, b) in sorted(groups.items())]
+
+
+def cycle_breakdown(compiled: Any, top: int = 6) -> dict[str, Any]:
+  """Where a TPU program's estimated cycles go, per fusion kind (``kOutput``: matmuls and
+  convolutions; ``kLoop``, ``kInput``: elementwise and reductions) or opcode, and its costliest
+  instructions with their JAX operation (every instruction once, loop bodies and branches too)."""
+  kinds: collections.Counter = collections.Counter()
+  rows = []
+  for ins in (i for c in parse_hlo(compiled.as_text())[0].values() for i in c):
+    cycles = ins.number(r'"estimated_cycles":"(\d+)"')
+    if cycles >= 0:
+      kind = re.search(r"kind=(k\w+)", ins.attrs)
+      kinds[kind.group(1) if kind and ins.opcode == "fusion" else ins.opcode] += cycles
+      op = re.search(r'op_name="([^"]*)"', ins.attrs)
+      rows.append((cycles, ins.name, op.group(1)[-90:] if op else ""))
+  return {"by_kind": dict(kinds.most_common()), "top": [
+      {"cycles": c, "name": n, "op_name": o} for c, n, o in sorted(rows, reverse=True)[:top]]}
+
+
+RECORD_SUMS = ("bytes", "kernels", "conditionals_executed", "host_round_trips", "cycles",
+               "h100_seconds", "bytes_per_param")
+
+
+def mix(parts: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
+  """The weighted sum of records (each kind of step's share of the steps × its cost)."""
+  return {k: sum(w * p[k] for w, p in parts) for k in RECORD_SUMS}
+
+
+def ratios(p: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+  """A record over its base record: bytes, TPU cycles (None without) and the H100 time model."""
+  return {"bytes": metrics.ratio(p["bytes"], base["bytes"]),
+          "cycles": metrics.ratio(p["cycles"], base["cycles"]),
+          "h100_time": metrics.ratio(p["h100_seconds"], base["h100_seconds"])}

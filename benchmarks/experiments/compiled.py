@@ -1,0 +1,177 @@
+"""IRE's refresh and plain step compiled for TPU v5e, H100 and CPU, in AdamW updates.
+
+Nothing runs: each program is compiled deviceless (:mod:`benchmarks.compiled`) and compared
+with one ``optax.adamw`` update + ``apply_updates`` of the same float32 parameters, compiled the
+same way (parameters and state donated), on one leaf and on a convnet-like tree of 63 leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks import compiled as X  # isort: skip  (before JAX starts a backend)
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ire_optax
+from benchmarks import data, schema
+from benchmarks.render import fill, table
+from benchmarks.spec import Micro
+
+SPEC = Micro(
+    name="compiled",
+    measures="bytes, TPU v5e cycles and the H100 time model over one AdamW update + apply",
+    blocks=("adamw", "refresh", "refresh step", "plain step", "unhinted"), baseline="adamw",
+    # (parameters, leaves, the IRE steps too): the steps compile at 1e7 only (compile time).
+    sizes=tuple((n, leaves, n == 10**7) for n in (10**6, 10**7, 10**8) for leaves in (1, 63)),
+    smoke={"sizes": ((10**5, 1, True), (10**5, 63, True))})
+GAMMA, K = 0.6, 10
+# The selection's design targets (docs/selection.md), in AdamW updates.
+TARGETS = {"refresh_bytes": 2.0, "refresh_cycles": 2.0, "refresh_h100_time": 3.0,
+           "plain_bytes": 1.05, "kernels": 40, "kernels_per_leaf": 2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--targets", nargs="+", default=list(X.TARGETS), choices=X.TARGETS)
+
+
+def _step(tx: optax.GradientTransformation, **hints: Any):
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params, **hints)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def compile_block(name: str, target: str, params: Any) -> Any:
+  """The compiled program of block ``name`` (one of ``SPEC.blocks``) for ``target``."""
+  if name == "refresh":  # IRE's default curvature "grad_sq" ranks g²
+    return X.compile_fn(lambda g: ire_optax.flat_mask(g, GAMMA, square=True), params,
+                        target=target)
+  tx, hints = optax.adamw(1e-3), {}
+  if name != "adamw":
+    tx = ire_optax.ire(tx, gamma=GAMMA, refresh_every=K)
+    hints = {"refresh_hint": {"refresh step": True, "plain step": False}.get(name)}
+  return X.compile_fn(_step(tx, **hints), params, params, jax.eval_shape(tx.init, params),
+                      target=target, donate_argnums=(0, 2))
+
+
+def params_of(n: int, leaves: int) -> dict[str, jax.ShapeDtypeStruct]:
+  sizes = [n] if leaves == 1 else data.tree_sizes(n)
+  return {f"l{i:02d}": jax.ShapeDtypeStruct((s,), jnp.float32) for i, s in enumerate(sizes)}
+
+
+def measure(target: str, n: int, leaves: int, steps: bool) -> dict[str, Any]:
+  t0, params = time.perf_counter(), params_of(n, leaves)
+  programs = {}
+  for name in SPEC.blocks if steps else SPEC.blocks[:2]:
+    # The unhinted step's plain path takes its conditional's false branch.
+    a = X.analyze(compile_block(name, target, params), branch=0 if name == "unhinted" else None)
+    programs[name] = a.summary(n)
+  return {"target": target, "n": n, "leaves": leaves, "programs": programs,
+          "compile_seconds": time.perf_counter() - t0,
+          "ratios": {k: X.ratios(p, programs["adamw"]) for k, p in programs.items()}}
+
+
+def run(spec: Micro, args: argparse.Namespace) -> None:
+  targets = [t for t in args.targets if X.available(t) is None]
+  details = []
+  for target in targets:
+    for n, leaves, steps in spec.sizes:
+      details.append(measure(target, n, leaves, steps or args.smoke))
+      print(f"{target} N={n:.0e} leaves={leaves}: {details[-1]['compile_seconds']:.0f} s")
+  meta = {"command": "python -m benchmarks compiled" + " --smoke" * args.smoke,
+          "versions": f"jax {jax.__version__}", "targets": targets, "time_model": X.TIME_MODEL}
+  rows = [schema.Row(optimizer="AdamW+IRE", task=f"N={r['n']:.0e}, {r['leaves']} leaves, "
+                     f"{r['target']}", metric=f"compiled_{m}_ratio", value=v, base="AdamW",
+                     what=name, source="compiled", interleaved=False)
+          for r in details for name, rs in r["ratios"].items() if name != "adamw"
+          for m, v in rs.items() if v is not None and (m != "h100_time" or r["target"] == "h100")]
+  schema.write_results(f"{args.out or schema.RESULTS}/{spec.name}", benchmark=spec.name,
+                       meta=meta, rows=rows, details=details)
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+  return "–" if x is None else format(x, fmt)
+
+
+def _cell(r: dict[str, Any], name: str) -> str:
+  if name not in r["ratios"]:
+    return "–"
+  ratio, p, t = r["ratios"][name], r["programs"][name], r["target"]
+  return " / ".join([_f(ratio["bytes"])] + [f"{_f(ratio['cycles'])} cyc"] * (t == "tpu-v5e") + [
+      f"{_f(ratio['h100_time'])} t, {p['kernels']:.0f} k, {p['host_round_trips']:.0f} rt"
+  ] * (t == "h100"))
+
+
+def tables(details: list[dict[str, Any]]) -> dict[str, str]:
+  """The report's table and the docs' refresh and conditional tables."""
+  rs = sorted(details, key=lambda r: (r["target"], r["n"], r["leaves"]))
+  accel = [r for r in rs if r["target"] in ("tpu-v5e", "h100")]
+  on = lambda r, t, x: x if r["target"] == t else "–"
+  refresh = [[r["target"], f"{r['n']:.0e}", r["leaves"], _f(r["ratios"]["refresh"]["bytes"]),
+              on(r, "tpu-v5e", _f(r["ratios"]["refresh"]["cycles"])),
+              on(r, "h100", _f(r["ratios"]["refresh"]["h100_time"])),
+              on(r, "h100", f"{r['programs']['refresh']['kernels']:.0f} / "
+                 f"{TARGETS['kernels'] + TARGETS['kernels_per_leaf'] * r['leaves']}"),
+              _f(r["ratios"].get("refresh step", {}).get("bytes"))] for r in accel]
+  cond = [[r["target"], f"{r['n']:.0e}", r["leaves"], label, _f(r["ratios"][name]["bytes"], ".3f"),
+           on(r, "h100", _f(r["ratios"][name]["h100_time"])),
+           *(f"{r['programs'][name][k]:.0f}" for k in ("kernels", "conditionals_executed",
+                                                      "host_round_trips"))]
+          for r in accel for name, label in (("plain step", "`refresh_hint=False`"),
+                                             ("unhinted", "no hint")) if name in r["ratios"]]
+  return {
+      "table": table(
+          ["target", "N", "leaves", "AdamW B/param", "AdamW kernels", *SPEC.blocks[1:]],
+          [[r["target"], f"{r['n']:.0e}", r["leaves"],
+            f"{r['programs']['adamw']['bytes_per_param']:.1f}",
+            f"{r['programs']['adamw']['kernels']:.0f}", *(_cell(r, b) for b in SPEC.blocks[1:])]
+           for r in rs], "lrrrr"),
+      "refresh": table(
+          ["target", "N", "leaves", "refresh, bytes", "refresh, TPU cycles",
+           "refresh, H100 time model",
+           f"H100 kernels (≤ {TARGETS['kernels']} + {TARGETS['kernels_per_leaf']}/leaf)",
+           "refresh step, bytes"],
+          refresh, "lrrrrrrr"),
+      "conditional": table(
+          ["target", "N", "leaves", "plain step", "bytes / AdamW", "H100 time model / AdamW",
+           "kernels", "conditionals", "host round trips"], cond, "lrrlrrrrr")}
+
+
+def verdicts(details: list[dict[str, Any]]) -> str:
+  """One line per design target: the worst case on the accelerators and whether it is met."""
+  lines = []
+  for what, name, metric, bound in (
+      ("refresh, bytes", "refresh", "bytes", lambda r: TARGETS["refresh_bytes"]),
+      ("refresh, TPU v5e cycles", "refresh", "cycles", lambda r: TARGETS["refresh_cycles"]),
+      ("refresh, H100 time model", "refresh", "h100_time",
+       lambda r: TARGETS["refresh_h100_time"]),
+      ("refresh, H100 kernels", "refresh", "kernels",
+       lambda r: TARGETS["kernels"] + TARGETS["kernels_per_leaf"] * r["leaves"]),
+      ("plain step, bytes", "plain step", "bytes", lambda r: TARGETS["plain_bytes"])):
+    only = {"cycles": "tpu-v5e", "h100_time": "h100", "kernels": "h100"}.get(metric)
+    cases = [(v / bound(r), v, bound(r), f"{r['target']}, N={r['n']:.0e}, {r['leaves']} leaves")
+             for r in details if name in r["programs"] and r["target"] in ("tpu-v5e", "h100")
+             and r["target"] == (only or r["target"])
+             for v in [r["programs"][name]["kernels"] if metric == "kernels"
+                       else r["ratios"][name][metric]] if v is not None]
+    if cases:
+      _, v, b, where = max(cases)
+      lines.append(f"- {what} ≤ {b:g}: {sum(c[0] <= 1 for c in cases)} of {len(cases)} met; "
+                   f"worst {v:.3g} ({where})")
+  return "\n".join(lines)
+
+
+def render(results: Any) -> dict[str, str]:
+  doc = results["compiled"]
+  if doc is None:
+    return {}
+  t = tables(doc["details"])
+  context = {**doc["meta"], **TARGETS, **t, "verdicts": verdicts(doc["details"])}
+  return {"benchmarks/results/compiled.md": fill("compiled.md", context),
+          "docs/selection.md#compiled-refresh": t["refresh"],
+          "docs/performance.md#compiled-conditional": t["conditional"]}

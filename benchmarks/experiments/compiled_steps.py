@@ -1,0 +1,405 @@
+"""SAM, SAM every k, SALA, mSAM, GSAM and IRE steps compiled for TPU v5e and H100, over base.
+
+Nothing runs: every program is compiled deviceless (:mod:`benchmarks.compiled`). Sections:
+``update``, one optimizer step of a 1e7-parameter MLP per optimizer (:data:`UPDATES`); ``train``,
+the examples' train steps of :data:`SPEC` (a kind of step that occurs on some steps only weighted
+by its share of :data:`PERIOD` steps, with the hints the examples' loop passes); ``pod``, the
+collectives of the Llama train step FSDP-sharded over a v5e:4x4 slice. ``--resume`` compiles only
+what the results file lacks (a ResNet train step takes minutes on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import re
+import time
+import types
+from typing import Any
+
+from benchmarks import compiled as X  # isort: skip  (before JAX starts a backend)
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ire_optax
+from benchmarks import schema
+from benchmarks.render import fill, table
+from benchmarks.spec import Arm, Experiment, Task
+from examples import llama, resnet, vit
+from examples.common import optim, train
+
+PERIOD = 10  # steps over which the occasional work is amortized (IRE's K, 5 SALA cycles)
+SALA_K, EVERY_K, MICRO = 2, 5, 8
+_IMG = {"image_shape": (32, 32, 3), "num_classes": 10}
+ARMS = (Arm("base", note="the example's AdamW or SGD"),
+        Arm("ire_grad_sq", {"ire": True, "ire_curvature": "grad_sq", "ire_refresh_every": 10,
+                            "ire_warmup": 0}, note="IRE (grad_sq, K=10)"),
+        Arm("sam", {"name": "sam"}, note="SAM"),
+        Arm("msam", {"name": "msam", "num_microbatches": MICRO}, note=f"mSAM (m={MICRO})"),
+        # rho large enough that every cycle is in stage 2 (the radius does not change the cost)
+        Arm("sala", {"name": "sala", "sala_sync_period": SALA_K, "rho": 5.0},
+            note=f"SALA (k={SALA_K}, stage 2)"))
+SPEC = Experiment(
+    name="compiled_steps",
+    claim="each train step within its TRAIN_TARGETS bound by TPU v5e cycles",
+    # Task.data: the random batches' shapes; overrides: of the example's TrainConfig.
+    tasks=(Task("llama", "Llama mini (seq 128, batch 16, vocab 96)",
+                {"model": {"size": "mini"}, "data": {"seq_len": 128}, "batch_size": 16,
+                 "shape": {"vocab_size": 96}}),
+           Task("resnet", "ResNet-8 w16 (32x32x3, batch 64)",
+                {"model": {"size": "toy", "width": 16}, "batch_size": 64, "shape": _IMG}),
+           Task("vit", "ViT mini (32x32x3, patch 4, batch 64)",
+                {"model": {"size": "mini", "patch_size": 4}, "batch_size": 64, "shape": _IMG})),
+    arms=ARMS, seeds=(0,), steps=PERIOD, metrics=("cycles", "h100_time", "bytes"), baseline="base",
+    smoke={"tasks": (Task("llama", "Llama toy (seq 16, batch 8)", {
+        "model": {"size": "toy"}, "data": {"seq_len": 16}, "batch_size": 8,
+        "shape": {"vocab_size": 32}}),), "arms": (ARMS[0], ARMS[1], ARMS[4])})
+# By TPU v5e cycles: key -> (the arm it is over, at most).
+TRAIN_TARGETS = {"ire_grad_sq": ("base", 1.03), "sam": ("base", 2.05), "msam": ("sam", 1.05),
+                 "sala": ("base", 1.55)}
+POD, POD_BATCH, POD_ARMS = "v5e:4x4", 128, ("base", "ire_grad_sq", "sam", "sala")
+UPDATE_WIDTHS, SMOKE_WIDTHS = (512, 2048, 2048, 2048, 10), (16, 32, 32, 10)
+_ON, _OFF = {"sam_hint": True}, {"sam_hint": False}
+# One optimizer step of the MLP: (program, transformation, hints, branches taken); programs
+# with the same transformation and hints are read from one compiled step.
+UPDATES: tuple[tuple[str, str, dict[str, bool], X.Picks | None], ...] = (
+    ("adamw", "adamw", {}, None), ("sam", "sam", {}, None),
+    ("sam k=5 ascent, hinted", "samk", _ON, None), ("sam k=5 plain, hinted", "samk", _OFF, None),
+    ("sam k=5 ascent, unhinted", "samk", {}, X.first_taken),
+    ("sam k=5 plain, unhinted", "samk", {}, None),
+    ("sala start, hinted", "sala", {**_ON, "cycle_end_hint": False}, None),
+    ("sala end, hinted", "sala", {**_OFF, "cycle_end_hint": True}, X.last_taken),
+    ("sala stage-2 start, unhinted", "sala", {}, X.first_taken),
+    ("sala stage-1 start, unhinted", "sala", {}, None),
+    ("sala end, unhinted", "sala", {}, X.last_taken),
+    (f"msam m={MICRO}", "msam", {}, None), ("gsam", "gsam", {}, None))
+AMORTIZED = {  # name: ((share of the steps, program), ...)
+    f"sala k={SALA_K}, stage 2, hinted": ((.5, "sala start, hinted"), (.5, "sala end, hinted")),
+    f"sala k={SALA_K}, stage 2, unhinted": ((.5, "sala stage-2 start, unhinted"),
+                                            (.5, "sala end, unhinted")),
+    f"sam k={EVERY_K}, hinted": ((.2, "sam k=5 ascent, hinted"), (.8, "sam k=5 plain, hinted")),
+    f"sam k={EVERY_K}, unhinted": ((.2, "sam k=5 ascent, unhinted"),
+                                   (.8, "sam k=5 plain, unhinted"))}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--sections", nargs="+", default=["update", "train", "pod"],
+                      choices=("update", "train", "pod"))
+  parser.add_argument("--targets", nargs="+", default=list(X.TARGETS), choices=X.TARGETS,
+                      help="update: %(default)s; train: tpu-v5e and h100 of them")
+  parser.add_argument("--models", nargs="+", default=None, help="train: these tasks only")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep what the results file has; compile only what is missing")
+
+
+def _transformation(key: str) -> optax.GradientTransformation:
+  adamw = optax.adamw(1e-3)
+  return {"adamw": lambda: adamw, "sam": lambda: ire_optax.sam(adamw, rho=0.05),
+          "samk": lambda: ire_optax.sam(adamw, rho=0.05, every_k=EVERY_K),
+          "sala": lambda: ire_optax.sala(adamw, sync_period=SALA_K, rho=0.2),
+          "msam": lambda: ire_optax.msam(adamw, rho=0.05, num_microbatches=MICRO),
+          "gsam": lambda: ire_optax.gsam(adamw, rho=0.05)}[key]()
+
+
+def _mlp_loss(params: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax.Array:
+  x, n = batch["x"], len(params) // 2
+  for i in range(n):
+    x = x @ params[f"w{i}"] + params[f"b{i}"]
+    x = jax.nn.relu(x) if i < n - 1 else x
+  return optax.softmax_cross_entropy_with_integer_labels(x, batch["y"]).mean()
+
+
+def _update_step(tx: optax.GradientTransformation, key: str, hints: dict[str, Any]):
+  grad = jax.grad(_mlp_loss)
+
+  def step(params, state, batch):
+    if key == "msam":
+      updates, state = tx.update(None, state, params, grad_fn=grad, batch=batch, **hints)
+    else:
+      extra = {} if key == "adamw" else {"grad_fn": lambda q: grad(q, batch)}
+      updates, state = tx.update(grad(params, batch), state, params, **extra, **hints)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def measure_update(target: str, widths: tuple[int, ...], batch: int,
+                   done: dict[str, Any] | None) -> dict[str, Any]:
+  params = {f"{k}{i}": jax.ShapeDtypeStruct((a, b) if k == "w" else (b,), jnp.float32)
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)) for k in "wb"}
+  n = sum(x.size for x in params.values())
+  data = {"x": jax.ShapeDtypeStruct((batch, widths[0]), jnp.float32),
+          "y": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  res = done or {"target": target, "params": n, "batch": batch, "programs": {},
+                 "compile_seconds": {}}
+  cache: dict[str, Any] = {}
+  for name, key, hints, picks in UPDATES:
+    if name in res["programs"]:
+      continue
+    ckey = f"{key} {hints.get('sam_hint', '')}".strip()
+    if ckey not in cache:
+      t0, tx = time.perf_counter(), _transformation(key)
+      cache[ckey] = X.compile_fn(_update_step(tx, key, hints), params,
+                                 jax.eval_shape(tx.init, params), data, target=target,
+                                 donate_argnums=(0, 1))
+      res["compile_seconds"][ckey] = time.perf_counter() - t0
+    res["programs"][name] = X.taken(cache[ckey], picks).summary(n)
+  progs = res["programs"]
+  res["amortized"] = {k: X.mix([(w, progs[p]) for w, p in v]) for k, v in AMORTIZED.items()}
+  res["ratios"] = {k: X.ratios(p, progs["adamw"]) for k, p in {**progs, **res["amortized"]}.items()}
+  res["ratios"][f"msam m={MICRO} / sam"] = X.ratios(progs[f"msam m={MICRO}"], progs["sam"])
+  return res
+
+
+def example_step(task: Task, arm: Arm, mesh: Any = None, batch_size: int | None = None):
+  """``(step_fn, state, batch, spec)`` of the example's train step for ``arm`` as shapes
+  (FSDP-sharded over ``mesh`` if given: each leaf along its first axis that divides)."""
+  get_config = {"llama": llama, "resnet": resnet, "vit": vit}[task.example].get_config
+  over = dict(task.overrides)
+  shape, cfg = types.SimpleNamespace(**over.pop("shape")), get_config()
+  cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v)
+                                    if isinstance(v, dict) else v for k, v in over.items()})
+  opt = {"warmup_steps": 0, **arm.optimizer}
+  if "name" in opt:  # a wrapper drives the example's optimizer
+    opt.setdefault("base", cfg.optimizer.name)
+  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **opt))
+  graphdef, params, stats = train.split_model(train.build_model(cfg, shape).model)
+  spec = optim.build_optimizer(cfg.optimizer, 10_000, model_stats=stats)
+  state = jax.eval_shape(lambda p, s: train.TrainState(
+      p, s, spec.tx.init(p), train.initial_loss_scale(cfg.precision)), params, stats)
+  b = batch_size or cfg.batch_size
+  x = ((b, cfg.data.seq_len), jnp.int32) if task.example == "llama" else (
+      (b, *shape.image_shape), jnp.float32)
+  y = x[0] if task.example == "llama" else (b,)
+  batch = {"x": jax.ShapeDtypeStruct(*x), "y": jax.ShapeDtypeStruct(y, jnp.int32)}
+  if mesh is not None:
+    devs, ns, P = mesh.devices.size, jax.sharding.NamedSharding, jax.sharding.PartitionSpec
+    fsdp = lambda s: next((P(*[None] * i, "data") for i, d in enumerate(s) if d % devs == 0), P())
+    put = lambda tree, f: jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=ns(mesh, f(v.shape))), tree)
+    state, batch = put(state, fsdp), put(batch, lambda s: P("data"))
+  fn = train.step_function(graphdef, spec, num_classes=getattr(shape, "vocab_size", None)
+                           or shape.num_classes)
+  return fn, state, batch, spec
+
+
+def step_kinds(spec: optim.OptSpec) -> list[tuple[float, tuple, Any]]:
+  """``(share of the steps, hints, branches taken)`` per kind of step over :data:`PERIOD`: SALA's
+  cycle end runs its end-of-cycle branch; any other hinted step takes no branch."""
+  kinds: dict[tuple, list] = {}
+  steps = PERIOD if spec.hints else 1
+  for t in range(steps):
+    hints = spec.hints(t) if spec.hints else ()
+    picks = X.last_taken if spec.sala and t % SALA_K == SALA_K - 1 else None
+    kinds.setdefault((hints, picks), [0, hints, picks])[0] += 1
+  return [(n / steps, hints, picks) for n, hints, picks in kinds.values()]
+
+
+def compile_kinds(task: Task, arm: Arm, target: str, mesh: Any = None, batch: int | None = None
+                  ) -> tuple[int, list[tuple[float, tuple, Any, Any]]]:
+  """Parameters, and ``(share, hints, picks, compiled)`` of each kind of step of ``arm``."""
+  fn, state, data, spec = example_step(task, arm, mesh, batch)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=None if mesh is None else
+                              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return sum(x.size for x in jax.tree.leaves(state.params)), [
+      (share, hints, picks, X.compile_fn(functools.partial(fn, hints=hints), state, data, step,
+                                         target=target, place_args=mesh is None,
+                                         donate_argnums=0))
+      for share, hints, picks in step_kinds(spec)]
+
+
+def measure_train(task: Task, arm: Arm, target: str) -> dict[str, Any]:
+  t0, kinds = time.perf_counter(), []
+  n, compiled = compile_kinds(task, arm, target)
+  for share, hints, picks, c in compiled:
+    kinds.append({"share": share, "hints": dict(hints), **X.taken(c, picks).summary(n)})
+    if target == "tpu-v5e":
+      kinds[-1]["cycle_breakdown"] = X.cycle_breakdown(c)
+  return {"params": n, **X.mix([(k["share"], k) for k in kinds]), "kinds": kinds,
+          "compile_seconds": time.perf_counter() - t0}
+
+
+def measure_pod(task: Task, arms: list[Arm], batch: int) -> dict[str, Any]:
+  programs = {}
+  for arm in arms:
+    t0 = time.perf_counter()
+    _, compiled = compile_kinds(task, arm, POD, X.mesh(POD), batch)
+    for share, hints, picks, c in compiled:
+      name = " ".join([arm.label, ",".join(f"{k}={v}" for k, v in hints)]).strip()
+      programs[name] = {"share": share, "hints": dict(hints), "collectives":
+                        X.collectives(c, picks),
+                        "compile_seconds": (time.perf_counter() - t0) / len(compiled)}
+  return {"target": POD, "model": task.data, "batch": batch, "programs": programs}
+
+
+def extra_collectives(prog: list[dict[str, Any]], base: list[dict[str, Any]]
+                      ) -> list[dict[str, Any]]:
+  """What ``prog`` executes beyond ``base``: per (opcode, shape), the surplus executions."""
+  have = {(c["opcode"], c["shape"]): c["count"] for c in base}
+  return [{**c, "count": c["count"] - have.get((c["opcode"], c["shape"]), 0.0)} for c in prog
+          if c["count"] > have.get((c["opcode"], c["shape"]), 0.0)]
+
+
+def train_ratios(trains: dict[str, Any]) -> None:
+  """Adds each arm's ratios over its base step (and mSAM's over SAM's) to ``trains``."""
+  for model in trains.values():
+    for target, progs in model["targets"].items():
+      if "base" in progs:
+        out = model.setdefault("ratios", {}).setdefault(target, {})
+        out.update({k: X.ratios(p, progs["base"]) for k, p in progs.items()})
+        if "msam" in progs and "sam" in progs:
+          out["msam / sam"] = X.ratios(progs["msam"], progs["sam"])
+
+
+def _usable(targets: list[str]) -> list[str]:
+  return [t for t in targets if X.available(t) is None]
+
+
+def run(spec: Experiment, args: argparse.Namespace) -> None:
+  """Compiles the sections asked for into ``results/compiled_steps.json``, keeping the other
+  sections' results (and with ``--resume`` what the asked ones already have)."""
+  path, smoke, keep = f"{args.out or schema.RESULTS}/{spec.name}", args.smoke, args.resume
+  old = None if smoke else schema.read_results(path + ".json")
+  details: dict[str, Any] = old["details"] if old else {}
+  if "update" in args.sections:
+    up = details.setdefault("update", {})
+    for target in _usable(["cpu"] if smoke else args.targets):
+      up[target] = measure_update(target, SMOKE_WIDTHS if smoke else UPDATE_WIDTHS,
+                                  8 if smoke else 64, up.get(target) if keep else None)
+      _save(path, spec, details, smoke)
+  train_targets = ["cpu"] if smoke else [t for t in args.targets if t != "cpu"]
+  for target in _usable(train_targets) if "train" in args.sections else []:
+    for task in [t for t in spec.tasks if not args.models or t.example in args.models]:
+      m = details.setdefault("train", {}).setdefault(task.example,
+                                                     {"label": task.data, "targets": {}})
+      progs = m["targets"].setdefault(target, {})
+      for arm in [a for a in spec.arms if not (keep and a.label in progs)]:
+        try:
+          progs[arm.label] = measure_train(task, arm, target)
+        except jax.errors.JaxRuntimeError as e:  # a compiler's failure is a result too
+          m.setdefault("errors", {}).setdefault(target, {})[arm.label] = str(e).split("\n")[0]
+        print(f"train {task.example} {target} {arm.label}: done", flush=True)
+        _save(path, spec, details, smoke)
+  if "pod" in args.sections and not smoke and _usable([POD]):
+    done = (details.get("pod") or {}).get("programs", {}) if keep else {}
+    arms = [a for a in spec.arms if a.label in POD_ARMS
+            and a.label not in {n.split(" ")[0] for n in done}]
+    pod = measure_pod(spec.tasks[0], arms, POD_BATCH)
+    details["pod"] = {**pod, "programs": {**done, **pod["programs"]}}
+  _save(path, spec, details, smoke)
+
+
+def _save(path: str, spec: Experiment, details: dict[str, Any], smoke: bool) -> None:
+  train_ratios(details.get("train", {}))
+  seconds = [v for r in details.get("update", {}).values() for v in r["compile_seconds"].values()]
+  seconds += [p.get("compile_seconds", 0.0) for m in details.get("train", {}).values()
+              for progs in m["targets"].values() for p in progs.values()]
+  seconds += [p["compile_seconds"] for p in (details.get("pod") or {}).get("programs", {}).values()]
+  meta = {"command": f"python -m benchmarks {spec.name}" + " --smoke" * smoke,
+          "versions": f"jax {jax.__version__}", "time_model": X.TIME_MODEL, "period": PERIOD,
+          "train_targets": TRAIN_TARGETS, "compile_seconds": sum(seconds)}
+  schema.write_results(path, benchmark=spec.name, meta=meta, rows=rows_of(details),
+                       details=details)
+
+
+def rows_of(details: dict[str, Any]) -> list[schema.Row]:
+  """A row per ratio: TPU v5e cycles, the H100 time model, the CPU's bytes (update section)."""
+  metric = {"tpu-v5e": "cycles", "h100": "h100_time", "cpu": "bytes"}
+  row = lambda opt, task, target, v, base, what: schema.Row(
+      optimizer=opt, task=f"{task}, {target}", metric=f"compiled_{metric[target]}_ratio",
+      value=v[metric[target]], base=base, what=what, source=SPEC.name, interleaved=False)
+  rows = [row(k, f"MLP {r['params']:.1e} params", t, v, "AdamW", "optimizer step")
+          for t, r in details.get("update", {}).items() for k, v in r["ratios"].items()]
+  rows += [row(k, m["label"], t, v, "SAM" if k == "msam / sam" else "base", "train step")
+           for m in details.get("train", {}).values() for t, rs in m.get("ratios", {}).items()
+           for k, v in rs.items() if k != "base"]
+  return [r for r in rows if r.value is not None]
+
+
+def _fmt(r: dict[str, float | None], target: str) -> str:
+  if target == "tpu-v5e" and r["cycles"] is not None:
+    return f"{r['cycles']:.2f} ({r['bytes']:.2f} B)"
+  return f"{r['h100_time']:.2f} ({r['bytes']:.2f} B)" if target == "h100" else f"{r['bytes']:.2f} B"
+
+
+def update_table(update: dict[str, Any]) -> str:
+  targets = [t for t in X.TARGETS if t in update]
+  h100 = update.get("h100", {})
+  rows = []
+  for name in update[targets[0]]["ratios"]:
+    p = h100.get("programs", {}).get(name) or h100.get("amortized", {}).get(name)
+    rows.append([name, *(_fmt(update[t]["ratios"][name], t) for t in targets), *(
+        ["–"] * 3 if p is None else [f"{p['kernels']:.0f}", *(
+            f"{p[k]:.1f}".removesuffix(".0") for k in ("host_round_trips",
+                                                       "conditionals_executed"))])])
+  return table(["program", *targets, "H100 kernels", "rt", "cond"], rows,
+               "l" + "r" * (len(targets) + 3))
+
+
+def train_table(trains: dict[str, Any]) -> str:
+  notes = {a.label: a.note for a in SPEC.arms} | {"msam / sam": f"mSAM (m={MICRO}) / SAM"}
+  rows = []
+  for key in [a.label for a in SPEC.arms[1:]] + ["msam / sam"]:
+    over, bound = TRAIN_TARGETS.get("msam" if key == "msam / sam" else key, ("", None))
+    bound = None if key == "msam" else bound
+    cells = []
+    for m in trains.values():
+      tpu, gpu, cpu = (m.get("ratios", {}).get(t, {}).get(key) for t in X.TARGETS)
+      ok = "" if bound is None or not tpu else " ✓" if tpu["cycles"] <= bound else " ✗"
+      parts = [tpu and f"{tpu['cycles']:.3f}{ok}", gpu and f"(H100 {gpu['h100_time']:.2f})",
+               cpu and f"(CPU bytes {cpu['bytes']:.2f})"]
+      cells.append(" ".join(p for p in parts if p) or "–")
+    target = "" if bound is None else f"≤ {bound}×" + " SAM" * (over == "sam")
+    rows.append([notes[key], target, *cells])
+  return table(["optimizer", "target", *(m["label"] for m in trains.values())], rows,
+               "ll" + "r" * len(trains))
+
+
+def train_context(trains: dict[str, Any]) -> dict[str, str]:
+  """The train section's sentences that state numbers: base steps, failures, cycle split."""
+  base = [f"{m['label']}: {p['cycles']:.3g} cycles, {p['params']:,} params"
+          for m in trains.values() if (p := m["targets"].get("tpu-v5e", {}).get("base"))]
+  errors = [f"{m['label']}, {k}, {t}: does not compile (`{msg}`)." for m in trains.values()
+            for t, errs in m.get("errors", {}).items() for k, msg in errs.items()]
+  split = []
+  for m in trains.values():  # the steps without conditionals: every instruction runs once
+    progs = m["targets"].get("tpu-v5e", {})
+    for key in ("sam", "msam"):
+      if "base" in progs and key in progs and not progs[key]["conditionals_executed"]:
+        b, q = (progs[k]["kinds"][0]["cycle_breakdown"]["by_kind"] for k in ("base", key))
+        split.append(f"{m['label']}, {key.upper()}: matmul and convolution fusions (`kOutput`) "
+                     f"{q.get('kOutput', 0) / b['kOutput']:.2f}×, other fusions (`kLoop`) "
+                     f"{q.get('kLoop', 0) / b['kLoop']:.2f}×")
+  return {"base_steps": ", ".join(base) or "—", "errors": "\n\n".join(errors),
+          "split": "; ".join(split) or "—"}
+
+
+def pod_table(pod: dict[str, Any]) -> str:
+  cell = lambda cs: "<br>".join(f"{c['opcode']} {c['shape']} × {c['count']:g}" for c in cs)
+  base = pod["programs"].get("base", {}).get("collectives", [])
+  return table(["step", "collectives"], [["base (AdamW)", cell(base) or "none"]] + [
+      [f"{k}, beyond the base", cell(extra_collectives(p["collectives"], base)) or "none"]
+      for k, p in pod["programs"].items() if k != "base"])
+
+
+def render(results: Any) -> dict[str, str]:
+  doc = results[SPEC.name]
+  if doc is None:
+    return {}
+  d = doc["details"]
+  sections = {
+      "update": fill("compiled_steps_update.md", {
+          "table": update_table(d["update"]), **next(iter(d["update"].values()))}),
+      "train": fill("compiled_steps_train.md", {"table": train_table(d["train"]),
+                                                 "period": PERIOD, **train_context(d["train"])}),
+      "pod": fill("compiled_steps_pod.md", {
+          "table": pod_table(d["pod"]), **d["pod"],
+          "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})}
+  bold = lambda text: re.sub(r"^## (.*)$", r"**\1**", text, flags=re.M)
+  return {"benchmarks/results/compiled_steps.md": fill("compiled_steps.md", {
+      **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, **sections}),
+      "docs/performance.md#compiled-steps": bold(sections["train"] + "\n" + sections["update"]),
+      "docs/multi_device.md#compiled-pod": bold(sections["pod"])}
