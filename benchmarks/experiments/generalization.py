@@ -1,12 +1,6 @@
 """Do IRE and the SAM family improve generalization? The examples' ResNet-8 and ViT.
 
-Every optimizer trains each model from the same initialisation on the same batches with the
-same learning-rate schedule (per data set and seed); each run records the test accuracy and
-loss on the full test set at the weights the optimizer evaluates (SALA's and Lookahead's slow
-weights), the mean training loss of the last 10% of steps, the sharpness there (top Hessian
-eigenvalue by Lanczos, trace by Hutchinson, on the first training examples, eval-mode loss)
-and the steady-state time per step over the base optimizer's (SGD for the ResNet, AdamW for
-the ViT). ``python -m benchmarks generalization --data-dir DIR`` (MNIST and digits).
+Test metrics, sharpness and time per step of every optimizer (what each means: the template).
 """
 
 from __future__ import annotations
@@ -72,13 +66,17 @@ SPEC = Experiment(
 SHARPNESS = {"batch": 256, "lanczos_iters": 20, "hutchinson_samples": 10}
 SMOKE_SHARPNESS = {"batch": 32, "lanczos_iters": 4, "hutchinson_samples": 2}
 # The papers' orderings, tested paired by seed: (model, worse, better).
+# The report's per-model columns: metric -> (header, format, scale).
+COLUMNS = {"test_acc": ("test acc (%)", ".2f", 100), "test_loss": ("test loss", ".4f", 1),
+           "train_loss": ("final train loss", ".4f", 1), "top_eig": ("top eig", ".3g", 1),
+           "trace": ("trace", ".3g", 1)}
 ORDERINGS = (("resnet", "SGD", "SGD+IRE"), ("resnet", "SAM", "SAM+IRE"), ("resnet", "SGD", "SAM"),
              ("vit", "AdamW", "AdamW+IRE"), ("vit", "SAM", "SAM+IRE"), ("vit", "AdamW", "SAM"))
 
 
 def measure(sharp: Mapping[str, int]) -> runner.Measure:
-  """The runner's hook: sharpness at the evaluated weights on the first training examples
-  (the HVP loops unrolled for the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
+  """The runner's hook: sharpness on the first training examples (the HVP loops unrolled for
+  the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
   def hook(cfg: Any, result: Any) -> dict[str, Any]:
     from examples.common import train
     from examples.common.data import ImageData
@@ -182,14 +180,10 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   combos = list(dict.fromkeys((a["model"], a["dataset"]) for a in aggs))
   sections = "\n\n".join(
       f"## {meta['models'][m].split(':')[0]} on {d}\n\n" + table(
-          ["optimizer", "test acc (%)", "test loss", "final train loss", "top eig", "trace",
-           "ms/step", "time ratio"],
-          [[a["optimizer"], pm(a["test_acc"], a["test_acc_std"], scale=100),
-            pm(a["test_loss"], a["test_loss_std"], ".4f"),
-            pm(a["train_loss"], a["train_loss_std"], ".4f"), pm(a["top_eig"],
-                                                                a["top_eig_std"], ".3g"),
-            pm(a["trace"], a["trace_std"], ".3g"), f"{1e3 * a['time_per_step_s']:.1f}",
-            f"{a['time_ratio']:.2f}x"] for a in aggs if (a["model"], a["dataset"]) == (m, d)])
+          ["optimizer", *(c[0] for c in COLUMNS.values()), "ms/step", "time ratio"],
+          [[a["optimizer"], *(pm(a[k], a[k + "_std"], f, s) for k, (_, f, s) in COLUMNS.items()),
+            f"{1e3 * a['time_per_step_s']:.1f}", f"{a['time_ratio']:.2f}x"]
+           for a in aggs if (a["model"], a["dataset"]) == (m, d)])
       for m, d in combos)
   by_name: dict[str, dict] = {}
   for a in aggs:
