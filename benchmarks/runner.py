@@ -8,12 +8,14 @@ computes).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib
 import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,16 @@ from benchmarks import data
 from benchmarks.spec import Arm, Experiment, Task, config_hash
 
 Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) -> extra fields
+
+
+def now() -> str:
+  """The current UTC time as the results record it."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command(name: str) -> str:
+  """The command line that runs benchmark ``name`` with this process's options."""
+  return f"python -m benchmarks {name} " + " ".join(sys.argv[2:])
 
 
 def override(cfg: Any, changes: Mapping[str, Any]) -> Any:

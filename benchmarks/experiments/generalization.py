@@ -6,10 +6,8 @@ Test metrics, sharpness and time per step of every optimizer (what each means: t
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,11 +63,14 @@ SPEC = Experiment(
         for m in MODEL)})
 SHARPNESS = {"batch": 256, "lanczos_iters": 20, "hutchinson_samples": 10}
 SMOKE_SHARPNESS = {"batch": 32, "lanczos_iters": 4, "hutchinson_samples": 2}
-# The papers' orderings, tested paired by seed: (model, worse, better).
 # The report's per-model columns: metric -> (header, format, scale).
 COLUMNS = {"test_acc": ("test acc (%)", ".2f", 100), "test_loss": ("test loss", ".4f", 1),
            "train_loss": ("final train loss", ".4f", 1), "top_eig": ("top eig", ".3g", 1),
            "trace": ("trace", ".3g", 1)}
+# The cost table's names of the arms (default: the label, no variant).
+COST_NAMES = {"mSAM-4": ("mSAM", "m=4"), "mSAM-8": ("mSAM", "m=8"),
+              "SGD+IRE": ("SGD+IRE", "fisher"), "AdamW+IRE": ("AdamW+IRE", "fisher")}
+# The papers' orderings, tested paired by seed: (model, worse, better).
 ORDERINGS = (("resnet", "SGD", "SGD+IRE"), ("resnet", "SAM", "SAM+IRE"), ("resnet", "SGD", "SAM"),
              ("vit", "AdamW", "AdamW+IRE"), ("vit", "SAM", "SAM+IRE"), ("vit", "AdamW", "SAM"))
 
@@ -109,9 +110,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                         extra=sharp)
   rows = [row(t, s, a, r) for t, per in runs.items() for s, arms in per.items()
           for a, r in arms.items()]
-  meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": timing.machine()["summary"], "total_wall_s": time.perf_counter() - t0,
-          "command": "python -m benchmarks generalization " + " ".join(sys.argv[2:]),
+  meta = {"date": runner.now(), "machine": timing.machine()["summary"],
+          "total_wall_s": time.perf_counter() - t0, "command": runner.command("generalization"),
           "num_runs": len(rows), "seeds": list(spec.seeds), "sharpness": sharp,
           "steps_text": ", ".join(f"{t.data} {t.overrides['steps']} steps" for t in spec.tasks
                                   if t.example == "resnet")
@@ -151,14 +151,10 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
   """The time-per-step ratios to the base (whole runs one after another: not interleaved)."""
   out = []
   for a in aggs:
-    name, base = a["optimizer"], BASE[a["model"]]
-    if name == base or not math.isfinite(a["time_ratio"]):
+    base = BASE[a["model"]]
+    if a["optimizer"] == base or not math.isfinite(a["time_ratio"]):
       continue
-    variant = ""
-    if name.startswith("mSAM-"):
-      name, variant = "mSAM", f"m={name.split('-')[1]}"
-    elif name == f"{base}+IRE":
-      variant = "fisher"
+    name, variant = COST_NAMES.get(a["optimizer"], (a["optimizer"], ""))
     out.append(schema.time_row(name, base, f"{MODELS[a['model']]}, {a['dataset']}", "train step",
                                a["time_ratio"], "bench_generalization",
                                f"median of {a['n']} seeds", variant, interleaved=False,
@@ -190,7 +186,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
     by_name.setdefault(a["optimizer"].replace(BASE[a["model"]], "base"), {})[
         a["model"], a["dataset"]] = a
   timed = [c for c in combos if c[1] == "mnist"] or combos[:1]
-  name = lambda m, d: f"{'ResNet' if m == 'resnet' else 'ViT'} {d}"  # noqa: E731
+  name = lambda m, d: f"{MODELS[m].split('-')[0]} {d}"  # noqa: E731
   summary = table(["optimizer"] + [f"{name(*c)} acc %" for c in combos]
                   + [f"{name(*c)} time" for c in timed],
                   [[o] + [pm(cells[c]["test_acc"], cells[c]["test_acc_std"], scale=100)

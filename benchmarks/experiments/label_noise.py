@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -153,7 +152,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   config = {**c, "data": img.name, "n_train": len(x), "n_test": len(x_te),
             "seeds": list(main.seeds), "optimizers": list(OPTIMIZERS), "lr": None}
   wall = time.perf_counter() - t0
-  meta = {"command": "python -m benchmarks label_noise " + " ".join(sys.argv[2:]),
+  meta = {"command": runner.command("label_noise"),
           "machine": timing.machine(), "config": config, "wall_s": wall, "lr": lr,
           "data": data.describe_images(img), "params": rows[0]["params"],
           "wall_text": f"{len(rows)} runs + {len(grid_rows)} grid runs in {wall / 60:.1f} min."}

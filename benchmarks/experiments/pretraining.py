@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -144,8 +142,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   first = runner.configure(spec, spec.tasks[0], spec.arm(spec.baseline), spec.seeds[0])
   res: dict[str, Any] = {
       "stem": spec.name, "complete": True, "machine": timing.machine(),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": "python -m benchmarks pretraining " + " ".join(sys.argv[2:]),
+      "date": runner.now(), "command": runner.command("pretraining"),
       "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
                  "ire_settings": {variant(a.label): {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
                                   | {"source": a.note} for a in spec.arms if a.optimizer}},

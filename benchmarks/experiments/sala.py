@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks import data, metrics, schema, timing
+from benchmarks import data, metrics, runner, schema, timing
 from benchmarks.render import fill, table
 from benchmarks.spec import Micro
 
@@ -142,7 +141,7 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
   machine = timing.machine()
   details = {"config": {**c, "data": data.describe_images(img), "machine": machine["summary"],
                         "wall_s": time.perf_counter() - t0,
-                        "command": "python -m benchmarks sala " + " ".join(sys.argv[2:])},
+                        "command": runner.command("sala")},
              "summary": summary, "stage2_fraction": frac, "step_costs": costs, "runs": runs,
              "stage2_fraction_per_epoch": [statistics.fmean(r["frac_per_epoch"][e] for r in runs)
                                            for e in range(c["epochs"])]}
