@@ -112,13 +112,11 @@ def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
   from examples.common.train import steps_to_reach
 
   b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
-  if b is not None and f is not None:
-    return {"base_step": b, "fast_step": f, "value": b / f, "bound": "exact"}
-  if f is not None:
-    return {"base_step": None, "fast_step": f, "value": base[-1][0] / f, "bound": "lower"}
-  if b is not None:
-    return {"base_step": b, "fast_step": None, "value": b / fast[-1][0], "bound": "upper"}
-  return dict(NO_SPEEDUP)
+  if b is None and f is None:
+    return dict(NO_SPEEDUP)
+  value = (base[-1][0] if b is None else b) / (fast[-1][0] if f is None else f)
+  bound = "lower" if b is None else "upper" if f is None else "exact"
+  return {"base_step": b, "fast_step": f, "value": value, "bound": bound}
 
 
 def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]
@@ -126,9 +124,8 @@ def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[floa
   """``base``'s last step over ``fast``'s first at ``base``'s last loss (else an upper bound)."""
   end, target = base[-1]
   f = speedup(base, fast, target)["fast_step"]
-  if f is None:
-    return {"base_step": end, "fast_step": None, "value": end / fast[-1][0], "bound": "upper"}
-  return {"base_step": end, "fast_step": f, "value": end / f, "bound": "exact"}
+  return {"base_step": end, "fast_step": f, "value": end / (fast[-1][0] if f is None else f),
+          "bound": "upper" if f is None else "exact"}
 
 
 def speedup_text(s: Mapping[str, Any]) -> str:

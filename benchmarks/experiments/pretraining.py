@@ -360,14 +360,11 @@ def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
   ires = {k: r for k, r in groups[c["lr"]].items() if variant(k)}
   below = [final(r, True) < final(groups[best]["adamw-T"], True) for r in ires.values()]
   both = lambda r: f"{final(r, True):.3f} / {final(r):.3f}"  # noqa: E731
-  return text, (
-      f"- Learning-rate check (seed 0): AdamW-T alone at peak lr {best:g} ends at training / "
-      f"held-out loss {both(groups[best]['adamw-T'])}, vs {both(main['adamw-T'])} at the "
-      f"authors' {c['lr']:g}; AdamW+IRE-T at {c['lr']:g} ends at "
-      + ", ".join(f"{both(r)} ({variant(k)})" for k, r in ires.items())
-      + f": {'all' if all(below) else 'some' if any(below) else 'none'} below AdamW alone at "
-      f"{best:g}. The speed-ups above are against AdamW at a learning rate this check finds "
-      "too small for it.")
+  return text, fill("pretraining_lr_check.md", {
+      "best": best, "lr": c["lr"], "best_adamw": both(groups[best]["adamw-T"]),
+      "adamw": both(main["adamw-T"]), "below": "all" if all(below) else "some" if any(below)
+      else "none", "ires": ", ".join(f"{both(r)} ({variant(k)})" for k, r in ires.items())
+  }).rstrip("\n")
 
 
 def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
