@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import metrics, runner, schema, timing
 from benchmarks.render import fill, pm, table
-from benchmarks.spec import Arm, Experiment, Task, smoke
+from benchmarks.spec import Arm, Experiment, Task
 
 ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
 IRE_KEYS = ("curvature", "gamma", "kappa", "kappa_schedule", "refresh_every")
@@ -123,7 +123,8 @@ def smooth(points: list, window: int) -> list[tuple[int, float]]:
 def run(spec: Experiment, args: argparse.Namespace) -> None:
   """Trains (or reads) every run of ``spec`` (or of ``--preset``'s); writes its results."""
   if getattr(args, "preset", "default") != "default":
-    spec = smoke(PRESETS[args.preset]) if args.smoke else PRESETS[args.preset]
+    spec = PRESETS[args.preset]
+    spec = dataclasses.replace(spec, **spec.smoke) if args.smoke else spec
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
   window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
@@ -346,7 +347,8 @@ def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
   rows = []
   for lr, g in groups.items():
     for k, r in g.items():
-      m = seed_metrics(g, variant(k)) if variant(k) else None
+      v = variant(k)
+      m = seed_metrics(g, v) if v else None
       rows.append([f"{lr:g}", k, f"{final(r, True):.4f}", f"{final(r):.4f}"] + (
           [metrics.speedup_text(m["train_vs_T"]), metrics.speedup_text(m["vs_T"])] if m
           else ["-", "-"]))
