@@ -105,8 +105,8 @@ def row(r: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
           "eval_acc_best": max(accs),
           "eval_acc_best_epoch": int(np.argmax(accs)) + 1, "eval_acc_curve": accs,
           "time_per_step_s": r["s_per_step"], "first_step_s": r["first_step_s"],
-          "wall_s": r["wall_s"], **{k: r[k] for k in COLUMNS if k in r},
-          **{k: r[k] for k in ("train_acc_clean", "corrupted_fraction") if k in r}}
+          "wall_s": r["wall_s"],
+          **{k: r[k] for k in (*COLUMNS, "train_acc_clean", "corrupted_fraction") if k in r}}
 
 
 def pool(x: np.ndarray) -> np.ndarray:
