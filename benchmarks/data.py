@@ -1,9 +1,4 @@
-"""Benchmark data: ``--data-dir`` lookup, MNIST (or the offline digits), text, tiny pure-JAX models.
-
-``--data-dir`` (default: ``$IRE_OPTAX_DATA``) names a directory holding ``mnist/`` (IDX files),
-``wikitext-2/`` and ``tinyshakespeare/input.txt``; without it the offline fallbacks are used
-(scikit-learn's digits, CPython's documentation text).
-"""
+"""Benchmark data (``--data-dir``, else the offline fallbacks) and the small models timed."""
 
 from __future__ import annotations
 
@@ -28,34 +23,20 @@ def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 def data_path(data_dir: str | os.PathLike | None, *parts: str) -> Path | None:
   """``data_dir/parts...`` if ``data_dir`` is given and that path exists, else None."""
-  if not data_dir:
-    return None
-  p = Path(data_dir).joinpath(*parts)
-  return p if p.exists() else None
+  p = Path(data_dir).joinpath(*parts) if data_dir else None
+  return p if p is not None and p.exists() else None
 
 
 def mnist_dir(data_dir: str | os.PathLike | None) -> Path | None:
   """The ``mnist`` directory under ``data_dir`` if it holds the training images."""
   d = data_path(data_dir, "mnist")
-  if d is None or not any(d.glob("train-images*")):
-    return None
-  return d
+  return d if d is not None and any(d.glob("train-images*")) else None
 
 
 def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
                 require_mnist: bool = False) -> _data.ImageData:
-  """MNIST from ``data_dir/mnist`` (``examples.common.data.load_mnist``), else digits.
-
-  Args:
-    data_dir: the ``--data-dir`` value (None: no data directory).
-    scale: ``"standard"`` (per-channel standardised with the training set's
-      statistics) or ``"unit"`` (MNIST pixels divided by 255; the digits
-      fallback is always standardised).
-    require_mnist: raise ``FileNotFoundError`` instead of falling back.
-
-  Returns:
-    An ``ImageData``; its ``name`` is ``"mnist"`` or ``"digits"``.
-  """
+  """MNIST under ``data_dir`` (``scale``: ``"standard"``ised or ``"unit"``: pixels / 255), else
+  the standardised digits (``require_mnist``: raise ``FileNotFoundError`` instead)."""
   if scale not in ("standard", "unit"):
     raise ValueError(f"`scale` must be 'standard' or 'unit'; got {scale!r}.")
   d = mnist_dir(data_dir)
@@ -73,8 +54,8 @@ def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
   return _data.load_mnist(d)
 
 
-# The training experiments' data sets: name -> (path under --data-dir, the examples' --data
-# spec of that path); None: built in (offline).
+# The training experiments' data sets: name -> (path under --data-dir or None: built in,
+# the examples' --data spec of that path).
 DATASETS = {"mnist": ("mnist", "mnist:{}"), "wikitext2": ("wikitext-2", "wikitext:{}"),
             "shakespeare": ("tinyshakespeare/input.txt", "text:{}"),
             "digits": (None, "digits"), "cpython-docs": (None, "cpython-docs")}
@@ -94,8 +75,8 @@ def data_spec(name: str, data_dir: str | os.PathLike | None) -> str:
 
 def describe_images(img: _data.ImageData) -> str:
   """One line naming the data set and its split sizes."""
-  name = "MNIST" if img.name == "mnist" else (
-      "scikit-learn digits (MNIST not found)" if img.name == "digits" else img.name)
+  name = {"mnist": "MNIST", "digits": "scikit-learn digits (MNIST not found)"}.get(img.name,
+                                                                                 img.name)
   return f"{name} ({len(img.x_train):,} train / {len(img.x_test):,} test)"
 
 
@@ -105,12 +86,6 @@ def read_text(data_dir: str | os.PathLike | None, *parts: str) -> tuple[str, str
   if p is not None:
     return _data.read_text_path(p), "/".join(parts)
   return _data.cpython_docs_text(), "CPython documentation text (data not found)"
-
-
-
-# -----------------------------------------------------------------------------
-# Models (pure JAX, float32): the small networks the cost benchmarks time
-# -----------------------------------------------------------------------------
 
 
 def tree_sizes(n: int, blocks: int = 21) -> list[int]:
@@ -125,51 +100,52 @@ def tree_sizes(n: int, blocks: int = 21) -> list[int]:
   return sizes
 
 
-def mlp_init(key: Any, sizes: Sequence[int]) -> list[dict[str, Any]]:
-  """An MLP ``sizes[0] -> ... -> sizes[-1]``: He-normal weights (layer ``i`` from
-  ``fold_in(key, i)``), zero biases."""
+def _he(key: Any, shape: tuple[int, ...], fan_in: int) -> dict[str, Any]:
+  """One layer: He-normal weights of ``shape``, zero biases."""
   import jax
   import jax.numpy as jnp
 
-  return [{"w": jax.random.normal(jax.random.fold_in(key, i), (m, n)) * jnp.sqrt(2.0 / m),
-           "b": jnp.zeros(n)}
+  return {"w": jax.random.normal(key, shape) * jnp.sqrt(2.0 / fan_in), "b": jnp.zeros(shape[-1])}
+
+
+def _dense(layers: Sequence[dict[str, Any]], h: Any) -> Any:
+  """ReLU dense ``layers`` on ``h``, the last one linear."""
+  import jax
+
+  for layer in layers[:-1]:
+    h = jax.nn.relu(h @ layer["w"] + layer["b"])
+  return h @ layers[-1]["w"] + layers[-1]["b"]
+
+
+def mlp_init(key: Any, sizes: Sequence[int]) -> list[dict[str, Any]]:
+  """A pure-JAX MLP of widths ``sizes``: He-normal weights (layer i: ``fold_in(key, i)``)."""
+  import jax
+
+  return [_he(jax.random.fold_in(key, i), (m, n), m)
           for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
 
 
 def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
   """ReLU MLP on the flattened input."""
-  import jax
-
-  h = x.reshape(x.shape[0], -1)
-  for layer in params[:-1]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"])
-  return h @ params[-1]["w"] + params[-1]["b"]
+  return _dense(params, x.reshape(x.shape[0], -1))
 
 
 def cnn_init(key: Any, *, channels: Sequence[int], strides: Sequence[int], image_size: int,
              in_channels: int = 1, dense: Sequence[int] = (), num_classes: int = 10,
              flatten: bool = False) -> dict[str, Any]:
-  """A CNN: 3x3 ``SAME`` convolutions with ``channels``/``strides`` and ReLU, then
-  a global mean pool (or, with ``flatten``, the flattened feature map), ReLU
-  dense layers of widths ``dense`` and a linear classifier. He-normal weights,
-  zero biases. ``image_size``: the (square) input's side."""
+  """A pure-JAX CNN: 3x3 ``SAME`` ReLU convolutions, a mean pool (``flatten``: flattened), ReLU
+  ``dense`` layers, a linear head; He-normal weights. ``image_size``: the square input's side."""
   import jax
-  import jax.numpy as jnp
 
   if len(channels) != len(strides):
     raise ValueError("`channels` and `strides` need the same length.")
   keys = iter(jax.random.split(key, len(channels) + len(dense) + 1))
   conv, c_in, side = [], in_channels, image_size
   for c, s in zip(channels, strides, strict=True):
-    conv.append({"w": jax.random.normal(next(keys), (3, 3, c_in, c)) * jnp.sqrt(2.0 / (9 * c_in)),
-                 "b": jnp.zeros(c)})
+    conv.append(_he(next(keys), (3, 3, c_in, c), 9 * c_in))
     c_in, side = c, -(-side // s)
-  fan_in = c_in * side * side if flatten else c_in
-  head = []
-  for n in (*dense, num_classes):
-    head.append({"w": jax.random.normal(next(keys), (fan_in, n)) * jnp.sqrt(2.0 / fan_in),
-                 "b": jnp.zeros(n)})
-    fan_in = n
+  widths = [c_in * side * side if flatten else c_in, *dense, num_classes]
+  head = [_he(next(keys), (m, n), m) for m, n in zip(widths[:-1], widths[1:], strict=True)]
   return {"conv": conv, "dense": head}
 
 
@@ -183,10 +159,7 @@ def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int],
     h = jax.lax.conv_general_dilated(h, layer["w"], (s, s), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + layer["b"])
-  h = h.reshape(h.shape[0], -1) if flatten else h.mean(axis=(1, 2))
-  for layer in params["dense"][:-1]:
-    h = jax.nn.relu(h @ layer["w"] + layer["b"])
-  return h @ params["dense"][-1]["w"] + params["dense"][-1]["b"]
+  return _dense(params["dense"], h.reshape(h.shape[0], -1) if flatten else h.mean(axis=(1, 2)))
 
 
 def cross_entropy(logits: Any, labels: Any) -> Any:
@@ -199,9 +172,7 @@ def cross_entropy(logits: Any, labels: Any) -> Any:
 def small_net(*, in_shape: Sequence[int], channels: Sequence[int] = (),
               strides: Sequence[int] = (), dense: Sequence[int] = (), num_classes: int = 10,
               seed: int = 0, **_: Any) -> Any:
-  """A Flax NNX classifier for the examples' loop (``train.run(cfg, model=...)``): 3x3
-  ``SAME`` convolutions of ``channels``/``strides`` with ReLU, flattened, ReLU dense layers
-  of widths ``dense``, a linear head; ``(x, train=...)`` like the examples' models.
+  """:func:`cnn_init`'s flattened network in Flax NNX, for ``train.run(cfg, model=...)``.
   ``in_shape``: one image's (H, W, C)."""
   from flax import nnx
 

@@ -10,21 +10,11 @@ from typing import Any
 
 def finite(values: Iterable[Any]) -> list[float]:
   """The values that are finite numbers (None and NaN dropped)."""
-  out = []
-  for x in values:
-    if x is None:
-      continue
-    x = float(x)
-    if math.isfinite(x):
-      out.append(x)
-  return out
+  return [float(x) for x in values if x is not None and math.isfinite(float(x))]
 
 
 def mean_std(values: Iterable[Any]) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; 0 for one value) of the finite values.
-
-  None and NaN are dropped; ``(nan, nan)`` if nothing is left.
-  """
+  """Mean and sample std (ddof=1; 0 for one value) of the finite values; NaNs if none."""
   v = finite(values)
   if not v:
     return float("nan"), float("nan")
@@ -49,11 +39,7 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 
 def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]
                       ) -> dict[str, Any] | None:
-  """``better - worse`` paired by key (seed): mean, sample std and standard error.
-
-  Only keys present in both count; None if there are none. ``se`` is NaN for
-  a single pair.
-  """
+  """``better - worse`` paired by key (seed): mean, std, standard error (NaN for one pair)."""
   keys = sorted(set(worse) & set(better))
   if not keys:
     return None
@@ -65,10 +51,8 @@ def paired_difference(worse: Mapping[Any, float], better: Mapping[Any, float]
 
 def aggregate(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Sequence[str],
               base: Callable[[Mapping[str, Any]], tuple]) -> list[dict[str, Any]]:
-  """Per group of runs (the values of ``group``; in first-seen order): their number ``n``,
-  the mean and std (``KEY_std``) of each of ``keys``, and ``time_ratio``: the median over
-  seeds of ``time_per_step_s`` over that of the run of the same seed in group ``base(run)``.
-  """
+  """Per group (first-seen order): ``n``, mean and ``KEY_std`` of ``keys``, and ``time_ratio``:
+  the median over seeds of ``time_per_step_s`` over the same seed's in group ``base(run)``."""
   groups: dict[tuple, list[Mapping[str, Any]]] = {}
   for r in rows:
     groups.setdefault(tuple(r[g] for g in group), []).append(r)
@@ -115,47 +99,33 @@ def verdict(d: Mapping[str, Any] | None) -> str:
   return "reversed (>= 2 SE)"
 
 
-# -----------------------------------------------------------------------------
-# Speed-ups with bounds: steps to reach a loss, one curve against another
-# -----------------------------------------------------------------------------
-
 NO_SPEEDUP = {"base_step": None, "fast_step": None, "value": None, "bound": None}
 
 
 def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
             target: float) -> dict[str, Any]:
-  """Speed-up of ``fast`` over ``base`` at reaching ``target``: a ratio of steps.
+  """Steps of ``base`` over steps of ``fast`` to reach ``target`` (curves of ``(step, loss)``).
 
-  Curves are ``(step, loss)`` pairs; a curve reaches the target at its first step whose
-  loss is <= it (``examples.common.train.steps_to_reach``). Returns ``{"base_step",
-  "fast_step", "value", "bound"}``: ``bound`` is ``"exact"`` when both reach it (value =
-  base_step / fast_step); ``"lower"`` when only ``fast`` does (value = last base step /
-  fast_step); ``"upper"`` when only ``base`` does (value = base_step / last fast step);
-  None (value None) when neither does.
+  ``bound``: ``"exact"`` if both reach it; ``"lower"``/``"upper"`` if only ``fast``/``base``
+  does (its last step stands in for the other's); None, with value None, if neither does.
   """
   from examples.common.train import steps_to_reach
 
   b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
-  if b is not None and f is not None:
-    return {"base_step": b, "fast_step": f, "value": b / f, "bound": "exact"}
-  if f is not None:
-    return {"base_step": None, "fast_step": f, "value": base[-1][0] / f, "bound": "lower"}
-  if b is not None:
-    return {"base_step": b, "fast_step": None, "value": b / fast[-1][0], "bound": "upper"}
-  return dict(NO_SPEEDUP)
+  if b is None and f is None:
+    return dict(NO_SPEEDUP)
+  value = (base[-1][0] if b is None else b) / (fast[-1][0] if f is None else f)
+  bound = "lower" if b is None else "upper" if f is None else "exact"
+  return {"base_step": b, "fast_step": f, "value": value, "bound": bound}
 
 
 def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]
                    ) -> dict[str, Any]:
-  """(last step of ``base``) / (first step at which ``fast`` reaches ``base``'s last loss).
-
-  ``"upper"`` (value = last base step / last fast step) if ``fast`` never reaches it.
-  """
+  """``base``'s last step over ``fast``'s first at ``base``'s last loss (else an upper bound)."""
   end, target = base[-1]
   f = speedup(base, fast, target)["fast_step"]
-  if f is None:
-    return {"base_step": end, "fast_step": None, "value": end / fast[-1][0], "bound": "upper"}
-  return {"base_step": end, "fast_step": f, "value": end / f, "bound": "exact"}
+  return {"base_step": end, "fast_step": f, "value": end / (fast[-1][0] if f is None else f),
+          "bound": "upper" if f is None else "exact"}
 
 
 def speedup_text(s: Mapping[str, Any]) -> str:
@@ -166,11 +136,7 @@ def speedup_text(s: Mapping[str, Any]) -> str:
 
 
 def speedups_text(entries: Sequence[Mapping[str, Any]]) -> str:
-  """Mean ± std of speed-ups over seeds, bounds flagged.
-
-  Every seed a bound of one kind: the loosest (``"> 2.00x (... 3/3)"``); some bounds: the
-  mean marked ``>=``/``<=`` with their count.
-  """
+  """Mean ± std of speed-ups over seeds; all bounds of one kind: the loosest, some: counted."""
   vals = [e["value"] for e in entries if e["value"] is not None]
   if not vals:
     return "n/a"
@@ -192,8 +158,7 @@ def speedups_text(entries: Sequence[Mapping[str, Any]]) -> str:
 
 
 def speedup_verdict(entries: Sequence[Mapping[str, Any]], claim: float) -> str:
-  """Whether speed-ups (one per seed) reproduce a claimed factor: their mean >= 0.8 x the
-  claim is "reproduced", a mean >= 1.1 (not every seed an upper bound) a smaller speed-up."""
+  """Words for speed-ups against a claim: a mean >= 0.8 x it reproduces, >= 1.1 is smaller."""
   vals = [e["value"] for e in entries if e["value"] is not None]
   if not vals:
     return "not measurable"
@@ -203,6 +168,8 @@ def speedup_verdict(entries: Sequence[Mapping[str, Any]], claim: float) -> str:
   if m >= 0.8 * claim:
     return f"reproduced ({text}, claim {claim:g}x)"
   return f"partly: a speed-up, smaller than the claim ({text}, claim {claim:g}x)"
+
+
 def ratio_bounds(paired: Sequence[float]) -> dict[str, float]:
   """Median and range of ratios paired by repetition (``Timings.paired``)."""
   return {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}

@@ -1,23 +1,21 @@
-"""The one runner: trains every arm of an :class:`~benchmarks.spec.Experiment` through the
-examples' typed API (``examples.<example>.get_config()`` + ``examples.common.train.run``).
+"""Trains every run of an :class:`~benchmarks.spec.Experiment` through the examples' API.
 
-Each run (task x seed x arm) is one ``TrainConfig``; its record (final metrics, curves,
-timings and what the experiment's ``measure`` adds) is cached as
-``{out}/runs/{experiment}/{config_hash}.json``, the hash taken over the whole configuration
-(with the data set's name, not where it lies). A run whose file exists is read, not trained:
-an interrupted experiment resumes, and experiments that share runs train them once. The code
-is not part of the hash: delete ``runs/{experiment}`` after changing what a run computes.
+Each run's record is cached as ``{out}/runs/{experiment}/{config_hash}.json`` and read, not
+retrained, while it exists (the code is not hashed: delete it after changing what a run
+computes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib
 import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +26,16 @@ from benchmarks import data
 from benchmarks.spec import Arm, Experiment, Task, config_hash
 
 Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) -> extra fields
+
+
+def now() -> str:
+  """The current UTC time as the results record it."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command(name: str) -> str:
+  """The command line that runs benchmark ``name`` with this process's options."""
+  return f"python -m benchmarks {name} " + " ".join(sys.argv[2:])
 
 
 def override(cfg: Any, changes: Mapping[str, Any]) -> Any:
@@ -41,18 +49,12 @@ def override(cfg: Any, changes: Mapping[str, Any]) -> Any:
 
 
 def configure(spec: Experiment, task: Task, arm: Arm, seed: int) -> Any:
-  """The ``TrainConfig`` of one run: the example's defaults, then the experiment's steps and
-  the seed, the task's overrides, the arm's (the data set by name: :func:`resolve` it)."""
+  """One run's ``TrainConfig``: the example's defaults, the experiment's, the task's, the arm's."""
   cfg = importlib.import_module(f"examples.{task.example}").get_config()
   cfg = override(cfg, {"steps": spec.steps, "seed": seed, "data": {"spec": task.data},
                        "no_checkpoint": True, "no_plot": True, "no_progress": True})
   return override(cfg, {**task.overrides, **arm.train,
                         "optimizer": {**task.overrides.get("optimizer", {}), **arm.optimizer}})
-
-
-def resolve(cfg: Any, data_dir: str | None, out: str) -> Any:
-  """``cfg`` with its data set found under ``data_dir`` and its run directory under ``out``."""
-  return override(cfg, {"data": {"spec": data.data_spec(cfg.data.spec, data_dir)}, "out": out})
 
 
 def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -90,7 +92,8 @@ def train_one(cfg: Any, *, data_dir: str | None, measure: Measure | None = None,
   from examples.common import train
 
   with tempfile.TemporaryDirectory(prefix="ire_bench_run_") as tmp:
-    cfg = override(cfg, {"out": tmp}) if "data" in run_kwargs else resolve(cfg, data_dir, tmp)
+    found = {} if "data" in run_kwargs else {"spec": data.data_spec(cfg.data.spec, data_dir)}
+    cfg = override(cfg, {"out": tmp, "data": found})
     t0 = time.perf_counter()
     result = train.run(cfg, quiet=True, **run_kwargs)
     rec = record(cfg, result, time.perf_counter() - t0)
@@ -103,11 +106,10 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
             measure: Measure | None = None, extra: Any = None,
             inputs: Callable[[Task, int], Mapping[str, Any]] | None = None,
             log: Callable[[str], None] = print) -> dict[str, dict[str, dict[str, dict]]]:
-  """Every run of ``spec``, trained or read from the cache: ``{task: {seed: {arm: record}}}``.
+  """Every run of ``spec``, trained or cached: ``{task: {seed: {arm: record}}}``.
 
-  ``inputs(task, seed)``: arguments of ``train.run`` (``data``, ``model``) that replace the
-  example's, and a ``measure`` for this run. ``extra`` (what ``measure`` and ``inputs``
-  depend on) and the task's name are part of every run's hash.
+  ``inputs(task, seed)``: ``train.run``'s ``data``/``model`` and a ``measure`` for that run;
+  ``extra`` (what they depend on) is hashed with every run.
   """
   cache = Path(out) / "runs" / spec.name
   cache.mkdir(parents=True, exist_ok=True)
@@ -137,9 +139,8 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
 def sharpness(result: Any, batch: Mapping[str, Any], *, lanczos_iters: int,
               hutchinson_samples: int = 0, unroll: bool = False, fast_compile: bool = False
               ) -> dict[str, float]:
-  """The top Hessian eigenvalue (Lanczos) and, with ``hutchinson_samples``, the trace of the
-  eval-mode loss (BatchNorm's running statistics) on ``batch`` at a run's evaluated weights,
-  with a fixed key: ``{"top_eig"[, "trace"]}``. Runs of one model share one compilation."""
+  """``{"top_eig"[, "trace"]}`` of the eval-mode loss on ``batch`` at a run's evaluated weights
+  (Lanczos; Hutchinson with ``hutchinson_samples``), with a fixed key."""
   import jax
 
   eig, trace = _sharpness_fn(fast_compile)(

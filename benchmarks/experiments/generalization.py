@@ -1,21 +1,13 @@
 """Do IRE and the SAM family improve generalization? The examples' ResNet-8 and ViT.
 
-Every optimizer trains each model from the same initialisation on the same batches with the
-same learning-rate schedule (per data set and seed); each run records the test accuracy and
-loss on the full test set at the weights the optimizer evaluates (SALA's and Lookahead's slow
-weights), the mean training loss of the last 10% of steps, the sharpness there (top Hessian
-eigenvalue by Lanczos, trace by Hutchinson, on the first training examples, eval-mode loss)
-and the steady-state time per step over the base optimizer's (SGD for the ResNet, AdamW for
-the ViT). ``python -m benchmarks generalization --data-dir DIR`` (MNIST and digits).
+Test metrics, sharpness and time per step of every optimizer (what each means: the template).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,14 +63,21 @@ SPEC = Experiment(
         for m in MODEL)})
 SHARPNESS = {"batch": 256, "lanczos_iters": 20, "hutchinson_samples": 10}
 SMOKE_SHARPNESS = {"batch": 32, "lanczos_iters": 4, "hutchinson_samples": 2}
+# The report's per-model columns: metric -> (header, format, scale).
+COLUMNS = {"test_acc": ("test acc (%)", ".2f", 100), "test_loss": ("test loss", ".4f", 1),
+           "train_loss": ("final train loss", ".4f", 1), "top_eig": ("top eig", ".3g", 1),
+           "trace": ("trace", ".3g", 1)}
+# The cost table's names of the arms (default: the label, no variant).
+COST_NAMES = {"mSAM-4": ("mSAM", "m=4"), "mSAM-8": ("mSAM", "m=8"),
+              "SGD+IRE": ("SGD+IRE", "fisher"), "AdamW+IRE": ("AdamW+IRE", "fisher")}
 # The papers' orderings, tested paired by seed: (model, worse, better).
 ORDERINGS = (("resnet", "SGD", "SGD+IRE"), ("resnet", "SAM", "SAM+IRE"), ("resnet", "SGD", "SAM"),
              ("vit", "AdamW", "AdamW+IRE"), ("vit", "SAM", "SAM+IRE"), ("vit", "AdamW", "SAM"))
 
 
 def measure(sharp: Mapping[str, int]) -> runner.Measure:
-  """The runner's hook: sharpness at the evaluated weights on the first training examples
-  (the HVP loops unrolled for the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
+  """The runner's hook: sharpness on the first training examples (the HVP loops unrolled for
+  the ResNet: XLA:CPU runs convolutions in rolled loops slowly)."""
   def hook(cfg: Any, result: Any) -> dict[str, Any]:
     from examples.common import train
     from examples.common.data import ImageData
@@ -111,9 +110,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                         extra=sharp)
   rows = [row(t, s, a, r) for t, per in runs.items() for s, arms in per.items()
           for a, r in arms.items()]
-  meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": timing.machine()["summary"], "total_wall_s": time.perf_counter() - t0,
-          "command": "python -m benchmarks generalization " + " ".join(sys.argv[2:]),
+  meta = {"date": runner.now(), "machine": timing.machine()["summary"],
+          "total_wall_s": time.perf_counter() - t0, "command": runner.command("generalization"),
           "num_runs": len(rows), "seeds": list(spec.seeds), "sharpness": sharp,
           "steps_text": ", ".join(f"{t.data} {t.overrides['steps']} steps" for t in spec.tasks
                                   if t.example == "resnet")
@@ -153,14 +151,10 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
   """The time-per-step ratios to the base (whole runs one after another: not interleaved)."""
   out = []
   for a in aggs:
-    name, base = a["optimizer"], BASE[a["model"]]
-    if name == base or not math.isfinite(a["time_ratio"]):
+    base = BASE[a["model"]]
+    if a["optimizer"] == base or not math.isfinite(a["time_ratio"]):
       continue
-    variant = ""
-    if name.startswith("mSAM-"):
-      name, variant = "mSAM", f"m={name.split('-')[1]}"
-    elif name == f"{base}+IRE":
-      variant = "fisher"
+    name, variant = COST_NAMES.get(a["optimizer"], (a["optimizer"], ""))
     out.append(schema.time_row(name, base, f"{MODELS[a['model']]}, {a['dataset']}", "train step",
                                a["time_ratio"], "bench_generalization",
                                f"median of {a['n']} seeds", variant, interleaved=False,
@@ -182,21 +176,17 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   combos = list(dict.fromkeys((a["model"], a["dataset"]) for a in aggs))
   sections = "\n\n".join(
       f"## {meta['models'][m].split(':')[0]} on {d}\n\n" + table(
-          ["optimizer", "test acc (%)", "test loss", "final train loss", "top eig", "trace",
-           "ms/step", "time ratio"],
-          [[a["optimizer"], pm(a["test_acc"], a["test_acc_std"], scale=100),
-            pm(a["test_loss"], a["test_loss_std"], ".4f"),
-            pm(a["train_loss"], a["train_loss_std"], ".4f"), pm(a["top_eig"],
-                                                                a["top_eig_std"], ".3g"),
-            pm(a["trace"], a["trace_std"], ".3g"), f"{1e3 * a['time_per_step_s']:.1f}",
-            f"{a['time_ratio']:.2f}x"] for a in aggs if (a["model"], a["dataset"]) == (m, d)])
+          ["optimizer", *(c[0] for c in COLUMNS.values()), "ms/step", "time ratio"],
+          [[a["optimizer"], *(pm(a[k], a[k + "_std"], f, s) for k, (_, f, s) in COLUMNS.items()),
+            f"{1e3 * a['time_per_step_s']:.1f}", f"{a['time_ratio']:.2f}x"]
+           for a in aggs if (a["model"], a["dataset"]) == (m, d)])
       for m, d in combos)
   by_name: dict[str, dict] = {}
   for a in aggs:
     by_name.setdefault(a["optimizer"].replace(BASE[a["model"]], "base"), {})[
         a["model"], a["dataset"]] = a
   timed = [c for c in combos if c[1] == "mnist"] or combos[:1]
-  name = lambda m, d: f"{'ResNet' if m == 'resnet' else 'ViT'} {d}"  # noqa: E731
+  name = lambda m, d: f"{MODELS[m].split('-')[0]} {d}"  # noqa: E731
   summary = table(["optimizer"] + [f"{name(*c)} acc %" for c in combos]
                   + [f"{name(*c)} time" for c in timed],
                   [[o] + [pm(cells[c]["test_acc"], cells[c]["test_acc_std"], scale=100)

@@ -1,8 +1,6 @@
 """Robustness to noisy labels: SAM (Foret et al. 2021, §3.3), IRE, mSAM, SALA, Lookahead.
 
-Is SAM far more robust than SGD to noisy training labels? The same question for the others, on
-MNIST with 20% and 40% symmetric label noise (fixed per example and seed), clean test labels, a
-small CNN; SGD's learning rate chosen once on a held-out part of the noisy training set.
+A small CNN on MNIST with symmetric label noise, clean test labels (the setting: the template).
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,8 +105,8 @@ def row(r: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
           "eval_acc_best": max(accs),
           "eval_acc_best_epoch": int(np.argmax(accs)) + 1, "eval_acc_curve": accs,
           "time_per_step_s": r["s_per_step"], "first_step_s": r["first_step_s"],
-          "wall_s": r["wall_s"], **{k: r[k] for k in COLUMNS if k in r},
-          **{k: r[k] for k in ("train_acc_clean", "corrupted_fraction") if k in r}}
+          "wall_s": r["wall_s"],
+          **{k: r[k] for k in (*COLUMNS, "train_acc_clean", "corrupted_fraction") if k in r}}
 
 
 def pool(x: np.ndarray) -> np.ndarray:
@@ -121,8 +118,8 @@ def pool(x: np.ndarray) -> np.ndarray:
 def run(spec: Experiment, args: argparse.Namespace) -> None:
   """SGD's learning rate from the grid (first noise rate, seed 0, the last training images
   held out, their labels noisy too), then every arm at every noise rate and seed."""
-  c, out, t0 = (SMOKE if args.smoke else CONFIG), Path(args.out or schema.RESULTS), \
-      time.perf_counter()
+  c, out = (SMOKE if args.smoke else CONFIG), Path(args.out or schema.RESULTS)
+  t0 = time.perf_counter()
   img = data.load_images(args.data_dir, require_mnist=not args.smoke)
   x, x_te, hold = pool(img.x_train), pool(img.x_test), 256 if args.smoke else GRID_HOLDOUT
   noise_of = {t.key: n for t, n in zip(spec.tasks, c["noise"], strict=True)}
@@ -155,7 +152,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   config = {**c, "data": img.name, "n_train": len(x), "n_test": len(x_te),
             "seeds": list(main.seeds), "optimizers": list(OPTIMIZERS), "lr": None}
   wall = time.perf_counter() - t0
-  meta = {"command": "python -m benchmarks label_noise " + " ".join(sys.argv[2:]),
+  meta = {"command": runner.command("label_noise"),
           "machine": timing.machine(), "config": config, "wall_s": wall, "lr": lr,
           "data": data.describe_images(img), "params": rows[0]["params"],
           "wall_text": f"{len(rows)} runs + {len(grid_rows)} grid runs in {wall / 60:.1f} min."}
@@ -206,6 +203,9 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   aggs, found = aggregate(det["runs"]), claims(det["runs"])
   noises = sorted({a["noise"] for a in aggs})
   pct = lambda x: f"{round(100 * x)}%"  # noqa: E731
+  which = lambda c: "final" if c["metric"] == "eval_acc_final" else "best"  # noqa: E731
+  memorised = max(r["memorised"] for r in det["runs"])
+  drop = max(r["eval_acc_best"] - r["eval_acc_final"] for r in det["runs"])
   tables = "\n\n".join(f"## {pct(n)} label noise\n\n" + table(
       ["optimizer", *(c[0] for c in COLUMNS.values()), "time / SGD"],
       [[a["optimizer"], *(pm(a[k], a[k + "_std"], f, 1 if k == "top_eig" else 100)
@@ -225,8 +225,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
       "claims": table(["noise", "claim", "metric", "Δ clean test acc (pp), mean ± std",
                        "per seed", "verdict"],
                       [[pct(c["noise"]), f"{c['worse']} < {c['better']}",
-                        "final" if c["metric"] == "eval_acc_final" else "best",
-                        *paired_cells(c)] for c in found], "lllrll"),
+                        which(c), *paired_cells(c)] for c in found], "lllrll"),
       "summary": table(["optimizer"] + [f"{pct(n)} noise: final / best test acc %"
                                         for n in noises]
                        + [f"{pct(n)} noise: memorised %" for n in noises],
@@ -236,17 +235,14 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                         for o in OPTIMIZERS if by_opt[o]], "l" + "r" * 2 * len(noises)),
       "sam": "; ".join(f"{pct(c['noise'])} noise {100 * c['mean']:+.2f} ± {100 * c['std']:.2f} "
                        f"pp ({c['verdict']})" for c in sam),
-      "max_memorised": 100 * max(r["memorised"] for r in det["runs"]),
-      "max_drop": 100 * max(r["eval_acc_best"] - r["eval_acc_final"] for r in det["runs"]),
+      "max_memorised": 100 * memorised, "max_drop": 100 * drop,
       "flatter": "; ".join(f"{pct(n)} noise: {', '.join(flatter[n]) or 'none'}"
                            for n in noises),
       "beyond": "; ".join(f"{c['worse']} < {c['better']} at {pct(c['noise'])} noise "
-                          f"({'final' if c['metric'] == 'eval_acc_final' else 'best'}: "
-                          f"{100 * c['mean']:+.2f} pp, {c['verdict']})" for c in found
+                          f"({which(c)}: {100 * c['mean']:+.2f} pp, {c['verdict']})" for c in found
                           if "2 SE" in c["verdict"]) or "none",
       "regime": "with little to memorise, this setting cannot show the protection the claim is "
-                "about" if max(r["memorised"] for r in det["runs"]) < 0.1 and max(
-                    r["eval_acc_best"] - r["eval_acc_final"] for r in det["runs"]) < 0.01
+                "about" if memorised < 0.1 and drop < 0.01
                 else "the models memorise, so the claim can show here",
       "n_seeds": len(meta["config"]["seeds"]),
       "params": meta.get("params", 0)}

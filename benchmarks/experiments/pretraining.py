@@ -1,24 +1,14 @@
-"""IRE's pre-training speed-up over AdamW (Wang et al. 2024), a character-level Llama.
+"""IRE's pre-training speed-up over AdamW (Wang et al. 2024: 2x held-out, 5.4x training loss).
 
-The claims: 2x in held-out loss, 5.4x in training loss, at small scale here.
-
-Per data set and seed: AdamW for T steps (``adamw-T``), for 2T steps (``adamw-2T``: the same
-peak lr and warm-up steps, the cosine stretched to 2T) and AdamW+IRE for T steps once per IRE
-setting (``ire-<setting>-T``), from the same initialisation on the same batches. Speed-up vs
-2T (the paper's metric) = (first evaluated step at which AdamW-2T reaches IRE-T's final loss)
-/ (the step at which IRE-T does); a bound where a curve never gets there. Presets (one
-pipeline): ``default`` (three Hessian-diagonal estimators, two data sets), ``official`` (the
-IRE authors' settings, with a learning-rate check at a larger lr), ``kappa3_lr`` (an IRE
-ablation). ``python -m benchmarks pretraining --data-dir DIR [--preset official]``.
+Per data set and seed, a character-level Llama: ``adamw-T``, ``adamw-2T`` and one
+``ire-<setting>-T`` per IRE setting, from the same initialisation on the same batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,9 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "settings (+ a learning-rate check); kappa3_lr: an IRE ablation")
 
 
-# -----------------------------------------------------------------------------
-# Runs
-# -----------------------------------------------------------------------------
+def variant(label: str) -> str | None:
+  """The IRE setting of arm ``ire-<setting>-T``; None for AdamW's arms."""
+  return label[4:-2] if label.startswith("ire-") else None
 
 
 def leaves(cfg: Any) -> dict[str, Any]:
@@ -131,14 +121,14 @@ def smooth(points: list, window: int) -> list[tuple[int, float]]:
 
 
 def run(spec: Experiment, args: argparse.Namespace) -> None:
-  """Trains (or reads from the cache) every run of ``spec`` (another ``--preset``: that
-  one's) and writes ``results/{spec.name}.json``."""
+  """Trains (or reads) every run of ``spec`` (or of ``--preset``'s); writes its results."""
   if getattr(args, "preset", "default") != "default":
     spec = PRESETS[args.preset]
     spec = dataclasses.replace(spec, **spec.smoke) if args.smoke else spec
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
   window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
+  lr_runs = {}
   if spec.name == OFFICIAL.name:  # the learning-rate check: seed 0 at a larger peak lr
     task = spec.tasks[0]
     task = dataclasses.replace(task, overrides={**task.overrides, "optimizer": {
@@ -146,26 +136,25 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
     check = dataclasses.replace(spec, name=spec.name + "_lr", seeds=(0,), arms=spec.arms[:-1],
                                 tasks=(task,))
     lr_runs = next(iter(runner.run_all(check, out=out, data_dir=args.data_dir).values()))["0"]
-  for rec in [r for t in runs.values() for s in t.values() for r in s.values()] + (
-      list(lr_runs.values()) if spec.name == OFFICIAL.name else []):
+  for rec in [r for t in runs.values() for s in t.values() for r in s.values()] + [
+      *lr_runs.values()]:
     if window:
       rec["train_curve"] = smooth(rec["loss_curve"], window)
   first = runner.configure(spec, spec.tasks[0], spec.arm(spec.baseline), spec.seeds[0])
   res: dict[str, Any] = {
       "stem": spec.name, "complete": True, "machine": timing.machine(),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": "python -m benchmarks pretraining " + " ".join(sys.argv[2:]),
+      "date": runner.now(), "command": runner.command("pretraining"),
       "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
-                 "ire_settings": {a.label[4:-2]: {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
+                 "ire_settings": {variant(a.label): {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
                                   | {"source": a.note} for a in spec.arms if a.optimizer}},
       "datasets": {t.key: dict(DATASETS[t.data], params=runs[t.key][str(spec.seeds[0])][
           spec.baseline]["params"]) for t in spec.tasks},
       "results": {t: {s: {"runs": r} for s, r in per.items()} for t, per in runs.items()},
       "notes": [], "total_wall_s": time.perf_counter() - t0}
-  if spec.name == OFFICIAL.name:
-    res["lr_check"] = {f"{k[4:-2] if k.startswith('ire-') else 'adamw'}@{LR_CHECK:g}": dict(
-        r, lr=LR_CHECK, variant=k[4:-2] if k.startswith("ire-") else None)
-        for k, r in lr_runs.items()}
+  if lr_runs:
+    res["lr_check"] = {f"{variant(k) or 'adamw'}@{LR_CHECK:g}": dict(r, lr=LR_CHECK,
+                                                                     variant=variant(k))
+                       for k, r in lr_runs.items()}
   meta = {k: res[k] for k in ("date", "machine", "command", "complete")}
   schema.write_results(out / spec.name, benchmark="pretraining", meta=meta,
                        rows=result_rows(load(res, spec.name)), details=res)
@@ -203,11 +192,6 @@ SPEEDUPS = {  # per-seed metric -> (row metric suffix, what it counts)
     "train_vs_2T": ("train_vs_2T", "steps to IRE-T's final training loss"),
     "vs_2T": ("heldout_vs_2T", "steps to IRE-T's final held-out loss"),
     "vs_T": ("heldout_vs_T", "steps to AdamW-T's final held-out loss")}
-
-
-# -----------------------------------------------------------------------------
-# Metrics and reports
-# -----------------------------------------------------------------------------
 
 
 # Settings files of the default preset did not record (then fixed).
@@ -283,26 +267,23 @@ def steps(x: int | None) -> str:
 
 def summary_table(res: Mapping[str, Any], short: bool = False) -> str:
   """One row per data set and IRE setting; ``short``: the claims' columns only."""
-  train = "train_vs_T" in next(iter(next(iter(aggregate(res).values())).values()))
-  cols = [("data", True, lambda d, v, a: res["datasets"][d]["label"]),
-          ("IRE setting", True, lambda d, v, a: f"`{v}`"),
-          ("training loss: speed-up vs AdamW-T (claim 5.4x)", train,
-           lambda d, v, a: metrics.speedups_text(a["train_vs_T"])),
-          ("training loss: speed-up vs AdamW-2T", train and not short,
-           lambda d, v, a: metrics.speedups_text(a["train_vs_2T"])),
-          ("held-out: speed-up vs AdamW-2T (claim 2x)", True,
-           lambda d, v, a: metrics.speedups_text(a["vs_2T"])),
-          ("held-out: speed-up vs AdamW-T", not short,
-           lambda d, v, a: metrics.speedups_text(a["vs_T"])),
-          ("final train loss IRE-T / AdamW-T / AdamW-2T", train and not short,
-           lambda d, v, a: losses(a, "train_")),
-          ("final held-out loss IRE-T / AdamW-T / AdamW-2T", True, lambda d, v, a: losses(a)),
-          ("time/step IRE/AdamW, median [min, max]", not short,
-           lambda d, v, a: spread(a["ratio"]))]
-  cols = [c for c in cols if c[1]]
-  return table([c[0] for c in cols], [[c[2](d, v, a) for c in cols]
-                                             for d, per_v in aggregate(res).items()
-                                             for v, a in per_v.items()])
+  agg, text = aggregate(res), metrics.speedups_text
+  train = "train_vs_T" in next(iter(next(iter(agg.values())).values()))
+  cols = [  # (header, shown, cell of the setting's aggregate)
+      ("training loss: speed-up vs AdamW-T (claim 5.4x)", train,
+       lambda a: text(a["train_vs_T"])),
+      ("training loss: speed-up vs AdamW-2T", train and not short,
+       lambda a: text(a["train_vs_2T"])),
+      ("held-out: speed-up vs AdamW-2T (claim 2x)", True, lambda a: text(a["vs_2T"])),
+      ("held-out: speed-up vs AdamW-T", not short, lambda a: text(a["vs_T"])),
+      ("final train loss IRE-T / AdamW-T / AdamW-2T", train and not short,
+       lambda a: losses(a, "train_")),
+      ("final held-out loss IRE-T / AdamW-T / AdamW-2T", True, losses),
+      ("time/step IRE/AdamW, median [min, max]", not short, lambda a: spread(a["ratio"]))]
+  shown = [(head, cell) for head, on, cell in cols if on]
+  return table(["data", "IRE setting", *(head for head, _ in shown)],
+               [[res["datasets"][d]["label"], f"`{v}`", *(cell(a) for _, cell in shown)]
+                for d, per_v in agg.items() for v, a in per_v.items()])
 
 
 def seed_table(res: Mapping[str, Any]) -> str:
@@ -366,29 +347,26 @@ def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
   rows = []
   for lr, g in groups.items():
     for k, r in g.items():
-      m = seed_metrics(g, k[4:-2]) if k != "adamw-T" else None
+      v = variant(k)
+      m = seed_metrics(g, v) if v else None
       rows.append([f"{lr:g}", k, f"{final(r, True):.4f}", f"{final(r):.4f}"] + (
           [metrics.speedup_text(m["train_vs_T"]), metrics.speedup_text(m["vs_T"])] if m
           else ["-", "-"]))
   text = table(["peak lr", "run", "final train loss", "final held-out loss",
-                        "training loss: speed-up vs AdamW-T at this lr",
-                       "held-out: speed-up vs AdamW-T at this lr"], rows)
+                "training loss: speed-up vs AdamW-T at this lr",
+                "held-out: speed-up vs AdamW-T at this lr"], rows)
   best = min(groups, key=lambda lr: final(groups[lr]["adamw-T"], True))
   if best == c["lr"]:
     return text, f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr " \
                   "checked for AdamW-T."
-  ires = {k: r for k, r in groups[c["lr"]].items() if k != "adamw-T"}
+  ires = {k: r for k, r in groups[c["lr"]].items() if variant(k)}
   below = [final(r, True) < final(groups[best]["adamw-T"], True) for r in ires.values()]
-  return text, (
-      f"- Learning-rate check (seed 0): AdamW-T alone at peak lr {best:g} ends at training / "
-      f"held-out loss {final(groups[best]['adamw-T'], True):.3f} / "
-      f"{final(groups[best]['adamw-T']):.3f}, vs {final(main['adamw-T'], True):.3f} / "
-      f"{final(main['adamw-T']):.3f} at the authors' {c['lr']:g}; AdamW+IRE-T at "
-      f"{c['lr']:g} ends at " + ", ".join(f"{final(r, True):.3f} / {final(r):.3f} ({k[4:-2]})"
-                                         for k, r in ires.items())
-      + f": {'all' if all(below) else 'some' if any(below) else 'none'} below AdamW alone at "
-      f"{best:g}. The speed-ups above are against AdamW at a learning rate this check finds "
-      "too small for it.")
+  both = lambda r: f"{final(r, True):.3f} / {final(r):.3f}"  # noqa: E731
+  return text, fill("pretraining_lr_check.md", {
+      "best": best, "lr": c["lr"], "best_adamw": both(groups[best]["adamw-T"]),
+      "adamw": both(main["adamw-T"]), "below": "all" if all(below) else "some" if any(below)
+      else "none", "ires": ", ".join(f"{both(r)} ({variant(k)})" for k, r in ires.items())
+  }).rstrip("\n")
 
 
 def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
@@ -428,6 +406,5 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
       kind = "pretraining_official" if res["official"] else "pretraining"
       out[f"benchmarks/results/{spec.name}.md"] = fill(f"{kind}.md", ctx)
       if spec is not KAPPA3_LR:
-        out[f"benchmarks/results/{spec.name}_summary.md"] = fill(f"{kind}_summary.md",
-                                                                       ctx)
+        out[f"benchmarks/results/{spec.name}_summary.md"] = fill(f"{kind}_summary.md", ctx)
   return out

@@ -1,23 +1,18 @@
 """SALA against its base, Lookahead and SAM: an MNIST training run and the step cost.
 
-An MLP 784-512-256-10 trained with the optimizers interleaved chunk by chunk in one process,
-and the train step's cost on a fixed batch at three sizes. Reported: SALA's stage-2 fraction,
-the gradient-evaluation ratio (exact, from ``sala_stats``) and the time ratio against the
-base, measured and expected (1 + fraction / k), the final training loss and the test accuracy
-(slow weights for SALA and Lookahead). Both parts run the examples' optimizers and train step.
+Both parts run the examples' optimizers and train step (what is reported: the template).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks import data, metrics, schema, timing
+from benchmarks import data, metrics, runner, schema, timing
 from benchmarks.render import fill, table
 from benchmarks.spec import Micro
 
@@ -94,8 +89,7 @@ def train_seed(img: Any, c: Mapping[str, Any], seed: int) -> dict[str, Any]:
     ev = {k: train.evaluate(graphdef, params, block.carry.stats, data_lib.image_eval_batches(
         x, y, 2000)) for k, x, y in (("train", img.x_train, img.y_train),
                                      ("test", img.x_test, img.y_test))}
-    final[n] = {"train_loss": ev["train"]["eval_loss"], "train_acc": ev["train"]["eval_acc"],
-                "test_loss": ev["test"]["eval_loss"], "test_acc": ev["test"]["eval_acc"]}
+    final[n] = {f"{k}_{m}": ev[k][f"eval_{m}"] for k in ev for m in ("loss", "acc")}
   return {"times": times, "frac_per_epoch": fractions, "final": final, "steps": total,
           "steps_per_round": [c["chunk"]] * (rounds * c["epochs"]),
           "sala_extra_grads": prev[0], "sala_cycles": prev[1]}
@@ -147,7 +141,7 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
   machine = timing.machine()
   details = {"config": {**c, "data": data.describe_images(img), "machine": machine["summary"],
                         "wall_s": time.perf_counter() - t0,
-                        "command": "python -m benchmarks sala " + " ".join(sys.argv[2:])},
+                        "command": runner.command("sala")},
              "summary": summary, "stage2_fraction": frac, "step_costs": costs, "runs": runs,
              "stage2_fraction_per_epoch": [statistics.fmean(r["frac_per_epoch"][e] for r in runs)
                                            for e in range(c["epochs"])]}
