@@ -1,11 +1,8 @@
-"""SAM, SAM every k, SALA, mSAM, GSAM and IRE steps compiled for TPU v5e and H100, over base.
+"""SAM, SALA, mSAM, GSAM and IRE steps compiled deviceless for TPU v5e and H100, over base.
 
-Nothing runs: every program is compiled deviceless (:mod:`benchmarks.compiled`). Sections:
-``update``, one optimizer step of a 1e7-parameter MLP per optimizer (:data:`UPDATES`); ``train``,
-the examples' train steps of :data:`SPEC` (a kind of step that occurs on some steps only weighted
-by its share of :data:`PERIOD` steps, with the hints the examples' loop passes); ``pod``, the
-collectives of the Llama train step FSDP-sharded over a v5e:4x4 slice. ``--resume`` compiles only
-what the results file lacks (a ResNet train step takes minutes on two CPU cores).
+Sections: ``update`` (an MLP's optimizer step, :data:`UPDATES`), ``train`` (the examples' train
+steps, each kind of step weighted by its share of :data:`PERIOD` steps), ``pod`` (the Llama
+step's collectives, FSDP over a v5e:4x4 slice).
 """
 
 from __future__ import annotations
