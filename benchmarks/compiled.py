@@ -60,6 +60,11 @@ def available(target: str) -> str | None:
   return None if target in ("cpu", "h100") or _is_tpu(target) else f"unknown target {target!r}"
 
 
+def usable(targets: Sequence[str]) -> list[str]:
+  """The ``targets`` that can be compiled for here."""
+  return [t for t in targets if available(t) is None]
+
+
 @functools.cache
 def devices(target: str) -> tuple[Any, ...]:
   """The devices of ``target``: ``"tpu-v5e"``, a slice ``"v5e:AxB"``, ``"h100"`` or ``"cpu"``."""

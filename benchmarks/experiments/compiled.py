@@ -80,7 +80,7 @@ def measure(target: str, n: int, leaves: int, steps: bool) -> dict[str, Any]:
 
 
 def run(spec: Micro, args: argparse.Namespace) -> None:
-  targets = [t for t in args.targets if X.available(t) is None]
+  targets = X.usable(args.targets)
   details = []
   for target in targets:
     for n, leaves, steps in spec.sizes:
