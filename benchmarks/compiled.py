@@ -241,8 +241,8 @@ class Analysis:
 
 def h100_seconds(a: Analysis) -> float:
   """The H100 time model: bytes / 3.35 TB/s + 4 µs per kernel + 10 µs per host round trip."""
-  return a.bytes / H100_BANDWIDTH + a.num_kernels * H100_LAUNCH + a.host_round_trips * \
-      H100_ROUND_TRIP
+  return (a.bytes / H100_BANDWIDTH + a.num_kernels * H100_LAUNCH
+          + a.host_round_trips * H100_ROUND_TRIP)
 
 
 def _fusion_bytes(comps: dict[str, list[Instruction]], ins: Instruction,
