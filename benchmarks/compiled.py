@@ -1,24 +1,15 @@
 """Deviceless compiles for a TPU v5e (chip or slice), an H100 or the CPU, read from the HLO.
 
-XLA compiles for a described target (libtpu's topology: ``"tpu-v5e"`` is one chip of a v5e:2x2,
-``"v5e:4x4"`` a slice; ``h100_sxm.txtpb`` for an H100 SXM; the host CPU); nothing runs. Import
-this module before JAX starts a backend: it sets ``JAX_PLATFORMS=cpu`` unless set.
-
-:func:`analyze` counts what executes: a ``while`` body per trip (XLA:TPU's counted loops read
-from their condition), a ``conditional`` with the branches ``branch`` names (None: none, the
-plain path; an index, 0 the false branch; ``"max"``: the most bytes), each branch also alone
-(:attr:`Analysis.conditionals`). Per executed kernel: **bytes** of operands + result in device
-memory, as XLA's cost analysis counts a fusion (sliced operands count their slices, an in-place
-update its window, TPU on-chip arrays nothing); TPU **cycles** (the compiler's estimates); GPU
-**host round trips** (a conditional's predicate, an uncounted loop's condition); collectives.
-:func:`h100_seconds` is the H100 time model (:data:`TIME_MODEL`).
+Nothing runs: XLA compiles for a described target (libtpu's topology, ``h100_sxm.txtpb``, the
+host CPU) and :func:`analyze` counts what the optimized program executes (loop trips applied):
+device-memory bytes, kernels, TPU estimated cycles, GPU host round trips and collectives.
+Import this module before JAX starts a backend: it sets ``JAX_PLATFORMS=cpu`` unless set.
 
 Example::
 
-  from benchmarks import compiled as X
   p = {"w": jax.ShapeDtypeStruct((10**7,), jnp.float32)}
-  a = X.analyze(X.compile_fn(step, p, p, target="h100", donate_argnums=0))
-  a.bytes, a.num_kernels, a.host_round_trips, a.cycles, X.h100_seconds(a)
+  a = analyze(compile_fn(step, p, p, target="h100", donate_argnums=0))
+  a.bytes, a.num_kernels, a.host_round_trips, a.cycles, h100_seconds(a)
 """
 
 from __future__ import annotations
@@ -69,6 +60,11 @@ def available(target: str) -> str | None:
   return None if target in ("cpu", "h100") or _is_tpu(target) else f"unknown target {target!r}"
 
 
+def usable(targets: Sequence[str]) -> list[str]:
+  """The ``targets`` that can be compiled for here."""
+  return [t for t in targets if available(t) is None]
+
+
 @functools.cache
 def devices(target: str) -> tuple[Any, ...]:
   """The devices of ``target``: ``"tpu-v5e"``, a slice ``"v5e:AxB"``, ``"h100"`` or ``"cpu"``."""
@@ -88,18 +84,11 @@ def devices(target: str) -> tuple[Any, ...]:
   raise ValueError(f"unknown target {target!r}; one of {TARGETS} or a TPU slice 'v5e:AxB'")
 
 
-def mesh(target: str, axis_names: Sequence[str] = ("data",)) -> Any:
-  """A one-dimensional ``jax.sharding.Mesh`` over every device of ``target``."""
+def mesh(target: str) -> Any:
+  """A one-dimensional ``jax.sharding.Mesh`` (axis ``"data"``) over ``target``'s devices."""
   import jax
   import numpy as np
-  return jax.sharding.Mesh(np.array(devices(target), dtype=object), tuple(axis_names))
-
-
-def place(tree: Any, target: str) -> Any:
-  """``tree``'s leaves as ShapeDtypeStructs on ``target``'s first device."""
-  import jax
-  sharding = jax.sharding.SingleDeviceSharding(devices(target)[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return jax.sharding.Mesh(np.array(devices(target), dtype=object), ("data",))
 
 
 def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool = True,
@@ -108,7 +97,8 @@ def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool
   its first device (``place_args=False``: they already carry the shardings wanted)."""
   import jax
   if place_args:
-    args = tuple(place(a, target) for a in args)
+    on = jax.sharding.SingleDeviceSharding(devices(target)[0])
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), args)
   return jax.jit(fn, **jit_kwargs).lower(*args).compile()
 
 
@@ -229,11 +219,8 @@ class Analysis:
     return float(sum(self.kernels.values()))
 
   def __add__(self, o: Analysis) -> Analysis:
-    return Analysis(self.bytes + o.bytes, self.kernels + o.kernels,
-                    self.conditionals_executed + o.conditionals_executed,
-                    self.host_round_trips + o.host_round_trips, self.cycles + o.cycles,
-                    self.loop_iterations + o.loop_iterations, self.collectives + o.collectives,
-                    self.conditionals + o.conditionals)
+    return Analysis(**{f.name: getattr(self, f.name) + getattr(o, f.name)
+                       for f in dataclasses.fields(self)})
 
   def scaled(self, k: float) -> Analysis:
     kernels = collections.Counter({o: v * k for o, v in self.kernels.items()})
@@ -254,8 +241,8 @@ class Analysis:
 
 def h100_seconds(a: Analysis) -> float:
   """The H100 time model: bytes / 3.35 TB/s + 4 µs per kernel + 10 µs per host round trip."""
-  return a.bytes / H100_BANDWIDTH + a.num_kernels * H100_LAUNCH + a.host_round_trips * \
-      H100_ROUND_TRIP
+  return (a.bytes / H100_BANDWIDTH + a.num_kernels * H100_LAUNCH
+          + a.host_round_trips * H100_ROUND_TRIP)
 
 
 def _fusion_bytes(comps: dict[str, list[Instruction]], ins: Instruction,
@@ -340,7 +327,8 @@ def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instructio
   return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
 
 
-def _analyze(comps: dict[str, list[Instruction]], comp: str, branch: Any, gpu: bool) -> Analysis:
+def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analysis:
+  """What computation ``comp`` executes, each conditional's branches apart (no branch taken)."""
   a = Analysis()
   shapes = {i.name: i.shape for i in comps[comp]}
   for ins in comps[comp]:
@@ -350,22 +338,17 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, branch: Any, gpu: b
       known = ins.number(r'"known_trip_count":\{"n":"(\d+)"')
       inferred = _infer_trips(comps, comp, ins) if known < 0 else None
       trips = known if known >= 0 else (1 if inferred is None else inferred)
-      a += _analyze(comps, ins.attr("body"), branch, gpu).scaled(trips)
+      a += _analyze(comps, ins.attr("body"), gpu).scaled(trips)
       a.loop_iterations += trips
       if known < 0:
-        a += _analyze(comps, ins.attr("condition"), branch, gpu).scaled(trips + 1)
+        a += _analyze(comps, ins.attr("condition"), gpu).scaled(trips + 1)
         a.host_round_trips += (trips + 1) * gpu
     elif op == "conditional":
       a.conditionals_executed += 1
       a.host_round_trips += gpu
-      per_branch = [_analyze(comps, b, branch, gpu) for b in ins.branches]
-      a.conditionals.append(per_branch)
-      if per_branch and branch == "max":
-        a += max(per_branch, key=lambda b: b.bytes)
-      elif per_branch and isinstance(branch, int) and not isinstance(branch, bool):
-        a += per_branch[min(branch, len(per_branch) - 1)]
+      a.conditionals.append([_analyze(comps, b, gpu) for b in ins.branches])
     elif op == "call":
-      a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), branch, gpu)
+      a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), gpu)
     elif op not in _NO_KERNEL and not op.endswith("-done"):
       if op == "async-start" and ins.attr("calls") in comps:
         op = comps[ins.attr("calls")][-1].opcode + "-start"  # e.g. all-reduce-start
@@ -378,17 +361,15 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, branch: Any, gpu: b
   return a
 
 
-def analyze(compiled: Any, *, branch: Any = None, gpu: bool | None = None) -> Analysis:
-  """The executed cost of a ``jax.stages.Compiled`` (or its ``as_text()``); see the module doc.
-
-  ``gpu``: whether conditionals round-trip to the host (default: read from the HLO's GPU
-  backend configs).
+def analyze(compiled: Any, *, gpu: bool | None = None) -> Analysis:
+  """The cost of a ``jax.stages.Compiled`` (or its text) taking no conditional's branch
+  (:func:`taken` adds them); ``gpu``: conditionals round-trip to the host (default: from the HLO).
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   comps, entry = parse_hlo(text)
   if gpu is None:
     gpu = any(s in text for s in ('"operation_queue_id"', "__cublas", "__triton"))
-  return _analyze(comps, entry, branch, gpu)
+  return _analyze(comps, entry, gpu)
 
 
 # Reading a compiled train step.
@@ -425,9 +406,8 @@ def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any
 
 
 def cycle_breakdown(compiled: Any, top: int = 6) -> dict[str, Any]:
-  """Where a TPU program's estimated cycles go, per fusion kind (``kOutput``: matmuls and
-  convolutions; ``kLoop``, ``kInput``: elementwise and reductions) or opcode, and its costliest
-  instructions with their JAX operation (every instruction once, loop bodies and branches too)."""
+  """A TPU program's estimated cycles per fusion kind (``kOutput``: matmuls, convolutions) or
+  opcode, and its costliest instructions (each instruction once, loops and branches too)."""
   kinds: collections.Counter = collections.Counter()
   rows = []
   for ins in (i for c in parse_hlo(compiled.as_text())[0].values() for i in c):

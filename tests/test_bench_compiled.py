@@ -30,18 +30,25 @@ def _result(target, n, leaves, refresh, plain=None, kernels=10):
   return {"target": target, "n": n, "leaves": leaves, "ratios": ratios, "programs": programs}
 
 
-def test_verdicts_name_the_worst_case_against_each_target():
-  details = [_result("tpu-v5e", 10**6, 1, 1.5, plain=1.01),
-             _result("tpu-v5e", 10**7, 63, 2.5, plain=1.06),
+def test_verdicts_count_the_target_sizes_only():
+  details = [_result("tpu-v5e", 10**7, 1, 1.5, plain=1.01),
+             _result("tpu-v5e", 10**8, 63, 2.5, plain=1.06),
+             _result("tpu-v5e", 10**6, 1, 9.0, plain=9.0),  # not a target size
              _result("h100", 10**7, 1, 1.0, kernels=43),
+             _result("h100", 10**6, 63, 7.0, kernels=30),  # not a target size
              _result("cpu", 10**7, 1, 9.0, plain=9.0)]  # the CPU is not a target
   lines = B.verdicts(details).splitlines()
   assert lines == [
-      "- refresh, bytes ≤ 2: 2 of 3 met; worst 2.5 (tpu-v5e, N=1e+07, 63 leaves)",
-      "- refresh, TPU v5e cycles ≤ 2: 1 of 2 met; worst 2.5 (tpu-v5e, N=1e+07, 63 leaves)",
-      "- refresh, H100 time model ≤ 3: 1 of 1 met; worst 1 (h100, N=1e+07, 1 leaves)",
-      "- refresh, H100 kernels ≤ 42: 0 of 1 met; worst 43 (h100, N=1e+07, 1 leaves)",
-      "- plain step, bytes ≤ 1.05: 1 of 2 met; worst 1.06 (tpu-v5e, N=1e+07, 63 leaves)"]
+      "- refresh, bytes ≤ 2: 2 of 3 met, 1.00–2.50; worst 2.5 (tpu-v5e, N=1e+08, 63 leaves)",
+      "- refresh, TPU v5e cycles ≤ 2: 1 of 2 met, 1.50–2.50; worst 2.5 (tpu-v5e, N=1e+08, "
+      "63 leaves)",
+      "- refresh, H100 time model ≤ 3: 1 of 1 met, 1.00; worst 1 (h100, N=1e+07, 1 leaves)",
+      "- refresh, H100 kernels ≤ 40 + 2 per leaf: 0 of 1 met, 43; worst 43 (h100, N=1e+07, "
+      "1 leaves)",
+      "- plain step, bytes ≤ 1.05: 1 of 2 met, 1.01–1.06; worst 1.06 (tpu-v5e, N=1e+08, "
+      "63 leaves)",
+      "- at N=1e+06, not a target size: refresh, bytes 7.00–9.00; refresh, TPU v5e cycles 9.00; "
+      "refresh, H100 time model 7.00; refresh, H100 kernels 30; plain step, bytes 9.00"]
 
 
 def test_committed_reports_and_docs_blocks_are_rendered_from_the_results():

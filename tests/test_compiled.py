@@ -77,9 +77,8 @@ def test_reads_loops_conditionals_fusions_and_collectives():
   assert a.kernels == {"fusion": 6, "all-reduce": 1}
   assert a.conditionals_executed == 1 and a.host_round_trips == 1
   assert [b.bytes for b in a.conditionals[0]] == [0, 800]  # false (nothing), true (a copy)
-  taken = X.analyze(HLO, gpu=True, branch=1)  # as lax.cond numbers them: 1 is true
-  assert taken.bytes == a.bytes + 800 and taken.kernels["copy"] == 1
-  assert X.analyze(HLO, gpu=True, branch="max").bytes == taken.bytes
+  assert X.taken(HLO, lambda n: [1] * n).bytes == a.bytes + 800  # as lax.cond numbers: 1 true
+  assert X.taken(HLO).bytes == a.bytes and X.taken(HLO, X.first_taken).kernels["copy"] == 1
   assert a.collectives == [X.Collective("all-reduce", "f32[100]", 400, 1)]
   assert X.analyze(HLO, gpu=False).host_round_trips == 0
   assert X.h100_seconds(a) == pytest.approx(a.bytes / 3.35e12 + 7 * 4e-6 + 10e-6)

@@ -2,9 +2,9 @@
 
 Nothing runs: each program is compiled deviceless for a TPU v5e or an H100
 (``benchmarks/compiled.py``) and read from its optimized HLO, which is deterministic, so the
-design targets are asserted here (``docs/selection.md``, ``docs/performance.md``). The tests
-skip where libtpu or the jax-cuda12 plugin is not installed (``.ci/run`` installs both).
-N = 1e7 compiles as fast as a small N: nothing is allocated.
+design targets (``B.TARGETS``, defined at ``B.TARGET_SIZES``) are asserted here, as the
+report's verdicts count them. The tests skip where libtpu or the jax-cuda12 plugin is not
+installed (``.ci/run`` installs both). A large N compiles as fast as a small one.
 """
 
 from benchmarks import compiled as X  # before JAX starts a backend  # isort: skip
@@ -18,6 +18,7 @@ import ire_optax
 from benchmarks.experiments import compiled as B
 
 N = 10**7
+T = B.TARGETS
 
 
 def _need(target):
@@ -29,21 +30,23 @@ def _need(target):
 _CACHE: dict = {}
 
 
-def _analysis(name, target, leaves, n=N, branch=None):
+def _analysis(name, target, leaves, n=N):
+  """The program's cost, the false branch of its conditional (the unhinted step's) taken."""
   key = (name, target, leaves, n)
   if key not in _CACHE:
     _CACHE[key] = B.compile_block(name, target, B.params_of(n, leaves))
-  return X.analyze(_CACHE[key], branch=branch)
+  return X.taken(_CACHE[key])
 
 
+@pytest.mark.parametrize("n", B.TARGET_SIZES)
 @pytest.mark.parametrize("leaves", [1, 63])
-def test_h100_refresh(leaves):
+def test_h100_refresh(leaves, n):
   _need("h100")
-  base, refresh = _analysis("adamw", "h100", leaves), _analysis("refresh", "h100", leaves)
-  assert refresh.bytes <= 2 * base.bytes, refresh.bytes / base.bytes
-  assert X.h100_seconds(refresh) <= 3 * X.h100_seconds(base), (
+  base, refresh = _analysis("adamw", "h100", leaves, n), _analysis("refresh", "h100", leaves, n)
+  assert refresh.bytes <= T["refresh_bytes"] * base.bytes, refresh.bytes / base.bytes
+  assert X.h100_seconds(refresh) <= T["refresh_h100_time"] * X.h100_seconds(base), (
       X.h100_seconds(refresh) / X.h100_seconds(base))
-  assert refresh.num_kernels <= 40 + 2 * leaves, refresh.kernels
+  assert refresh.num_kernels <= T["kernels"] + T["kernels_per_leaf"] * leaves, refresh.kernels
   assert refresh.host_round_trips == 0
 
 
@@ -51,23 +54,24 @@ def test_h100_refresh(leaves):
 def test_plain_ire_step_hinted(target):
   _need(target)
   base, plain = _analysis("adamw", target, 1), _analysis("plain step", target, 1)
-  assert plain.bytes <= 1.05 * base.bytes, plain.bytes / base.bytes
+  assert plain.bytes <= T["plain_bytes"] * base.bytes, plain.bytes / base.bytes
   assert plain.conditionals_executed == 0 and plain.host_round_trips == 0
 
 
 def test_h100_unhinted_step_pays_a_host_round_trip():
   """What the hint saves: ``lax.cond`` on XLA:GPU (docs/performance.md)."""
   _need("h100")
-  base, unhinted = _analysis("adamw", "h100", 1), _analysis("unhinted", "h100", 1, branch=0)
+  base, unhinted = _analysis("adamw", "h100", 1), _analysis("unhinted", "h100", 1)
   assert unhinted.conditionals_executed == 1 and unhinted.host_round_trips == 1
   assert unhinted.kernels["copy"] >= 1  # the mask, passed through the false branch
-  assert unhinted.bytes > 1.05 * base.bytes
+  assert unhinted.bytes > T["plain_bytes"] * base.bytes
 
 
-def test_tpu_refresh_bytes():
+@pytest.mark.parametrize("n", B.TARGET_SIZES)
+def test_tpu_refresh_bytes(n):
   _need("tpu-v5e")
-  base, refresh = _analysis("adamw", "tpu-v5e", 1), _analysis("refresh", "tpu-v5e", 1)
-  assert refresh.bytes <= 2 * base.bytes, refresh.bytes / base.bytes
+  base, refresh = _analysis("adamw", "tpu-v5e", 1, n), _analysis("refresh", "tpu-v5e", 1, n)
+  assert refresh.bytes <= T["refresh_bytes"] * base.bytes, refresh.bytes / base.bytes
 
 
 def test_tpu_refresh_cycles_regression_bound():
@@ -86,7 +90,7 @@ def test_tpu_refresh_cycles_regression_bound():
 def test_tpu_refresh_cycles_target():
   _need("tpu-v5e")
   base, refresh = _analysis("adamw", "tpu-v5e", 1), _analysis("refresh", "tpu-v5e", 1)
-  assert refresh.cycles <= 2 * base.cycles, refresh.cycles / base.cycles
+  assert refresh.cycles <= T["refresh_cycles"] * base.cycles, refresh.cycles / base.cycles
 
 
 def _quadratic_step(tx, hints):

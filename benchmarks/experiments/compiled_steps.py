@@ -1,11 +1,8 @@
-"""SAM, SAM every k, SALA, mSAM, GSAM and IRE steps compiled for TPU v5e and H100, over base.
+"""SAM, SALA, mSAM, GSAM and IRE steps compiled deviceless for TPU v5e and H100, over base.
 
-Nothing runs: every program is compiled deviceless (:mod:`benchmarks.compiled`). Sections:
-``update``, one optimizer step of a 1e7-parameter MLP per optimizer (:data:`UPDATES`); ``train``,
-the examples' train steps of :data:`SPEC` (a kind of step that occurs on some steps only weighted
-by its share of :data:`PERIOD` steps, with the hints the examples' loop passes); ``pod``, the
-collectives of the Llama train step FSDP-sharded over a v5e:4x4 slice. ``--resume`` compiles only
-what the results file lacks (a ResNet train step takes minutes on two CPU cores).
+Sections: ``update`` (an MLP's optimizer step, :data:`UPDATES`), ``train`` (the examples' train
+steps, each kind of step weighted by its share of :data:`PERIOD` steps), ``pod`` (the Llama
+step's collectives, FSDP over a v5e:4x4 slice).
 """
 
 from __future__ import annotations
@@ -98,11 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _transformation(key: str) -> optax.GradientTransformation:
   adamw = optax.adamw(1e-3)
-  return {"adamw": lambda: adamw, "sam": lambda: ire_optax.sam(adamw, rho=0.05),
-          "samk": lambda: ire_optax.sam(adamw, rho=0.05, every_k=EVERY_K),
-          "sala": lambda: ire_optax.sala(adamw, sync_period=SALA_K, rho=0.2),
-          "msam": lambda: ire_optax.msam(adamw, rho=0.05, num_microbatches=MICRO),
-          "gsam": lambda: ire_optax.gsam(adamw, rho=0.05)}[key]()
+  return {"adamw": adamw, "sam": ire_optax.sam(adamw, rho=0.05),
+          "samk": ire_optax.sam(adamw, rho=0.05, every_k=EVERY_K),
+          "sala": ire_optax.sala(adamw, sync_period=SALA_K, rho=0.2),
+          "msam": ire_optax.msam(adamw, rho=0.05, num_microbatches=MICRO),
+          "gsam": ire_optax.gsam(adamw, rho=0.05)}[key]
 
 
 def _mlp_loss(params: dict[str, jax.Array], batch: dict[str, jax.Array]) -> jax.Array:
@@ -254,10 +251,6 @@ def train_ratios(trains: dict[str, Any]) -> None:
           out["msam / sam"] = X.ratios(progs["msam"], progs["sam"])
 
 
-def _usable(targets: list[str]) -> list[str]:
-  return [t for t in targets if X.available(t) is None]
-
-
 def run(spec: Experiment, args: argparse.Namespace) -> None:
   """Compiles the sections asked for into ``results/compiled_steps.json``, keeping the other
   sections' results (and with ``--resume`` what the asked ones already have)."""
@@ -266,12 +259,12 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   details: dict[str, Any] = old["details"] if old else {}
   if "update" in args.sections:
     up = details.setdefault("update", {})
-    for target in _usable(["cpu"] if smoke else args.targets):
+    for target in X.usable(["cpu"] if smoke else args.targets):
       up[target] = measure_update(target, SMOKE_WIDTHS if smoke else UPDATE_WIDTHS,
                                   8 if smoke else 64, up.get(target) if keep else None)
       _save(path, spec, details, smoke)
   train_targets = ["cpu"] if smoke else [t for t in args.targets if t != "cpu"]
-  for target in _usable(train_targets) if "train" in args.sections else []:
+  for target in X.usable(train_targets) if "train" in args.sections else []:
     for task in [t for t in spec.tasks if not args.models or t.example in args.models]:
       m = details.setdefault("train", {}).setdefault(task.example,
                                                      {"label": task.data, "targets": {}})
@@ -283,7 +276,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
           m.setdefault("errors", {}).setdefault(target, {})[arm.label] = str(e).split("\n")[0]
         print(f"train {task.example} {target} {arm.label}: done", flush=True)
         _save(path, spec, details, smoke)
-  if "pod" in args.sections and not smoke and _usable([POD]):
+  if "pod" in args.sections and not smoke and X.usable([POD]):
     done = (details.get("pod") or {}).get("programs", {}) if keep else {}
     arms = [a for a in spec.arms if a.label in POD_ARMS
             and a.label not in {n.split(" ")[0] for n in done}]
