@@ -113,7 +113,8 @@ def to_config(namespace: argparse.Namespace, defaults: config_lib.TrainConfig
   for section, f, _ in _flags(defaults):
     changes[section][f.name] = values[_dest(section, f)]
   top = changes.pop(None)
-  nested = {s: dataclasses.replace(getattr(defaults, s), **c) for s, c in changes.items()}
+  nested = {s: dataclasses.replace(getattr(defaults, s), **c)
+            for s, c in changes.items() if s is not None}
   return dataclasses.replace(defaults, **nested, **top)
 
 

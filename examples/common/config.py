@@ -31,7 +31,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 # The examples and the kind of data each trains on.
-KINDS = {"resnet": "image", "vit": "image", "llama": "text"}
+KINDS = {"resnet": "image", "vit": "image", "llama": "text", "mlp": "image"}
+# What an unset DataConfig.spec / ModelConfig.size becomes: offline data of the example's kind
+# and its model's default size.
+DEFAULT_DATA = {"image": "digits", "text": "cpython-docs"}
+DEFAULT_SIZE = {"resnet": "resnet20", "vit": "mini", "llama": "mini", "mlp": "small"}
 OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "gsam", "msam", "sala", "lookahead")
 CURVATURES = ("fisher", "grad_sq", "hutchinson")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -102,14 +106,14 @@ def _size_choices(example: str) -> list[str]:
 _D = _M = "data and model"
 _O, _S, _I = "optimizer", "sharpness-aware wrappers", "IRE (implicit regularization enhancement)"
 _L, _T, _OUT = "loss", "training", "output"
-_IMG, _TXT = ("resnet", "vit"), ("llama",)
+_IMG, _TXT = ("resnet", "vit", "mlp"), ("llama",)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The data set and how batches are cut from it."""
+  """The data set (``spec``; None: the example's offline default) and how batches are cut."""
 
-  spec: str = option("digits", "images: digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
+  spec: str | None = option(None, "images: digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
                      "hf:NAME | tfds:NAME; text: cpython-docs | text:PATH | wikitext:DIR | "
                      "hf:NAME[:CONFIG] (default: %(default)s)", group=_D, flag="--data")
   augment: str = option("auto", "random shifts and flips; auto: on for CIFAR only (%(default)s)",
@@ -126,14 +130,17 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A size preset of the example's model and per-field overrides of it (None: the preset's)."""
+  """A size preset of the example's model (None: its default) and per-field overrides of it
+  (None: the preset's)."""
 
-  size: str = option("mini", "size preset (%(default)s)", group=_M, choices=_size_choices)
+  size: str | None = option(None, "size preset (%(default)s)", group=_M,
+                            choices=_size_choices)
   dim: int | None = option(None, "width (overrides the preset)", group=_M,
                            examples=("vit", "llama"))
-  depth: int | None = option(None, "layers; resnet: 6n+2 (overrides the preset)", group=_M)
-  width: int | None = option(None, "first-stage channels (overrides the preset)", group=_M,
-                             examples=("resnet",))
+  depth: int | None = option(None, "layers; resnet: 6n+2, mlp: hidden layers (overrides the "
+                             "preset)", group=_M)
+  width: int | None = option(None, "resnet: first-stage channels, mlp: hidden units "
+                             "(overrides the preset)", group=_M, examples=("resnet", "mlp"))
   heads: int | None = option(None, "attention heads (overrides the preset)", group=_M,
                              examples=("vit", "llama"))
   mlp_dim: int | None = option(None, "MLP width (overrides the preset)", group=_M,
@@ -292,6 +299,13 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.example must be one of {tuple(KINDS)}; "
                        f"got {self.example!r}.")
     check_choices(self)
+    # Unset data and size: the example's defaults (frozen: set once, here).
+    if self.data.spec is None:
+      object.__setattr__(self, "data", dataclasses.replace(self.data,
+                                                           spec=DEFAULT_DATA[self.kind]))
+    if self.model.size is None:
+      object.__setattr__(self, "model", dataclasses.replace(
+          self.model, size=DEFAULT_SIZE[self.example]))
 
   @property
   def kind(self) -> str:
