@@ -57,9 +57,10 @@ DEMO_DEFAULTS = {
               "mini", "--batch-size", "16", "--seq-len", "64", "--lr", "1e-3"],
     "resnet": ["--steps", "300", "--eval-every", "25", "--batch-size", "64"],
     "vit": ["--steps", "300", "--eval-every", "25", "--batch-size", "64"],
+    "mlp": ["--steps", "300", "--eval-every", "25", "--batch-size", "64"],
 }
 DEFAULT_OPTS = {"llama": ["adamw", "adamw,lr=3e-3", "adamw+ire"], "resnet": ["sgd", "sgd+ire"],
-                "vit": ["adamw", "adamw+ire"]}
+                "vit": ["adamw", "adamw+ire"], "mlp": ["sgd", "sgd+ire"]}
 
 
 def parse_opt(text: str) -> tuple[str, list[str]]:
@@ -207,8 +208,8 @@ def make_parser() -> argparse.ArgumentParser:
                       help="which example to train (default: %(default)s)")
   parser.add_argument("--opts", nargs="+", metavar="OPT", default=None,
                       help="optimizers, the first is the baseline (default: llama: adamw "
-                           "adamw,lr=3e-3 adamw+ire; vit: adamw adamw+ire; resnet: sgd "
-                           "sgd+ire)")
+                           "adamw,lr=3e-3 adamw+ire; vit: adamw adamw+ire; resnet and mlp: "
+                           "sgd sgd+ire)")
   parser.add_argument("--out", default="runs/compare",
                       help="runs go to OUT/<example>/<optimizer spec>/; when OUT/<example>/ "
                            "holds an earlier comparison, to OUT/<example>-2/ (-3, ...) "

@@ -42,6 +42,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 # JAX, the models and the optimizers are imported inside the functions: the
 # device options must be set (setup_devices) before anything touches a device.
@@ -119,7 +120,7 @@ def build_step(cfg, placement: str, mesh, graphdef, stats, num_classes: int):
       donate_argnums=0, compiler_options=train.compiler_options(cfg.fast_compile)))
 
 
-def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[object, float]:
+def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[Any, float]:
   """Runs ``cfg.steps`` steps; logs loss and tokens per second to ``log`` (None: quiet).
 
   ``batch_at(t)`` is step t's global batch, placed; returns the final state and loss.

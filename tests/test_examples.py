@@ -29,6 +29,7 @@ TOY = {
     "resnet": ["--size", "toy", "--batch-size", "8"],
     "vit": ["--size", "toy", "--batch-size", "8"],
     "llama": ["--size", "toy", "--batch-size", "4", "--seq-len", "16", "--max-chars", "20000"],
+    "mlp": ["--size", "toy", "--batch-size", "8"],
 }
 QUICK = ["--steps", "2", "--eval-every", "0", "--eval-batches", "1", "--log-every", "1",
          "--lr", "0.01", "--no-checkpoint", "--no-plot", "--no-progress", "--fast-compile"]
@@ -55,7 +56,8 @@ def initial_params(example, cfg):
   else:
     kw = dict(num_classes=10, in_channels=1, seed=cfg.seed)
     m = (models.build_resnet(cfg.model.size, **kw) if example == "resnet"
-         else models.build_vit(cfg.model.size, image_size=8, **kw))
+         else models.build_mlp(cfg.model.size, num_classes=10, in_features=64, seed=cfg.seed)
+         if example == "mlp" else models.build_vit(cfg.model.size, image_size=8, **kw))
   return train.split_model(m.model)[1]
 
 
@@ -77,7 +79,7 @@ def check_run(example, opt, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)
-@pytest.mark.parametrize("example", ["resnet", "vit", "llama"])
+@pytest.mark.parametrize("example", ["resnet", "vit", "llama", "mlp"])
 def test_every_optimizer_trains_every_model(example, opt, tmp_path):
   res, recs, p0 = check_run(example, opt, tmp_path)
   spec_name = res.summary["opt"]
@@ -114,7 +116,7 @@ def test_ire_over_msam_needs_fisher():
 # -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("example", ["resnet", "vit", "llama"])
+@pytest.mark.parametrize("example", ["resnet", "vit", "llama", "mlp"])
 def test_empty_command_line_is_get_config(example):
   module = __import__(f"examples.{example}", fromlist=["get_config"])
   assert cli.parse(example, []) == module.get_config()
@@ -155,6 +157,7 @@ def test_a_flag_sets_its_field_and_nothing_else(argv, path, want):
 def test_flags_follow_the_example():
   """Options of another example's model or data are not offered (a usage error)."""
   assert cli.parse("resnet", ["--width", "8"]).model.width == 8
+  assert cli.parse("mlp", ["--width", "8"]).model.width == 8
   for example, argv in (("vit", ["--width", "8"]), ("resnet", ["--seq-len", "8"]),
                         ("llama", ["--augment", "on"])):
     with pytest.raises(SystemExit):
@@ -181,6 +184,17 @@ def test_configs_validate_their_values():
     OptimizerConfig(warmup_steps=-1)
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.steps = 3
+
+
+def test_unset_data_and_size_are_the_examples_defaults():
+  from examples.common.config import DataConfig, ModelConfig, TrainConfig
+
+  for example in ("resnet", "vit", "llama", "mlp"):
+    cfg = TrainConfig(example=example)
+    default = cli.get_config(example)
+    assert (cfg.data.spec, cfg.model.size) == (default.data.spec, default.model.size)
+  cfg = TrainConfig(example="vit", data=DataConfig(spec="mnist:x"), model=ModelConfig("toy"))
+  assert (cfg.data.spec, cfg.model.size) == ("mnist:x", "toy")
 
 
 def test_run_trains_a_typed_config(tmp_path):
@@ -445,7 +459,7 @@ def test_a_single_evaluation_is_drawn(tmp_path, monkeypatch):
     assert line.get_markersize() > 0
 
 
-@pytest.mark.parametrize("script", ["resnet", "vit", "llama", "compare", "plot"])
+@pytest.mark.parametrize("script", ["resnet", "vit", "llama", "mlp", "compare", "plot"])
 def test_help(script, capsys):
   mod = compare if script == "compare" else __import__(f"examples.{script}",
                                                        fromlist=["main"])

@@ -20,9 +20,6 @@ from typing import Any
 from . import config as config_lib
 
 EXAMPLES = tuple(config_lib.KINDS)
-# The argument groups in the order --help shows them.
-GROUPS = ("data and model", "optimizer", "sharpness-aware wrappers",
-          "IRE (implicit regularization enhancement)", "loss", "training", "output")
 # The sub-configs of a TrainConfig whose fields are flags (None: its own fields).
 SECTIONS = ("data", "model", "optimizer", None)
 
@@ -94,7 +91,7 @@ def make_parser(example: str, defaults: config_lib.TrainConfig | None = None
       prog=f"python -m examples.{example}", description=module.__doc__,
       epilog="examples:\n" + "\n".join(f"  {u}" for u in module.USAGE),
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  groups = {name: p.add_argument_group(name) for name in GROUPS}
+  groups = {name: p.add_argument_group(name) for name in config_lib.GROUPS}
   hints = {cls: typing.get_type_hints(cls) for cls in (
       config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimizerConfig,
       config_lib.TrainConfig)}
@@ -113,7 +110,8 @@ def to_config(namespace: argparse.Namespace, defaults: config_lib.TrainConfig
   for section, f, _ in _flags(defaults):
     changes[section][f.name] = values[_dest(section, f)]
   top = changes.pop(None)
-  nested = {s: dataclasses.replace(getattr(defaults, s), **c) for s, c in changes.items()}
+  nested = {s: dataclasses.replace(getattr(defaults, s), **c)
+            for s, c in changes.items() if s is not None}
   return dataclasses.replace(defaults, **nested, **top)
 
 

@@ -31,7 +31,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 # The examples and the kind of data each trains on.
-KINDS = {"resnet": "image", "vit": "image", "llama": "text"}
+KINDS = {"resnet": "image", "vit": "image", "llama": "text", "mlp": "image"}
+# What an unset DataConfig.spec / ModelConfig.size becomes: offline data of the example's kind
+# and its model's default size.
+DEFAULT_DATA = {"image": "digits", "text": "cpython-docs"}
+DEFAULT_SIZE = {"resnet": "resnet20", "vit": "mini", "llama": "mini", "mlp": "small"}
 OPTIMIZERS = ("adamw", "sgd", "sam", "asam", "gsam", "msam", "sala", "lookahead")
 CURVATURES = ("fisher", "grad_sq", "hutchinson")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -99,26 +103,27 @@ def _size_choices(example: str) -> list[str]:
   return sorted(models.PRESETS[example])
 
 
-_D = _M = "data and model"
-_O, _S, _I = "optimizer", "sharpness-aware wrappers", "IRE (implicit regularization enhancement)"
-_L, _T, _OUT = "loss", "training", "output"
-_IMG, _TXT = ("resnet", "vit"), ("llama",)
+# The argument groups of the command lines (a field's metadata "group"), in --help's order.
+GROUPS = ("data and model", "optimizer", "sharpness-aware wrappers",
+          "IRE (implicit regularization enhancement)", "loss", "training", "output")
+_DM, _O, _S, _I, _L, _T, _OUT = GROUPS
+_IMG, _TXT = ("resnet", "vit", "mlp"), ("llama",)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The data set and how batches are cut from it."""
+  """The data set (``spec``; None: the example's offline default) and how batches are cut."""
 
-  spec: str = option("digits", "images: digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
+  spec: str | None = option(None, "images: digits | mnist:DIR | cifar10:PATH | cifar100:PATH | "
                      "hf:NAME | tfds:NAME; text: cpython-docs | text:PATH | wikitext:DIR | "
-                     "hf:NAME[:CONFIG] (default: %(default)s)", group=_D, flag="--data")
+                     "hf:NAME[:CONFIG] (default: %(default)s)", group=_DM, flag="--data")
   augment: str = option("auto", "random shifts and flips; auto: on for CIFAR only (%(default)s)",
-                        group=_D, choices=("auto", "on", "off"), examples=_IMG)
+                        group=_DM, choices=("auto", "on", "off"), examples=_IMG)
   tokenizer: str = option("char", "char | byte | a Hugging Face tokenizer name or "
-                          "tokenizer.json (%(default)s)", group=_D, examples=_TXT)
+                          "tokenizer.json (%(default)s)", group=_DM, examples=_TXT)
   max_chars: int | None = option(None, "use only this many characters of the training text",
-                                 group=_D, examples=_TXT)
-  seq_len: int = option(128, "(%(default)s)", group=_D, examples=_TXT)
+                                 group=_DM, examples=_TXT)
+  seq_len: int = option(128, "(%(default)s)", group=_DM, examples=_TXT)
 
   def __post_init__(self):
     check_choices(self)
@@ -126,24 +131,27 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A size preset of the example's model and per-field overrides of it (None: the preset's)."""
+  """A size preset of the example's model (None: its default) and per-field overrides of it
+  (None: the preset's)."""
 
-  size: str = option("mini", "size preset (%(default)s)", group=_M, choices=_size_choices)
-  dim: int | None = option(None, "width (overrides the preset)", group=_M,
+  size: str | None = option(None, "size preset (%(default)s)", group=_DM,
+                            choices=_size_choices)
+  dim: int | None = option(None, "width (overrides the preset)", group=_DM,
                            examples=("vit", "llama"))
-  depth: int | None = option(None, "layers; resnet: 6n+2 (overrides the preset)", group=_M)
-  width: int | None = option(None, "first-stage channels (overrides the preset)", group=_M,
-                             examples=("resnet",))
-  heads: int | None = option(None, "attention heads (overrides the preset)", group=_M,
+  depth: int | None = option(None, "layers; resnet: 6n+2, mlp: hidden layers (overrides the "
+                             "preset)", group=_DM)
+  width: int | None = option(None, "resnet: first-stage channels, mlp: hidden units "
+                             "(overrides the preset)", group=_DM, examples=("resnet", "mlp"))
+  heads: int | None = option(None, "attention heads (overrides the preset)", group=_DM,
                              examples=("vit", "llama"))
-  mlp_dim: int | None = option(None, "MLP width (overrides the preset)", group=_M,
+  mlp_dim: int | None = option(None, "MLP width (overrides the preset)", group=_DM,
                                examples=("vit",))
-  patch_size: int | None = option(None, "default: 2 for images <= 16 px, else 4", group=_M,
+  patch_size: int | None = option(None, "default: 2 for images <= 16 px, else 4", group=_DM,
                                   examples=("vit",))
-  ffn_dim: int | None = option(None, "SwiGLU width (default: 8/3 dim, rounded)", group=_M,
+  ffn_dim: int | None = option(None, "SwiGLU width (default: 8/3 dim, rounded)", group=_DM,
                                examples=("llama",))
   tie_embeddings: bool = option(False, "share the input embedding and the output projection",
-                                group=_M, examples=("llama",))
+                                group=_DM, examples=("llama",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +300,13 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.example must be one of {tuple(KINDS)}; "
                        f"got {self.example!r}.")
     check_choices(self)
+    # Unset data and size: the example's defaults (frozen: set once, here).
+    if self.data.spec is None:
+      object.__setattr__(self, "data", dataclasses.replace(self.data,
+                                                           spec=DEFAULT_DATA[self.kind]))
+    if self.model.size is None:
+      object.__setattr__(self, "model", dataclasses.replace(
+          self.model, size=DEFAULT_SIZE[self.example]))
 
   @property
   def kind(self) -> str:

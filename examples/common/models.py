@@ -252,11 +252,41 @@ class Llama(nnx.Module):
 
 
 # -----------------------------------------------------------------------------
+# MLP (flattened images)
+# -----------------------------------------------------------------------------
+
+MLP_PRESETS = {
+    "toy": dict(depth=1, width=16),
+    "small": dict(depth=2, width=128),
+    "base": dict(depth=2, width=512),
+}
+
+
+class MLP(nnx.Module):
+  """``depth`` hidden ReLU layers of ``width`` units over the flattened image."""
+
+  def __init__(self, num_classes: int, in_features: int, *, depth: int = 2, width: int = 128,
+               rngs: nnx.Rngs):
+    sizes = [in_features] + [width] * depth
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                            for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    del train  # no BatchNorm or dropout
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.hidden:
+      h = jax.nn.relu(layer(h))
+    return self.head(h)
+
+
+# -----------------------------------------------------------------------------
 # Construction from presets
 # -----------------------------------------------------------------------------
 
 # The size presets of each example's model.
-PRESETS = {"resnet": RESNET_PRESETS, "vit": VIT_PRESETS, "llama": LLAMA_PRESETS}
+PRESETS = {"resnet": RESNET_PRESETS, "vit": VIT_PRESETS, "llama": LLAMA_PRESETS,
+           "mlp": MLP_PRESETS}
 
 
 @dataclasses.dataclass
@@ -323,6 +353,14 @@ def build_vit(preset: str, *, num_classes: int, image_size: int, in_channels: in
                              in_channels=in_channels, rngs=nnx.Rngs(seed), **cfg),
                  ("vit", num_classes, image_size, in_channels, seed, tuple(sorted(cfg.items()))))
   return ModelSpec(model, "vit", cfg)
+
+
+def build_mlp(preset: str, *, num_classes: int, in_features: int, seed: int = 0,
+              **overrides) -> ModelSpec:
+  cfg = _merge(MLP_PRESETS, preset, overrides)
+  model = create(lambda: MLP(num_classes, in_features, rngs=nnx.Rngs(seed), **cfg),
+                 ("mlp", num_classes, in_features, seed, tuple(sorted(cfg.items()))))
+  return ModelSpec(model, "mlp", cfg)
 
 
 def build_llama(preset: str, *, vocab_size: int, seed: int = 0, **overrides) -> ModelSpec:

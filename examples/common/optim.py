@@ -217,7 +217,7 @@ def _with_ire(plan: _Plan, tx: optax.GradientTransformation) -> optax.GradientTr
   if cfg.ire_gamma_end is not None:
     gamma = optax.linear_schedule(cfg.ire_gamma, cfg.ire_gamma_end, plan.total_steps)
   return ire_optax.ire(tx, kappa=kappa, gamma=gamma, refresh_every=cfg.ire_refresh_every,
-                       warmup_steps=plan.ire_warmup, curvature=plan.curvature, seed=plan.seed,
+                       warmup_steps=plan.ire_warmup, curvature=cfg.ire_curvature, seed=plan.seed,
                        axis_name=plan.axis_name)
 
 

@@ -497,25 +497,29 @@ class Task(NamedTuple):
 
 def load_data(cfg: TrainConfig) -> data_lib.ImageData | data_lib.TextData:
   """The data set of ``cfg`` (cached: the runs of a process share it)."""
+  spec = str(cfg.data.spec)  # set by TrainConfig
   if cfg.kind == "image":
-    return data_lib.cached_images(cfg.data.spec)
-  return data_lib.cached_text(cfg.data.spec, cfg.data.tokenizer, cfg.data.max_chars)
+    return data_lib.cached_images(spec)
+  return data_lib.cached_text(spec, cfg.data.tokenizer, cfg.data.max_chars)
 
 
 def build_model(cfg: TrainConfig, data: Any) -> models.ModelSpec:
   """The example's model for ``cfg`` and its data (image shape, classes or vocabulary)."""
-  m, seed = cfg.model, cfg.seed
+  m, seed, size = cfg.model, cfg.seed, str(cfg.model.size)  # size: set by TrainConfig
   if cfg.kind == "text":
-    return models.build_llama(m.size, vocab_size=data.vocab_size, seed=seed, dim=m.dim,
+    return models.build_llama(size, vocab_size=data.vocab_size, seed=seed, dim=m.dim,
                               depth=m.depth, heads=m.heads, ffn_dim=m.ffn_dim,
                               tie_embeddings=m.tie_embeddings or None)
   h, w, c = data.image_shape
   if cfg.example == "resnet":
-    return models.build_resnet(m.size, num_classes=data.num_classes, in_channels=c, seed=seed,
+    return models.build_resnet(size, num_classes=data.num_classes, in_channels=c, seed=seed,
                                depth=m.depth, width=m.width)
+  if cfg.example == "mlp":
+    return models.build_mlp(size, num_classes=data.num_classes, in_features=h * w * c,
+                            seed=seed, depth=m.depth, width=m.width)
   if h != w:
     raise ValueError(f"the ViT example needs square images; got {h}x{w}.")
-  return models.build_vit(m.size, num_classes=data.num_classes, image_size=h, in_channels=c,
+  return models.build_vit(size, num_classes=data.num_classes, image_size=h, in_channels=c,
                           seed=seed, dim=m.dim, depth=m.depth, heads=m.heads,
                           mlp_dim=m.mlp_dim, patch_size=m.patch_size)
 
@@ -527,17 +531,17 @@ def make_task(cfg: TrainConfig, data: Any) -> Task:
     h, w, c = data.image_shape
     augment = cfg.data.augment == "on" or (cfg.data.augment == "auto"
                                            and data.name.startswith("cifar"))
-    batcher = data_lib.ImageBatcher(data.x_train, data.y_train, b, seed=cfg.seed,
-                                    augment=augment)
+    images = data_lib.ImageBatcher(data.x_train, data.y_train, b, seed=cfg.seed,
+                                   augment=augment)
     cap = None if cfg.eval_batches is None else cfg.eval_batches * b
-    return Task(batcher.batch_at,
+    return Task(images.batch_at,
                 lambda: data_lib.image_eval_batches(data.x_test, data.y_test, b, cap),
                 data.num_classes, "img", 1,
                 f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} held-out "
                 f"images {h}x{w}x{c}")
   seq = cfg.data.seq_len
-  batcher = data_lib.TextBatcher(data.train, b, seq, seed=cfg.seed)
-  return Task(batcher.batch_at,
+  windows = data_lib.TextBatcher(data.train, b, seq, seed=cfg.seed)
+  return Task(windows.batch_at,
               lambda: data_lib.text_eval_batches(data.valid, b, seq, cfg.eval_batches),
               data.vocab_size, "tok", seq,
               f"{data.name}: {len(data.train)} train / {len(data.valid)} held-out tokens, "
@@ -596,7 +600,7 @@ class Checkpoints:
   def restore(self, state: TrainState) -> tuple[TrainState, int | None]:
     """``(state, step)`` of the latest checkpoint with ``resume``; else ``(state, None)``."""
     latest = self.manager.latest_step() if self.cfg.resume and self.manager else None
-    if latest is None:
+    if latest is None or self.manager is None:
       return state, None
     target = {"state": jax.tree.map(self.ocp.utils.to_shape_dtype_struct, state),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -696,7 +700,8 @@ class _Loop:
     self.cfg, self.task, self.graphdef, self.spec = cfg, task, graphdef, spec
     self.step_fn, self.log, self.name, self.quiet = step_fn, log, name, quiet
     self.t_run = time.perf_counter()  # wall_s and the records' "time" include compilation
-    self.compile_s, self.first_step_s = 0.0, None
+    self.compile_s: float = 0.0
+    self.first_step_s: float | None = None
     self.train_time, self.train_steps = 0.0, 0
     self.t_window, self.n_window = self.t_run, 0
     self.last_eval: dict[str, float] = {}
@@ -767,7 +772,7 @@ class _Loop:
   def summary(self, num_params: int, run_dir: str) -> dict:
     """What ``summary.json`` holds."""
     records = self.log.records
-    final = next((r for r in reversed(records) if "eval_loss" in r), {})
+    final: dict = next((r for r in reversed(records) if "eval_loss" in r), {})
     recent = [r["loss"] for r in records[-5:] if "loss" in r]
     return {
         "name": self.name, "example": self.cfg.example, "opt": self.spec.name,
