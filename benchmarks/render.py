@@ -1,18 +1,9 @@
 """One renderer: every report and docs block is written from the results JSON.
 
-Each benchmark module under :mod:`benchmarks.experiments` may define
-``render(results) -> {target: text}``, where ``results`` maps a results name
-(``"sala"`` for ``results/sala.json``) to its document (None if absent) and a target is a
-path relative to the repository root (``"benchmarks/results/sala.md"``) or a block of a
-document, ``"docs/performance.md#compiled-steps"``: the text between
-``<!-- compiled-steps:begin -->`` and ``<!-- compiled-steps:end -->``. Prose lives in
-``benchmarks/templates/``; :func:`fill` puts the numbers of the results into it, so every
-number, and every sentence that states one, comes from a results file.
-
-Usage::
-
-  python -m benchmarks render            # rewrite every report and block
-  python -m benchmarks render --check    # exit 1 if any is stale (run by the tests)
+A benchmark module's ``render(results) -> {target: text}`` gets the results documents by name
+(None where absent); a target is a file relative to the repository root or a block of one,
+``"docs/performance.md#compiled-steps"`` (between ``<!-- compiled-steps:begin -->`` and
+``<!-- compiled-steps:end -->``). Prose lives in ``benchmarks/templates/``.
 """
 
 from __future__ import annotations
@@ -62,10 +53,11 @@ def pm(mean: float, std: float, spec: str = ".2f", scale: float = 1.0) -> str:
 
 
 def paired_cells(d: Mapping[str, Any], scale: float = 100.0) -> list[str]:
-  """A paired difference's cells (:func:`benchmarks.metrics.paired`): the mean ± std, the
-  per-seed differences, the verdict."""
+  """The cells of a paired difference (:func:`benchmarks.metrics.paired`)."""
   return [f"{scale * d['mean']:+.2f} ± {scale * d['std']:.2f}",
           ", ".join(f"{scale * x:+.2f}" for x in d["diffs"]), d["verdict"]]
+
+
 def bounds(mid: float | None, lo: float | None, hi: float | None, fmt: str = ".2f") -> str:
   """``mid [lo–hi]`` (a median and its range), or an em dash if ``mid`` is None."""
   if mid is None:
