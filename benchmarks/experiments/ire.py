@@ -1,9 +1,4 @@
-"""IRE: AdamW+IRE's update (plain, refresh, amortized K = 10) over one optax.adamw update.
-
-Per size N (a model-like tree: one large matrix, a few medium ones, vectors), timed interleaved
-in one process on both clocks: AdamW updates; IRE plain steps and refresh steps; real 10-step
-cycles of each; the exact selection alone (the default method and XLA's scatter), and sorting.
-"""
+"""IRE: AdamW+IRE's update (plain, refresh, amortized K = 10) over one optax.adamw update."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """Multidevice: data-parallel train steps on 1-8 emulated devices, and IRE's sharded refresh.
 
-Each device count D runs in its own process (``--xla_force_host_platform_device_count=D``):
-an MLP (64-512-512-10) on the digits, a fixed global batch of 1024, under ``shard_map`` (the
-optimizers with ``axis_name``) and GSPMD (plain ``jit`` over the batch-sharded inputs):
-AdamW, AdamW+IRE (K = 10), SAM and mSAM (8 micro-batches in total), 10 steps per block, as
-ratios to AdamW's; and IRE's refresh over a 4.2M-parameter tree replicated or row-sharded.
+Each device count D runs in a process of its own (``--xla_force_host_platform_device_count``).
 """
 
 from __future__ import annotations

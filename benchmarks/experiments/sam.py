@@ -1,10 +1,6 @@
 """SAM: the train-step time, peak memory and flops of SAM, ASAM and mSAM over their base.
 
-Per task (a small CNN on MNIST, a char-level transformer on Tiny Shakespeare; pure JAX,
-float32), each optimizer's jitted train step (gradient(s) + update + apply, params and state
-donated) is compiled (XLA's ``memory_analysis`` and ``cost_analysis``), then timed interleaved
-in one process. ``optax_sam`` is ``optax.contrib.sam`` in opaque mode: the same algorithm as
-``sam`` (the two are checked to give the same parameters).
+``optax_sam`` is ``optax.contrib.sam`` in opaque mode, the same algorithm as ``sam``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
 """Selection: one exact refresh per counting method, and IRE amortized, in AdamW updates.
 
-Per counting method of the exact selection (``native``: the C++ CPU kernel; ``threshold``;
-``scatter``), key distribution and size N, timed interleaved in one process: one
-``flat_mask(h, 0.6, method=m)`` over N float32 keys against one ``optax.adamw`` update of N
-parameters, and ten ``ire(adamw)`` steps (K = 10, one refresh) against ten AdamW steps.
-Keys: ``uniform``; ``model`` (g² of a small MLP's gradient on MNIST or the digits, tiled to N);
-``model_tree`` (the same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin
-bucket: the scatter's worst contention).
+Keys: ``uniform``; ``model`` (g² of a small MLP's gradient, tiled to N); ``model_tree`` (the
+same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin bucket).
 """
 
 from __future__ import annotations

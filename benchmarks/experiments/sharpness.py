@@ -1,10 +1,4 @@
-"""Sharpness: the cost of ire_optax.sharpness's estimators, in units of one gradient.
-
-For an MLP (784-w-w-10) and a small CNN (14x14 inputs; widths c, 2c, 2c) on a batch of 128
-MNIST images (the digits, upsampled, without ``--data-dir``), at three sizes each: every
-estimator jitted with the batch as an argument, compiled, then timed interleaved in one
-process, each as a ratio to the gradient of the same repetition.
-"""
+"""Sharpness: the cost of ire_optax.sharpness's estimators, in units of one gradient."""
 
 from __future__ import annotations
 
