@@ -70,6 +70,16 @@ def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str,
   return path
 
 
+def write_micro(name: str, out: str | None, *, rows: Iterable[Row], details: Any,
+                **meta: Any) -> Path:
+  """A micro-benchmark's ``{out}/{name}.json`` (default: the committed results), the machine
+  first in its meta."""
+  from benchmarks.timing import machine
+
+  return write_results(Path(out or RESULTS) / name, benchmark=name, rows=rows, details=details,
+                       meta={"machine": machine(), **meta})
+
+
 def _atomic_write(path: Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)

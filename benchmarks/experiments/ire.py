@@ -7,8 +7,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import metrics, timing
-from benchmarks.render import fill, span, table
-from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.render import fill, renders, span, table
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 SPEC = Micro(
@@ -79,22 +79,17 @@ def measure(n: int, reps: int) -> dict[str, Any]:
 def run(spec: Micro, args: Any) -> None:
   import jax
 
-  rows = [measure(n, spec.reps) for n in spec.sizes]
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
-                meta={"machine": timing.machine()},
-                details={"rows": rows, "meta": {
-                    "reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}},
-                rows=[time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params",
-                               f"update (K={K})", r["cpu"]["amortized_ratio_K10"], spec.name,
-                               f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW "
-                               "updates (CPU time)", variant="grad_sq", n=spec.reps)
-                      for r in rows])
+  sizes = [measure(n, spec.reps) for n in spec.sizes]
+  rows = [time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", f"update (K={K})",
+                   r["cpu"]["amortized_ratio_K10"], spec.name,
+                   f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW updates "
+                   "(CPU time)", variant="grad_sq", n=spec.reps) for r in sizes]
+  meta = {"reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}
+  write_micro(spec.name, args.out, rows=rows, details={"rows": sizes, "meta": meta})
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("ire")
-  if doc is None:
-    return {}
+@renders("ire")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   rows, meta = doc["details"]["rows"], doc["details"]["meta"]
   f = lambda v, fmt: "—" if v is None or v != v else f"{v:{fmt}}"
   main = [[f"{r['n']:,}", clock] + [f(r[clock].get(key), fmt) for key, fmt in (

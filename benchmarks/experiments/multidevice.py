@@ -15,8 +15,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import data, timing
-from benchmarks.render import ROOT, fill, machine, span, table
-from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.render import ROOT, fill, machine, renders, span, table
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 OPTS = ("adamw", "adamw+ire", "sam", "msam")
@@ -104,21 +104,18 @@ def run(spec: Micro, args: Any) -> None:
   one = next(r for r in results if r["devices"] == 1)
   names = {"adamw+ire": ("AdamW+IRE", "grad_sq"), "sam": ("SAM", ""),
            "msam": ("mSAM", "m=8, vmap")}
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
-                meta={"machine": timing.machine()},
-                details={"reps": spec.reps, "global_batch": BATCH, "targets": TARGETS,
-                         "results": results, "wall_s": time.perf_counter() - t0},
-                rows=[time_row(label, "AdamW", f"MLP {one['params']:,} params, digits, 1 device",
-                               "train step", opts[key]["time_ratio_to_adamw"], spec.name,
-                               f"jit over {placement}", variant, n=spec.reps)
-                      for placement, opts in one["placements"].items()
-                      for key, (label, variant) in names.items()])
+  rows = [time_row(label, "AdamW", f"MLP {one['params']:,} params, digits, 1 device",
+                   "train step", opts[key]["time_ratio_to_adamw"], spec.name,
+                   f"jit over {placement}", variant, n=spec.reps)
+          for placement, opts in one["placements"].items()
+          for key, (label, variant) in names.items()]
+  write_micro(spec.name, args.out, rows=rows,
+              details={"reps": spec.reps, "global_batch": BATCH, "targets": TARGETS,
+                       "results": results, "wall_s": time.perf_counter() - t0})
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("multidevice")
-  if doc is None:
-    return {}
+@renders("multidevice")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   d, res = doc["details"], doc["details"]["results"]
   ratio = lambda r, p, o: r["placements"][p][o]["time_ratio_to_adamw"]
   cell = lambda v, o: f"{v:.2f}" + ("" if v <= TARGETS[o] else " ✗")

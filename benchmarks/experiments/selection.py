@@ -12,8 +12,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import data, metrics, timing
-from benchmarks.render import bounds, fill, span, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_results
+from benchmarks.render import bounds, fill, renders, span, table
+from benchmarks.schema import RESULTS, read_results, time_row, write_micro
 from benchmarks.spec import Micro
 
 KINDS = ("uniform", "model", "model_tree", "one_bin")
@@ -122,15 +122,12 @@ def run(spec: Micro, args: Any) -> None:
                                       ("amortized", "AdamW+IRE", f"update (K={K})"))
               for x in results for m, v in x[key].items()]
       used = {m for x in results for m in x["refresh"]}
-      write_results(out, benchmark=spec.name, rows=rows, details=results, meta={
-          "machine": timing.machine(), "model": model, "gamma": GAMMA, "K": K,
-          "methods": [m for m in METHODS if m in used]})
+      write_micro(spec.name, args.out, rows=rows, details=results, model=model, gamma=GAMMA,
+                  K=K, methods=[m for m in METHODS if m in used])
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("selection")
-  if doc is None:
-    return {}
+@renders("selection")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   meta, res = doc["meta"], doc["details"]
   methods, kinds = meta["methods"], [k for k in KINDS if any(r["kind"] == k for r in res)]
   res = sorted(res, key=lambda r: (r["n"], KINDS.index(r["kind"])))

@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import metrics, timing
 from benchmarks.render import bounds, fill, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_results
+from benchmarks.schema import RESULTS, read_results, time_row, write_micro
 from benchmarks.spec import Micro
 
 
@@ -181,11 +181,11 @@ def run(spec: Micro, args: Any) -> None:
     details[model] = measure(model, {k: o for k, o in {"base": OPTS["base"], **opts}.items()
                                      if k in keys and (not o.models or model in o.models)},
                              reps, smoke)
-    write_results(out, benchmark=name, details=details, rows=() if args.selection else [
-        time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
-                 "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=reps)
-        for d in details.values() for k, r in d["results"].items()],
-                  meta={"machine": timing.machine(), "reps": reps, "steps_per_block": STEPS})
+    rows = [time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
+                     "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=reps)
+            for d in details.values() for k, r in d["results"].items()]
+    write_micro(name, args.out, rows=() if args.selection else rows, details=details, reps=reps,
+                steps_per_block=STEPS)
 
 
 def note(r: Mapping[str, Any]) -> str:
