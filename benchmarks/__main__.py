@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 from benchmarks import data, experiments, render
+from benchmarks.spec import smoke
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
   module = experiments.load(args.command)
   spec = module.SPEC
   if args.smoke:
-    import tempfile
-
-    from benchmarks.spec import smoke
     spec = smoke(spec)
     if args.out is None:  # a smoke run never overwrites the committed results
       args.out = tempfile.mkdtemp(prefix=f"{args.command}-smoke-")

@@ -18,37 +18,20 @@ SCHEMA = "ire_optax-benchmark/1"
 
 @dataclasses.dataclass
 class Row:
-  """One measured number.
+  """One measured number."""
 
-  Attributes:
-    optimizer: the optimizer's label (``"SAM"``, ``"AdamW+IRE"``, ...).
-    task: model and data (``"ResNet-8, mnist"``).
-    metric: what ``value`` is: ``"time_ratio"`` (time per unit of ``what``
-      divided by ``base``'s), ``"test_acc"``, ``"top_eig"``, ...
-    value: the number (aggregates: the mean or median over ``n``).
-    base: the optimizer a ratio is relative to ("" if none).
-    what: the unit timed (``"train step"``, ``"update (K=10)"``).
-    variant: a setting that distinguishes rows of one optimizer (``"m=8, vmap"``).
-    n: how many measurements (seeds, repetitions) ``value`` summarises.
-    spread: their standard deviation, or None.
-    interleaved: optimizer and base timed in alternation in one process
-      (False: whole runs timed one after another).
-    source: the benchmark script that measured it.
-    note: anything a reader of the table needs.
-  """
-
-  optimizer: str
-  task: str
-  metric: str
-  value: float
-  base: str = ""
-  what: str = ""
-  variant: str = ""
-  n: int = 1
-  spread: float | None = None
-  interleaved: bool = True
-  source: str = ""
-  note: str = ""
+  optimizer: str  # its label (``"SAM"``, ``"AdamW+IRE"``, ...)
+  task: str  # model and data (``"ResNet-8, mnist"``)
+  metric: str  # ``"time_ratio"`` (time per ``what`` over ``base``'s), ``"test_acc"``, ...
+  value: float  # aggregates: the mean or median over ``n``
+  base: str = ""  # the optimizer a ratio is relative to
+  what: str = ""  # the unit timed (``"train step"``, ``"update (K=10)"``)
+  variant: str = ""  # a setting that tells rows of one optimizer apart (``"m=8, vmap"``)
+  n: int = 1  # how many measurements (seeds, repetitions) ``value`` summarises
+  spread: float | None = None  # their standard deviation
+  interleaved: bool = True  # False: whole runs timed one after another, not in alternation
+  source: str = ""  # the benchmark that measured it
+  note: str = ""  # anything a reader of the table needs
 
 
 def time_row(optimizer: str, base: str, task: str, what: str, ratio: float, source: str,
@@ -74,10 +57,7 @@ def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str,
                   markdown: str | None = None) -> Path:
   """Writes ``stem.json`` (and ``stem.md`` if ``markdown``) atomically; returns the JSON path.
 
-  The JSON is ``{"schema", "benchmark", "meta", "rows", "details"}``. Writing
-  goes through a temporary file and a rename, so a script may call this
-  after every run (results are never half-written) and resume from it with
-  :func:`read_results`.
+  A temporary file and a rename: a benchmark may write after every run and resume from it.
   """
   stem = Path(stem)
   stem.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +70,16 @@ def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str,
   return path
 
 
+def write_micro(name: str, out: str | None, *, rows: Iterable[Row], details: Any,
+                **meta: Any) -> Path:
+  """A micro-benchmark's ``{out}/{name}.json`` (default: the committed results), the machine
+  first in its meta."""
+  from benchmarks.timing import machine
+
+  return write_results(Path(out or RESULTS) / name, benchmark=name, rows=rows, details=details,
+                       meta={"machine": machine(), **meta})
+
+
 def _atomic_write(path: Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
@@ -97,11 +87,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any] | None:
-  """A results document written by :func:`write_results` (rows as :class:`Row`), or None.
-
-  Returns None if the file does not exist; raises ``ValueError`` for a file
-  in another schema.
-  """
+  """The results document at ``path`` (rows as :class:`Row`), or None if it is absent."""
   path = Path(path)
   if not path.exists():
     return None
@@ -110,13 +96,3 @@ def read_results(path: str | os.PathLike) -> dict[str, Any] | None:
     raise ValueError(f"{path} is not a {SCHEMA} results file.")
   doc["rows"] = [Row(**r) for r in doc["rows"]]
   return doc
-
-
-def read_rows(results: str | os.PathLike = RESULTS) -> list[Row]:
-  """The rows of every ``*.json`` results file under ``results``, by file name."""
-  rows: list[Row] = []
-  for path in sorted(Path(results).glob("*.json")):
-    doc = json.loads(path.read_text())
-    if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
-      rows += [Row(**r) for r in doc["rows"]]
-  return rows

@@ -1,10 +1,6 @@
-"""Timing in one process: interleaved blocks, ratios paired by repetition, the machine.
+"""Timing in one process: blocks interleaved, each a ratio to a baseline of the same repetition.
 
-:func:`time_interleaved` runs several zero-argument blocks (one per optimizer) in a rotating
-order, repetition after repetition, and :class:`Timings` reports each one *as a ratio to a
-baseline measured in the same repetition*: on a shared, noisy machine slow drifts of the load
-cancel in the paired ratio. :class:`Stepper` turns a jitted ``step(carry, *args) -> carry``
-into such a block; :func:`machine` describes the CPU, versions, commit and load.
+On a shared, noisy machine slow drifts of the load cancel in the paired ratio.
 """
 
 from __future__ import annotations
@@ -19,8 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.metrics import quantile
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,8 +27,7 @@ def _block(x: Any) -> Any:
 class Stepper:
   """A timing block: ``steps`` calls of ``carry = step(carry, *args_at(i))``.
 
-  ``args_at(i)`` gives the extra arguments of the ``i``-th call over the
-  stepper's life (e.g. a batch); the carry persists between blocks.
+  ``i`` counts the calls over the stepper's life (e.g. to pick a batch); the carry persists.
   """
 
   def __init__(self, step: Callable[..., Any], carry: Any, steps: int = 1,
@@ -42,23 +35,16 @@ class Stepper:
     self.step, self.carry, self.steps, self.args_at, self.calls = step, carry, steps, args_at, 0
 
   def __call__(self) -> Any:
-    c = self.carry
     for _ in range(self.steps):
       args = self.args_at(self.calls) if self.args_at is not None else ()
-      c = self.step(c, *args)
+      self.carry = self.step(self.carry, *args)
       self.calls += 1
-    self.carry = c
-    return c
+    return self.carry
 
 
 @dataclasses.dataclass
 class Timings:
-  """Seconds per unit of work of every block, one entry per repetition.
-
-  ``seconds[name][r]`` is the time of block ``name`` in repetition ``r``
-  divided by its ``units`` (steps per block). Ratios pair the two blocks of
-  the same repetition.
-  """
+  """``seconds[name][r]``: block ``name``'s time per unit of work in repetition ``r``."""
 
   seconds: dict[str, list[float]]
   baseline: str
@@ -88,10 +74,6 @@ class Timings:
     """Fastest repetition over fastest repetition (robust to additive load noise)."""
     return min(self.seconds[name]) / min(self.seconds[baseline or self.baseline])
 
-  def quantile_ratio(self, name: str, q: float, baseline: str | None = None) -> float:
-    v = sorted(self.paired(name, baseline))
-    return quantile(v, q)
-
   def summary(self) -> dict[str, Any]:
     """JSON-ready: medians, paired ratios (median, min, max) and the raw seconds."""
     return {
@@ -105,28 +87,15 @@ class Timings:
 
 
 def time_interleaved(blocks: Mapping[str, Callable[[], Any]], *, baseline: str, reps: int,
-                     units: int = 1, warmup: int = 1, clock: str = "wall") -> Timings:
-  """Times each block ``reps`` times, interleaved, in a rotating order.
+                     units: int = 1, warmup: int = 1) -> Timings:
+  """Times each block ``reps`` times, interleaved, after ``warmup`` untimed rounds.
 
-  In repetition ``r`` every block runs once, the order rotated by ``r`` so
-  that no block always follows the same one; each block's result is waited
-  for (``jax.block_until_ready``) inside its timed region. ``warmup``
-  untimed rounds run first (compilation, first-call effects).
-
-  Args:
-    blocks: name -> zero-argument callable (e.g. a :class:`Stepper`).
-    baseline: the name the ratios are relative to.
-    reps: timed repetitions.
-    units: units of work per block call (time is divided by it: s/step).
-    warmup: untimed rounds before timing.
-    clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (this process's
-      CPU time, all threads: robust to other processes on the machine). Both
-      are recorded; :meth:`Timings.on` reads the other one.
+  Repetition ``r`` runs every block once in an order rotated by ``r`` and waits for each
+  result inside its timed region; times are divided by ``units`` (work per call, e.g. steps).
+  Wall and process CPU time are both recorded (:meth:`Timings.on`); the result reads wall.
   """
   if baseline not in blocks:
     raise ValueError(f"baseline {baseline!r} is not one of {list(blocks)}.")
-  if clock not in ("wall", "cpu"):
-    raise ValueError(f"`clock` must be 'wall' or 'cpu'; got {clock!r}.")
   names = list(blocks)
   for _ in range(warmup):
     for n in names:
@@ -140,57 +109,12 @@ def time_interleaved(blocks: Mapping[str, Callable[[], Any]], *, baseline: str, 
       _block(blocks[n]())
       by_clock["wall"][n].append((time.perf_counter() - w0) / units)
       by_clock["cpu"][n].append((time.process_time() - c0) / units)
-  return Timings(by_clock[clock], baseline, clock, by_clock)
-
-
-# -----------------------------------------------------------------------------
-# Machine
-# -----------------------------------------------------------------------------
-
-
-def loadavg() -> float | None:
-  """The 1-minute load average, or None where the OS has none."""
-  try:
-    return os.getloadavg()[0]
-  except (AttributeError, OSError):
-    return None
-
-
-def machine() -> dict[str, Any]:
-  """The CPU, core count, library versions, commit and current load average."""
-  import jax
-  import optax
-
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                            capture_output=True, check=False).stdout.strip() or None
-  except OSError:
-    commit = None
-  n = os.cpu_count()
-  load = loadavg()
-  return {
-      "cpu": cpu, "cores": n, "system": platform.system(), "python": platform.python_version(),
-      "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
-      "commit": commit, "loadavg": load,
-      "summary": f"{n}-core CPU ({cpu}), jax {jax.__version__} ({jax.default_backend()}), "
-                 f"optax {optax.__version__}"
-                 + (f", load average {load:.1f}" if load is not None else ""),
-  }
+  return Timings(by_clock["wall"], baseline, "wall", by_clock)
 
 
 def update_stepper(tx: Any, params: Any, grads: Any, steps: int = 1) -> Stepper:
-  """A block of ``steps`` jitted ``tx`` updates and applies on fixed ``grads``.
-
-  The stepper owns (and donates) its own copy of ``params`` and the state ``tx.init`` makes.
-  """
+  """A block of ``steps`` jitted ``tx`` updates and applies on fixed ``grads``, on (donated)
+  copies of ``params`` and of ``tx.init``'s state."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -202,3 +126,42 @@ def update_stepper(tx: Any, params: Any, grads: Any, steps: int = 1) -> Stepper:
 
   p = jax.tree.map(jnp.copy, params)
   return Stepper(jax.jit(step, donate_argnums=0), (p, tx.init(p)), steps, lambda i: (grads,))
+
+
+def loadavg() -> float | None:
+  """The 1-minute load average, or None where the OS has none."""
+  try:
+    return os.getloadavg()[0]
+  except (AttributeError, OSError):
+    return None
+
+
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+  """The CPU, core count, library versions, commit and current load average."""
+  import jax
+  import optax
+
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True, check=False).stdout.strip() or None
+  except OSError:
+    commit = None
+  cpu, n, load = _cpu_name(), os.cpu_count(), loadavg()
+  return {
+      "cpu": cpu, "cores": n, "system": platform.system(), "python": platform.python_version(),
+      "jax": jax.__version__, "optax": optax.__version__, "backend": jax.default_backend(),
+      "commit": commit, "loadavg": load,
+      "summary": f"{n}-core CPU ({cpu}), jax {jax.__version__} ({jax.default_backend()}), "
+                 f"optax {optax.__version__}"
+                 + (f", load average {load:.1f}" if load is not None else ""),
+  }

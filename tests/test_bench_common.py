@@ -77,7 +77,6 @@ def test_interleaved_timer_rotates_and_pairs_by_repetition():
   assert t.ratio("b") == 2.0 and t.paired("c") == [1.0, 3.0, 1.0] and t.ratio("c") == 1.0
   assert t.min_ratio("c") == 1.0 and t.median("a") == 2.0
   assert t.ratio("c", baseline="b") == 0.5
-  assert t.quantile_ratio("c", 0.5) == 1.0 and t.quantile_ratio("c", 1.0) == 3.0
   s = t.summary()
   assert s["ratio"]["b"] == 2.0 and s["ratio_max"]["c"] == 3.0 and s["reps"] == 3
 
@@ -98,7 +97,6 @@ def test_results_round_trip_and_the_one_reader(tmp_path):
   assert doc["rows"] == rows and doc["details"] == {"a": 1.5, "b": [1, 2]}
   assert doc["benchmark"] == "bench_x" and doc["meta"] == {"m": 1}
   (tmp_path / "legacy.json").write_text(json.dumps({"rows": [1]}))
-  assert schema.read_rows(tmp_path) == rows  # other schemas are not read
   with pytest.raises(ValueError, match="schema|results file"):
     schema.read_results(tmp_path / "legacy.json")
   assert schema.read_results(tmp_path / "absent.json") is None

@@ -1,9 +1,4 @@
-"""IRE: AdamW+IRE's update (plain, refresh, amortized K = 10) over one optax.adamw update.
-
-Per size N (a model-like tree: one large matrix, a few medium ones, vectors), timed interleaved
-in one process on both clocks: AdamW updates; IRE plain steps and refresh steps; real 10-step
-cycles of each; the exact selection alone (the default method and XLA's scatter), and sorting.
-"""
+"""IRE: AdamW+IRE's update (plain, refresh, amortized K = 10) over one optax.adamw update."""
 
 from __future__ import annotations
 
@@ -12,8 +7,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import metrics, timing
-from benchmarks.render import fill, span, table
-from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.render import fill, renders, span, table
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 SPEC = Micro(
@@ -84,49 +79,45 @@ def measure(n: int, reps: int) -> dict[str, Any]:
 def run(spec: Micro, args: Any) -> None:
   import jax
 
-  rows = [measure(n, spec.reps) for n in spec.sizes]
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
-                meta={"machine": timing.machine()},
-                details={"rows": rows, "meta": {
-                    "reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}},
-                rows=[time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params",
-                               f"update (K={K})", r["cpu"]["amortized_ratio_K10"], spec.name,
-                               f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW "
-                               "updates (CPU time)", variant="grad_sq", n=spec.reps)
-                      for r in rows])
+  sizes = [measure(n, spec.reps) for n in spec.sizes]
+  rows = [time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", f"update (K={K})",
+                   r["cpu"]["amortized_ratio_K10"], spec.name,
+                   f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW updates "
+                   "(CPU time)", variant="grad_sq", n=spec.reps) for r in sizes]
+  meta = {"reps": spec.reps, "selection": f"auto on {jax.default_backend()}"}
+  write_micro(spec.name, args.out, rows=rows, details={"rows": sizes, "meta": meta})
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("ire")
-  if doc is None:
-    return {}
+# The report's columns of each clock: (header, key, format).
+COLUMNS = (("AdamW update (ms)", "adamw_ms", ".1f"),
+           ("IRE plain step / AdamW", "ire_plain_ratio", ".3f"),
+           ("IRE refresh step / AdamW", "ire_refresh_ratio", ".2f"),
+           (f"amortized (K={K}) / AdamW", "amortized_ratio_K10", ".3f"),
+           ("refresh cost (AdamW updates)", "refresh_cost_adamw_updates", ".2f"),
+           ("select, default method (AdamW updates)", "radix_select_adamw_updates", ".2f"),
+           ("select, XLA scatter (AdamW updates)", "radix_select_xla_scatter_adamw_updates",
+            ".2f"),
+           ("jnp.sort select (AdamW updates)", "sort_select_adamw_updates", ".1f"))
+
+
+@renders("ire")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   rows, meta = doc["details"]["rows"], doc["details"]["meta"]
   f = lambda v, fmt: "—" if v is None or v != v else f"{v:{fmt}}"
-  main = [[f"{r['n']:,}", clock] + [f(r[clock].get(key), fmt) for key, fmt in (
-      ("adamw_ms", ".1f"), ("ire_plain_ratio", ".3f"), ("ire_refresh_ratio", ".2f"),
-      ("amortized_ratio_K10", ".3f"), ("refresh_cost_adamw_updates", ".2f"),
-      ("radix_select_adamw_updates", ".2f"), ("radix_select_xla_scatter_adamw_updates", ".2f"),
-      ("sort_select_adamw_updates", ".1f"))] + [f(r["extra_state_bytes_per_param"], ".3f")]
-      for r in rows for clock in ("wall", "cpu")]
-  cpu = [r["cpu"] for r in rows]
+  main = [[f"{r['n']:,}", clock, *(f(r[clock].get(key), fmt) for _, key, fmt in COLUMNS),
+           f(r["extra_state_bytes_per_param"], ".3f")] for r in rows for clock in ("wall", "cpu")]
+  cpu = lambda key: [r["cpu"][key] for r in rows]
   return {"benchmarks/results/ire.md": fill("ire.md", {
       "machine": doc["meta"]["machine"]["summary"], "reps": meta.get("reps", rows[0]["reps"]),
-      "selection": meta["selection"], "K": K,
-      "table": table(["params", "clock", "AdamW update (ms)", "IRE plain step / AdamW",
-                      "IRE refresh step / AdamW", f"amortized (K={K}) / AdamW",
-                      "refresh cost (AdamW updates)", "select, default method (AdamW updates)",
-                      "select, XLA scatter (AdamW updates)", "jnp.sort select (AdamW updates)",
-                      "extra state bytes/param"], main, "rlrrrrrrrrr"),
-      "amortized": span([c["amortized_ratio_K10"] for c in cpu], ".3f"), "targets": TARGETS,
-      "sort_max": SORT_MAX,
-      "v_amortized": metrics.target_verdict([c["amortized_ratio_K10"] for c in cpu],
-                                            TARGETS["amortized"]),
-      "v_refresh": metrics.target_verdict([c["refresh_cost_adamw_updates"] for c in cpu],
-                                          TARGETS["refresh"]),
-      "refresh": span([c["refresh_cost_adamw_updates"] for c in cpu]),
+      "selection": meta["selection"], "K": K, "targets": TARGETS, "sort_max": SORT_MAX,
+      "table": table(["params", "clock", *(c[0] for c in COLUMNS), "extra state bytes/param"],
+                     main, "rl" + "r" * (len(COLUMNS) + 1)),
+      "v_amortized": metrics.target_verdict(cpu("amortized_ratio_K10"), TARGETS["amortized"]),
+      "v_refresh": metrics.target_verdict(cpu("refresh_cost_adamw_updates"), TARGETS["refresh"]),
+      "amortized": span(cpu("amortized_ratio_K10"), ".3f"),
+      "refresh": span(cpu("refresh_cost_adamw_updates")),
       "bytes": span([r["extra_state_bytes_per_param"] for r in rows], ".3f"),
-      "adamw_ns": span([c["adamw_ns_per_param"] for c in cpu]),
-      "scatter": span([c["radix_select_xla_scatter_adamw_updates"] for c in cpu]),
-      "default": span([c["radix_select_adamw_updates"] for c in cpu]),
-      "sort": span([c["sort_select_adamw_updates"] for c in cpu
-                    if c["sort_select_adamw_updates"] == c["sort_select_adamw_updates"]], ".0f")})}
+      "adamw_ns": span(cpu("adamw_ns_per_param")),
+      "scatter": span(cpu("radix_select_xla_scatter_adamw_updates")),
+      "default": span(cpu("radix_select_adamw_updates")),
+      "sort": span([v for v in cpu("sort_select_adamw_updates") if v == v], ".0f")})}  # not NaN

@@ -1,10 +1,6 @@
 """Multidevice: data-parallel train steps on 1-8 emulated devices, and IRE's sharded refresh.
 
-Each device count D runs in its own process (``--xla_force_host_platform_device_count=D``):
-an MLP (64-512-512-10) on the digits, a fixed global batch of 1024, under ``shard_map`` (the
-optimizers with ``axis_name``) and GSPMD (plain ``jit`` over the batch-sharded inputs):
-AdamW, AdamW+IRE (K = 10), SAM and mSAM (8 micro-batches in total), 10 steps per block, as
-ratios to AdamW's; and IRE's refresh over a 4.2M-parameter tree replicated or row-sharded.
+Each device count D runs in a process of its own (``--xla_force_host_platform_device_count``).
 """
 
 from __future__ import annotations
@@ -19,8 +15,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import data, timing
-from benchmarks.render import ROOT, fill, machine, span, table
-from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.render import ROOT, fill, machine, renders, span, table
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 OPTS = ("adamw", "adamw+ire", "sam", "msam")
@@ -31,67 +27,83 @@ SPEC = Micro(name="multidevice", measures="train-step time over AdamW's per devi
 BATCH, HIDDEN, STEPS, MICROBATCHES, REFRESH_SHAPE = 1024, 512, 10, 8, (4096, 1024)
 
 
-def worker(devices: int, reps: int, batch_size: int = BATCH, hidden: int = HIDDEN) -> dict:
+def worker(devices: int, reps: int) -> dict:
   """The measurements on ``devices`` emulated devices (run in a process of its own)."""
+  import jax
+  import numpy as np
+
+  mesh, rng = jax.make_mesh((devices,), ("d",)), np.random.default_rng(0)
+  digits = data.load_images(None)
+  idx = rng.integers(0, len(digits.x_train), BATCH)
+  batch = {"x": digits.x_train[idx].reshape(BATCH, -1), "y": digits.y_train[idx]}
+  params = jax.tree.map(np.asarray, data.mlp_init(jax.random.key(0), (64, HIDDEN, HIDDEN, 10)))
+  placements = {p: train_steps(mesh, axis, params, batch, reps)
+                for p, axis in (("shard_map", "d"), ("gspmd", None))}
+  P = jax.sharding.PartitionSpec
+  return {"devices": devices, "params": sum(v.size for v in jax.tree.leaves(params)),
+          "placements": placements,
+          "refresh": {p: refresh(mesh, spec, rng, reps)
+                      for p, spec in (("replicated", P()), ("sharded", P("d", None)))},
+          "refresh_params": int(np.prod(REFRESH_SHAPE))}
+
+
+def train_steps(mesh: Any, axis: str | None, params: Any, batch: Any, reps: int) -> dict:
+  """Every optimizer's train step, under ``shard_map`` over ``axis`` (or GSPMD if None)."""
+  import jax
+  import optax
+
+  import ire_optax
+
+  P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+  grad = jax.grad(lambda p, b: data.cross_entropy(data.mlp_logits(p, b["x"]), b["y"]))
+  adamw = optax.adamw(1e-3, weight_decay=0.1)
+  m = MICROBATCHES // mesh.size if axis else MICROBATCHES
+  txs = {"adamw": adamw, "adamw+ire": ire_optax.ire(adamw, kappa=3.0, gamma=0.6,
+                                                    refresh_every=10, axis_name=axis),
+         "sam": ire_optax.sam(adamw, rho=0.05, axis_name=axis),
+         "msam": ire_optax.msam(adamw, rho=0.05, num_microbatches=m, axis_name=axis)}
+
+  def step(p, s, b, name, tx):
+    if name == "msam":
+      u, s = tx.update(None, s, p, grad_fn=grad, batch=b)
+    else:
+      g = grad(jax.lax.pcast(p, axis, to="varying") if axis else p, b)
+      g = jax.lax.pmean(g, axis) if axis and name != "sam" else g
+      u, s = tx.update(g, s, p, **({"grad_fn": lambda q: grad(q, b)} if name == "sam" else {}))
+    return optax.apply_updates(p, u), s
+
+  gbatch, rep = jax.device_put(batch, NS(mesh, P("d"))), NS(mesh, P())
+  blocks = {}
+  for name, tx in txs.items():
+    f = lambda p, s, b, name=name, tx=tx: step(p, s, b, name, tx)
+    if axis:
+      f = jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()))
+    jitted = jax.jit(f, donate_argnums=(0, 1))
+    blocks[name] = timing.Stepper(lambda c, f=jitted, b=gbatch: f(*c, b),
+                                  jax.device_put((params, tx.init(params)), rep), STEPS)
+  t = timing.time_interleaved(blocks, baseline="adamw", reps=reps, units=STEPS)
+  return {n: {"ms_per_step": 1e3 * t.median(n), "examples_per_s": BATCH / t.median(n),
+              "time_ratio_to_adamw": t.ratio(n)} for n in OPTS}
+
+
+def refresh(mesh: Any, spec: Any, rng: Any, reps: int) -> dict:
+  """IRE's refresh (every call of ``ire`` with K = 1 on one state) over an AdamW update."""
   import jax
   import numpy as np
   import optax
 
   import ire_optax
 
-  P, NS, mesh = jax.sharding.PartitionSpec, jax.sharding.NamedSharding, jax.make_mesh(
-      (devices,), ("d",))
-  digits, rng = data.load_images(None), np.random.default_rng(0)
-  idx = rng.integers(0, len(digits.x_train), batch_size)
-  batch = {"x": digits.x_train[idx].reshape(batch_size, -1), "y": digits.y_train[idx]}
-  params = jax.tree.map(np.asarray, data.mlp_init(jax.random.key(0), (64, hidden, hidden, 10)))
-  grad = jax.grad(lambda p, b: data.cross_entropy(data.mlp_logits(p, b["x"]), b["y"]))
-  out: dict = {"devices": devices, "params": sum(v.size for v in jax.tree.leaves(params)),
-               "placements": {}}
-  for placement, axis in (("shard_map", "d"), ("gspmd", None)):
-    adamw = optax.adamw(1e-3, weight_decay=0.1)
-    m = MICROBATCHES // devices if axis else MICROBATCHES
-    txs = {"adamw": adamw, "adamw+ire": ire_optax.ire(adamw, kappa=3.0, gamma=0.6,
-                                                      refresh_every=10, axis_name=axis),
-           "sam": ire_optax.sam(adamw, rho=0.05, axis_name=axis),
-           "msam": ire_optax.msam(adamw, rho=0.05, num_microbatches=m, axis_name=axis)}
-
-    def step(p, s, b, name, tx, axis=axis):
-      if name == "msam":
-        u, s = tx.update(None, s, p, grad_fn=grad, batch=b)
-      else:
-        g = grad(jax.lax.pcast(p, axis, to="varying") if axis else p, b)
-        g = jax.lax.pmean(g, axis) if axis and name != "sam" else g
-        u, s = tx.update(g, s, p, **({"grad_fn": lambda q: grad(q, b)} if name == "sam" else {}))
-      return optax.apply_updates(p, u), s
-
-    gbatch, rep = jax.device_put(batch, NS(mesh, P("d"))), NS(mesh, P())
-    blocks = {}
-    for name, tx in txs.items():
-      f = lambda p, s, b, name=name, tx=tx: step(p, s, b, name, tx)
-      if axis:
-        f = jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()))
-      jitted = jax.jit(f, donate_argnums=(0, 1))
-      blocks[name] = timing.Stepper(lambda c, f=jitted, b=gbatch: f(*c, b),
-                                    jax.device_put((params, tx.init(params)), rep), STEPS)
-    t = timing.time_interleaved(blocks, baseline="adamw", reps=reps, units=STEPS)
-    out["placements"][placement] = {n: {
-        "ms_per_step": 1e3 * t.median(n), "examples_per_s": batch_size / t.median(n),
-        "time_ratio_to_adamw": t.ratio(n)} for n in OPTS}
-  out["refresh"], out["refresh_params"] = {}, int(np.prod(REFRESH_SHAPE))
-  for placement, spec in (("replicated", P()), ("sharded", P("d", None))):
-    tp, tg = (jax.device_put({"w": rng.standard_normal(REFRESH_SHAPE).astype(np.float32)},
-                             {"w": NS(mesh, spec)}) for _ in range(2))
-    fns = {}  # the same state every call: every call of ire (K = 1) is a refresh
-    for name, tx in (("adamw", optax.adamw(1e-3)), ("ire_refresh", ire_optax.ire(
-        optax.adamw(1e-3), kappa=3.0, gamma=0.6, refresh_every=1))):
-      fns[name] = partial(jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0]), tg,
-                          tx.init(tp), tp)
-    t = timing.time_interleaved(fns, baseline="adamw", reps=reps)
-    out["refresh"][placement] = {"ire_refresh_ms": 1e3 * t.median("ire_refresh"),
-                                 "adamw_update_ms": 1e3 * t.median("adamw"),
-                                 "refresh_over_adamw": t.ratio("ire_refresh")}
-  return out
+  tp, tg = (jax.device_put({"w": rng.standard_normal(REFRESH_SHAPE).astype(np.float32)},
+                           {"w": jax.sharding.NamedSharding(mesh, spec)}) for _ in range(2))
+  fns = {}
+  for name, tx in (("adamw", optax.adamw(1e-3)), ("ire_refresh", ire_optax.ire(
+      optax.adamw(1e-3), kappa=3.0, gamma=0.6, refresh_every=1))):
+    fns[name] = partial(jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0]), tg,
+                        tx.init(tp), tp)
+  t = timing.time_interleaved(fns, baseline="adamw", reps=reps)
+  return {"ire_refresh_ms": 1e3 * t.median("ire_refresh"),
+          "adamw_update_ms": 1e3 * t.median("adamw"), "refresh_over_adamw": t.ratio("ire_refresh")}
 
 
 def run(spec: Micro, args: Any) -> None:
@@ -108,21 +120,18 @@ def run(spec: Micro, args: Any) -> None:
   one = next(r for r in results if r["devices"] == 1)
   names = {"adamw+ire": ("AdamW+IRE", "grad_sq"), "sam": ("SAM", ""),
            "msam": ("mSAM", "m=8, vmap")}
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
-                meta={"machine": timing.machine()},
-                details={"reps": spec.reps, "global_batch": BATCH, "targets": TARGETS,
-                         "results": results, "wall_s": time.perf_counter() - t0},
-                rows=[time_row(label, "AdamW", f"MLP {one['params']:,} params, digits, 1 device",
-                               "train step", opts[key]["time_ratio_to_adamw"], spec.name,
-                               f"jit over {placement}", variant, n=spec.reps)
-                      for placement, opts in one["placements"].items()
-                      for key, (label, variant) in names.items()])
+  rows = [time_row(label, "AdamW", f"MLP {one['params']:,} params, digits, 1 device",
+                   "train step", opts[key]["time_ratio_to_adamw"], spec.name,
+                   f"jit over {placement}", variant, n=spec.reps)
+          for placement, opts in one["placements"].items()
+          for key, (label, variant) in names.items()]
+  write_micro(spec.name, args.out, rows=rows,
+              details={"reps": spec.reps, "global_batch": BATCH, "targets": TARGETS,
+                       "results": results, "wall_s": time.perf_counter() - t0})
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("multidevice")
-  if doc is None:
-    return {}
+@renders("multidevice")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   d, res = doc["details"], doc["details"]["results"]
   ratio = lambda r, p, o: r["placements"][p][o]["time_ratio_to_adamw"]
   cell = lambda v, o: f"{v:.2f}" + ("" if v <= TARGETS[o] else " ✗")

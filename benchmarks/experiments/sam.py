@@ -1,10 +1,6 @@
 """SAM: the train-step time, peak memory and flops of SAM, ASAM and mSAM over their base.
 
-Per task (a small CNN on MNIST, a char-level transformer on Tiny Shakespeare; pure JAX,
-float32), each optimizer's jitted train step (gradient(s) + update + apply, params and state
-donated) is compiled (XLA's ``memory_analysis`` and ``cost_analysis``), then timed interleaved
-in one process. ``optax_sam`` is ``optax.contrib.sam`` in opaque mode: the same algorithm as
-``sam`` (the two are checked to give the same parameters).
+``optax_sam`` is ``optax.contrib.sam`` in opaque mode, the same algorithm as ``sam``.
 """
 
 from __future__ import annotations
@@ -13,8 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from benchmarks import data, metrics, timing
-from benchmarks.render import fill, machine, span, table
-from benchmarks.schema import RESULTS, time_row, write_results
+from benchmarks.render import fill, machine, renders, span, table
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 # block -> (factory kind, keyword arguments); the base is SGD with momentum 0.9.
@@ -167,15 +163,12 @@ def run(spec: Micro, args: Any) -> None:
                     spec.name, "ratio of median step times", f"m=8, {m}", n=spec.reps)
            for r in results for m in ("vmap", "scan", "unroll")
            if f"msam8_{m}" in (s := r["median_step_s"])]
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name, rows=rows,
-                meta={"machine": timing.machine()},
-                details={"reps": spec.reps, "steps": STEPS, "results": results})
+  write_micro(spec.name, args.out, rows=rows,
+              details={"reps": spec.reps, "steps": STEPS, "results": results})
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("sam")
-  if doc is None:
-    return {}
+@renders("sam")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   res = doc["details"]["results"]
   mem = [n for n in ARMS if n != "base"]
   f = lambda r, a, b: r["xla_flops"][a] / r["xla_flops"][b]

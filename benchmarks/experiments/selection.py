@@ -1,12 +1,7 @@
 """Selection: one exact refresh per counting method, and IRE amortized, in AdamW updates.
 
-Per counting method of the exact selection (``native``: the C++ CPU kernel; ``threshold``;
-``scatter``), key distribution and size N, timed interleaved in one process: one
-``flat_mask(h, 0.6, method=m)`` over N float32 keys against one ``optax.adamw`` update of N
-parameters, and ten ``ire(adamw)`` steps (K = 10, one refresh) against ten AdamW steps.
-Keys: ``uniform``; ``model`` (g² of a small MLP's gradient on MNIST or the digits, tiled to N);
-``model_tree`` (the same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin
-bucket: the scatter's worst contention).
+Keys: ``uniform``; ``model`` (g² of a small MLP's gradient, tiled to N); ``model_tree`` (the
+same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin bucket).
 """
 
 from __future__ import annotations
@@ -17,8 +12,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import data, metrics, timing
-from benchmarks.render import bounds, fill, span, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_results
+from benchmarks.render import bounds, fill, renders, span, table
+from benchmarks.schema import RESULTS, read_results, time_row, write_micro
 from benchmarks.spec import Micro
 
 KINDS = ("uniform", "model", "model_tree", "one_bin")
@@ -117,15 +112,12 @@ def run(spec: Micro, args: Any) -> None:
                                       ("amortized", "AdamW+IRE", f"update (K={K})"))
               for x in results for m, v in x[key].items()]
       used = {m for x in results for m in x["refresh"]}
-      write_results(out, benchmark=spec.name, rows=rows, details=results, meta={
-          "machine": timing.machine(), "model": model, "gamma": GAMMA, "K": K,
-          "methods": [m for m in METHODS if m in used]})
+      write_micro(spec.name, args.out, rows=rows, details=results, model=model, gamma=GAMMA,
+                  K=K, methods=[m for m in METHODS if m in used])
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("selection")
-  if doc is None:
-    return {}
+@renders("selection")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   meta, res = doc["meta"], doc["details"]
   methods, kinds = meta["methods"], [k for k in KINDS if any(r["kind"] == k for r in res)]
   res = sorted(res, key=lambda r: (r["n"], KINDS.index(r["kind"])))

@@ -1,10 +1,4 @@
-"""Sharpness: the cost of ire_optax.sharpness's estimators, in units of one gradient.
-
-For an MLP (784-w-w-10) and a small CNN (14x14 inputs; widths c, 2c, 2c) on a batch of 128
-MNIST images (the digits, upsampled, without ``--data-dir``), at three sizes each: every
-estimator jitted with the batch as an argument, compiled, then timed interleaved in one
-process, each as a ratio to the gradient of the same repetition.
-"""
+"""Sharpness: the cost of ire_optax.sharpness's estimators, in units of one gradient."""
 
 from __future__ import annotations
 
@@ -14,8 +8,8 @@ from functools import partial
 from typing import Any
 
 from benchmarks import data, timing
-from benchmarks.render import bounds, fill, machine, span, table
-from benchmarks.schema import RESULTS, Row, write_results
+from benchmarks.render import bounds, fill, machine, renders, span, table
+from benchmarks.schema import Row, write_micro
 from benchmarks.spec import Micro
 
 # name -> (HVPs per call, what one call is, the models it is timed on)
@@ -89,20 +83,17 @@ def run(spec: Micro, args: Any) -> None:
                  "num_params": sum(v.size for v in jax.tree.leaves(params)),
                  "ratio_median": t["ratio"], "ratio_min": t["ratio_min"],
                  "ratio_max": t["ratio_max"], "seconds_median": t["median_s"]})
-  write_results(f"{args.out or RESULTS}/{spec.name}", benchmark=spec.name,
-                meta={"machine": timing.machine()},
-                details={"data": name, "batch": BATCH, "reps": spec.reps, "rows": rows,
-                         "total_s": time.time() - start},
-                rows=[Row(m, f"{r['model']} width {r['width']} ({r['num_params']:,} params)",
-                          "grad_ratio", v, base="grad", what=MEASURES[m][1], n=spec.reps,
-                          source=spec.name)
-                      for r in rows for m, v in r["ratio_median"].items() if m != "grad"])
+  write_micro(spec.name, args.out,
+              details={"data": name, "batch": BATCH, "reps": spec.reps, "rows": rows,
+                       "total_s": time.time() - start},
+              rows=[Row(m, f"{r['model']} width {r['width']} ({r['num_params']:,} params)",
+                        "grad_ratio", v, base="grad", what=MEASURES[m][1], n=spec.reps,
+                        source=spec.name)
+                    for r in rows for m, v in r["ratio_median"].items() if m != "grad"])
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results.get("sharpness")
-  if doc is None:
-    return {}
+@renders("sharpness")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   d, names = doc["details"], [m for m in MEASURES if m != "grad"]
   per_hvp = lambda r: min(r["ratio_median"][m] for m in ("lanczos", "lanczos_unrolled")
                           if m in r["ratio_median"]) / 20

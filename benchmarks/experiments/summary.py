@@ -1,8 +1,4 @@
-"""Summary: every optimizer's per-step cost over its base, the README and choosing.md digests.
-
-Render only: reads the ``time_ratio`` rows of every results file (``cost.md``, ``cost.json``),
-the paper-claim benchmarks' summaries (the README's results block) and their paired claims.
-"""
+"""Summary: every optimizer's per-step cost over its base, the README and choosing.md digests."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
 """Train step: every optimizer's step over its base, on the ResNet, ViT and Llama examples' steps.
 
-The step timed is the one ``python -m examples.{resnet,vit,llama}`` runs (optimizer, loss,
-logging metrics, BatchNorm statistics and the loop's branch hints included), on random batches
-of the examples' shapes. Per model every optimizer runs blocks of 10 consecutive steps (one IRE
-refresh cycle, five SALA cycles), interleaved, as ratios to the base optimizer's block in the
-same repetition; and one Hessian-vector product against one gradient of the same loss.
-``--selection`` instead times IRE (grad_sq) with each counting method of its refresh
-(``results/train_step_selection.json``).
+The step timed is the one ``python -m examples.{resnet,vit,llama}`` runs, on random batches of
+the examples' shapes; ``--selection`` times IRE with each counting method of its refresh instead.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from typing import Any
 
 from benchmarks import metrics, timing
 from benchmarks.render import bounds, fill, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_results
+from benchmarks.schema import RESULTS, read_results, time_row, write_micro
 from benchmarks.spec import Micro
 
 
@@ -92,29 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "counting method of the refresh -> results/train_step_selection.json")
 
 
-def config(name: str, overrides: Mapping[str, Any]) -> Any:
-  """The example's ``TrainConfig`` with ``overrides``: its sections (``model``, ``data``,
-  ``optimizer``: field -> value) and training fields."""
-  from examples.common import cli
-
-  cfg = cli.get_config(name)
-  return dataclasses.replace(cfg, **{
-      k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, Mapping) else v
-      for k, v in overrides.items()})
-
-
 def build_step(name: str, opt: Opt, size: tuple[Any, ...], smoke: bool = False) -> tuple:
   """``(step_fn, state, batch, loss)``: the example's train step for ``opt`` and its loss."""
   import jax
   import numpy as np
 
-  from examples.common import optim, train
+  from benchmarks.runner import override
+  from examples.common import cli, optim, train
 
   _, overrides, shape, vocab = size
   base = base_of(name)
-  cfg = config(name, {**overrides, **opt.train, "fast_compile": smoke, "optimizer": {
-      "name": base, "warmup_steps": 0, **opt.optimizer,
-      **({"base": base} if "name" in opt.optimizer else {})}})
+  optimizer = {"name": base, "warmup_steps": 0, **opt.optimizer,
+               **({"base": base} if "name" in opt.optimizer else {})}
+  cfg = override(cli.get_config(name), {**overrides, **opt.train, "fast_compile": smoke,
+                                        "optimizer": optimizer})
   data = types.SimpleNamespace(image_shape=shape, num_classes=10, vocab_size=vocab)
   graphdef, params, stats = train.split_model(train.build_model(cfg, data).model)
   spec = optim.build_optimizer(cfg.optimizer, 10_000, model_stats=stats)
@@ -195,11 +181,11 @@ def run(spec: Micro, args: Any) -> None:
     details[model] = measure(model, {k: o for k, o in {"base": OPTS["base"], **opts}.items()
                                      if k in keys and (not o.models or model in o.models)},
                              reps, smoke)
-    write_results(out, benchmark=name, details=details, rows=() if args.selection else [
-        time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
-                 "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=reps)
-        for d in details.values() for k, r in d["results"].items()],
-                  meta={"machine": timing.machine(), "reps": reps, "steps_per_block": STEPS})
+    rows = [time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
+                     "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=reps)
+            for d in details.values() for k, r in d["results"].items()]
+    write_micro(name, args.out, rows=() if args.selection else rows, details=details, reps=reps,
+                steps_per_block=STEPS)
 
 
 def note(r: Mapping[str, Any]) -> str:
@@ -213,6 +199,11 @@ def note(r: Mapping[str, Any]) -> str:
 def cell(r: Mapping[str, Any]) -> str:
   """A ratio's cell: median [min–max] over the repetitions."""
   return bounds(r["ratio"], r["ratio_min"], r["ratio_max"])
+
+
+def load_text(details: Mapping[str, Any]) -> str:
+  """The load average before/after each model's timing."""
+  return ", ".join(f"{n} {r['loadavg'][0]:.1f}/{r['loadavg'][1]:.1f}" for n, r in details.items())
 
 
 SELECTION_LABELS = (("ire_grad_sq", "default (`auto`: `scatter` on the CPU)"),
@@ -232,6 +223,7 @@ def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
     return cell(r) + vs + mark
 
   bases = {BASES[d[n]["base"]] for n in names}
+  hvps = {n: d[n]["hvp"] for n in names if "hvp" in d[n]}
   rows = [[o.label.format(base=bases.pop() if len(bases) == 1 else "base"), o.variant,
            "" if o.target is None else f"≤ {o.target}x" + (
                "" if o.over == "base" else f" {o.over.upper()}"),
@@ -243,10 +235,10 @@ def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
       "table": table(["optimizer", "variant", "target", *(d[n]["label"] for n in names)], rows,
                      "lll" + "r" * len(names)),
       "bases": ", ".join(f"{d[n]['label']}: {BASES[d[n]['base']]}" for n in names),
-      "load": ", ".join(f"{n} {d[n]['loadavg'][0]:.1f}/{d[n]['loadavg'][1]:.1f}" for n in names),
-      "hvp": ", ".join(f"{n} {bounds(d[n]['hvp']['ratio'], d[n]['hvp']['min'], d[n]['hvp']['max'])}"
-                       f" ({d[n]['hvp'].get('clock', 'wall')} clock)"
-                       for n in names if "hvp" in d[n]) or "not measured"})
+      "load": load_text(d),
+      "hvp": ", ".join(f"{n} {bounds(h['ratio'], h['min'], h['max'])} "
+                       f"({h.get('clock', 'wall')} clock)" for n, h in hvps.items())
+             or "not measured"})
 
 
 def render(results: Mapping[str, Any]) -> dict[str, str]:
@@ -271,6 +263,5 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                         ["what `native` saves per step, in base steps",
                          *(f"{x:+.2f}" for x in saved)]], "l" + "r" * len(d)),
         "steps": sel["meta"]["steps_per_block"], "reps": sel["meta"]["reps"],
-        "machine": sel["meta"]["machine"]["summary"],
-        "load": ", ".join(f"{n} {d[n]['loadavg'][0]:.1f}/{d[n]['loadavg'][1]:.1f}" for n in d)})
+        "machine": sel["meta"]["machine"]["summary"], "load": load_text(d)})
   return out
