@@ -1,9 +1,9 @@
 """Prints the lowest versions ``pyproject.toml`` allows, as pip pins (``name==floor``).
 
-``python .ci/min_versions.py`` pins the library's dependencies; names of optional extras
-(``python .ci/min_versions.py nnx``) add theirs. Every requirement printed must have a floor
-(``>=``). CI installs the package with these pins and runs the unit tier against them, so the
-floors are written once, in ``pyproject.toml``, and are the versions that are tested.
+``python .ci/min_versions.py`` pins the library's dependencies; ``python .ci/min_versions.py
+nnx`` pins the requirements of the named optional extras instead. Every requirement printed
+must have a floor (``>=``). CI installs the package with these pins and runs the unit tier
+against them, so the floors are written once, in ``pyproject.toml``, and are the tested ones.
 """
 
 import re
@@ -22,7 +22,7 @@ def floors(extras: list[str]) -> list[str]:
   if unknown:
     raise SystemExit(f"no such extra in pyproject.toml: {unknown}")
   pins = []
-  for req in [*project["dependencies"], *(r for e in extras for r in optional[e])]:
+  for req in [r for e in extras for r in optional[e]] if extras else project["dependencies"]:
     m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*([^;]*?)\s*", req)
     floor = re.search(r">=\s*([^,\s]+)", m.group(2)) if m else None
     if floor is None:
