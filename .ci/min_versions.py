@@ -8,9 +8,8 @@ against them, so the floors are written once, in ``pyproject.toml``, and are the
 
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -30,7 +30,7 @@ Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) ->
 
 def now() -> str:
   """The current UTC time as the results record it."""
-  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def command(name: str) -> str:
