@@ -13,7 +13,6 @@ import functools
 import importlib
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks import data
+from benchmarks import data, schema
 from benchmarks.spec import Arm, Experiment, Task, config_hash
 
 Measure = Callable[[Any, Any], Mapping[str, Any]]  # (TrainConfig, RunResult) -> extra fields
@@ -126,9 +125,8 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
     else:
       kwargs = {"measure": measure, **(inputs(task, seed) if inputs else {})}
       rec = dict(train_one(cfg, data_dir=data_dir, **kwargs), config_hash=key)
-      tmp, how = path.with_suffix(".tmp"), "trained"
-      tmp.write_text(json.dumps(rec, default=str))
-      os.replace(tmp, path)
+      how = "trained"
+      schema.atomic_write(path, json.dumps(rec, default=str))
       rec = json.loads(path.read_text())  # as a later read gives it (lists, not tuples)
     runs.setdefault(task.key, {}).setdefault(str(seed), {})[arm.label] = rec
     log(f"[{i + 1}/{len(plan)}] {task.key} seed {seed} {arm.label}: {how}, final held-out "

@@ -64,9 +64,9 @@ def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str,
   doc = {"schema": SCHEMA, "benchmark": benchmark, "meta": dict(meta),
          "rows": [dataclasses.asdict(r) for r in rows], "details": details}
   path = stem.with_name(stem.name + ".json")
-  _atomic_write(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
+  atomic_write(path, json.dumps(doc, indent=1, default=_jsonable) + "\n")
   if markdown is not None:
-    _atomic_write(stem.with_name(stem.name + ".md"), markdown.rstrip("\n") + "\n")
+    atomic_write(stem.with_name(stem.name + ".md"), markdown.rstrip("\n") + "\n")
   return path
 
 
@@ -80,7 +80,8 @@ def write_micro(name: str, out: str | None, *, rows: Iterable[Row], details: Any
                        meta={"machine": machine(), **meta})
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
