@@ -113,8 +113,8 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageData:
   return ImageData(x_train, y[train], x_test, y[test], 10, "digits")
 
 
-_IDX_DTYPES = {
-    0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8"),
 }
 
@@ -135,7 +135,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   if code not in _IDX_DTYPES:
     raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}.")
   shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-  dtype = np.dtype(_IDX_DTYPES[code])
+  dtype = _IDX_DTYPES[code]
   count = int(np.prod(shape)) if shape else 1
   data = np.frombuffer(raw, dtype=dtype, count=count, offset=4 + 4 * ndim)
   return data.reshape(shape).astype(dtype.newbyteorder("="))
@@ -536,7 +536,7 @@ class ImageBatcher:
     self.x, self.y = x, y
     self.batch_size, self.seed, self.augment, self.pad = batch_size, seed, augment, pad
     self.steps_per_epoch = len(x) // batch_size
-    self._perm_epoch, self._perm = -1, None
+    self._perm_epoch, self._perm = -1, np.arange(0)
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     epoch, i = divmod(int(step), self.steps_per_epoch)
@@ -552,7 +552,7 @@ class ImageBatcher:
 
 def augment_images(x: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
   """Random ``pad``-pixel shifts (zero padding + crop) and horizontal flips."""
-  n, h, w, _ = x.shape
+  n, h, w = (int(d) for d in x.shape[:3])
   padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   dy = rng.integers(0, 2 * pad + 1, n)
   dx = rng.integers(0, 2 * pad + 1, n)

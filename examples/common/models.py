@@ -53,6 +53,8 @@ class BasicBlock(nnx.Module):
     self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
     self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    self.proj: nnx.Conv | None
+    self.proj_bn: nnx.BatchNorm | None
     if stride != 1 or cin != cout:
       self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
       self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
@@ -63,7 +65,7 @@ class BasicBlock(nnx.Module):
     ura = not train
     y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
     y = self.bn2(self.conv2(y), use_running_average=ura)
-    if self.proj is not None:
+    if self.proj is not None and self.proj_bn is not None:
       x = self.proj_bn(self.proj(x), use_running_average=ura)
     return nnx.relu(x + y)
 

@@ -250,7 +250,8 @@ def _wrap(plan: _Plan, base: optax.GradientTransformation, model_stats: Any
     aux_init = {"loss": jnp.zeros((), jnp.float32), "acc": jnp.zeros((), jnp.float32),
                 "stats": {} if model_stats is None else model_stats}
     tx = ire_optax.msam(base, rho=_rho(plan), num_microbatches=cfg.num_microbatches,
-                        microbatch_mode=cfg.microbatch_mode, axis_name=axis,
+                        microbatch_mode=cfg.microbatch_mode,  # type: ignore[arg-type]  # config's choices
+                        axis_name=axis,
                         perturb_mask=perturb_mask, has_aux=True, aux_init=aux_init)
     return tx, {"family": "msam"}
   if algo == "sala":

@@ -27,7 +27,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") 
     for name, recs in runs.items():
       pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
       if pts:
-        s, v = zip(*pts, strict=True)
+        s, v = (np.asarray(c) for c in zip(*pts, strict=True))
         if key in ("loss", "sharpness") and len(v) > 20:  # light smoothing of noisy curves
           k = max(1, len(v) // 50)
           v = np.convolve(v, np.ones(k) / k, mode="valid")

@@ -87,7 +87,8 @@ def initial_loss_scale(precision: str, scale: float = INITIAL_LOSS_SCALE) -> Any
 
 def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
   """``(graphdef, params, stats)`` with params and stats as pure nested dicts."""
-  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+  graphdef, *states = nnx.split(model, nnx.Param, ...)
+  params, stats = states
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
