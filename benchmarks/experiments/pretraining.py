@@ -142,8 +142,8 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
       rec["train_curve"] = smooth(rec["loss_curve"], window)
   first = runner.configure(spec, spec.tasks[0], spec.arm(spec.baseline), spec.seeds[0])
   res: dict[str, Any] = {
-      "stem": spec.name, "complete": True, "machine": timing.machine(),
-      "date": runner.now(), "command": runner.command("pretraining"),
+      "stem": spec.name, "official": spec.name == OFFICIAL.name, "complete": True,
+      "machine": timing.machine(), "date": runner.now(), "command": runner.command("pretraining"),
       "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
                  "ire_settings": {variant(a.label): {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
                                   | {"source": a.note} for a in spec.arms if a.optimizer}},
@@ -152,12 +152,10 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
       "results": {t: {s: {"runs": r} for s, r in per.items()} for t, per in runs.items()},
       "notes": [], "total_wall_s": time.perf_counter() - t0}
   if lr_runs:
-    res["lr_check"] = {f"{variant(k) or 'adamw'}@{LR_CHECK:g}": dict(r, lr=LR_CHECK,
-                                                                     variant=variant(k))
-                       for k, r in lr_runs.items()}
+    res["lr_check"] = {"lr": LR_CHECK, "runs": lr_runs}
   meta = {k: res[k] for k in ("date", "machine", "command", "complete")}
   schema.write_results(out / spec.name, benchmark="pretraining", meta=meta,
-                       rows=result_rows(load(res, spec.name)), details=res)
+                       rows=result_rows(res), details=res)
 
 
 def result_rows(res: dict[str, Any]) -> list[schema.Row]:
@@ -194,29 +192,11 @@ SPEEDUPS = {  # per-seed metric -> (row metric suffix, what it counts)
     "vs_T": ("heldout_vs_T", "steps to AdamW-T's final held-out loss")}
 
 
-# Settings files of the default preset did not record (then fixed).
-LEGACY = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "clip_norm": 1.0, "final_lr_ratio": 0.0}
-
-
-def load(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
-  """The run's record (the results' ``details``; older files: all of it), its settings under
-  today's names (files of the default preset before it recorded every IRE setting)."""
-  res = dict(doc.get("details", doc), stem=name)
-  c = res["config"] = {**LEGACY, **res["config"]}
-  c.setdefault("warmup_steps", res.get("warmup_steps"))
-  c.setdefault("decay_mask", "all" if c.get("decay_all") else "weights")
-  c.setdefault("ire_settings", {e: {"curvature": e, "gamma": c["gamma"], "kappa": c["kappa"],
-                                    "kappa_schedule": c["kappa_schedule"], "refresh_every": 10}
-                                for e in c.get("estimators", ())})
-  res["official"] = name == OFFICIAL.name
-  return res
-
-
 def seed_metrics(runs: Mapping[str, Any], v: str) -> dict[str, Any]:
   """One seed's speed-ups of ``ire-{v}-T`` (held-out; training loss where recorded)."""
   a1, a2, r = runs["adamw-T"], runs.get("adamw-2T"), runs[f"ire-{v}-T"]
-  sps = [x.get("s_per_step_median_window") or x["s_per_step"] for x in (a1, a2) if x]
-  mine = r.get("s_per_step_median_window") or r["s_per_step"]
+  sps = [x["s_per_step_median_window"] or x["s_per_step"] for x in (a1, a2) if x]
+  mine = r["s_per_step_median_window"] or r["s_per_step"]
   m = {"vs_2T": metrics.speedup(a2["curve"], r["curve"], r["final_eval_loss"]) if a2 else
        dict(metrics.NO_SPEEDUP), "vs_T": metrics.speedup(a1["curve"], r["curve"],
                                                          a1["final_eval_loss"]),
@@ -341,9 +321,8 @@ def verdicts(res: Mapping[str, Any]) -> list[str]:
 def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
   """The learning-rate check's table and verdict (seed 0 of the first data set)."""
   c, main = res["config"], next(iter(res["results"].values()))["0"]["runs"]
-  groups = {c["lr"]: {k: r for k, r in main.items() if k != "adamw-2T"}}
-  for r in res["lr_check"].values():
-    groups.setdefault(r["lr"], {})[f"ire-{r['variant']}-T" if r.get("variant") else "adamw-T"] = r
+  groups = {c["lr"]: {k: r for k, r in main.items() if k != "adamw-2T"},
+            res["lr_check"]["lr"]: res["lr_check"]["runs"]}
   rows = []
   for lr, g in groups.items():
     for k, r in g.items():
@@ -386,14 +365,14 @@ def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
           f"- IRE `{v}`: {s['curvature']} estimator, gamma {s['gamma']:g}, kappa "
           f"{s['kappa']:g}{' x lr_t / lr_peak' if s['kappa_schedule'] == 'lr' else ''}, "
           f"refreshed every {s['refresh_every']} steps, on from step {c['warmup_steps']} "
-          f"(right after the warm-up)." + (f" Source: {s['source']}." if s.get("source") else "")
+          f"(right after the warm-up)." + (f" Source: {s['source']}." if s["source"] else "")
           for v, s in c["ire_settings"].items()),
       "decay": "every parameter" if c["decay_mask"] == "all" else "weight matrices only",
       "clip": f"clip {c['clip_norm']:g}" if c.get("clip_norm") else "no gradient clipping",
-      "notes": "".join(f"\n- Note: {n}" for n in res.get("notes", []))
+      "notes": "".join(f"\n- Note: {n}" for n in res["notes"])
       + (f"\n- Learning rate: {c['lr_note']}" if c.get("lr_note") else ""),
       "ablations": "".join(f"\n\n## Other IRE settings tried: `{a.name}.md`\n\nThe same AdamW "
-                           f"runs; IRE as listed there.\n\n{summary_table(load(doc, a.name))}"
+                           f"runs; IRE as listed there.\n\n{summary_table(doc['details'])}"
                            for a, doc in ablations)}
 
 
@@ -401,7 +380,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   out = {}
   for spec in PRESETS.values():
     if results[spec.name] is not None:
-      res = load(results[spec.name], spec.name)
+      res = results[spec.name]["details"]
       ctx = context(res, results)
       kind = "pretraining_official" if res["official"] else "pretraining"
       out[f"benchmarks/results/{spec.name}.md"] = fill(f"{kind}.md", ctx)
