@@ -305,29 +305,18 @@ def verdicts(res: Mapping[str, Any]) -> list[str]:
   return out
 
 
-def lr_check_text(res: Mapping[str, Any]) -> tuple[str, str]:
-  """The learning-rate check's table and verdict (seed 0 of the first data set)."""
+def lr_verdict(res: Mapping[str, Any]) -> str:
+  """The learning-rate check's verdict: is AdamW-T better at the larger lr (seed 0)?"""
   c, main = res["config"], next(iter(res["results"].values()))["0"]["runs"]
-  groups = {c["lr"]: {k: r for k, r in main.items() if k != "adamw-2T"},
-            res["lr_check"]["lr"]: res["lr_check"]["runs"]}
-  rows = []
-  for lr, g in groups.items():
-    for k, r in g.items():
-      m = seed_metrics(g, v) if (v := variant(k)) else None
-      rows.append([f"{lr:g}", k, f"{final(r, True):.4f}", f"{final(r):.4f}"] + (
-          [metrics.speedup_text(m["train_vs_T"]), metrics.speedup_text(m["vs_T"])] if m
-          else ["-", "-"]))
-  text = table(["peak lr", "run", "final train loss", "final held-out loss",
-                "training loss: speed-up vs AdamW-T at this lr",
-                "held-out: speed-up vs AdamW-T at this lr"], rows)
+  groups = {c["lr"]: main, res["lr_check"]["lr"]: res["lr_check"]["runs"]}
   best = min(groups, key=lambda lr: final(groups[lr]["adamw-T"], True))
   if best == c["lr"]:
-    return text, f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr " \
-                  "checked for AdamW-T."
-  ires = {k: r for k, r in groups[c["lr"]].items() if variant(k)}
+    return f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr checked " \
+           "for AdamW-T."
+  ires = {k: r for k, r in main.items() if variant(k)}
   below = [final(r, True) < final(groups[best]["adamw-T"], True) for r in ires.values()]
   both = lambda r: f"{final(r, True):.3f} / {final(r):.3f}"  # noqa: E731
-  return text, fill("pretraining_lr_check.md", {
+  return fill("pretraining_lr_check.md", {
       "best": best, "lr": c["lr"], "best_adamw": both(groups[best]["adamw-T"]),
       "adamw": both(main["adamw-T"]), "below": "all" if all(below) else "some" if any(below)
       else "none", "ires": ", ".join(f"{both(r)} ({variant(k)})" for k, r in ires.items())
@@ -336,12 +325,14 @@ def lr_check_text(res: Mapping[str, Any]) -> tuple[str, str]:
 
 def context(res: Mapping[str, Any]) -> dict[str, Any]:
   c, datasets = res["config"], list(res["datasets"].values())
-  lr_table, lr_verdict = lr_check_text(res) if "lr_check" in res else ("", "")
+  check = res.get("lr_check")  # the official preset's
+  lr_runs = {next(iter(res["results"])): {"0": check}}
   return {
       "res": res, "c": c, "stem": res["stem"], "summary": summary_table(res),
       "short": summary_table(res, short=True), "runs": runs_table(res),
-      "verdicts": "\n".join(verdicts(res) + [lr_verdict] * bool(lr_verdict)),
-      "lr_table": lr_table, "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
+      "verdicts": "\n".join(verdicts(res) + ([lr_verdict(res)] if check else [])),
+      "lr_table": runs_table({**res, "results": lr_runs}) if check else "",
+      "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
       "wall_min": res["total_wall_s"] / 60,
       "params": ", ".join(f"{d['label']}: {d['params']:,}" for d in datasets),
       "data_notes": "; ".join(d["note"] for d in datasets),
