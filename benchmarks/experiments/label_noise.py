@@ -245,6 +245,6 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                 "about" if memorised < 0.1 and drop < 0.01
                 else "the models memorise, so the claim can show here",
       "n_seeds": len(meta["config"]["seeds"]),
-      "params": meta.get("params", 0)}
+      "params": meta["params"]}
   return {"benchmarks/results/label_noise.md": fill("label_noise.md", ctx),
           "benchmarks/results/label_noise_summary.md": fill("label_noise_summary.md", ctx)}

@@ -131,7 +131,7 @@ def lr_check(spec: Experiment, out: Path, data_dir: str | None) -> dict[str, Any
 
 def run(spec: Experiment, args: argparse.Namespace) -> None:
   """Trains (or reads) every run of ``spec`` (or of ``--preset``'s); writes its results."""
-  if getattr(args, "preset", "default") != "default":
+  if args.preset != "default":
     spec = PRESETS[args.preset]
     spec = smoke(spec) if args.smoke else spec  # type: ignore[assignment]
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
