@@ -125,11 +125,9 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
           "model_argv": {t.example: settings({**t.overrides["model"], **t.overrides["optimizer"]})
                          for t in spec.tasks},
           "optimizers": {a.label: {m: settings(a.optimizer) for m in MODEL} for a in spec.arms}}
-  aggs = aggregate(rows)
   schema.write_results(out / spec.name, benchmark="generalization", meta=meta,
-                       rows=result_rows(aggs), details={"meta": meta, "runs": rows,
-                                                        "aggregates": aggs,
-                                                        "orderings": orderings(rows)})
+                       rows=result_rows(aggregate(rows)),
+                       details={"runs": rows, "orderings": orderings(rows)})
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -170,7 +168,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   doc = results["generalization"]
   if doc is None:
     return {}
-  meta, rows = doc["details"]["meta"], doc["details"]["runs"]
+  meta, rows = doc["meta"], doc["details"]["runs"]
   aggs, found = aggregate(rows), orderings(rows)
   combos = list(dict.fromkeys((a["model"], a["dataset"]) for a in aggs))
   sections = "\n\n".join(

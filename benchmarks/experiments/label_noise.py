@@ -156,11 +156,9 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
           "machine": timing.machine(), "config": config, "wall_s": wall, "lr": lr,
           "data": data.describe_images(img), "params": rows[0]["params"],
           "wall_text": f"{len(rows)} runs + {len(grid_rows)} grid runs in {wall / 60:.1f} min."}
-  aggs = aggregate(rows)
   schema.write_results(out / "label_noise", benchmark="label_noise", meta=meta,
-                       rows=result_rows(aggs), details={
-                           "grid": grid_rows, "runs": rows, "config": config, "lr": lr,
-                           "aggregates": aggs, "claims": claims(rows)})
+                       rows=result_rows(aggregate(rows)), details={
+                           "grid": grid_rows, "runs": rows, "claims": claims(rows)})
 
 
 def result_rows(aggs: list[dict]) -> list[schema.Row]:
