@@ -162,13 +162,11 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
 
 
 def result_rows(aggs: list[dict]) -> list[schema.Row]:
-  """Each metric's mean over seeds, and each optimizer's time per step over SGD's (whole runs
-  one after another: not interleaved)."""
+  """Each optimizer's time per step over SGD's (whole runs one after another: not
+  interleaved); the accuracies are the report's, from the runs in the details."""
   rows = []
   for a in aggs:
     task = f"small CNN, MNIST, {round(100 * a['noise'])}% label noise"
-    rows += [schema.Row(a["optimizer"], task, k, a[k], n=a["n"], spread=a[k + "_std"],
-                        source="bench_label_noise") for k in COLUMNS if math.isfinite(a[k])]
     if a["optimizer"] != "SGD" and math.isfinite(a["time_ratio"]):
       opt, variant = {"mSAM-8": ("mSAM", "m=8, unroll"), "SGD+IRE": ("SGD+IRE", "fisher")}.get(
           a["optimizer"], (a["optimizer"], ""))
