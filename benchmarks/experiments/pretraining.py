@@ -164,7 +164,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
 def result_rows(res: dict[str, Any]) -> list[schema.Row]:
   """For the default preset, per data set and IRE setting: IRE's time/step over AdamW's
   (median over seeds; the speed-ups are the report's, from the runs in the details)."""
-  c, rows = res["config"], []
+  c, rows = res["config"], list[schema.Row]()
   if res["official"]:  # the cost table takes the default preset's timings only
     return rows
   for d, per_v in aggregate(res).items():
