@@ -81,7 +81,7 @@ def test_label_noise_smoke_run_measures_memorisation(tmp_path):
   ln.run(spec, argparse.Namespace(smoke=True, out=str(tmp_path), data_dir=None))
   doc = render.Results(tmp_path)["label_noise"]
   runs = doc["details"]["runs"]
-  assert [r["optimizer"] for r in runs] == ["SGD", "SAM"] and doc["details"]["lr"] == 0.1
+  assert [r["optimizer"] for r in runs] == ["SGD", "SAM"] and doc["meta"]["lr"] == 0.1
   for r in runs:
     assert len(r["eval_acc_curve"]) == ln.SMOKE["epochs"]
     assert 0.3 < r["corrupted_fraction"] < 0.5 and 0 <= r["memorised"] <= 1

@@ -122,15 +122,12 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                                                     and r["optimizer"] == BASE[m]
                                                     and r["seed"] == spec.seeds[0])
                      for m in dict.fromkeys(t.example for t in spec.tasks)},
-          "model_argv": {t.example: {**t.overrides["model"], **t.overrides["optimizer"]}
+          "model_argv": {t.example: settings({**t.overrides["model"], **t.overrides["optimizer"]})
                          for t in spec.tasks},
-          "optimizers": {m: [[a.label.replace("base", BASE[m]), dict(a.optimizer)]
-                             for a in spec.arms] for m in MODEL}}
-  aggs = aggregate(rows)
+          "optimizers": {a.label: {m: settings(a.optimizer) for m in MODEL} for a in spec.arms}}
   schema.write_results(out / spec.name, benchmark="generalization", meta=meta,
-                       rows=result_rows(aggs), details={"meta": meta, "runs": rows,
-                                                        "aggregates": aggs,
-                                                        "orderings": orderings(rows)})
+                       rows=result_rows(aggregate(rows)),
+                       details={"runs": rows, "orderings": orderings(rows)})
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -162,16 +159,16 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
   return out
 
 
-def settings(x: Any) -> str:
-  """An optimizer's or model's settings as recorded: command-line arguments or overrides."""
-  return " ".join(x) if isinstance(x, list) else ", ".join(f"{k}={v}" for k, v in x.items())
+def settings(overrides: Mapping[str, Any]) -> str:
+  """An optimizer's or model's settings as the report shows them."""
+  return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def render(results: Mapping[str, Any]) -> dict[str, str]:
   doc = results["generalization"]
   if doc is None:
     return {}
-  meta, rows = doc["details"]["meta"], doc["details"]["runs"]
+  meta, rows = doc["meta"], doc["details"]["runs"]
   aggs, found = aggregate(rows), orderings(rows)
   combos = list(dict.fromkeys((a["model"], a["dataset"]) for a in aggs))
   sections = "\n\n".join(
@@ -197,17 +194,14 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                   "verdict"],
                  [[f["model"], f["dataset"], f"{f['worse']} < {f['better']}", *paired_cells(f)]
                   for f in found])
-  opts = table(["optimizer"] + [MODELS[m] for m in meta["optimizers"]], [
-      [label] + [settings(dict(meta["optimizers"][m]).get(
-          label.replace("base", BASE[m]), [])) for m in meta["optimizers"]]
-      for label in dict.fromkeys(o.replace(BASE[m], "base") for m, opts in
-                                 meta["optimizers"].items() for o, _ in opts)])
+  opts = table(["optimizer", *(MODELS[m] for m in meta["model_argv"])],
+               [[label, *per.values()] for label, per in meta["optimizers"].items()])
   ctx = {"meta": meta, "sh": meta["sharpness"], "wall_min": meta["total_wall_s"] / 60,
          "data": "; ".join(meta["data"]), "sections": sections, "claims": claims,
          "summary": summary, "optimizers": opts, "n_seeds": len(meta["seeds"]),
-         "models": "\n".join(f"- {meta['models'][m]}; {settings(meta['model_argv'][m])}"
+         "models": "\n".join(f"- {meta['models'][m]}; {meta['model_argv'][m]}"
                              for m in meta["models"]),
-         "seeds": ", ".join(map(str, meta["seeds"])), "note": meta.get("note") or ""}
+         "seeds": ", ".join(map(str, meta["seeds"]))}
   return {"benchmarks/results/generalization.md": fill("generalization.md", ctx),
           "benchmarks/results/generalization_summary.md": fill("generalization_summary.md",
                                                                ctx)}

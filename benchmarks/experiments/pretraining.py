@@ -16,9 +16,8 @@ from typing import Any
 
 from benchmarks import metrics, runner, schema, timing
 from benchmarks.render import fill, pm, table
-from benchmarks.spec import Arm, Experiment, Task
+from benchmarks.spec import Arm, Experiment, Task, smoke
 
-ESTIMATORS = ("fisher", "grad_sq", "hutchinson")
 IRE_KEYS = ("curvature", "gamma", "kappa", "kappa_schedule", "refresh_every")
 DATASETS = {
     "wikitext2": {"label": "WikiText-2", "note": "WikiText-2 has no training split here: "
@@ -37,11 +36,10 @@ def ire(curvature: str = "fisher", gamma: float = 0.6, kappa: float = 3.0,
           "ire_kappa": kappa, "ire_kappa_schedule": kappa_schedule, "ire_refresh_every": 10}
 
 
-def arms(settings: Mapping[str, Mapping[str, Any]], steps: int, two_t_last: bool = False,
+def arms(settings: Mapping[str, Mapping[str, Any]], steps: int,
          notes: Mapping[str, str] | None = None) -> tuple[Arm, ...]:
   ires = [Arm(f"ire-{v}-T", o, note=(notes or {}).get(v, "")) for v, o in settings.items()]
-  a1, a2 = Arm("adamw-T"), Arm("adamw-2T", train={"steps": 2 * steps})
-  return (a1, *ires, a2) if two_t_last else (a1, a2, *ires)
+  return (Arm("adamw-T"), Arm("adamw-2T", train={"steps": 2 * steps}), *ires)
 
 
 def tasks(names: tuple[str, ...], **overrides: Any) -> tuple[Task, ...]:
@@ -55,18 +53,17 @@ LOOP = {"model": {"size": "mini"}, "batch_size": 16, "data": {"seq_len": 64},
 SMOKE = {"model": {"size": "toy"}, "batch_size": 4, "data": {"seq_len": 16, "max_chars": 20000},
          "eval_batches": 2, "eval_every": 2, "log_every": 1, "fast_compile": True}
 SMOKE_OPT = {"lr": 1e-2, "warmup_steps": 2}
-ESTIMATOR_ARMS = {e: ire(e) for e in ESTIMATORS}
+# The three curvature estimators, and Fisher with kappa_t = 3 lr_t / lr_peak (the paper's
+# optional schedule for small runs).
+SETTINGS = {e: ire(e) for e in ("fisher", "grad_sq", "hutchinson")} | {
+    "fisher-lr": ire(kappa_schedule="lr")}
 SPEC = Experiment(
     name="pretraining", claim="AdamW+IRE-T reaches AdamW-2T's loss at half the steps "
     "(Wang et al. 2024, 2x)", tasks=tasks(("wikitext2", "shakespeare"), **LOOP,
                                           optimizer=ADAMW),
-    arms=arms(ESTIMATOR_ARMS, 300), seeds=(0, 1, 2), steps=300, metrics=("eval_loss",),
+    arms=arms(SETTINGS, 300), seeds=(0, 1, 2), steps=300, metrics=("eval_loss",),
     baseline="adamw-T", smoke={"tasks": tasks(("cpython-docs",), **SMOKE, optimizer=SMOKE_OPT),
-                               "arms": arms(ESTIMATOR_ARMS, 8), "seeds": (0,), "steps": 8})
-KAPPA3_LR = dataclasses.replace(
-    SPEC, name="pretraining_ablations/kappa3_lr/pretraining",
-    arms=arms({"fisher": ire(kappa_schedule="lr")}, 300),
-    smoke=dict(SPEC.smoke, arms=arms({"fisher": ire(kappa_schedule="lr")}, 8)))
+                               "arms": arms(SETTINGS, 8), "seeds": (0,), "steps": 8})
 # The IRE authors' settings (wmz9/IRE-algorithm-framework): their small-scale model at half
 # width as a Llama block, AdamW eps 1e-16 with weight decay on every parameter, no clipping,
 # warm-up 1% of T, cosine to lr/20; both published IRE settings.
@@ -86,18 +83,18 @@ OFFICIAL = Experiment(
     "speed-ups with the authors' settings", tasks=tasks(
         ("wikitext2",), model=OFFICIAL_MODEL, batch_size=16, data={"seq_len": 32},
         eval_batches=16, eval_every=150, log_every=10, optimizer=OFFICIAL_OPT),
-    arms=arms(OFFICIAL_IRE, 3000, True, OFFICIAL_SOURCES), seeds=(0, 1), steps=3000,
+    arms=arms(OFFICIAL_IRE, 3000, OFFICIAL_SOURCES), seeds=(0, 1), steps=3000,
     metrics=("eval_loss", "train_loss"), baseline="adamw-T",
     smoke={"tasks": tasks(("cpython-docs",), **SMOKE, optimizer={**OFFICIAL_OPT, **SMOKE_OPT}),
-           "arms": arms(OFFICIAL_IRE, 20, True), "seeds": (0,), "steps": 20})
+           "arms": arms(OFFICIAL_IRE, 20), "seeds": (0,), "steps": 20})
 LR_CHECK = 2.4e-3  # the official preset's runs of seed 0 (AdamW-2T aside) at this peak lr
-PRESETS = {"default": SPEC, "official": OFFICIAL, "kappa3_lr": KAPPA3_LR}
+PRESETS = {"default": SPEC, "official": OFFICIAL}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                 help="default: three estimators, two data sets; official: the IRE authors' "
-                      "settings (+ a learning-rate check); kappa3_lr: an IRE ablation")
+                 help="default: three estimators and a kappa schedule, two data sets; "
+                      "official: the IRE authors' settings (+ a learning-rate check)")
 
 
 def variant(label: str) -> str | None:
@@ -120,29 +117,35 @@ def smooth(points: list, window: int) -> list[tuple[int, float]]:
           for s, _ in points if s >= window]
 
 
+def lr_check(spec: Experiment, out: Path, data_dir: str | None) -> dict[str, Any]:
+  """The official preset's runs of seed 0 (AdamW-2T aside) at peak lr :data:`LR_CHECK`."""
+  task = spec.tasks[0]
+  opt = {**task.overrides["optimizer"], "lr": LR_CHECK}
+  check = dataclasses.replace(
+      spec, name=spec.name + "_lr", seeds=(0,), tasks=(dataclasses.replace(
+          task, overrides={**task.overrides, "optimizer": opt}),),
+      arms=tuple(a for a in spec.arms if a.label != "adamw-2T"))
+  runs = runner.run_all(check, out=out, data_dir=data_dir)
+  return {"lr": LR_CHECK, "runs": runs[task.key]["0"]}
+
+
 def run(spec: Experiment, args: argparse.Namespace) -> None:
   """Trains (or reads) every run of ``spec`` (or of ``--preset``'s); writes its results."""
-  if getattr(args, "preset", "default") != "default":
+  if args.preset != "default":
     spec = PRESETS[args.preset]
-    spec = dataclasses.replace(spec, **spec.smoke) if args.smoke else spec
+    spec = smoke(spec) if args.smoke else spec  # type: ignore[assignment]
   out, t0 = Path(args.out or schema.RESULTS), time.perf_counter()
+  official = spec.name == OFFICIAL.name
   window = max(1, round(spec.steps / 30)) if "train_loss" in spec.metrics else 0
   runs = runner.run_all(spec, out=out, data_dir=args.data_dir)
-  lr_runs = {}
-  if spec.name == OFFICIAL.name:  # the learning-rate check: seed 0 at a larger peak lr
-    task = spec.tasks[0]
-    task = dataclasses.replace(task, overrides={**task.overrides, "optimizer": {
-        **task.overrides["optimizer"], "lr": LR_CHECK}})
-    check = dataclasses.replace(spec, name=spec.name + "_lr", seeds=(0,), arms=spec.arms[:-1],
-                                tasks=(task,))
-    lr_runs = next(iter(runner.run_all(check, out=out, data_dir=args.data_dir).values()))["0"]
+  check = lr_check(spec, out, args.data_dir) if official else {}
   for rec in [r for t in runs.values() for s in t.values() for r in s.values()] + [
-      *lr_runs.values()]:
+      *check.get("runs", {}).values()]:
     if window:
       rec["train_curve"] = smooth(rec["loss_curve"], window)
   first = runner.configure(spec, spec.tasks[0], spec.arm(spec.baseline), spec.seeds[0])
   res: dict[str, Any] = {
-      "stem": spec.name, "complete": True, "machine": timing.machine(),
+      "stem": spec.name, "official": official, "complete": True, "machine": timing.machine(),
       "date": runner.now(), "command": runner.command("pretraining"),
       "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
                  "ire_settings": {variant(a.label): {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
@@ -151,72 +154,33 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
           spec.baseline]["params"]) for t in spec.tasks},
       "results": {t: {s: {"runs": r} for s, r in per.items()} for t, per in runs.items()},
       "notes": [], "total_wall_s": time.perf_counter() - t0}
-  if lr_runs:
-    res["lr_check"] = {f"{variant(k) or 'adamw'}@{LR_CHECK:g}": dict(r, lr=LR_CHECK,
-                                                                     variant=variant(k))
-                       for k, r in lr_runs.items()}
+  if check:
+    res["lr_check"] = check
   meta = {k: res[k] for k in ("date", "machine", "command", "complete")}
   schema.write_results(out / spec.name, benchmark="pretraining", meta=meta,
-                       rows=result_rows(load(res, spec.name)), details=res)
+                       rows=result_rows(res), details=res)
 
 
 def result_rows(res: dict[str, Any]) -> list[schema.Row]:
-  """Per data set and IRE setting: the speed-ups (mean over seeds, std as spread, bounds in
-  the note) and, for the default preset, IRE's time/step over AdamW's (median over seeds)."""
-  c, rows = res["config"], []
+  """For the default preset, per data set and IRE setting: IRE's time/step over AdamW's
+  (median over seeds; the speed-ups are the report's, from the runs in the details)."""
+  c, rows = res["config"], list[schema.Row]()
+  if res["official"]:  # the cost table takes the default preset's timings only
+    return rows
   for d, per_v in aggregate(res).items():
     ds = res["datasets"][d]
-    task = (f"{c['depth']}-layer d_model {c['dim']} Llama ({ds['params']:,} params), "
-            f"{ds['label']}, char-level, T={c['steps']}" if res["official"] else
-            f"Llama {c['size']} ({ds['params']:,} params), {ds['label']}")
-    for v, a in per_v.items():
-      if not res["official"] and a["ratio"]:
-        rows.append(schema.time_row("AdamW+IRE", "AdamW", task, "train step",
-                                    statistics.median(a["ratio"]), "bench_pretraining",
-                                    f"median of {len(a['ratio'])} seeds", variant=v,
-                                    interleaved=False, n=len(a["ratio"])))
-      for key, what in SPEEDUPS.items():
-        got = [e for e in a.get(key, []) if e["value"] is not None]
-        if got:
-          mean, std = metrics.mean_std(e["value"] for e in got)
-          bounds = sorted({e["bound"] for e in got} - {"exact"})
-          rows.append(schema.Row(
-              "AdamW+IRE", task, f"speedup_{what[0]}", mean, base="AdamW", what=what[1],
-              variant=v, n=len(got), spread=std, interleaved=False, source="bench_pretraining",
-              note=("some seeds are bounds: " + ", ".join(bounds)) if bounds else ""))
+    task = f"Llama {c['size']} ({ds['params']:,} params), {ds['label']}"
+    rows += [schema.time_row("AdamW+IRE", "AdamW", task, "train step", statistics.median(
+        a["ratio"]), "bench_pretraining", f"median of {len(a['ratio'])} seeds", variant=v,
+        interleaved=False, n=len(a["ratio"])) for v, a in per_v.items() if a["ratio"]]
   return rows
-
-
-SPEEDUPS = {  # per-seed metric -> (row metric suffix, what it counts)
-    "train_vs_T": ("train_vs_T", "steps to AdamW-T's final training loss"),
-    "train_vs_2T": ("train_vs_2T", "steps to IRE-T's final training loss"),
-    "vs_2T": ("heldout_vs_2T", "steps to IRE-T's final held-out loss"),
-    "vs_T": ("heldout_vs_T", "steps to AdamW-T's final held-out loss")}
-
-
-# Settings files of the default preset did not record (then fixed).
-LEGACY = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "clip_norm": 1.0, "final_lr_ratio": 0.0}
-
-
-def load(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
-  """The run's record (the results' ``details``; older files: all of it), its settings under
-  today's names (files of the default preset before it recorded every IRE setting)."""
-  res = dict(doc.get("details", doc), stem=name)
-  c = res["config"] = {**LEGACY, **res["config"]}
-  c.setdefault("warmup_steps", res.get("warmup_steps"))
-  c.setdefault("decay_mask", "all" if c.get("decay_all") else "weights")
-  c.setdefault("ire_settings", {e: {"curvature": e, "gamma": c["gamma"], "kappa": c["kappa"],
-                                    "kappa_schedule": c["kappa_schedule"], "refresh_every": 10}
-                                for e in c.get("estimators", ())})
-  res["official"] = name == OFFICIAL.name
-  return res
 
 
 def seed_metrics(runs: Mapping[str, Any], v: str) -> dict[str, Any]:
   """One seed's speed-ups of ``ire-{v}-T`` (held-out; training loss where recorded)."""
   a1, a2, r = runs["adamw-T"], runs.get("adamw-2T"), runs[f"ire-{v}-T"]
-  sps = [x.get("s_per_step_median_window") or x["s_per_step"] for x in (a1, a2) if x]
-  mine = r.get("s_per_step_median_window") or r["s_per_step"]
+  sps = [x["s_per_step_median_window"] or x["s_per_step"] for x in (a1, a2) if x]
+  mine = r["s_per_step_median_window"] or r["s_per_step"]
   m = {"vs_2T": metrics.speedup(a2["curve"], r["curve"], r["final_eval_loss"]) if a2 else
        dict(metrics.NO_SPEEDUP), "vs_T": metrics.speedup(a1["curve"], r["curve"],
                                                          a1["final_eval_loss"]),
@@ -261,14 +225,10 @@ def spread(values: list[float]) -> str:
           if values else "n/a")
 
 
-def steps(x: int | None) -> str:
-  return "never" if x is None else str(x)
-
-
 def summary_table(res: Mapping[str, Any], short: bool = False) -> str:
   """One row per data set and IRE setting; ``short``: the claims' columns only."""
   agg, text = aggregate(res), metrics.speedups_text
-  train = "train_vs_T" in next(iter(next(iter(agg.values())).values()))
+  train = res["official"]
   cols = [  # (header, shown, cell of the setting's aggregate)
       ("training loss: speed-up vs AdamW-T (claim 5.4x)", train,
        lambda a: text(a["train_vs_T"])),
@@ -286,39 +246,27 @@ def summary_table(res: Mapping[str, Any], short: bool = False) -> str:
                 for d, per_v in agg.items() for v, a in per_v.items()])
 
 
-def seed_table(res: Mapping[str, Any]) -> str:
-  train = res["official"]
-  head = ["data", "seed", "IRE setting", "L* (IRE-T final held-out)",
-          "steps to L* AdamW-2T / IRE-T", "held-out: speed-up vs 2T", "held-out: speed-up vs T"]
-  head += ["train: AdamW-T final", "train: speed-up vs T (T / IRE-T's step at it)",
-           "train: stricter (AdamW-T's own first step at it)", "train: speed-up vs 2T"] * train
+def runs_table(res: Mapping[str, Any]) -> str:
+  """Every run; an IRE run also with its seed's speed-ups."""
+  speedups = {"held-out: speed-up vs 2T": "vs_2T", "held-out: speed-up vs T": "vs_T"}
+  if res["official"]:
+    speedups |= {"train: speed-up vs T (T / IRE-T's step at it)": "train_vs_T",
+                 "train: stricter (AdamW-T's own first step at it)": "train_vs_T_first",
+                 "train: speed-up vs 2T": "train_vs_2T"}
+  head = ["data", "seed", "run", "steps", "final held-out loss", "final train loss", "s/step",
+          "first step s (compile)", "wall s", "IRE flat fraction at end", *speedups]
+  num = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
   rows = []
   for d, per_seed in res["results"].items():
     for s, sr in per_seed.items():
-      for v in res["config"]["ire_settings"]:
-        m = seed_metrics(sr["runs"], v)
-        row = [res["datasets"][d]["label"], s, f"`{v}`",
-               f"{final(sr['runs'][f'ire-{v}-T']):.4f}",
-               f"{steps(m['vs_2T']['base_step'])} / {steps(m['vs_2T']['fast_step'])}",
-               metrics.speedup_text(m["vs_2T"]), metrics.speedup_text(m["vs_T"])]
-        if train:
-          row += [f"{final(sr['runs']['adamw-T'], True):.4f}"] + [
-              metrics.speedup_text(m[k]) for k in ("train_vs_T", "train_vs_T_first",
-                                                   "train_vs_2T")]
-        rows.append(row)
-  return table(head, rows)
-
-
-def run_table(res: Mapping[str, Any]) -> str:
-  head = ["data", "seed", "run", "steps", "final held-out loss", "final train loss", "s/step",
-          "first step s (compile)", "wall s", "IRE flat fraction at end"]
-  num = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
-  rows = [[res["datasets"][d]["label"], s, k, r["steps"], f"{final(r):.4f}",
-           f"{final(r, True) if 'train_curve' in r else r['final_train_loss']:.4f}",
-           num(r["s_per_step"], ".3f"), num(r["first_step_s"], ".1f"), f"{r['wall_s']:.0f}",
-           num(r["ire_flat_fraction_end"], ".3f")]
-          for d, per_seed in res["results"].items() for s, sr in per_seed.items()
-          for k, r in sr["runs"].items()]
+      for k, r in sr["runs"].items():
+        m = seed_metrics(sr["runs"], v) if (v := variant(k)) else {}
+        rows.append([
+            res["datasets"][d]["label"], s, k, r["steps"], f"{final(r):.4f}",
+            f"{final(r, True) if 'train_curve' in r else r['final_train_loss']:.4f}",
+            num(r["s_per_step"], ".3f"), num(r["first_step_s"], ".1f"), f"{r['wall_s']:.0f}",
+            num(r["ire_flat_fraction_end"], ".3f"),
+            *(metrics.speedup_text(m[key]) if m else "-" for key in speedups.values())])
   return table(head, rows)
 
 
@@ -338,47 +286,34 @@ def verdicts(res: Mapping[str, Any]) -> list[str]:
   return out
 
 
-def lr_check(res: Mapping[str, Any]) -> tuple[str, str]:
-  """The learning-rate check's table and verdict (seed 0 of the first data set)."""
+def lr_verdict(res: Mapping[str, Any]) -> str:
+  """The learning-rate check's verdict: is AdamW-T better at the larger lr (seed 0)?"""
   c, main = res["config"], next(iter(res["results"].values()))["0"]["runs"]
-  groups = {c["lr"]: {k: r for k, r in main.items() if k != "adamw-2T"}}
-  for r in res["lr_check"].values():
-    groups.setdefault(r["lr"], {})[f"ire-{r['variant']}-T" if r.get("variant") else "adamw-T"] = r
-  rows = []
-  for lr, g in groups.items():
-    for k, r in g.items():
-      v = variant(k)
-      m = seed_metrics(g, v) if v else None
-      rows.append([f"{lr:g}", k, f"{final(r, True):.4f}", f"{final(r):.4f}"] + (
-          [metrics.speedup_text(m["train_vs_T"]), metrics.speedup_text(m["vs_T"])] if m
-          else ["-", "-"]))
-  text = table(["peak lr", "run", "final train loss", "final held-out loss",
-                "training loss: speed-up vs AdamW-T at this lr",
-                "held-out: speed-up vs AdamW-T at this lr"], rows)
+  groups = {c["lr"]: main, res["lr_check"]["lr"]: res["lr_check"]["runs"]}
   best = min(groups, key=lambda lr: final(groups[lr]["adamw-T"], True))
   if best == c["lr"]:
-    return text, f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr " \
-                  "checked for AdamW-T."
-  ires = {k: r for k, r in groups[c["lr"]].items() if variant(k)}
+    return f"- Learning-rate check (seed 0): the authors' {c['lr']:g} is the best lr checked " \
+           "for AdamW-T."
+  ires = {k: r for k, r in main.items() if variant(k)}
   below = [final(r, True) < final(groups[best]["adamw-T"], True) for r in ires.values()]
   both = lambda r: f"{final(r, True):.3f} / {final(r):.3f}"  # noqa: E731
-  return text, fill("pretraining_lr_check.md", {
+  return fill("pretraining_lr_check.md", {
       "best": best, "lr": c["lr"], "best_adamw": both(groups[best]["adamw-T"]),
       "adamw": both(main["adamw-T"]), "below": "all" if all(below) else "some" if any(below)
       else "none", "ires": ", ".join(f"{both(r)} ({variant(k)})" for k, r in ires.items())
   }).rstrip("\n")
 
 
-def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
+def context(res: Mapping[str, Any]) -> dict[str, Any]:
   c, datasets = res["config"], list(res["datasets"].values())
-  ablations = [(a, results[a.name]) for a in (KAPPA3_LR,)
-               if a.name != res["stem"] and not res["official"] and results[a.name]]
-  lr_table, lr_verdict = lr_check(res) if res.get("lr_check") else ("", "")
+  check = res.get("lr_check")  # the official preset's
+  lr_runs = {next(iter(res["results"])): {"0": check}}
   return {
       "res": res, "c": c, "stem": res["stem"], "summary": summary_table(res),
-      "short": summary_table(res, short=True), "seeds": seed_table(res), "runs": run_table(res),
-      "verdicts": "\n".join(verdicts(res) + [lr_verdict] * bool(lr_verdict)),
-      "lr_table": lr_table, "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
+      "short": summary_table(res, short=True), "runs": runs_table(res),
+      "verdicts": "\n".join(verdicts(res) + ([lr_verdict(res)] if check else [])),
+      "lr_table": runs_table({**res, "results": lr_runs}) if check else "",
+      "n_seeds": len(c["seeds"]), "t2": 2 * c["steps"],
       "wall_min": res["total_wall_s"] / 60,
       "params": ", ".join(f"{d['label']}: {d['params']:,}" for d in datasets),
       "data_notes": "; ".join(d["note"] for d in datasets),
@@ -386,25 +321,19 @@ def context(res: dict[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
           f"- IRE `{v}`: {s['curvature']} estimator, gamma {s['gamma']:g}, kappa "
           f"{s['kappa']:g}{' x lr_t / lr_peak' if s['kappa_schedule'] == 'lr' else ''}, "
           f"refreshed every {s['refresh_every']} steps, on from step {c['warmup_steps']} "
-          f"(right after the warm-up)." + (f" Source: {s['source']}." if s.get("source") else "")
+          f"(right after the warm-up)." + (f" Source: {s['source']}." if s["source"] else "")
           for v, s in c["ire_settings"].items()),
       "decay": "every parameter" if c["decay_mask"] == "all" else "weight matrices only",
-      "clip": f"clip {c['clip_norm']:g}" if c.get("clip_norm") else "no gradient clipping",
-      "notes": "".join(f"\n- Note: {n}" for n in res.get("notes", []))
-      + (f"\n- Learning rate: {c['lr_note']}" if c.get("lr_note") else ""),
-      "ablations": "".join(f"\n\n## Other IRE settings tried: `{a.name}.md`\n\nThe same AdamW "
-                           f"runs; IRE as listed there.\n\n{summary_table(load(doc, a.name))}"
-                           for a, doc in ablations)}
+      "clip": f"clip {c['clip_norm']:g}" if c["clip_norm"] else "no gradient clipping",
+      "notes": "".join(f"\n- Note: {n}" for n in res["notes"])
+      + (f"\n- Learning rate: {c['lr_note']}" if c.get("lr_note") else "")}
 
 
 def render(results: Mapping[str, Any]) -> dict[str, str]:
   out = {}
-  for spec in PRESETS.values():
-    if results[spec.name] is not None:
-      res = load(results[spec.name], spec.name)
-      ctx = context(res, results)
-      kind = "pretraining_official" if res["official"] else "pretraining"
-      out[f"benchmarks/results/{spec.name}.md"] = fill(f"{kind}.md", ctx)
-      if spec is not KAPPA3_LR:
-        out[f"benchmarks/results/{spec.name}_summary.md"] = fill(f"{kind}_summary.md", ctx)
+  for name in (SPEC.name, OFFICIAL.name):
+    if results[name] is not None:
+      ctx = context(results[name]["details"])
+      out[f"benchmarks/results/{name}.md"] = fill(f"{name}.md", ctx)
+      out[f"benchmarks/results/{name}_summary.md"] = fill(f"{name}_summary.md", ctx)
   return out
