@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks import metrics
 
@@ -108,6 +108,9 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
+# `%name = shape opcode(operands), attributes`: a tuple shape ends where the opcode begins.
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)"
+                          r"\(((?:[^()]|\([^()]*\))*)\)(.*)")
 _NO_KERNEL = frozenset({  # values, views, control flow (whose bodies are counted)
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
     "call", "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency", "domain",
@@ -124,14 +127,13 @@ def shape_bytes(shape: str) -> float:
   return total
 
 
-@dataclasses.dataclass
-class Instruction:
+class Instruction(NamedTuple):
   name: str
   shape: str
   opcode: str
   operands: list[str]
   attrs: str  # the text after the operands
-  args: str = ""  # the text inside the operands' parentheses
+  args: str  # the text inside the operands' parentheses
 
   def attr(self, key: str) -> str:
     m = re.search(rf"\b{key}=%([\w.\-]+)", self.attrs)
@@ -141,40 +143,13 @@ class Instruction:
     m = re.search(pattern, self.attrs)
     return int(m.group(1)) if m else -1
 
-  @property
-  def branches(self) -> list[str]:
-    m = re.search(r"branch_computations=\{([^}]*)\}", self.attrs)
-    if m:
-      return _NAME.findall(m.group(1))
-    return [c for c in (self.attr("false_computation"), self.attr("true_computation")) if c]
-
-
-def _closing(text: str, i: int) -> int:
-  """The index of the parenthesis closing the one at ``text[i]``."""
-  depth = 0
-  for j in range(i, len(text)):
-    depth += (text[j] == "(") - (text[j] == ")")
-    if depth == 0:
-      return j
-  return len(text) - 1
-
 
 def _parse_instruction(line: str) -> Instruction | None:
-  line = line.strip().removeprefix("ROOT ")
-  if not line.startswith("%") or " = " not in line:
+  m = _INSTRUCTION.match(line)
+  if m is None:
     return None
-  name, _, rest = line.partition(" = ")
-  if rest.startswith("("):
-    cut = _closing(rest, 0) + 1
-    shape, tail = rest[:cut], rest[cut:].lstrip()
-  else:
-    shape, _, tail = rest.partition(" ")
-  m = re.match(r"([\w\-]+)\(", tail)
-  if not m:
-    return None
-  j = _closing(tail, m.end() - 1)
-  args = tail[m.end() - 1:j + 1]
-  return Instruction(name[1:], shape, m.group(1), _NAME.findall(args), tail[j + 1:], args[1:-1])
+  name, shape, opcode, args, attrs = m.groups()
+  return Instruction(name, shape, opcode, _NAME.findall(args), attrs, args)
 
 
 def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -346,7 +321,10 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
     elif op == "conditional":
       a.conditionals_executed += 1
       a.host_round_trips += gpu
-      a.conditionals.append([_analyze(comps, b, gpu) for b in ins.branches])
+      listed = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+      branches = _NAME.findall(listed.group(1)) if listed else [
+          ins.attr("false_computation"), ins.attr("true_computation")]
+      a.conditionals.append([_analyze(comps, b, gpu) for b in branches])
     elif op == "call":
       a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), gpu)
     elif op not in _NO_KERNEL and not op.endswith("-done"):
@@ -405,20 +383,16 @@ def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any
           for (op, shape), (n, b) in sorted(groups.items())]
 
 
-def cycle_breakdown(compiled: Any, top: int = 6) -> dict[str, Any]:
+def cycle_breakdown(compiled: Any) -> dict[str, Any]:
   """A TPU program's estimated cycles per fusion kind (``kOutput``: matmuls, convolutions) or
-  opcode, and its costliest instructions (each instruction once, loops and branches too)."""
+  opcode (each instruction once, loops and branches too)."""
   kinds: collections.Counter = collections.Counter()
-  rows = []
   for ins in (i for c in parse_hlo(compiled.as_text())[0].values() for i in c):
     cycles = ins.number(r'"estimated_cycles":"(\d+)"')
     if cycles >= 0:
       kind = re.search(r"kind=(k\w+)", ins.attrs)
       kinds[kind.group(1) if kind and ins.opcode == "fusion" else ins.opcode] += cycles
-      op = re.search(r'op_name="([^"]*)"', ins.attrs)
-      rows.append((cycles, ins.name, op.group(1)[-90:] if op else ""))
-  return {"by_kind": dict(kinds.most_common()), "top": [
-      {"cycles": c, "name": n, "op_name": o} for c, n, o in sorted(rows, reverse=True)[:top]]}
+  return {"by_kind": dict(kinds.most_common())}
 
 
 RECORD_SUMS = ("bytes", "kernels", "conditionals_executed", "host_round_trips", "cycles",
@@ -435,3 +409,17 @@ def ratios(p: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
   return {"bytes": metrics.ratio(p["bytes"], base["bytes"]),
           "cycles": metrics.ratio(p["cycles"], base["cycles"]),
           "h100_time": metrics.ratio(p["h100_seconds"], base["h100_seconds"])}
+
+
+METRICS = ("B/param", "bytes / base", "TPU v5e cycles / base", "H100 time model / base",
+           "kernels", "conditionals", "host round trips")
+
+
+def metric_cells(target: str, p: dict[str, Any] | None, r: dict[str, float | None]) -> list[str]:
+  """The :data:`METRICS` cells of record ``p`` (None: counts not shown) with ratios ``r`` over
+  its base, compiled for ``target`` (TPU cycles on a TPU, the time model on an H100)."""
+  f = lambda x, fmt: "–" if x is None else format(x, fmt)
+  return [f(p and p["bytes_per_param"], ".1f"), f(r["bytes"], ".3f"),
+          f(r["cycles"] if _is_tpu(target) else None, ".2f"),
+          f(r["h100_time"] if target == "h100" else None, ".2f"), f(p and p["kernels"], ".0f"),
+          *(f(p and p[k], ".2g") for k in ("conditionals_executed", "host_round_trips"))]
