@@ -265,39 +265,35 @@ def _bytes(comps: dict[str, list[Instruction]], ins: Instruction, shapes: dict[s
   return shape_bytes(ins.shape) + sum(operand(k) for k in range(len(ins.operands)))
 
 
-def _constant(comp: list[Instruction], name: str) -> int | None:
-  """The integer value of ``name`` in ``comp`` if it is a (copied) scalar constant."""
-  local = {i.name: i for i in comp}
-  ins = local.get(name)
-  while ins is not None and ins.opcode == "copy" and ins.operands:
-    ins = local.get(ins.operands[0])
-  ok = ins is not None and ins.opcode == "constant" and ins.args.lstrip("-").isdigit()
-  return int(ins.args) if ok else None  # type: ignore[union-attr]
+def _constant(comp: dict[str, Instruction], name: str) -> int:
+  """The integer value of ``name`` in ``comp``, a (copied) scalar constant; else ValueError."""
+  ins = comp[name]
+  while ins.opcode == "copy":
+    ins = comp[ins.operands[0]]
+  if ins.opcode != "constant":
+    raise ValueError(name)
+  return int(ins.args)
 
 
 def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instruction) -> int | None:
-  """The trips of ``while (i = I; i < C; i += S)`` (XLA:TPU prints no ``known_trip_count``)."""
-  cond, body = comps.get(ins.attr("condition"), []), comps.get(ins.attr("body"), [])
-  if not cond or not body or not ins.operands or cond[-1].opcode != "compare":
+  """The trips of ``while (i = I; i < C; i += S)`` (XLA:TPU prints no ``known_trip_count``);
+  None for a loop of another form."""
+  local = lambda c: {i.name: i for i in comps[c]}
+  try:
+    cond, body, outer = local(ins.attr("condition")), local(ins.attr("body")), local(comp)
+    compare, result = comps[ins.attr("condition")][-1], comps[ins.attr("body")][-1]
+    gte, (_, bound) = cond[compare.operands[0]], compare.operands
+    k = gte.number(r"index=(\d+)")
+    start = _constant(outer, outer[ins.operands[0]].operands[k])
+    limit, inc = _constant(cond, bound), body[result.operands[k]]
+    step = max(_constant(body, o) for o in inc.operands if body[o].opcode != "get-tuple-element")
+    counter = [o for o in inc.operands if body[o].opcode == "get-tuple-element"]
+  except (KeyError, IndexError, ValueError):
     return None
-  gte = next((i for i in cond if i.name == cond[-1].operands[0]), None)
-  limit = _constant(cond, cond[-1].operands[1]) if len(cond[-1].operands) == 2 else None
-  direction = re.search(r"direction=(LT|LE)\b", cond[-1].attrs)
-  if gte is None or gte.opcode != "get-tuple-element" or limit is None or not direction:
-    return None
-  k = gte.number(r"index=(\d+)")
-  init = next((i for i in comps[comp] if i.name == ins.operands[0]), None)
-  if init is None or init.opcode != "tuple" or body[-1].opcode != "tuple":
-    return None
-  start = _constant(comps[comp], init.operands[k]) if k < len(init.operands) else None
-  inc = next((i for i in body if k < len(body[-1].operands) and i.name == body[-1].operands[k]),
-             None)
-  if start is None or inc is None or inc.opcode != "add":
-    return None
-  step = next((s for s in (_constant(body, o) for o in inc.operands) if s is not None), None)
-  counter = any(i.name in inc.operands and i.opcode == "get-tuple-element"
-                and i.number(r"index=(\d+)") == k for i in body)
-  if step is None or step <= 0 or not counter:
+  direction = re.search(r"direction=(LT|LE)\b", compare.attrs)
+  if (compare.opcode != "compare" or gte.opcode != "get-tuple-element" or not direction
+      or result.opcode != "tuple" or inc.opcode != "add" or step <= 0 or len(counter) != 1
+      or body[counter[0]].number(r"index=(\d+)") != k):
     return None
   return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
 

@@ -14,7 +14,7 @@ import optax
 
 import ire_optax
 from benchmarks import data, schema
-from benchmarks.render import fill, span, table
+from benchmarks.render import fill, renders, span, table
 from benchmarks.spec import Micro
 
 SPEC = Micro(
@@ -143,10 +143,8 @@ def verdicts(details: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def render(results: Any) -> dict[str, str]:
-  doc = results["compiled"]
-  if doc is None:
-    return {}
+@renders("compiled")
+def render(doc: Any) -> dict[str, str]:
   d = doc["details"]
   context = {**doc["meta"], "table": grid(d), "verdicts": verdicts(d)}
   return {"benchmarks/results/compiled.md": fill("compiled.md", context),

@@ -24,7 +24,7 @@ import optax
 
 import ire_optax
 from benchmarks import schema
-from benchmarks.render import fill, table
+from benchmarks.render import fill, renders, table
 from benchmarks.spec import Arm, Experiment, Task
 from examples import llama, resnet, vit
 from examples.common import optim, train
@@ -288,7 +288,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
 def _save(path: str, spec: Experiment, details: dict[str, Any], smoke: bool) -> None:
   train_ratios(details.get("train", {}))
   seconds = [v for r in details.get("update", {}).values() for v in r["compile_seconds"].values()]
-  seconds += [p.get("compile_seconds", 0.0) for m in details.get("train", {}).values()
+  seconds += [p["compile_seconds"] for m in details.get("train", {}).values()
               for progs in m["targets"].values() for p in progs.values()]
   seconds += [p["compile_seconds"] for p in (details.get("pod") or {}).get("programs", {}).values()]
   meta = {"command": f"python -m benchmarks {spec.name}" + " --smoke" * smoke,
@@ -312,24 +312,12 @@ def rows_of(details: dict[str, Any]) -> list[schema.Row]:
   return [r for r in rows if r.value is not None]
 
 
-def _fmt(r: dict[str, float | None], target: str) -> str:
-  if target == "tpu-v5e" and r["cycles"] is not None:
-    return f"{r['cycles']:.2f} ({r['bytes']:.2f} B)"
-  return f"{r['h100_time']:.2f} ({r['bytes']:.2f} B)" if target == "h100" else f"{r['bytes']:.2f} B"
-
-
 def update_table(update: dict[str, Any]) -> str:
+  """A row per (program, target): its :data:`X.METRICS` over the AdamW step's."""
   targets = [t for t in X.TARGETS if t in update]
-  h100 = update.get("h100", {})
-  rows = []
-  for name in update[targets[0]]["ratios"]:
-    p = h100.get("programs", {}).get(name) or h100.get("amortized", {}).get(name)
-    rows.append([name, *(_fmt(update[t]["ratios"][name], t) for t in targets), *(
-        ["–"] * 3 if p is None else [f"{p['kernels']:.0f}", *(
-            f"{p[k]:.1f}".removesuffix(".0") for k in ("host_round_trips",
-                                                       "conditionals_executed"))])])
-  return table(["program", *targets, "H100 kernels", "rt", "cond"], rows,
-               "l" + "r" * (len(targets) + 3))
+  rows = [[name, t, *X.metric_cells(t, {**update[t]["programs"], **update[t]["amortized"]}.get(
+      name), update[t]["ratios"][name])] for name in update[targets[0]]["ratios"] for t in targets]
+  return table(["program", "target", *X.METRICS], rows, "ll" + "r" * len(X.METRICS))
 
 
 def train_table(trains: dict[str, Any]) -> str:
@@ -378,21 +366,17 @@ def pod_table(pod: dict[str, Any]) -> str:
       for k, p in pod["programs"].items() if k != "base"])
 
 
-def render(results: Any) -> dict[str, str]:
-  doc = results[SPEC.name]
-  if doc is None:
-    return {}
+@renders("compiled_steps")
+def render(doc: Any) -> dict[str, str]:
   d = doc["details"]
-  sections = {
-      "update": fill("compiled_steps_update.md", {
-          "table": update_table(d["update"]), **next(iter(d["update"].values()))}),
-      "train": fill("compiled_steps_train.md", {"table": train_table(d["train"]),
-                                                 "period": PERIOD, **train_context(d["train"])}),
-      "pod": fill("compiled_steps_pod.md", {
-          "table": pod_table(d["pod"]), **d["pod"],
-          "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})}
+  text = fill("compiled_steps.md", {
+      **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, "period": PERIOD,
+      "update": next(iter(d["update"].values())), "update_table": update_table(d["update"]),
+      "train_table": train_table(d["train"]), **train_context(d["train"]),
+      "pod": d["pod"], "pod_table": pod_table(d["pod"]),
+      "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})
+  _, update, train, pod = re.split(r"\n(?=## )", text)  # the sections, each a docs block
   bold = lambda text: re.sub(r"^## (.*)$", r"**\1**", text, flags=re.M)
-  return {"benchmarks/results/compiled_steps.md": fill("compiled_steps.md", {
-      **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, **sections}),
-      "docs/performance.md#compiled-steps": bold(sections["train"] + "\n" + sections["update"]),
-      "docs/multi_device.md#compiled-pod": bold(sections["pod"])}
+  return {"benchmarks/results/compiled_steps.md": text,
+          "docs/performance.md#compiled-steps": bold(train + "\n" + update),
+          "docs/multi_device.md#compiled-pod": bold(pod)}
