@@ -88,13 +88,8 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
       print(f"{target} N={n:.0e} leaves={leaves}: {details[-1]['compile_seconds']:.0f} s")
   meta = {"command": "python -m benchmarks compiled" + " --smoke" * args.smoke,
           "versions": f"jax {jax.__version__}", "targets": targets, "time_model": X.TIME_MODEL}
-  rows = [schema.Row(optimizer="AdamW+IRE", task=f"N={r['n']:.0e}, {r['leaves']} leaves, "
-                     f"{r['target']}", metric=f"compiled_{m}_ratio", value=v, base="AdamW",
-                     what=name, source="compiled", interleaved=False)
-          for r in details for name, rs in r["ratios"].items() if name != "adamw"
-          for m, v in rs.items() if v is not None and (m != "h100_time" or r["target"] == "h100")]
   schema.write_results(f"{args.out or schema.RESULTS}/{spec.name}", benchmark=spec.name,
-                       meta=meta, rows=rows, details=details)
+                       meta=meta, details=details)
 
 
 def _bound(r: dict[str, Any], key: str) -> float:

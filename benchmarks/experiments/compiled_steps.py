@@ -294,22 +294,7 @@ def _save(path: str, spec: Experiment, details: dict[str, Any], smoke: bool) -> 
   meta = {"command": f"python -m benchmarks {spec.name}" + " --smoke" * smoke,
           "versions": f"jax {jax.__version__}", "time_model": X.TIME_MODEL, "period": PERIOD,
           "train_targets": TRAIN_TARGETS, "compile_seconds": sum(seconds)}
-  schema.write_results(path, benchmark=spec.name, meta=meta, rows=rows_of(details),
-                       details=details)
-
-
-def rows_of(details: dict[str, Any]) -> list[schema.Row]:
-  """A row per ratio: TPU v5e cycles, the H100 time model, the CPU's bytes (update section)."""
-  metric = {"tpu-v5e": "cycles", "h100": "h100_time", "cpu": "bytes"}
-  row = lambda opt, task, target, v, base, what: schema.Row(
-      optimizer=opt, task=f"{task}, {target}", metric=f"compiled_{metric[target]}_ratio",
-      value=v[metric[target]], base=base, what=what, source=SPEC.name, interleaved=False)
-  rows = [row(k, f"MLP {r['params']:.1e} params", t, v, "AdamW", "optimizer step")
-          for t, r in details.get("update", {}).items() for k, v in r["ratios"].items()]
-  rows += [row(k, m["label"], t, v, "SAM" if k == "msam / sam" else "base", "train step")
-           for m in details.get("train", {}).values() for t, rs in m.get("ratios", {}).items()
-           for k, v in rs.items() if k != "base"]
-  return [r for r in rows if r.value is not None]
+  schema.write_results(path, benchmark=spec.name, meta=meta, details=details)
 
 
 def update_table(update: dict[str, Any]) -> str:
