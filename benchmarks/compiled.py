@@ -169,14 +169,6 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
 
 
 @dataclasses.dataclass
-class Collective:
-  opcode: str
-  shape: str  # the result's, layouts off
-  bytes: float
-  count: float
-
-
-@dataclasses.dataclass
 class Analysis:
   """What one execution of a program (or of a conditional's branch) does."""
 
@@ -186,7 +178,8 @@ class Analysis:
   host_round_trips: float = 0.0
   cycles: float = 0.0
   loop_iterations: float = 0.0
-  collectives: list[Collective] = dataclasses.field(default_factory=list)
+  # (opcode, result shape without layouts, bytes): executions
+  collectives: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   conditionals: list[list[Analysis]] = dataclasses.field(default_factory=list)  # per branch
 
   @property
@@ -198,10 +191,10 @@ class Analysis:
                        for f in dataclasses.fields(self)})
 
   def scaled(self, k: float) -> Analysis:
-    kernels = collections.Counter({o: v * k for o, v in self.kernels.items()})
-    return Analysis(self.bytes * k, kernels, self.conditionals_executed * k,
+    times = lambda c: collections.Counter({key: v * k for key, v in c.items()})
+    return Analysis(self.bytes * k, times(self.kernels), self.conditionals_executed * k,
                     self.host_round_trips * k, self.cycles * k, self.loop_iterations * k,
-                    [dataclasses.replace(c, count=c.count * k) for c in self.collectives],
+                    times(self.collectives),
                     [[b.scaled(k) for b in bs] for bs in self.conditionals])
 
   def summary(self, params: int) -> dict[str, Any]:
@@ -329,9 +322,8 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
       a.bytes += _bytes(comps, ins, shapes)
       a.kernels[op] += 1
       if op.removesuffix("-start") in COLLECTIVES:
-        a.collectives.append(Collective(op.removesuffix("-start"),
-                                        re.sub(r"\{[^}]*\}", "", ins.shape),
-                                        shape_bytes(ins.shape), 1.0))
+        a.collectives[(op.removesuffix("-start"), re.sub(r"\{[^}]*\}", "", ins.shape),
+                       shape_bytes(ins.shape))] += 1.0
   return a
 
 
@@ -371,12 +363,9 @@ def taken(compiled: Any, picks: Picks | None = None) -> Analysis:
 
 
 def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any]]:
-  """The executed collectives of a step per (opcode, result shape): executions and bytes."""
-  groups: dict[tuple[str, str], list[float]] = {}
-  for c in taken(compiled, picks).collectives:
-    groups.setdefault((c.opcode, c.shape), [0.0, c.bytes])[0] += c.count
+  """The executed collectives of a step per (opcode, result shape, bytes): executions."""
   return [{"opcode": op, "shape": shape, "count": n, "bytes": b}
-          for (op, shape), (n, b) in sorted(groups.items())]
+          for (op, shape, b), n in sorted(taken(compiled, picks).collectives.items())]
 
 
 def cycle_breakdown(compiled: Any) -> dict[str, Any]:

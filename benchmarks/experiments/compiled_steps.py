@@ -8,8 +8,8 @@ step's collectives, FSDP over a v5e:4x4 slice).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
+import importlib
 import math
 import re
 import time
@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import optax
 
 import ire_optax
-from benchmarks import schema
+from benchmarks import runner, schema
 from benchmarks.render import fill, renders, table
 from benchmarks.spec import Arm, Experiment, Task
-from examples import llama, resnet, vit
 from examples.common import optim, train
 
 PERIOD = 10  # steps over which the occasional work is amortized (IRE's K, 5 SALA cycles)
@@ -154,15 +153,13 @@ def measure_update(target: str, widths: tuple[int, ...], batch: int,
 def example_step(task: Task, arm: Arm, mesh: Any = None, batch_size: int | None = None):
   """``(step_fn, state, batch, spec)`` of the example's train step for ``arm`` as shapes
   (FSDP-sharded over ``mesh`` if given: each leaf along its first axis that divides)."""
-  get_config = {"llama": llama, "resnet": resnet, "vit": vit}[task.example].get_config
   over = dict(task.overrides)
-  shape, cfg = types.SimpleNamespace(**over.pop("shape")), get_config()
-  cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v)
-                                    if isinstance(v, dict) else v for k, v in over.items()})
+  shape = types.SimpleNamespace(**over.pop("shape"))
+  cfg = runner.override(importlib.import_module(f"examples.{task.example}").get_config(), over)
   opt = {"warmup_steps": 0, **arm.optimizer}
   if "name" in opt:  # a wrapper drives the example's optimizer
     opt.setdefault("base", cfg.optimizer.name)
-  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **opt))
+  cfg = runner.override(cfg, {"optimizer": opt})
   graphdef, params, stats = train.split_model(train.build_model(cfg, shape).model)
   spec = optim.build_optimizer(cfg.optimizer, 10_000, model_stats=stats)
   state = jax.eval_shape(lambda p, s: train.TrainState(
