@@ -323,7 +323,7 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
       a.kernels[op] += 1
       if op.removesuffix("-start") in COLLECTIVES:
         a.collectives[(op.removesuffix("-start"), re.sub(r"\{[^}]*\}", "", ins.shape),
-                       shape_bytes(ins.shape))] += 1.0
+                       shape_bytes(ins.shape))] += 1
   return a
 
 
@@ -364,7 +364,7 @@ def taken(compiled: Any, picks: Picks | None = None) -> Analysis:
 
 def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any]]:
   """The executed collectives of a step per (opcode, result shape, bytes): executions."""
-  return [{"opcode": op, "shape": shape, "count": n, "bytes": b}
+  return [{"opcode": op, "shape": shape, "count": float(n), "bytes": b}
           for (op, shape, b), n in sorted(taken(compiled, picks).collectives.items())]
 
 
