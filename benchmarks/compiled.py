@@ -24,7 +24,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks import metrics
 
@@ -108,6 +108,9 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
+# `%name = shape opcode(operands), attributes`: a tuple shape ends where the opcode begins.
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)"
+                          r"\(((?:[^()]|\([^()]*\))*)\)(.*)")
 _NO_KERNEL = frozenset({  # values, views, control flow (whose bodies are counted)
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
     "call", "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency", "domain",
@@ -124,14 +127,13 @@ def shape_bytes(shape: str) -> float:
   return total
 
 
-@dataclasses.dataclass
-class Instruction:
+class Instruction(NamedTuple):
   name: str
   shape: str
   opcode: str
   operands: list[str]
   attrs: str  # the text after the operands
-  args: str = ""  # the text inside the operands' parentheses
+  args: str  # the text inside the operands' parentheses
 
   def attr(self, key: str) -> str:
     m = re.search(rf"\b{key}=%([\w.\-]+)", self.attrs)
@@ -141,40 +143,13 @@ class Instruction:
     m = re.search(pattern, self.attrs)
     return int(m.group(1)) if m else -1
 
-  @property
-  def branches(self) -> list[str]:
-    m = re.search(r"branch_computations=\{([^}]*)\}", self.attrs)
-    if m:
-      return _NAME.findall(m.group(1))
-    return [c for c in (self.attr("false_computation"), self.attr("true_computation")) if c]
-
-
-def _closing(text: str, i: int) -> int:
-  """The index of the parenthesis closing the one at ``text[i]``."""
-  depth = 0
-  for j in range(i, len(text)):
-    depth += (text[j] == "(") - (text[j] == ")")
-    if depth == 0:
-      return j
-  return len(text) - 1
-
 
 def _parse_instruction(line: str) -> Instruction | None:
-  line = line.strip().removeprefix("ROOT ")
-  if not line.startswith("%") or " = " not in line:
+  m = _INSTRUCTION.match(line)
+  if m is None:
     return None
-  name, _, rest = line.partition(" = ")
-  if rest.startswith("("):
-    cut = _closing(rest, 0) + 1
-    shape, tail = rest[:cut], rest[cut:].lstrip()
-  else:
-    shape, _, tail = rest.partition(" ")
-  m = re.match(r"([\w\-]+)\(", tail)
-  if not m:
-    return None
-  j = _closing(tail, m.end() - 1)
-  args = tail[m.end() - 1:j + 1]
-  return Instruction(name[1:], shape, m.group(1), _NAME.findall(args), tail[j + 1:], args[1:-1])
+  name, shape, opcode, args, attrs = m.groups()
+  return Instruction(name, shape, opcode, _NAME.findall(args), attrs, args)
 
 
 def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -194,14 +169,6 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
 
 
 @dataclasses.dataclass
-class Collective:
-  opcode: str
-  shape: str  # the result's, layouts off
-  bytes: float
-  count: float
-
-
-@dataclasses.dataclass
 class Analysis:
   """What one execution of a program (or of a conditional's branch) does."""
 
@@ -211,7 +178,8 @@ class Analysis:
   host_round_trips: float = 0.0
   cycles: float = 0.0
   loop_iterations: float = 0.0
-  collectives: list[Collective] = dataclasses.field(default_factory=list)
+  # (opcode, result shape without layouts, bytes): executions
+  collectives: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   conditionals: list[list[Analysis]] = dataclasses.field(default_factory=list)  # per branch
 
   @property
@@ -223,10 +191,10 @@ class Analysis:
                        for f in dataclasses.fields(self)})
 
   def scaled(self, k: float) -> Analysis:
-    kernels = collections.Counter({o: v * k for o, v in self.kernels.items()})
-    return Analysis(self.bytes * k, kernels, self.conditionals_executed * k,
+    times = lambda c: collections.Counter({key: v * k for key, v in c.items()})
+    return Analysis(self.bytes * k, times(self.kernels), self.conditionals_executed * k,
                     self.host_round_trips * k, self.cycles * k, self.loop_iterations * k,
-                    [dataclasses.replace(c, count=c.count * k) for c in self.collectives],
+                    times(self.collectives),
                     [[b.scaled(k) for b in bs] for bs in self.conditionals])
 
   def summary(self, params: int) -> dict[str, Any]:
@@ -290,39 +258,35 @@ def _bytes(comps: dict[str, list[Instruction]], ins: Instruction, shapes: dict[s
   return shape_bytes(ins.shape) + sum(operand(k) for k in range(len(ins.operands)))
 
 
-def _constant(comp: list[Instruction], name: str) -> int | None:
-  """The integer value of ``name`` in ``comp`` if it is a (copied) scalar constant."""
-  local = {i.name: i for i in comp}
-  ins = local.get(name)
-  while ins is not None and ins.opcode == "copy" and ins.operands:
-    ins = local.get(ins.operands[0])
-  ok = ins is not None and ins.opcode == "constant" and ins.args.lstrip("-").isdigit()
-  return int(ins.args) if ok else None  # type: ignore[union-attr]
+def _constant(comp: dict[str, Instruction], name: str) -> int:
+  """The integer value of ``name`` in ``comp``, a (copied) scalar constant; else ValueError."""
+  ins = comp[name]
+  while ins.opcode == "copy":
+    ins = comp[ins.operands[0]]
+  if ins.opcode != "constant":
+    raise ValueError(name)
+  return int(ins.args)
 
 
 def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instruction) -> int | None:
-  """The trips of ``while (i = I; i < C; i += S)`` (XLA:TPU prints no ``known_trip_count``)."""
-  cond, body = comps.get(ins.attr("condition"), []), comps.get(ins.attr("body"), [])
-  if not cond or not body or not ins.operands or cond[-1].opcode != "compare":
+  """The trips of ``while (i = I; i < C; i += S)`` (XLA:TPU prints no ``known_trip_count``);
+  None for a loop of another form."""
+  local = lambda c: {i.name: i for i in comps[c]}
+  try:
+    cond, body, outer = local(ins.attr("condition")), local(ins.attr("body")), local(comp)
+    compare, result = comps[ins.attr("condition")][-1], comps[ins.attr("body")][-1]
+    gte, (_, bound) = cond[compare.operands[0]], compare.operands
+    k = gte.number(r"index=(\d+)")
+    start = _constant(outer, outer[ins.operands[0]].operands[k])
+    limit, inc = _constant(cond, bound), body[result.operands[k]]
+    step = max(_constant(body, o) for o in inc.operands if body[o].opcode != "get-tuple-element")
+    counter = [o for o in inc.operands if body[o].opcode == "get-tuple-element"]
+  except (KeyError, IndexError, ValueError):
     return None
-  gte = next((i for i in cond if i.name == cond[-1].operands[0]), None)
-  limit = _constant(cond, cond[-1].operands[1]) if len(cond[-1].operands) == 2 else None
-  direction = re.search(r"direction=(LT|LE)\b", cond[-1].attrs)
-  if gte is None or gte.opcode != "get-tuple-element" or limit is None or not direction:
-    return None
-  k = gte.number(r"index=(\d+)")
-  init = next((i for i in comps[comp] if i.name == ins.operands[0]), None)
-  if init is None or init.opcode != "tuple" or body[-1].opcode != "tuple":
-    return None
-  start = _constant(comps[comp], init.operands[k]) if k < len(init.operands) else None
-  inc = next((i for i in body if k < len(body[-1].operands) and i.name == body[-1].operands[k]),
-             None)
-  if start is None or inc is None or inc.opcode != "add":
-    return None
-  step = next((s for s in (_constant(body, o) for o in inc.operands) if s is not None), None)
-  counter = any(i.name in inc.operands and i.opcode == "get-tuple-element"
-                and i.number(r"index=(\d+)") == k for i in body)
-  if step is None or step <= 0 or not counter:
+  direction = re.search(r"direction=(LT|LE)\b", compare.attrs)
+  if (compare.opcode != "compare" or gte.opcode != "get-tuple-element" or not direction
+      or result.opcode != "tuple" or inc.opcode != "add" or step <= 0 or len(counter) != 1
+      or body[counter[0]].number(r"index=(\d+)") != k):
     return None
   return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
 
@@ -346,7 +310,10 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
     elif op == "conditional":
       a.conditionals_executed += 1
       a.host_round_trips += gpu
-      a.conditionals.append([_analyze(comps, b, gpu) for b in ins.branches])
+      listed = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+      branches = _NAME.findall(listed.group(1)) if listed else [
+          ins.attr("false_computation"), ins.attr("true_computation")]
+      a.conditionals.append([_analyze(comps, b, gpu) for b in branches])
     elif op == "call":
       a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), gpu)
     elif op not in _NO_KERNEL and not op.endswith("-done"):
@@ -355,9 +322,8 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
       a.bytes += _bytes(comps, ins, shapes)
       a.kernels[op] += 1
       if op.removesuffix("-start") in COLLECTIVES:
-        a.collectives.append(Collective(op.removesuffix("-start"),
-                                        re.sub(r"\{[^}]*\}", "", ins.shape),
-                                        shape_bytes(ins.shape), 1.0))
+        a.collectives[(op.removesuffix("-start"), re.sub(r"\{[^}]*\}", "", ins.shape),
+                       shape_bytes(ins.shape))] += 1
   return a
 
 
@@ -397,28 +363,21 @@ def taken(compiled: Any, picks: Picks | None = None) -> Analysis:
 
 
 def collectives(compiled: Any, picks: Picks | None = None) -> list[dict[str, Any]]:
-  """The executed collectives of a step per (opcode, result shape): executions and bytes."""
-  groups: dict[tuple[str, str], list[float]] = {}
-  for c in taken(compiled, picks).collectives:
-    groups.setdefault((c.opcode, c.shape), [0.0, c.bytes])[0] += c.count
-  return [{"opcode": op, "shape": shape, "count": n, "bytes": b}
-          for (op, shape), (n, b) in sorted(groups.items())]
+  """The executed collectives of a step per (opcode, result shape, bytes): executions."""
+  return [{"opcode": op, "shape": shape, "count": float(n), "bytes": b}
+          for (op, shape, b), n in sorted(taken(compiled, picks).collectives.items())]
 
 
-def cycle_breakdown(compiled: Any, top: int = 6) -> dict[str, Any]:
+def cycle_breakdown(compiled: Any) -> dict[str, Any]:
   """A TPU program's estimated cycles per fusion kind (``kOutput``: matmuls, convolutions) or
-  opcode, and its costliest instructions (each instruction once, loops and branches too)."""
+  opcode (each instruction once, loops and branches too)."""
   kinds: collections.Counter = collections.Counter()
-  rows = []
   for ins in (i for c in parse_hlo(compiled.as_text())[0].values() for i in c):
     cycles = ins.number(r'"estimated_cycles":"(\d+)"')
     if cycles >= 0:
       kind = re.search(r"kind=(k\w+)", ins.attrs)
       kinds[kind.group(1) if kind and ins.opcode == "fusion" else ins.opcode] += cycles
-      op = re.search(r'op_name="([^"]*)"', ins.attrs)
-      rows.append((cycles, ins.name, op.group(1)[-90:] if op else ""))
-  return {"by_kind": dict(kinds.most_common()), "top": [
-      {"cycles": c, "name": n, "op_name": o} for c, n, o in sorted(rows, reverse=True)[:top]]}
+  return {"by_kind": dict(kinds.most_common())}
 
 
 RECORD_SUMS = ("bytes", "kernels", "conditionals_executed", "host_round_trips", "cycles",
@@ -435,3 +394,17 @@ def ratios(p: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
   return {"bytes": metrics.ratio(p["bytes"], base["bytes"]),
           "cycles": metrics.ratio(p["cycles"], base["cycles"]),
           "h100_time": metrics.ratio(p["h100_seconds"], base["h100_seconds"])}
+
+
+METRICS = ("B/param", "bytes / base", "TPU v5e cycles / base", "H100 time model / base",
+           "kernels", "conditionals", "host round trips")
+
+
+def metric_cells(target: str, p: dict[str, Any] | None, r: dict[str, float | None]) -> list[str]:
+  """The :data:`METRICS` cells of record ``p`` (None: counts not shown) with ratios ``r`` over
+  its base, compiled for ``target`` (TPU cycles on a TPU, the time model on an H100)."""
+  f = lambda x, fmt: "–" if x is None else format(x, fmt)
+  return [f(p and p["bytes_per_param"], ".1f"), f(r["bytes"], ".3f"),
+          f(r["cycles"] if _is_tpu(target) else None, ".2f"),
+          f(r["h100_time"] if target == "h100" else None, ".2f"), f(p and p["kernels"], ".0f"),
+          *(f(p and p[k], ".2g") for k in ("conditionals_executed", "host_round_trips"))]

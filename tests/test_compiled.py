@@ -79,7 +79,7 @@ def test_reads_loops_conditionals_fusions_and_collectives():
   assert [b.bytes for b in a.conditionals[0]] == [0, 800]  # false (nothing), true (a copy)
   assert X.taken(HLO, lambda n: [1] * n).bytes == a.bytes + 800  # as lax.cond numbers: 1 true
   assert X.taken(HLO).bytes == a.bytes and X.taken(HLO, X.first_taken).kernels["copy"] == 1
-  assert a.collectives == [X.Collective("all-reduce", "f32[100]", 400, 1)]
+  assert a.collectives == {("all-reduce", "f32[100]", 400): 1}
   assert X.analyze(HLO, gpu=False).host_round_trips == 0
   assert X.h100_seconds(a) == pytest.approx(a.bytes / 3.35e12 + 7 * 4e-6 + 10e-6)
 

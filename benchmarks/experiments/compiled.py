@@ -14,7 +14,7 @@ import optax
 
 import ire_optax
 from benchmarks import data, schema
-from benchmarks.render import fill, span, table
+from benchmarks.render import fill, renders, span, table
 from benchmarks.spec import Micro
 
 SPEC = Micro(
@@ -88,21 +88,8 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
       print(f"{target} N={n:.0e} leaves={leaves}: {details[-1]['compile_seconds']:.0f} s")
   meta = {"command": "python -m benchmarks compiled" + " --smoke" * args.smoke,
           "versions": f"jax {jax.__version__}", "targets": targets, "time_model": X.TIME_MODEL}
-  rows = [schema.Row(optimizer="AdamW+IRE", task=f"N={r['n']:.0e}, {r['leaves']} leaves, "
-                     f"{r['target']}", metric=f"compiled_{m}_ratio", value=v, base="AdamW",
-                     what=name, source="compiled", interleaved=False)
-          for r in details for name, rs in r["ratios"].items() if name != "adamw"
-          for m, v in rs.items() if v is not None and (m != "h100_time" or r["target"] == "h100")]
   schema.write_results(f"{args.out or schema.RESULTS}/{spec.name}", benchmark=spec.name,
-                       meta=meta, rows=rows, details=details)
-
-
-def _f(x: float | None, fmt: str = ".2f") -> str:
-  return "–" if x is None else format(x, fmt)
-
-
-def _size(r: dict[str, Any]) -> list[Any]:
-  return [r["target"], f"{r['n']:.0e}", r["leaves"]]
+                       meta=meta, details=details)
 
 
 def _bound(r: dict[str, Any], key: str) -> float:
@@ -110,47 +97,15 @@ def _bound(r: dict[str, Any], key: str) -> float:
   return TARGETS[key] + (TARGETS["kernels_per_leaf"] * r["leaves"] if key == "kernels" else 0)
 
 
-def _cell(r: dict[str, Any], name: str) -> str:
-  """The report's cell: bytes, and TPU cycles or the H100 time model, kernels and round trips."""
-  if name not in r["ratios"]:
-    return "–"
-  ratio, p = r["ratios"][name], r["programs"][name]
-  extra = {"tpu-v5e": f"{_f(ratio['cycles'])} cyc",
-           "h100": f"{_f(ratio['h100_time'])} t, {p['kernels']:.0f} k, "
-                   f"{p['host_round_trips']:.0f} rt"}.get(r["target"])
-  return " / ".join([_f(ratio["bytes"])] + ([extra] if extra else []))
-
-
-def tables(details: list[dict[str, Any]]) -> dict[str, str]:
-  """The report's table and the docs' refresh and conditional tables."""
-  rs = sorted(details, key=lambda r: (r["target"], r["n"], r["leaves"]))
-  accel = [r for r in rs if r["target"] in ACCELERATORS]
-  on = lambda r, t, x: x if r["target"] == t else "–"
-  report = [[*_size(r), f"{r['programs']['adamw']['bytes_per_param']:.1f}",
-             f"{r['programs']['adamw']['kernels']:.0f}", *(_cell(r, b) for b in SPEC.blocks[1:])]
-            for r in rs]
-  refresh = [[*_size(r), _f(r["ratios"]["refresh"]["bytes"]),
-              on(r, "tpu-v5e", _f(r["ratios"]["refresh"]["cycles"])),
-              on(r, "h100", _f(r["ratios"]["refresh"]["h100_time"])),
-              on(r, "h100", f"{r['programs']['refresh']['kernels']:.0f} / "
-                 f"{_bound(r, 'kernels'):.0f}"),
-              _f(r["ratios"].get("refresh step", {}).get("bytes"))] for r in accel]
-  cond = [[*_size(r), label, _f(r["ratios"][name]["bytes"], ".3f"),
-           on(r, "h100", _f(r["ratios"][name]["h100_time"])),
-           *(f"{r['programs'][name][k]:.0f}" for k in ("kernels", "conditionals_executed",
-                                                      "host_round_trips"))]
-          for r in accel for name, label in (("plain step", "`refresh_hint=False`"),
-                                             ("unhinted", "no hint")) if name in r["ratios"]]
-  kernels = f"H100 kernels (≤ {TARGETS['kernels']} + {TARGETS['kernels_per_leaf']}/leaf)"
-  return {
-      "table": table(["target", "N", "leaves", "AdamW B/param", "AdamW kernels",
-                      *SPEC.blocks[1:]], report, "lrrrr"),
-      "refresh": table(["target", "N", "leaves", "refresh, bytes", "refresh, TPU cycles",
-                        "refresh, H100 time model", kernels, "refresh step, bytes"],
-                       refresh, "lrrrrrrr"),
-      "conditional": table(["target", "N", "leaves", "plain step", "bytes / AdamW",
-                            "H100 time model / AdamW", "kernels", "conditionals",
-                            "host round trips"], cond, "lrrlrrrrr")}
+def grid(details: list[dict[str, Any]], programs: tuple[str, ...] = SPEC.blocks,
+         targets: tuple[str, ...] = X.TARGETS) -> str:
+  """A row per (target, size, program) of ``programs``: its :data:`X.METRICS` over AdamW's."""
+  rs = sorted((r for r in details if r["target"] in targets),
+              key=lambda r: (r["target"], r["n"], r["leaves"]))
+  return table(["target", "N", "leaves", "program", *X.METRICS], [
+      [r["target"], f"{r['n']:.0e}", r["leaves"], name,
+       *X.metric_cells(r["target"], r["programs"][name], r["ratios"][name])]
+      for r in rs for name in programs if name in r["programs"]], "lrrl" + "r" * 7)
 
 
 def _value(r: dict[str, Any], name: str, metric: str) -> float | None:
@@ -183,12 +138,11 @@ def verdicts(details: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def render(results: Any) -> dict[str, str]:
-  doc = results["compiled"]
-  if doc is None:
-    return {}
-  t = tables(doc["details"])
-  context = {**doc["meta"], **t, "verdicts": verdicts(doc["details"])}
+@renders("compiled")
+def render(doc: Any) -> dict[str, str]:
+  d = doc["details"]
+  context = {**doc["meta"], "table": grid(d), "verdicts": verdicts(d)}
   return {"benchmarks/results/compiled.md": fill("compiled.md", context),
-          "docs/selection.md#compiled-refresh": t["refresh"],
-          "docs/performance.md#compiled-conditional": t["conditional"]}
+          "docs/selection.md#compiled-refresh": grid(d, ("refresh", "refresh step"), ACCELERATORS),
+          "docs/performance.md#compiled-conditional": grid(d, ("plain step", "unhinted"),
+                                                           ACCELERATORS)}

@@ -8,8 +8,8 @@ step's collectives, FSDP over a v5e:4x4 slice).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
+import importlib
 import math
 import re
 import time
@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import optax
 
 import ire_optax
-from benchmarks import schema
-from benchmarks.render import fill, table
+from benchmarks import runner, schema
+from benchmarks.render import fill, renders, table
 from benchmarks.spec import Arm, Experiment, Task
-from examples import llama, resnet, vit
 from examples.common import optim, train
 
 PERIOD = 10  # steps over which the occasional work is amortized (IRE's K, 5 SALA cycles)
@@ -154,15 +153,13 @@ def measure_update(target: str, widths: tuple[int, ...], batch: int,
 def example_step(task: Task, arm: Arm, mesh: Any = None, batch_size: int | None = None):
   """``(step_fn, state, batch, spec)`` of the example's train step for ``arm`` as shapes
   (FSDP-sharded over ``mesh`` if given: each leaf along its first axis that divides)."""
-  get_config = {"llama": llama, "resnet": resnet, "vit": vit}[task.example].get_config
   over = dict(task.overrides)
-  shape, cfg = types.SimpleNamespace(**over.pop("shape")), get_config()
-  cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v)
-                                    if isinstance(v, dict) else v for k, v in over.items()})
+  shape = types.SimpleNamespace(**over.pop("shape"))
+  cfg = runner.override(importlib.import_module(f"examples.{task.example}").get_config(), over)
   opt = {"warmup_steps": 0, **arm.optimizer}
   if "name" in opt:  # a wrapper drives the example's optimizer
     opt.setdefault("base", cfg.optimizer.name)
-  cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **opt))
+  cfg = runner.override(cfg, {"optimizer": opt})
   graphdef, params, stats = train.split_model(train.build_model(cfg, shape).model)
   spec = optim.build_optimizer(cfg.optimizer, 10_000, model_stats=stats)
   state = jax.eval_shape(lambda p, s: train.TrainState(
@@ -288,48 +285,21 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
 def _save(path: str, spec: Experiment, details: dict[str, Any], smoke: bool) -> None:
   train_ratios(details.get("train", {}))
   seconds = [v for r in details.get("update", {}).values() for v in r["compile_seconds"].values()]
-  seconds += [p.get("compile_seconds", 0.0) for m in details.get("train", {}).values()
+  seconds += [p["compile_seconds"] for m in details.get("train", {}).values()
               for progs in m["targets"].values() for p in progs.values()]
   seconds += [p["compile_seconds"] for p in (details.get("pod") or {}).get("programs", {}).values()]
   meta = {"command": f"python -m benchmarks {spec.name}" + " --smoke" * smoke,
           "versions": f"jax {jax.__version__}", "time_model": X.TIME_MODEL, "period": PERIOD,
           "train_targets": TRAIN_TARGETS, "compile_seconds": sum(seconds)}
-  schema.write_results(path, benchmark=spec.name, meta=meta, rows=rows_of(details),
-                       details=details)
-
-
-def rows_of(details: dict[str, Any]) -> list[schema.Row]:
-  """A row per ratio: TPU v5e cycles, the H100 time model, the CPU's bytes (update section)."""
-  metric = {"tpu-v5e": "cycles", "h100": "h100_time", "cpu": "bytes"}
-  row = lambda opt, task, target, v, base, what: schema.Row(
-      optimizer=opt, task=f"{task}, {target}", metric=f"compiled_{metric[target]}_ratio",
-      value=v[metric[target]], base=base, what=what, source=SPEC.name, interleaved=False)
-  rows = [row(k, f"MLP {r['params']:.1e} params", t, v, "AdamW", "optimizer step")
-          for t, r in details.get("update", {}).items() for k, v in r["ratios"].items()]
-  rows += [row(k, m["label"], t, v, "SAM" if k == "msam / sam" else "base", "train step")
-           for m in details.get("train", {}).values() for t, rs in m.get("ratios", {}).items()
-           for k, v in rs.items() if k != "base"]
-  return [r for r in rows if r.value is not None]
-
-
-def _fmt(r: dict[str, float | None], target: str) -> str:
-  if target == "tpu-v5e" and r["cycles"] is not None:
-    return f"{r['cycles']:.2f} ({r['bytes']:.2f} B)"
-  return f"{r['h100_time']:.2f} ({r['bytes']:.2f} B)" if target == "h100" else f"{r['bytes']:.2f} B"
+  schema.write_results(path, benchmark=spec.name, meta=meta, details=details)
 
 
 def update_table(update: dict[str, Any]) -> str:
+  """A row per (program, target): its :data:`X.METRICS` over the AdamW step's."""
   targets = [t for t in X.TARGETS if t in update]
-  h100 = update.get("h100", {})
-  rows = []
-  for name in update[targets[0]]["ratios"]:
-    p = h100.get("programs", {}).get(name) or h100.get("amortized", {}).get(name)
-    rows.append([name, *(_fmt(update[t]["ratios"][name], t) for t in targets), *(
-        ["–"] * 3 if p is None else [f"{p['kernels']:.0f}", *(
-            f"{p[k]:.1f}".removesuffix(".0") for k in ("host_round_trips",
-                                                       "conditionals_executed"))])])
-  return table(["program", *targets, "H100 kernels", "rt", "cond"], rows,
-               "l" + "r" * (len(targets) + 3))
+  rows = [[name, t, *X.metric_cells(t, {**update[t]["programs"], **update[t]["amortized"]}.get(
+      name), update[t]["ratios"][name])] for name in update[targets[0]]["ratios"] for t in targets]
+  return table(["program", "target", *X.METRICS], rows, "ll" + "r" * len(X.METRICS))
 
 
 def train_table(trains: dict[str, Any]) -> str:
@@ -378,21 +348,17 @@ def pod_table(pod: dict[str, Any]) -> str:
       for k, p in pod["programs"].items() if k != "base"])
 
 
-def render(results: Any) -> dict[str, str]:
-  doc = results[SPEC.name]
-  if doc is None:
-    return {}
+@renders("compiled_steps")
+def render(doc: Any) -> dict[str, str]:
   d = doc["details"]
-  sections = {
-      "update": fill("compiled_steps_update.md", {
-          "table": update_table(d["update"]), **next(iter(d["update"].values()))}),
-      "train": fill("compiled_steps_train.md", {"table": train_table(d["train"]),
-                                                 "period": PERIOD, **train_context(d["train"])}),
-      "pod": fill("compiled_steps_pod.md", {
-          "table": pod_table(d["pod"]), **d["pod"],
-          "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})}
+  text = fill("compiled_steps.md", {
+      **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, "period": PERIOD,
+      "update": next(iter(d["update"].values())), "update_table": update_table(d["update"]),
+      "train_table": train_table(d["train"]), **train_context(d["train"]),
+      "pod": d["pod"], "pod_table": pod_table(d["pod"]),
+      "chips": math.prod(int(k) for k in d["pod"]["target"].split(":")[1].split("x"))})
+  _, update, train, pod = re.split(r"\n(?=## )", text)  # the sections, each a docs block
   bold = lambda text: re.sub(r"^## (.*)$", r"**\1**", text, flags=re.M)
-  return {"benchmarks/results/compiled_steps.md": fill("compiled_steps.md", {
-      **doc["meta"], "minutes": doc["meta"]["compile_seconds"] / 60, **sections}),
-      "docs/performance.md#compiled-steps": bold(sections["train"] + "\n" + sections["update"]),
-      "docs/multi_device.md#compiled-pod": bold(sections["pod"])}
+  return {"benchmarks/results/compiled_steps.md": text,
+          "docs/performance.md#compiled-steps": bold(train + "\n" + update),
+          "docs/multi_device.md#compiled-pod": bold(pod)}
