@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import data, metrics, runner, schema, timing
-from benchmarks.render import fill, table
+from benchmarks.render import fill, renders, table
 from benchmarks.spec import Micro
 
 # Every setting, as the results record it; the optimizers are built from it.
@@ -37,7 +37,6 @@ COSTS = {"base": {}, "lookahead (k=5)": ARMS["lookahead"], "sam": ARMS["sam"],
          "sala k=2 (rho=0)": {**SALA, "rho": 0.0},
          "sala k=2 (always stage 2)": {**SALA, "rho": 1.0},
          "sala k=5 (always stage 2)": {**SALA, "rho": 1.0, "sala_sync_period": 5}}
-LEGACY_COMMAND = "python benchmarks/bench_sala.py --epochs 8 --seeds 2"  # files without one
 SPEC = Micro(name="sala", measures="train-step time over the base's (SGD, Nesterov momentum)",
              blocks=tuple(ARMS), baseline="base", sizes=tuple(map(tuple, CONFIG["sizes"])),
              reps=CONFIG["reps"])
@@ -167,12 +166,10 @@ def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
   return out
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results["sala"]
-  if doc is None:
-    return {}
+@renders("sala")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   d = doc["details"]
-  c, costs = {"command": LEGACY_COMMAND, **d["config"]}, d["step_costs"]
+  c, costs = d["config"], d["step_costs"]
   runs = d["runs"]
   labels = list(next(iter(costs.values()))["ratios"])
   fractions = {n: min(x["sala_stage2_fraction"][n] for x in costs.values())
