@@ -192,14 +192,7 @@ def update_context(u: Mapping[str, Any]) -> dict[str, Any]:
       "v_amortized": metrics.target_verdict(cpu("amortized_ratio_K10"),
                                             UPDATE_TARGETS["amortized"]),
       "v_refresh": metrics.target_verdict(cpu("refresh_cost_adamw_updates"),
-                                          UPDATE_TARGETS["refresh"]),
-      "u_amortized": span(cpu("amortized_ratio_K10"), ".3f"),
-      "u_refresh": span(cpu("refresh_cost_adamw_updates")),
-      "u_bytes": span([r["extra_state_bytes_per_param"] for r in rows], ".3f"),
-      "adamw_ns": span(cpu("adamw_ns_per_param")),
-      "u_scatter": span(cpu("radix_select_xla_scatter_adamw_updates")),
-      "u_default": span(cpu("radix_select_adamw_updates")),
-      "u_sort": span(cpu("sort_select_adamw_updates"), ".0f")}
+                                          UPDATE_TARGETS["refresh"])}
 
 
 @renders("selection")
