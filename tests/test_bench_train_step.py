@@ -23,6 +23,21 @@ def test_smoke_times_the_examples_step(tmp_path):
   assert "| AdamW+IRE | fisher | ≤ 1.15x |" in md and "llama " in md
 
 
+def test_selection_run_writes_its_own_file_without_cost_rows(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake(model, opts, reps, smoke):
+    seen[model] = list(opts)
+    r = {"ratio": 1.0, "vs": "base"}
+    return {"label": model, "base": "adamw", "results": {k: r for k in opts if k != "base"}}
+
+  monkeypatch.setattr(B, "measure", fake)
+  B.run(smoke(B.SPEC), argparse.Namespace(out=str(tmp_path), selection=True, smoke=True))
+  doc = render.Results(tmp_path)["train_step_selection"]
+  assert seen == {"llama": ["base", *B.SELECTION]} and doc["rows"] == []
+  assert set(doc["details"]["llama"]["results"]) == set(B.SELECTION)
+
+
 def test_every_optimizer_of_the_issue_is_measured_with_its_target():
   assert {"base", "ire_grad_sq", "ire_fisher", "ire_hutchinson", "sam", "asam", "msam", "sala",
           "lookahead", "gsam", "sam_every_k"} <= set(B.OPTS)

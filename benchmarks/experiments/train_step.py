@@ -172,8 +172,8 @@ def run(spec: Micro, args: Any) -> None:
   details = {model: measure(model, {k: o for k, o in opts.items()
                                     if not o.models or model in o.models}, spec.reps, args.smoke)
              for model in spec.sizes}
-  rows = [time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
-                   "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=spec.reps)
+  rows = [time_row(opts[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
+                   "train step", r["ratio"], spec.name, note(r), opts[k].variant, n=spec.reps)
           for d in details.values() for k, r in d["results"].items()]
   write_micro(spec.name + ("_selection" if args.selection else ""), args.out,
               rows=() if args.selection else rows, details=details, reps=spec.reps,
