@@ -75,8 +75,7 @@ def task(size: tuple[Any, ...], data_dir: str | None) -> tuple[str, Any, Any, li
     batches = [{"x": img.x_train[i:i + b], "y": img.y_train[i:i + b]} for i in range(0, 4 * b, b)]
     return (f"CNN w={width} ({name}, batch {b}, {hw}x{hw})",
             lambda p, x: data.cross_entropy(data.cnn_logits(p, x["x"], strides=STRIDES), x["y"]),
-            data.cnn_init(jax.random.key(0), channels=(width, 2 * width), strides=STRIDES,
-                          image_size=hw), batches)
+            data.cnn_init(jax.random.key(0), channels=(width, 2 * width)), batches)
   text, name = data.read_text(data_dir, "tinyshakespeare", "input.txt")
   name = "Tiny Shakespeare" if "tinyshakespeare" in name else name
   vocab = {c: i for i, c in enumerate(sorted(set(text[:800_000])))}
