@@ -64,11 +64,7 @@ MODELS = {
             {"model": {"size": "mini", "patch_size": 4}, "batch_size": 64}, (32, 32, 3), 0),
     "llama": ("Llama mini (seq 128, batch 16, vocab 96)",
               {"model": {"size": "mini"}, "data": {"seq_len": 128}, "batch_size": 16}, (), 96)}
-SMOKE_MODELS = {
-    "resnet": ("ResNet-8 w4 (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
-               (8, 8, 1), 0),
-    "vit": ("ViT toy (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
-            (8, 8, 1), 0),
+SMOKE_MODELS = {  # the smoke run's model
     "llama": ("Llama toy (seq 16, batch 8)",
               {"model": {"size": "toy"}, "data": {"seq_len": 16}, "batch_size": 8}, (), 32)}
 SPEC = Micro(name="train_step", measures="train-step time over the base optimizer's",
