@@ -9,7 +9,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from benchmarks import data, metrics, runner, schema, timing
@@ -137,15 +136,14 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
                     for k in ("train_loss", "test_acc")},
                  "test_acc_per_seed": [r["final"][n]["test_acc"] for r in runs]}
              for n, v in ratios.items()}
-  machine = timing.machine()
-  details = {"config": {**c, "data": data.describe_images(img), "machine": machine["summary"],
+  details = {"config": {**c, "data": data.describe_images(img),
+                        "machine": timing.machine()["summary"],
                         "wall_s": time.perf_counter() - t0,
                         "command": runner.command("sala")},
              "summary": summary, "stage2_fraction": frac, "step_costs": costs, "runs": runs,
              "stage2_fraction_per_epoch": [statistics.fmean(r["frac_per_epoch"][e] for r in runs)
                                            for e in range(c["epochs"])]}
-  schema.write_results(Path(args.out or schema.RESULTS) / "sala", benchmark="sala",
-                       meta={"machine": machine}, rows=result_rows(details), details=details)
+  schema.write_micro(spec.name, args.out, rows=result_rows(details), details=details)
 
 
 def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
