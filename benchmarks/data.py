@@ -33,14 +33,18 @@ def mnist_dir(data_dir: str | os.PathLike | None) -> Path | None:
   return d if d is not None and any(d.glob("train-images*")) else None
 
 
-def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard"
-                ) -> _data.ImageData:
+def load_images(data_dir: str | os.PathLike | None, *, scale: str = "standard",
+                require_mnist: bool = False) -> _data.ImageData:
   """MNIST under ``data_dir`` (``scale``: ``"standard"``ised or ``"unit"``: pixels / 255), else
-  the standardised digits."""
+  the standardised digits (``require_mnist``: raise ``FileNotFoundError`` instead)."""
   if scale not in ("standard", "unit"):
     raise ValueError(f"`scale` must be 'standard' or 'unit'; got {scale!r}.")
   d = mnist_dir(data_dir)
   if d is None:
+    if require_mnist:
+      raise FileNotFoundError(
+          f"MNIST not found: pass --data-dir DIR (or set ${DATA_ENV}) with DIR/mnist/ holding "
+          "the IDX files.")
     return _data.load_digits()
   if scale == "unit":
     img = _data.load_mnist(d, standardise=False)

@@ -32,6 +32,8 @@ def test_images_fall_back_to_digits_without_a_data_dir(tmp_path):
   assert img.name == "digits" and img.x_train.shape[1:] == (8, 8, 1)
   assert data.load_images(tmp_path).name == "digits"  # a directory without mnist/
   assert "digits" in data.describe_images(img)
+  with pytest.raises(FileNotFoundError, match="--data-dir"):
+    data.load_images(tmp_path, require_mnist=True)
   with pytest.raises(ValueError, match="scale"):
     data.load_images(None, scale="minmax")
   assert data.data_path(None, "mnist") is None and data.data_path(tmp_path, "nope") is None
