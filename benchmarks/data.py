@@ -130,28 +130,21 @@ def mlp_logits(params: list[dict[str, Any]], x: Any) -> Any:
   return _dense(params, x.reshape(x.shape[0], -1))
 
 
-def cnn_init(key: Any, *, channels: Sequence[int], strides: Sequence[int], image_size: int,
-             in_channels: int = 1, dense: Sequence[int] = (), num_classes: int = 10,
-             flatten: bool = False) -> dict[str, Any]:
-  """A pure-JAX CNN: 3x3 ``SAME`` ReLU convolutions, a mean pool (``flatten``: flattened), ReLU
-  ``dense`` layers, a linear head; He-normal weights. ``image_size``: the square input's side."""
+def cnn_init(key: Any, *, channels: Sequence[int], num_classes: int = 10) -> dict[str, Any]:
+  """A pure-JAX CNN on one-channel images: 3x3 ``SAME`` ReLU convolutions of widths
+  ``channels``, a global mean pool, a linear head; He-normal weights."""
   import jax
 
-  if len(channels) != len(strides):
-    raise ValueError("`channels` and `strides` need the same length.")
-  keys = iter(jax.random.split(key, len(channels) + len(dense) + 1))
-  conv, c_in, side = [], in_channels, image_size
-  for c, s in zip(channels, strides, strict=True):
+  keys = iter(jax.random.split(key, len(channels) + 1))
+  conv, c_in = [], 1
+  for c in channels:
     conv.append(_he(next(keys), (3, 3, c_in, c), 9 * c_in))
-    c_in, side = c, -(-side // s)
-  widths = [c_in * side * side if flatten else c_in, *dense, num_classes]
-  head = [_he(next(keys), (m, n), m) for m, n in zip(widths[:-1], widths[1:], strict=True)]
-  return {"conv": conv, "dense": head}
+    c_in = c
+  return {"conv": conv, "dense": [_he(next(keys), (c_in, num_classes), c_in)]}
 
 
-def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int],
-               flatten: bool = False) -> Any:
-  """Logits of :func:`cnn_init`'s network on NHWC images ``x``."""
+def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int]) -> Any:
+  """Logits of :func:`cnn_init`'s network on NHWC images ``x``, its convolutions' ``strides``."""
   import jax
 
   h = x
@@ -159,7 +152,7 @@ def cnn_logits(params: dict[str, Any], x: Any, *, strides: Sequence[int],
     h = jax.lax.conv_general_dilated(h, layer["w"], (s, s), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + layer["b"])
-  return _dense(params["dense"], h.reshape(h.shape[0], -1) if flatten else h.mean(axis=(1, 2)))
+  return _dense(params["dense"], h.mean(axis=(1, 2)))
 
 
 def cross_entropy(logits: Any, labels: Any) -> Any:

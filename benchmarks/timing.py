@@ -18,12 +18,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _block(x: Any) -> Any:
-  import jax
-
-  return jax.block_until_ready(x)
-
-
 class Stepper:
   """A timing block: ``steps`` calls of ``carry = step(carry, *args_at(i))``.
 
@@ -94,19 +88,21 @@ def time_interleaved(blocks: Mapping[str, Callable[[], Any]], *, baseline: str, 
   result inside its timed region; times are divided by ``units`` (work per call, e.g. steps).
   Wall and process CPU time are both recorded (:meth:`Timings.on`); the result reads wall.
   """
+  import jax
+
   if baseline not in blocks:
     raise ValueError(f"baseline {baseline!r} is not one of {list(blocks)}.")
   names = list(blocks)
   for _ in range(warmup):
     for n in names:
-      _block(blocks[n]())
+      jax.block_until_ready(blocks[n]())
   by_clock: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names}
                                                  for c in ("wall", "cpu")}
   for r in range(reps):
     k = r % len(names)
     for n in names[k:] + names[:k]:
       w0, c0 = time.perf_counter(), time.process_time()
-      _block(blocks[n]())
+      jax.block_until_ready(blocks[n]())
       by_clock["wall"][n].append((time.perf_counter() - w0) / units)
       by_clock["cpu"][n].append((time.process_time() - c0) / units)
   return Timings(by_clock["wall"], baseline, "wall", by_clock)

@@ -1,30 +1,44 @@
-"""benchmarks.experiments.selection: a smoke run writes every method's rows; the key layouts."""
+"""benchmarks.experiments.selection: a smoke run times every method and the update; the keys."""
 
-import argparse
+import math
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks import data, render
+from benchmarks.__main__ import main
 from benchmarks.experiments import selection as B
-from benchmarks.spec import smoke
+from benchmarks.schema import RESULTS
 
 
-def test_smoke_times_every_method_and_renders_its_report(tmp_path):
-  args = argparse.Namespace(out=str(tmp_path), data_dir=None, sizes=None, reps=None,
-                            kinds=["one_bin"], methods=["native", "scatter"], resume=False)
-  B.run(smoke(B.SPEC), args)
-  doc = render.Results(tmp_path)["selection"]
-  (res,) = doc["details"]
+def test_smoke_times_every_method_and_the_update_and_spares_the_committed_results(capsys):
+  committed = RESULTS / "selection.json"
+  before = committed.read_text()
+  assert main(["selection", "--smoke"]) == 0
+  out = Path(capsys.readouterr().out.split("results in ")[1].split()[0])
+  doc = render.Results(out)["selection"]
+  assert committed.read_text() == before
+  (res,) = doc["details"]["refresh"]
   assert set(res["refresh"]) == set(res["amortized"]) == {"native", "scatter"}
   assert all(v["min"] <= v["median"] <= v["max"] and v["median"] > 0
              for v in res["refresh"].values())
   assert {r["optimizer"] for r in doc["rows"]} == {
-      "flat_mask (native)", "flat_mask (scatter)", "AdamW+IRE (native)", "AdamW+IRE (scatter)"}
+      "flat_mask (native)", "flat_mask (scatter)", "AdamW+IRE (native)", "AdamW+IRE (scatter)",
+      "AdamW+IRE"}
+  (row,) = doc["details"]["update"]["rows"]
+  assert row["n"] == 20_000
+  for clock in ("wall", "cpu"):
+    c = row[clock]
+    for key in ("ire_plain_ratio", "ire_refresh_ratio", "amortized_ratio_K10",
+                "radix_select_adamw_updates", "sort_select_adamw_updates",
+                "radix_select_xla_scatter_adamw_updates"):
+      assert math.isfinite(c[key]) and c[key] > 0, (clock, key, c[key])
+  # the uint8 mask (plus a few scalars over 20,000 params)
+  assert 1.0 <= row["extra_state_bytes_per_param"] < 1.01
   out = B.render({"selection": doc})
   assert "| one_bin | 2e+04 |" in out["benchmarks/results/selection.md"]
+  assert "| 20,000 | cpu |" in out["benchmarks/results/selection.md"]
   assert "| 2e+04 |" in out["docs/selection.md#selection-cost"]
-  B.run(smoke(B.SPEC), argparse.Namespace(**{**vars(args), "resume": True}))  # nothing new
-  assert render.Results(tmp_path)["selection"]["details"] == doc["details"]
 
 
 def test_key_distributions_and_the_tree():
@@ -41,6 +55,6 @@ def test_digest_spans_the_key_distributions():
           "adamw_ms": 1.0, "refresh": {"native": {"median": m, "min": m, "max": m}},
           "amortized": {}} for k, m in (("uniform", 0.5), ("model", 1.5))]
   doc = {"meta": {"machine": {"summary": "M"}, "model": "x", "K": 10, "methods": ["native"]},
-         "details": res}
+         "details": {"refresh": res, "update": render.Results()["selection"]["details"]["update"]}}
   digest = B.render({"selection": doc})["docs/selection.md#selection-cost"]
   assert "| 1e+03 | 0.50–1.50 | not run |" in digest and "uniform, model" in digest

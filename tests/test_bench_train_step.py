@@ -7,14 +7,10 @@ from benchmarks.experiments import train_step as B
 from benchmarks.spec import smoke
 
 
-def test_smoke_times_the_examples_step_and_keeps_the_other_models(tmp_path):
-  args = argparse.Namespace(out=str(tmp_path), models=["llama"], only=["ire_fisher"], reps=None,
-                            selection=False, smoke=True)
-  (tmp_path / "train_step.json").write_text(render.ROOT.joinpath(  # an earlier run's models
-      "benchmarks/results/train_step.json").read_text())
-  B.run(smoke(B.SPEC), args)
+def test_smoke_times_the_examples_step(tmp_path):
+  B.run(smoke(B.SPEC), argparse.Namespace(out=str(tmp_path), selection=False, smoke=True))
   doc = render.Results(tmp_path)["train_step"]
-  assert set(doc["details"]) == {"resnet", "vit", "llama"}  # resnet, vit kept
+  assert set(doc["details"]) == {"llama"}
   res = doc["details"]["llama"]
   assert res["label"].startswith("Llama toy") and set(res["results"]) == {"ire_fisher"}
   r = res["results"]["ire_fisher"]
@@ -23,8 +19,23 @@ def test_smoke_times_the_examples_step_and_keeps_the_other_models(tmp_path):
   llama = [r for r in doc["rows"] if r["task"] == res["label"]]
   assert [(r["optimizer"], r["variant"], r["source"]) for r in llama] == [
       ("AdamW+IRE", "fisher", "train_step")]
-  md = B.render({"train_step": doc})["benchmarks/results/train_step.md"]
-  assert "| base+IRE | fisher | ≤ 1.15x |" in md and "llama " in md
+  md = B.report(doc)
+  assert "| AdamW+IRE | fisher | ≤ 1.15x |" in md and "llama " in md
+
+
+def test_selection_run_writes_its_own_file_without_cost_rows(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake(model, opts, reps, smoke):
+    seen[model] = list(opts)
+    r = {"ratio": 1.0, "vs": "base"}
+    return {"label": model, "base": "adamw", "results": {k: r for k in opts if k != "base"}}
+
+  monkeypatch.setattr(B, "measure", fake)
+  B.run(smoke(B.SPEC), argparse.Namespace(out=str(tmp_path), selection=True, smoke=True))
+  doc = render.Results(tmp_path)["train_step_selection"]
+  assert seen == {"llama": ["base", *B.SELECTION]} and doc["rows"] == []
+  assert set(doc["details"]["llama"]["results"]) == set(B.SELECTION)
 
 
 def test_every_optimizer_of_the_issue_is_measured_with_its_target():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise", "sala", "ire",
+NAMES: tuple[str, ...] = ("pretraining", "generalization", "label_noise", "sala",
                           "multidevice", "sam", "selection", "sharpness", "train_step",
                           "compiled", "compiled_steps", "summary")
 

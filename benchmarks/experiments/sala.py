@@ -9,11 +9,10 @@ import argparse
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from benchmarks import data, metrics, runner, schema, timing
-from benchmarks.render import fill, table
+from benchmarks.render import fill, renders, table
 from benchmarks.spec import Micro
 
 # Every setting, as the results record it; the optimizers are built from it.
@@ -37,7 +36,6 @@ COSTS = {"base": {}, "lookahead (k=5)": ARMS["lookahead"], "sam": ARMS["sam"],
          "sala k=2 (rho=0)": {**SALA, "rho": 0.0},
          "sala k=2 (always stage 2)": {**SALA, "rho": 1.0},
          "sala k=5 (always stage 2)": {**SALA, "rho": 1.0, "sala_sync_period": 5}}
-LEGACY_COMMAND = "python benchmarks/bench_sala.py --epochs 8 --seeds 2"  # files without one
 SPEC = Micro(name="sala", measures="train-step time over the base's (SGD, Nesterov momentum)",
              blocks=tuple(ARMS), baseline="base", sizes=tuple(map(tuple, CONFIG["sizes"])),
              reps=CONFIG["reps"])
@@ -138,15 +136,14 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
                     for k in ("train_loss", "test_acc")},
                  "test_acc_per_seed": [r["final"][n]["test_acc"] for r in runs]}
              for n, v in ratios.items()}
-  machine = timing.machine()
-  details = {"config": {**c, "data": data.describe_images(img), "machine": machine["summary"],
+  details = {"config": {**c, "data": data.describe_images(img),
+                        "machine": timing.machine()["summary"],
                         "wall_s": time.perf_counter() - t0,
                         "command": runner.command("sala")},
              "summary": summary, "stage2_fraction": frac, "step_costs": costs, "runs": runs,
              "stage2_fraction_per_epoch": [statistics.fmean(r["frac_per_epoch"][e] for r in runs)
                                            for e in range(c["epochs"])]}
-  schema.write_results(Path(args.out or schema.RESULTS) / "sala", benchmark="sala",
-                       meta={"machine": machine}, rows=result_rows(details), details=details)
+  schema.write_micro(spec.name, args.out, rows=result_rows(details), details=details)
 
 
 def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
@@ -167,12 +164,10 @@ def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
   return out
 
 
-def render(results: Mapping[str, Any]) -> dict[str, str]:
-  doc = results["sala"]
-  if doc is None:
-    return {}
+@renders("sala")
+def render(doc: Mapping[str, Any]) -> dict[str, str]:
   d = doc["details"]
-  c, costs = {"command": LEGACY_COMMAND, **d["config"]}, d["step_costs"]
+  c, costs = d["config"], d["step_costs"]
   runs = d["runs"]
   labels = list(next(iter(costs.values()))["ratios"])
   fractions = {n: min(x["sala_stage2_fraction"][n] for x in costs.values())

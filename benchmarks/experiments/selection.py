@@ -1,38 +1,32 @@
-"""Selection: one exact refresh per counting method, and IRE amortized, in AdamW updates.
+"""Selection: IRE's exact refresh per counting method, and AdamW+IRE's update, over AdamW's.
 
-Keys: ``uniform``; ``model`` (g² of a small MLP's gradient, tiled to N); ``model_tree`` (the
-same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin bucket).
+Refresh keys: ``uniform``; ``model`` (g² of a small MLP's gradient, tiled to N); ``model_tree``
+(the same as 63 convnet-shaped leaves); ``one_bin`` (every key in one 65,536-bin bucket). The
+update: AdamW+IRE (plain, refresh, a K-step cycle) over ``optax.adamw`` on a model-like tree.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from benchmarks import data, metrics, timing
 from benchmarks.render import bounds, fill, renders, span, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_micro
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 KINDS = ("uniform", "model", "model_tree", "one_bin")
 METHODS = ("native", "threshold", "scatter")
 SPEC = Micro(name="selection", measures="one refresh, and IRE(AdamW) at K=10, in AdamW updates",
-             blocks=("adamw", *METHODS), baseline="adamw", sizes=(1e6, 1e7, 5e7), reps=5,
-             smoke={"sizes": (2e4,), "reps": 1})
+             blocks=("adamw", *METHODS), baseline="adamw",
+             sizes=tuple((kind, n) for n in (1e6, 1e7, 5e7) for kind in KINDS), reps=9,
+             smoke={"sizes": (("one_bin", 2e4),), "reps": 1,
+                    "blocks": ("adamw", "native", "scatter")})
 TREE_BLOCKS, GAMMA, K = 21, 0.6, 10  # model_tree: 21 blocks of a large kernel and two vectors
+SORT_MAX = THRESHOLD_MAX = 10_000_000  # larger N skip the jnp.sort and `threshold` blocks
 TARGETS = {"refresh": 2.0, "amortized": 1.10}  # in AdamW updates; IRE/AdamW at K
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--sizes", type=float, nargs="+", help="N values (default: the spec's)")
-  parser.add_argument("--reps", type=int, help="repetitions (default: the spec's)")
-  parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
-  parser.add_argument("--methods", nargs="+", choices=METHODS,
-                      help="default: every method of this backend")
-  parser.add_argument("--resume", action="store_true",
-                      help="keep the (keys, N) results already written, measure the rest")
+UPDATE_TARGETS = {"amortized": 1.15, "refresh": 2.0}  # over AdamW, on the cpu clock
 
 
 def model_g2(data_dir: str | None) -> tuple[Any, str]:
@@ -62,6 +56,7 @@ def keys_of(kind: str, n: int, g2: Any, seed: int = 0) -> Any:
 
 
 def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[str, Any]:
+  """One key distribution at one N: each method's refresh, and IRE's K-step cycle."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -76,6 +71,7 @@ def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[s
   zeros = jax.tree.map(jnp.zeros_like, grads)
   blocks: dict[str, Any] = {"adamw": timing.update_stepper(optax.adamw(1e-3), zeros, grads),
                             "adamw_x10": timing.update_stepper(optax.adamw(1e-3), zeros, grads, K)}
+  methods = [m for m in methods if m != "threshold" or n <= THRESHOLD_MAX]
   for m in methods:
     blocks[f"refresh:{m}"] = partial(jax.jit(partial(ire_optax.flat_mask, gamma=GAMMA, method=m)),
                                      grads)
@@ -92,33 +88,116 @@ def measure(kind: str, n: int, methods: list[str], reps: int, g2: Any) -> dict[s
                         for m in methods}, "summary": t.summary()}
 
 
+def tree(n: int, seed: int = 0) -> dict[str, Any]:
+  """A model-like tree of ``n`` float32 values: 60%, 25%, 10% and the rest."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  sizes = [int(n * 0.6), int(n * 0.25), int(n * 0.1)]
+  sizes.append(n - sum(sizes))
+  rng = np.random.default_rng(seed)
+  return {f"p{i}": jnp.asarray(rng.standard_normal(s), jnp.float32) for i, s in enumerate(sizes)}
+
+
+def measure_update(n: int, reps: int) -> dict[str, Any]:
+  """AdamW+IRE's update on a tree of ``n`` parameters, derived per clock."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import ire_optax
+
+  params, grads = tree(n), tree(n, seed=1)
+  adamw = lambda: optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
+  ire = lambda every: ire_optax.ire(adamw(), kappa=3.0, gamma=GAMMA, refresh_every=every)
+  h, k = jax.tree.map(jnp.square, grads), int(GAMMA * n)
+  select = lambda **kw: jax.jit(lambda t: ire_optax.kth_smallest(t, k, **kw))
+  flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
+  # refresh_every 1: every step refreshes; 2**31 - 1: only the untimed first one does.
+  blocks: dict[str, Any] = {
+      "adamw": timing.update_stepper(adamw(), params, grads),
+      "ire_refresh": timing.update_stepper(ire(1), params, grads),
+      "ire_plain": timing.update_stepper(ire(2**31 - 1), params, grads),
+      "cycle_adamw": timing.update_stepper(adamw(), params, grads, K),
+      "cycle_ire": timing.update_stepper(ire(K), params, grads, K),
+      "radix": partial(select(), h), "radix_xla": partial(select(method="scatter"), h)}
+  if n <= SORT_MAX:
+    blocks["sort"] = partial(jax.jit(lambda t: jnp.sort(flat(t))[k - 1]), h)
+  t = timing.time_interleaved(blocks, baseline="adamw", reps=reps)
+  row: dict[str, Any] = {"n": n, "reps": reps}
+  for clock in ("wall", "cpu"):
+    c, a = t.on(clock), t.on(clock).median("adamw")
+    row[clock] = {
+        "adamw_ms": a * 1e3, "adamw_ns_per_param": a / n * 1e9,
+        "ire_plain_ratio": c.ratio("ire_plain"), "ire_refresh_ratio": c.ratio("ire_refresh"),
+        "amortized_ratio_K10": c.ratio("cycle_ire", "cycle_adamw"),
+        "refresh_cost_adamw_updates": (c.median("ire_refresh") - c.median("ire_plain")) / a,
+        "radix_select_adamw_updates": c.ratio("radix"),
+        "radix_select_xla_scatter_adamw_updates": c.ratio("radix_xla"),
+        "sort_select_adamw_updates": c.ratio("sort") if "sort" in blocks else None}
+  size = lambda tx: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      jax.eval_shape(tx.init, params)))
+  row["extra_state_bytes_per_param"] = (size(ire(K)) - size(adamw())) / n
+  return row
+
+
 def run(spec: Micro, args: Any) -> None:
   import jax
 
-  out = f"{args.out or RESULTS}/{spec.name}"
-  methods = args.methods or [m for m in METHODS if m != "native" or jax.default_backend() == "cpu"]
-  reps = args.reps or spec.reps
+  methods = [m for m in spec.blocks[1:] if m != "native" or jax.default_backend() == "cpu"]
   g2, model = model_g2(args.data_dir)
-  old = read_results(out + ".json") if args.resume else None
-  results = list(old["details"]) if old else []
-  for n in (int(s) for s in args.sizes or spec.sizes):
-    for kind in args.kinds:
-      if any((r["kind"], r["n"]) == (kind, n) for r in results):
-        continue
-      results.append(measure(kind, n, methods, reps, g2))
-      rows = [time_row(f"{name} ({m})", "AdamW", f"{x['kind']} keys, N={x['n']:.0e}", what,
-                       v["median"], spec.name, n=x["reps"])
-              for key, name, what in (("refresh", "flat_mask", "refresh / AdamW update"),
-                                      ("amortized", "AdamW+IRE", f"update (K={K})"))
-              for x in results for m, v in x[key].items()]
-      used = {m for x in results for m in x["refresh"]}
-      write_micro(spec.name, args.out, rows=rows, details=results, model=model, gamma=GAMMA,
-                  K=K, methods=[m for m in METHODS if m in used])
+  results = [measure(kind, int(n), methods, spec.reps, g2) for kind, n in spec.sizes]
+  update = [measure_update(n, spec.reps) for n in sorted({int(n) for _, n in spec.sizes})]
+  rows = [time_row("AdamW+IRE", "AdamW", f"synthetic tree, {r['n']:,} params", f"update (K={K})",
+                   r["cpu"]["amortized_ratio_K10"], spec.name,
+                   f"refresh = {r['cpu']['refresh_cost_adamw_updates']:.1f} AdamW updates "
+                   "(CPU time)", variant="grad_sq", n=spec.reps) for r in update]
+  rows += [time_row(f"{name} ({m})", "AdamW", f"{x['kind']} keys, N={x['n']:.0e}", what,
+                    v["median"], spec.name, n=x["reps"])
+           for key, name, what in (("refresh", "flat_mask", "refresh / AdamW update"),
+                                   ("amortized", "AdamW+IRE", f"update (K={K})"))
+           for x in results for m, v in x[key].items()]
+  write_micro(spec.name, args.out, rows=rows, model=model, gamma=GAMMA, K=K, methods=methods,
+              details={"refresh": results, "update": {
+                  "machine": timing.machine()["summary"], "reps": spec.reps,
+                  "selection": f"auto on {jax.default_backend()}", "rows": update}})
+
+
+# The update table's columns of each clock: (header, key, format).
+COLUMNS = (("AdamW update (ms)", "adamw_ms", ".1f"),
+           ("IRE plain step / AdamW", "ire_plain_ratio", ".3f"),
+           ("IRE refresh step / AdamW", "ire_refresh_ratio", ".2f"),
+           (f"amortized (K={K}) / AdamW", "amortized_ratio_K10", ".3f"),
+           ("refresh cost (AdamW updates)", "refresh_cost_adamw_updates", ".2f"),
+           ("select, default method (AdamW updates)", "radix_select_adamw_updates", ".2f"),
+           ("select, XLA scatter (AdamW updates)", "radix_select_xla_scatter_adamw_updates",
+            ".2f"),
+           ("jnp.sort select (AdamW updates)", "sort_select_adamw_updates", ".1f"))
+
+
+def update_context(u: Mapping[str, Any]) -> dict[str, Any]:
+  """The template fields of the update section (``details.update``)."""
+  rows = u["rows"]
+  f = lambda v, fmt: "—" if v is None else f"{v:{fmt}}"
+  cpu = lambda key: [r["cpu"][key] for r in rows]
+  return {
+      "u_machine": u["machine"], "u_reps": u["reps"], "u_selection": u["selection"],
+      "u_targets": UPDATE_TARGETS, "sort_max": SORT_MAX,
+      "u_table": table(["params", "clock", *(c[0] for c in COLUMNS), "extra state bytes/param"],
+                       [[f"{r['n']:,}", clock,
+                         *(f(r[clock][key], fmt) for _, key, fmt in COLUMNS),
+                         f(r["extra_state_bytes_per_param"], ".3f")]
+                        for r in rows for clock in ("wall", "cpu")],
+                       "rl" + "r" * (len(COLUMNS) + 1)),
+      "v_amortized": metrics.target_verdict(cpu("amortized_ratio_K10"),
+                                            UPDATE_TARGETS["amortized"]),
+      "v_refresh": metrics.target_verdict(cpu("refresh_cost_adamw_updates"),
+                                          UPDATE_TARGETS["refresh"])}
 
 
 @renders("selection")
 def render(doc: Mapping[str, Any]) -> dict[str, str]:
-  meta, res = doc["meta"], doc["details"]
+  meta, res = doc["meta"], doc["details"]["refresh"]
   methods, kinds = meta["methods"], [k for k in KINDS if any(r["kind"] == k for r in res)]
   res = sorted(res, key=lambda r: (r["n"], KINDS.index(r["kind"])))
   cell = lambda d: bounds(d["median"], d["min"], d["max"]) if d else "—"
@@ -142,7 +221,8 @@ def render(doc: Mapping[str, Any]) -> dict[str, str]:
       "amortized": table(["keys", "N", *methods],
                          [[r["kind"], f"{r['n']:.0e}", *(cell(r["amortized"].get(m))
                                                          for m in methods)] for r in res],
-                         "ll" + "r" * len(methods))}),
+                         "ll" + "r" * len(methods)),
+      **update_context(doc["details"]["update"])}),
       "docs/selection.md#selection-cost": fill("selection_digest.md", {
           "machine": meta["machine"]["summary"], "kinds": ", ".join(kinds),
           "table": table(["N", *(f"refresh, {m} (AdamW updates)" for m in methods),

@@ -58,8 +58,7 @@ def model(kind: str, width: int) -> tuple[Any, Any]:
     return (data.mlp_init(key, (784, width, width, 10)),
             lambda p, b: data.cross_entropy(data.mlp_logits(p, b["x"]), b["y"]))
   pool = lambda x: x.reshape(x.shape[0], 14, 2, 14, 2).mean((2, 4))[..., None]  # 28 -> 14
-  return (data.cnn_init(key, channels=(width, 2 * width, 2 * width), strides=STRIDES,
-                        image_size=14),
+  return (data.cnn_init(key, channels=(width, 2 * width, 2 * width)),
           lambda p, b: data.cross_entropy(data.cnn_logits(p, pool(b["x"]), strides=STRIDES),
                                           b["y"]))
 

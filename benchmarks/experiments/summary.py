@@ -13,7 +13,7 @@ from benchmarks.schema import SCHEMA, Row
 
 # Optimizers in the order the cost table lists them, and the benchmarks within each.
 ORDER = ("AdamW+IRE", "SGD+IRE", "SAM", "SAM+IRE", "ASAM", "GSAM", "mSAM", "SALA", "Lookahead")
-SOURCES = ("ire", "selection", "sam", "sala", "multidevice", "train_step", "generalization",
+SOURCES = ("selection", "sam", "sala", "multidevice", "train_step", "generalization",
            "label_noise", "pretraining")
 SUMMARIES = ("pretraining", "pretraining_official", "generalization", "label_noise")
 MODEL = {"resnet": "ResNet-8", "vit": "ViT"}

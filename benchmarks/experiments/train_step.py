@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import metrics, timing
 from benchmarks.render import bounds, fill, table
-from benchmarks.schema import RESULTS, read_results, time_row, write_micro
+from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
 
 
@@ -64,25 +64,17 @@ MODELS = {
             {"model": {"size": "mini", "patch_size": 4}, "batch_size": 64}, (32, 32, 3), 0),
     "llama": ("Llama mini (seq 128, batch 16, vocab 96)",
               {"model": {"size": "mini"}, "data": {"seq_len": 128}, "batch_size": 16}, (), 96)}
-SMOKE_MODELS = {
-    "resnet": ("ResNet-8 w4 (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
-               (8, 8, 1), 0),
-    "vit": ("ViT toy (8x8x1, batch 16)", {"model": {"size": "toy"}, "batch_size": 16},
-            (8, 8, 1), 0),
+SMOKE_MODELS = {  # the smoke run's model
     "llama": ("Llama toy (seq 16, batch 8)",
               {"model": {"size": "toy"}, "data": {"seq_len": 16}, "batch_size": 8}, (), 32)}
 SPEC = Micro(name="train_step", measures="train-step time over the base optimizer's",
              blocks=tuple(OPTS), baseline="base", sizes=tuple(MODELS), reps=5,
-             smoke={"reps": 1})
+             smoke={"reps": 1, "sizes": ("llama",), "blocks": ("base", "ire_fisher")})
 STEPS = 10
 BASES = {"sgd": "SGD", "adamw": "AdamW"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--models", nargs="+", choices=tuple(MODELS), help="default: all; the "
-                      "others' results already written are kept")
-  parser.add_argument("--only", nargs="+", help="optimizer keys (default: all)")
-  parser.add_argument("--reps", type=int, help="repetitions (default: the spec's)")
   parser.add_argument("--selection", action="store_true", help="IRE (grad_sq) with each "
                       "counting method of the refresh -> results/train_step_selection.json")
 
@@ -171,21 +163,17 @@ def base_of(name: str) -> str:
 
 
 def run(spec: Micro, args: Any) -> None:
-  name = spec.name + ("_selection" if args.selection else "")
-  opts = SELECTION if args.selection else OPTS
-  keys, out = {"base", *(args.only or opts)}, f"{args.out or RESULTS}/{name}"
-  reps, smoke = args.reps or spec.reps, getattr(args, "smoke", False)
-  old = read_results(out + ".json")
-  details = dict(old["details"]) if old else {}  # other models' results are kept
-  for model in args.models or spec.sizes:
-    details[model] = measure(model, {k: o for k, o in {"base": OPTS["base"], **opts}.items()
-                                     if k in keys and (not o.models or model in o.models)},
-                             reps, smoke)
-    rows = [time_row(OPTS[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
-                     "train step", r["ratio"], spec.name, note(r), OPTS[k].variant, n=reps)
-            for d in details.values() for k, r in d["results"].items()]
-    write_micro(name, args.out, rows=() if args.selection else rows, details=details, reps=reps,
-                steps_per_block=STEPS)
+  opts = ({"base": OPTS["base"], **SELECTION} if args.selection
+          else {k: OPTS[k] for k in spec.blocks})
+  details = {model: measure(model, {k: o for k, o in opts.items()
+                                    if not o.models or model in o.models}, spec.reps, args.smoke)
+             for model in spec.sizes}
+  rows = [time_row(opts[k].label.format(base=BASES[d["base"]]), BASES[d["base"]], d["label"],
+                   "train step", r["ratio"], spec.name, note(r), opts[k].variant, n=spec.reps)
+          for d in details.values() for k, r in d["results"].items()]
+  write_micro(spec.name + ("_selection" if args.selection else ""), args.out,
+              rows=() if args.selection else rows, details=details, reps=spec.reps,
+              steps_per_block=STEPS)
 
 
 def note(r: Mapping[str, Any]) -> str:
@@ -211,8 +199,8 @@ SELECTION_LABELS = (("ire_grad_sq", "default (`auto`: `scatter` on the CPU)"),
                     ("ire_grad_sq_threshold", "`threshold`"))
 
 
-def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
-  """``train_step.md`` (or ``train_step_selection.md``): every optimizer on every model."""
+def report(doc: Mapping[str, Any]) -> str:
+  """``train_step.md``: every optimizer on every model."""
   d, names = doc["details"], list(doc["details"])
 
   def marked(r: Mapping[str, Any] | None) -> str:
@@ -223,12 +211,11 @@ def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
     return cell(r) + vs + mark
 
   bases = {BASES[d[n]["base"]] for n in names}
-  hvps = {n: d[n]["hvp"] for n in names if "hvp" in d[n]}
   rows = [[o.label.format(base=bases.pop() if len(bases) == 1 else "base"), o.variant,
            "" if o.target is None else f"≤ {o.target}x" + (
                "" if o.over == "base" else f" {o.over.upper()}"),
            *(marked(d[n]["results"].get(k)) for n in names)]
-          for k, o in opts.items() if any(k in d[n]["results"] for n in names)]
+          for k, o in OPTS.items() if any(k in d[n]["results"] for n in names)]
   return fill("train_step.md", {
       "reps": doc["meta"]["reps"], "steps": doc["meta"]["steps_per_block"],
       "machine": doc["meta"]["machine"]["summary"],
@@ -236,22 +223,20 @@ def report(doc: Mapping[str, Any], opts: Mapping[str, Opt]) -> str:
                      "lll" + "r" * len(names)),
       "bases": ", ".join(f"{d[n]['label']}: {BASES[d[n]['base']]}" for n in names),
       "load": load_text(d),
-      "hvp": ", ".join(f"{n} {bounds(h['ratio'], h['min'], h['max'])} "
-                       f"({h.get('clock', 'wall')} clock)" for n, h in hvps.items())
-             or "not measured"})
+      "hvp": ", ".join(f"{n} {bounds(h['ratio'], h['min'], h['max'])} ({h['clock']} clock)"
+                       for n, h in ((n, d[n]["hvp"]) for n in names))})
 
 
 def render(results: Mapping[str, Any]) -> dict[str, str]:
   out, doc, sel = {}, results.get("train_step"), results.get("train_step_selection")
   if doc is not None:
-    out["benchmarks/results/train_step.md"] = report(doc, OPTS)
+    out["benchmarks/results/train_step.md"] = report(doc)
     res = doc["details"]["resnet"]
     out["docs/performance.md#branch-hints"] = fill("train_step_hints.md", {
         "reps": doc["meta"]["reps"], "machine": doc["meta"]["machine"]["summary"],
         "load0": res["loadavg"][0], "load1": res["loadavg"][1],
         **{k: cell(r) for k, r in res["results"].items()}})
   if sel is not None:
-    out["benchmarks/results/train_step_selection.md"] = report(sel, SELECTION)
     d = sel["details"]
     saved = [d[n]["results"]["ire_grad_sq"]["ratio"]
              - d[n]["results"]["ire_grad_sq_native"]["ratio"] for n in d]
