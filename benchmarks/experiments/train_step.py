@@ -79,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "counting method of the refresh -> results/train_step_selection.json")
 
 
+def _new_state(step: Any, state: Any, batch: Any, i: Any) -> Any:
+  return step(state, batch, i)[0]
+
+
+def _batch_and_step(batch: Any, i: int) -> tuple[Any, int]:
+  return batch, i
+
+
 def build_step(name: str, opt: Opt, size: tuple[Any, ...], smoke: bool = False) -> tuple:
   """``(step_fn, state, batch, loss)``: the example's train step for ``opt`` and its loss."""
   import jax
@@ -120,8 +128,8 @@ def measure(name: str, opts: Mapping[str, Opt], reps: int, smoke: bool) -> dict[
   steppers, compile_s = {}, {}
   for key, o in opts.items():
     step, state, batch, loss = build_step(name, o, size, smoke)
-    steppers[key] = timing.Stepper(lambda s, b, i, f=step: f(s, b, i)[0], state, STEPS,
-                                   lambda i, b=batch: (b, i))
+    steppers[key] = timing.Stepper(partial(_new_state, step), state, STEPS,
+                                   partial(_batch_and_step, batch))
     t0 = time.perf_counter()
     with ire_optax.selection_method(o.method):  # read when the step variants are traced
       jax.block_until_ready(steppers[key]())  # compiles every step variant of a block
