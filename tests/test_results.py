@@ -50,7 +50,7 @@ def test_digest_is_the_median_and_range_of_the_interleaved_train_steps():
 
 def test_cost_rows_read_every_results_file_in_table_order(tmp_path):
   write_results(tmp_path / "a", benchmark="x", meta={}, rows=[
-      time_row("SALA", "SGD", "t", "train step", 1.2, "bench_sala"),
+      time_row("SALA", "SGD", "t", "train step", 1.2, "sala"),
       time_row("SAM", "SGD", "t", "train step", 2.0, "sam"),
       time_row("flat_mask (native)", "AdamW", "t", "refresh", 0.5, "selection"),  # internal
       Row("SAM", "t", "test_acc", 0.9)])  # not a cost

@@ -153,7 +153,7 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
       continue
     name, variant = COST_NAMES.get(a["optimizer"], (a["optimizer"], ""))
     out.append(schema.time_row(name, base, f"{MODELS[a['model']]}, {a['dataset']}", "train step",
-                               a["time_ratio"], "bench_generalization",
+                               a["time_ratio"], "generalization",
                                f"median of {a['n']} seeds", variant, interleaved=False,
                                n=a["n"]))
   return out

@@ -171,7 +171,7 @@ def result_rows(aggs: list[dict]) -> list[schema.Row]:
       opt, variant = {"mSAM-8": ("mSAM", "m=8, unroll"), "SGD+IRE": ("SGD+IRE", "fisher")}.get(
           a["optimizer"], (a["optimizer"], ""))
       rows.append(schema.time_row(opt, "SGD", task, "train step", a["time_ratio"],
-                                  "bench_label_noise", f"median of {a['n']} seeds", variant,
+                                  "label_noise", f"median of {a['n']} seeds", variant,
                                   interleaved=False, n=a["n"]))
   return rows
 

@@ -171,7 +171,7 @@ def result_rows(res: dict[str, Any]) -> list[schema.Row]:
     ds = res["datasets"][d]
     task = f"Llama {c['size']} ({ds['params']:,} params), {ds['label']}"
     rows += [schema.time_row("AdamW+IRE", "AdamW", task, "train step", statistics.median(
-        a["ratio"]), "bench_pretraining", f"median of {len(a['ratio'])} seeds", variant=v,
+        a["ratio"]), "pretraining", f"median of {len(a['ratio'])} seeds", variant=v,
         interleaved=False, n=len(a["ratio"])) for v, a in per_v.items() if a["ratio"]]
   return rows
 

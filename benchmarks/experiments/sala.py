@@ -150,7 +150,7 @@ def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
   """The training run's time ratios and the fixed-batch step costs, over SGD's."""
   names, c = {"lookahead": "Lookahead", "sam": "SAM", "sala": "SALA"}, details["config"]
   out = [schema.time_row(name, "SGD", "MLP 784-512-256-10, MNIST training run", "train step",
-                         details["summary"][key]["time_ratio_median"], "bench_sala",
+                         details["summary"][key]["time_ratio_median"], "sala",
                          f"stage-2 fraction {details['stage2_fraction']:.2f}" if key == "sala"
                          else "", variant=f"k={c[key]['k']}" if "k" in c[key] else "")
          for key, name in names.items()]
@@ -159,7 +159,7 @@ def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
       if label != "base":
         head, _, rest = label.partition(" ")
         out.append(schema.time_row(names.get(head, head), "SGD", f"MLP {task}, fixed batch",
-                                   "train step", ratio, "bench_sala",
+                                   "train step", ratio, "sala",
                                    variant=rest.strip(" ()").replace(" (", ", ")))
   return out
 

@@ -33,7 +33,7 @@ def cost_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
       if not (math.isfinite(r.value) and r.value > 0):
         raise ValueError(f"bad cost ratio in {name}.json: {r}")
       rows.append(dict(optimizer=r.optimizer, variant=r.variant, base=r.base, task=r.task,
-                       what=r.what, ratio=r.value, source=r.source.removeprefix("bench_"),
+                       what=r.what, ratio=r.value, source=r.source,
                        note=r.note, interleaved=r.interleaved))
   rank = lambda x, order: order.index(x) if x in order else len(order)
   return sorted(rows, key=lambda r: (rank(r["optimizer"].split(" ")[0], ORDER),
