@@ -258,11 +258,17 @@ def _bytes(comps: dict[str, list[Instruction]], ins: Instruction, shapes: dict[s
   return shape_bytes(ins.shape) + sum(operand(k) for k in range(len(ins.operands)))
 
 
-def _constant(comp: dict[str, Instruction], name: str) -> int:
-  """The integer value of ``name`` in ``comp``, a (copied) scalar constant; else ValueError."""
+def _through_copies(comp: dict[str, Instruction], name: str) -> Instruction:
+  """The instruction ``name`` of ``comp`` is a copy (or a chain of copies) of, else itself."""
   ins = comp[name]
   while ins.opcode == "copy":
     ins = comp[ins.operands[0]]
+  return ins
+
+
+def _constant(comp: dict[str, Instruction], name: str | Instruction) -> int:
+  """The integer value of ``name`` in ``comp``, a (copied) scalar constant; else ValueError."""
+  ins = name if isinstance(name, Instruction) else _through_copies(comp, name)
   if ins.opcode != "constant":
     raise ValueError(name)
   return int(ins.args)
@@ -279,14 +285,15 @@ def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instructio
     k = gte.number(r"index=(\d+)")
     start = _constant(outer, outer[ins.operands[0]].operands[k])
     limit, inc = _constant(cond, bound), body[result.operands[k]]
-    step = max(_constant(body, o) for o in inc.operands if body[o].opcode != "get-tuple-element")
-    counter = [o for o in inc.operands if body[o].opcode == "get-tuple-element"]
+    counter = [_through_copies(body, o) for o in inc.operands]  # XLA:TPU may copy the counter
+    step = max(_constant(body, o) for o in counter if o.opcode != "get-tuple-element")
+    counter = [o for o in counter if o.opcode == "get-tuple-element"]
   except (KeyError, IndexError, ValueError):
     return None
   direction = re.search(r"direction=(LT|LE)\b", compare.attrs)
   if (compare.opcode != "compare" or gte.opcode != "get-tuple-element" or not direction
       or result.opcode != "tuple" or inc.opcode != "add" or step <= 0 or len(counter) != 1
-      or body[counter[0]].number(r"index=(\d+)") != k):
+      or counter[0].number(r"index=(\d+)") != k):
     return None
   return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
 

@@ -93,6 +93,44 @@ def test_shapes_and_instructions():
   assert (ins.name, ins.opcode, ins.operands) == ("t.3", "tuple", ["a.1", "b-2"])
 
 
+# XLA:TPU prints no trip count; here the body increments a copy of its counter (as in a scanned
+# train step), 8 trips from 0, and the body's one instruction has estimated cycles.
+TPU_LOOP = """
+HloModule m
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %one = s32[] constant(1)
+  %i = s32[] get-tuple-element(%t), index=0
+  %c = s32[] copy(%i)
+  %x = f32[8]{0} get-tuple-element(%t), index=1
+  %s = f32[8]{0} sine(%x), backend_config={"estimated_cycles":"10"}
+  %n = s32[] add(%c, %one)
+  ROOT %r = (s32[], f32[8]{0}) tuple(%n, %s)
+}
+
+%cond (t.1: (s32[], f32[8])) -> pred[] {
+  %t.1 = (s32[], f32[8]{0}) parameter(0)
+  %k = s32[] constant(8)
+  %j = s32[] get-tuple-element(%t.1), index=0
+  ROOT %lt = pred[] compare(%j, %k), direction=LT
+}
+
+ENTRY %main (x.2: f32[8]) -> f32[8] {
+  %x.2 = f32[8]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8]{0}) tuple(%zero, %x.2)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  ROOT %y = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_infers_the_trips_of_a_loop_with_a_copied_counter():
+  a = X.analyze(TPU_LOOP, gpu=False)
+  assert a.loop_iterations == 8
+  assert a.cycles == 8 * 10
+
 def test_compiled_cpu_loop_and_cond():
   x = jax.ShapeDtypeStruct((1000,), jnp.float32)
   loop = X.analyze(X.compile_fn(
