@@ -157,8 +157,8 @@ def perturbed_params(
 
   with :math:`T = |\theta| + \eta` (``adaptive``, :math:`\eta` =
   ``adaptive_eta``) or :math:`T = 1`. The norm is global over the tree,
-  computed without overflow or underflow (SAM: in one pass over ``grads``,
-  :func:`~ire_optax._src.utils.tree_scaled_sum_sq`; ASAM: scaled by the largest
+  computed without overflow or underflow (SAM: in one pass over ``grads``, three
+  sums of squares scaled by fixed powers of two; ASAM: scaled by the largest
   entries), in the wider of float32 and the parameters' dtype; the result has the
   dtypes of ``params``.
   :math:`\epsilon` is formed as :math:`\rho\, T u` with the unit vector
