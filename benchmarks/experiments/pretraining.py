@@ -147,7 +147,10 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   res: dict[str, Any] = {
       "stem": spec.name, "official": official, "complete": True, "machine": timing.machine(),
       "date": runner.now(), "command": runner.command("pretraining"),
+      # timed_apart: IRE settings whose runs were timed in another process than AdamW's
+      # (their time/step ratio compares machine loads, so no cost row); none in one run.
       "config": {**leaves(first), "seeds": list(spec.seeds), "train_window": window or None,
+                 "timed_apart": [],
                  "ire_settings": {variant(a.label): {k: a.optimizer[f"ire_{k}"] for k in IRE_KEYS}
                                   | {"source": a.note} for a in spec.arms if a.optimizer}},
       "datasets": {t.key: dict(DATASETS[t.data], params=runs[t.key][str(spec.seeds[0])][
@@ -172,7 +175,8 @@ def result_rows(res: dict[str, Any]) -> list[schema.Row]:
     task = f"Llama {c['size']} ({ds['params']:,} params), {ds['label']}"
     rows += [schema.time_row("AdamW+IRE", "AdamW", task, "train step", statistics.median(
         a["ratio"]), "pretraining", f"median of {len(a['ratio'])} seeds", variant=v,
-        interleaved=False, n=len(a["ratio"])) for v, a in per_v.items() if a["ratio"]]
+        interleaved=False, n=len(a["ratio"])) for v, a in per_v.items()
+        if a["ratio"] and v not in c["timed_apart"]]
   return rows
 
 
