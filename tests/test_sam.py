@@ -15,10 +15,14 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import absltest, parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ire_optax
+from ire_optax._src.sam import perturbed_params
+from ire_optax._src.utils import tree_norm, tree_scaled_sum_sq
 from tests.np_reference import NpAdamWTree as NpAdamW
 
 # -----------------------------------------------------------------------------
@@ -677,6 +681,31 @@ def test_bad_input():
                batch={"x": jnp.ones((6, 2)), "y": jnp.ones((9,))})
   with pytest.raises(ValueError, match="scalar"):
     mtx.update(None, mtx.init(params), params, grad_fn=gf, batch={"x": jnp.ones(())})
+
+
+_SCALES = (0.0, 1e-36, 1e-30, 1e-19, 1e-10, 1.0, 1e10, 1e19, 1e20, 1e30, 1e36)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scales=st.lists(st.sampled_from(_SCALES), min_size=3, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_ascent_and_norm_match_float64_numpy_at_every_scale(scales, seed):
+  """One pass over g (``utils.tree_scaled_sum_sq``), no max pass: θ + ε and ‖g‖ match a
+  float64 NumPy reference for gradients from 1e-37 to 1e36, leaves of mixed scales."""
+  rng = np.random.default_rng(seed)
+  # Entries of magnitude 0.5-2 times the leaf's scale (float32 normals: XLA flushes denormals).
+  g = {k: (rng.choice([-1, 1], size=n) * rng.uniform(0.5, 2, size=n) * s).astype(np.float32)
+       for k, n, s in zip("abc", (5, 7, 1), scales, strict=True)}
+  p = {k: np.zeros_like(v) for k, v in g.items()}  # θ = 0: θ + ε is the unit ascent
+  g64 = jax.tree.map(lambda a: np.asarray(a, np.float64), g)
+  out = perturbed_params(p, g, 1.0)
+  chex.assert_trees_all_close(out, np_perturbed(jax.tree.map(np.float64, p), g64, 1.0),
+                              rtol=1e-5, atol=1e-6)
+  norm = np.sqrt(sum(np.sum(v ** 2) for v in g64.values()))
+  np.testing.assert_allclose(float(tree_norm(g)), norm, rtol=1e-5)
+  s, q = tree_scaled_sum_sq(g)  # s a power of two, q neither overflowing nor underflowing
+  tiny, big = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+  assert float(np.log2(float(s))).is_integer() and (q == 0 or tiny <= q <= big)
 
 
 if __name__ == "__main__":

@@ -268,9 +268,18 @@ def sala(
       dist = utils.tree_norm(jax.tree.map(lambda s, te: te - wide(s), phi, theta_end))
       d = jnp.where(alpha_t == 1, jnp.zeros_like(dist), (1.0 - alpha_t) * dist)
       reset = d < rho_t
+      # On a reset θ_{t+1} − θ = φ_new − θ = (1 − α)(φ − θ) + α Δ, formed from φ, θ and the
+      # step Δ rather than read back from φ_new: on TPU the slow weights' output then goes
+      # to memory once, not through a copy per leaf. Exactly θ' − θ for α = 1 and φ − θ
+      # for α = 0; ±inf (not NaN) when φ − θ overflows.
+      def reset_step(s, p, te, st):
+        d0 = wide(s) - wide(p)
+        mix = jnp.where((alpha_t == 0) | jnp.isinf(d0), d0, (1.0 - alpha_t) * d0 + alpha_t * st)
+        return jnp.where(alpha_t == 1, te - wide(p), mix)
+
       new_step = jax.tree.map(
-          lambda pn, p, st: jnp.where(reset, pn - wide(p), st), phi_new, params, step
-      )
+          lambda s, p, te, st: jnp.where(reset, reset_step(s, p, te, st), st),
+          phi, params, theta_end, step)
       stage = jnp.where(reset, 2, 1).astype(jnp.int32)
       return new_step, utils.tree_cast_like(phi_new, phi), d.astype(jnp.float32), stage
 

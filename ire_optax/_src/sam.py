@@ -157,8 +157,10 @@ def perturbed_params(
 
   with :math:`T = |\theta| + \eta` (``adaptive``, :math:`\eta` =
   ``adaptive_eta``) or :math:`T = 1`. The norm is global over the tree,
-  computed without overflow (scaled by the largest entry), in the wider of
-  float32 and the parameters' dtype; the result has the dtypes of ``params``.
+  computed without overflow or underflow (SAM: in one pass over ``grads``, three
+  sums of squares scaled by fixed powers of two; ASAM: scaled by the largest
+  entries), in the wider of float32 and the parameters' dtype; the result has the
+  dtypes of ``params``.
   :math:`\epsilon` is formed as :math:`\rho\, T u` with the unit vector
   :math:`u = T g / (\lVert T g\rVert + \mathrm{eps})`, so no intermediate
   overflows, and ``rho = 0`` returns ``params`` exactly. The elementwise
@@ -190,28 +192,33 @@ def perturbed_params(
                            eps=eps)
     return jax.tree.map(lambda o, p, m: o if m else p, out, params, mask)
   # Computed in the wider of float32 and the parameters' dtype (float64 stays
-  # float64), without overflow for any finite θ, g, ρ, η: with scales s of the
-  # largest entries (utils.safe_scale), x = T g / s has entries of at most 256
-  # in magnitude and
+  # float64), without overflow for any finite θ, g, ρ, η: with scales s (powers
+  # of two, or of the largest entries: utils.safe_scale), x = T g / s has a norm
+  # without overflow or underflow and
   #   u = T g / (‖T g‖ + eps) = x / (‖x‖ + eps / s),   ε = ρ T u,
   # formed last. A zero gradient gives ε = 0 for any ρ, and ρ = 0 gives θ.
-  # NaN/inf in g give NaN/inf in ‖x‖ (their scale is 1), as documented.
+  # NaN/inf in g give NaN/inf in ‖x‖, as documented.
   dtype = utils.compute_dtype(params, grads)
   rho = jnp.asarray(rho, dtype)
   eps = jnp.asarray(eps, dtype)
   grads = jax.tree.map(lambda g: jnp.asarray(g, dtype), grads)
-  b = utils.safe_scale(utils.tree_max_abs(grads))
-  x = jax.tree.map(lambda g: g / b, grads)
-  eps_x = eps / b
   if adaptive:
+    b = utils.safe_scale(utils.tree_max_abs(grads))
+    x = jax.tree.map(lambda g: g / b, grads)
     eta = jnp.asarray(adaptive_eta, dtype)
     t = lambda p: jnp.abs(jnp.asarray(p, dtype)) + eta
     a = utils.safe_scale(utils.tree_max_abs(jax.tree.map(t, params)))
     y = jax.tree.map(lambda p, g: (t(p) / a) * g, params, x)
     c = utils.safe_scale(utils.tree_max_abs(y))  # T g / (a b c) has a largest entry of 1
     x = jax.tree.map(lambda v: v / c, y)
-    eps_x = (eps_x / a) / c
-  den = jnp.sqrt(utils.tree_sum_sq(x)) + eps_x
+    eps_x = ((eps / b) / a) / c
+    den = jnp.sqrt(utils.tree_sum_sq(x)) + eps_x
+  else:
+    # One pass over g for its norm (utils.tree_scaled_sum_sq), no max pass first: with
+    # ‖g‖ = s √q, x = g / s (exact: s is a power of two) and ‖x‖ = √q.
+    s, q = utils.tree_scaled_sum_sq(grads)
+    x = jax.tree.map(lambda g: g / s, grads)
+    den = jnp.sqrt(q) + eps / s
   den = jnp.where(den == 0, jnp.ones_like(den), den)  # x = 0 and eps / s underflowing
 
   def shift(p, xi):

@@ -445,20 +445,60 @@ def safe_scale(m: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.clip(m, 2.0**-120, 2.0**120), jnp.ones_like(m))
 
 
+def _norm_scales(dtype: Any) -> tuple[float, float, float]:
+  """``(big, small, low)`` of :func:`tree_scaled_sum_sq` for ``dtype``: powers of two."""
+  emax = int(jnp.finfo(dtype).maxexp)  # 128 for float32, 1024 for float64
+  return 2.0 ** (3 * emax // 4), 2.0 ** -(emax // 2 + emax // 16), 2.0 ** -(emax // 2)
+
+
+def tree_scaled_sum_sq(tree: Any, *, axis_name: str | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  r"""``(s, q)`` with :math:`\lVert x \rVert_2 = s \sqrt{q}`, in one pass over the leaves.
+
+  ``s`` is a power of two, so ``x / s`` is exact and :math:`\lVert x / s \rVert_2 =
+  \sqrt{q}` has no overflow or underflow for any finite tree. Every leaf is read once, by
+  one reduction to three sums of squares: plain, scaled down and scaled up by fixed powers
+  of two (float32: :math:`\Sigma x^2`, :math:`\Sigma (2^{-96} x)^2`,
+  :math:`\Sigma (2^{72} x)^2`). The plain sum is used when it is finite and at least
+  :math:`2^{-64}` (the squares it flushes to zero then weigh less than :math:`n\,2^{-62}`
+  of it), the scaled-down one when it overflowed, else the scaled-up one (every entry is
+  then below :math:`2^{-32}`). A NaN gives ``q`` NaN, an inf ``q`` inf, a zero tree
+  ``q = 0``. In :func:`compute_dtype` (float64: the same with :math:`2^{-768}`,
+  :math:`2^{576}`, :math:`2^{-512}`); with ``axis_name`` the sums are ``psum``-ed (a tree
+  *partitioned* over that axis). A single reduction (not three) per leaf lets XLA fuse it
+  with the leaf's other work (on TPU: into the optimizer's per-leaf kernel).
+  """
+  dtype = compute_dtype(tree)
+  big, small, low = _norm_scales(dtype)
+  factors = jnp.asarray([1.0, 1.0 / big, 1.0 / small], dtype)
+
+  def sums(x: jax.Array) -> jax.Array:  # [Σ x², Σ (x / big)², Σ (x / small)²]
+    x = jnp.asarray(x, dtype)
+    scaled = factors.reshape((3,) + (1,) * x.ndim) * x
+    return jnp.sum(jnp.square(scaled), axis=tuple(range(1, x.ndim + 1)))
+
+  total = sum((sums(x) for x in jax.tree.leaves(tree)), jnp.zeros((3,), dtype))
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  mid, high, tiny = total[0], total[1], total[2]
+  use_mid = jnp.isfinite(mid) & (mid >= low)
+  over = mid == jnp.inf
+  q = jnp.where(use_mid, mid, jnp.where(over, high, tiny))
+  s = jnp.where(use_mid, 1.0, jnp.where(over, big, small)).astype(dtype)
+  return s, q
+
+
 def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
   """Global L2 norm, without overflow or underflow; with ``axis_name`` over all devices.
 
-  Computed as ``m · sqrt(Σ (x/m)²)`` with ``m = max |x|`` (the squares of
-  values above ~1.8e19 overflow float32), in :func:`compute_dtype`. NaN
+  Computed as ``s · sqrt(q)`` (:func:`tree_scaled_sum_sq`: one pass over the leaves; the
+  squares of values above ~1.8e19 overflow float32), in :func:`compute_dtype`. NaN
   anywhere gives NaN, ±inf gives inf, a zero tree gives 0. Use ``axis_name``
   only when the tree is *partitioned* across that axis (each device holds a
   different piece), not when it is replicated.
   """
-  scale = safe_scale(tree_max_abs(tree, axis_name=axis_name))
-  sq = tree_sum_sq(jax.tree.map(lambda x: jnp.asarray(x, scale.dtype) / scale, tree))
-  if axis_name is not None:
-    sq = jax.lax.psum(sq, axis_name)
-  return scale * jnp.sqrt(sq)
+  s, q = tree_scaled_sum_sq(tree, axis_name=axis_name)
+  return s * jnp.sqrt(q)
 
 
 def tree_cast_like(tree: Any, like: Any) -> Any:
