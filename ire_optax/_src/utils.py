@@ -470,12 +470,14 @@ def tree_scaled_sum_sq(tree: Any, *, axis_name: str | None = None
   """
   dtype = compute_dtype(tree)
   big, small, low = _norm_scales(dtype)
-  factors = jnp.asarray([1.0, 1.0 / big, 1.0 / small], dtype)
+  zero = jnp.zeros((), dtype)
 
   def sums(x: jax.Array) -> jax.Array:  # [Σ x², Σ (x / big)², Σ (x / small)²]
     x = jnp.asarray(x, dtype)
-    scaled = factors.reshape((3,) + (1,) * x.ndim) * x
-    return jnp.sum(jnp.square(scaled), axis=tuple(range(1, x.ndim + 1)))
+    ops = tuple(jnp.square(x * jnp.asarray(f, dtype)) for f in (1.0, 1.0 / big, 1.0 / small))
+    out = jax.lax.reduce(ops, (zero,) * 3, lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                         tuple(range(x.ndim)))
+    return jnp.stack(out)
 
   total = sum((sums(x) for x in jax.tree.leaves(tree)), jnp.zeros((3,), dtype))
   if axis_name is not None:
