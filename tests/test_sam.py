@@ -8,6 +8,8 @@ are written out. Nothing in it calls JAX, Optax or the code under test.
 
 from __future__ import annotations
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ire_optax
+from ire_optax._src import utils
 from ire_optax._src.sam import perturbed_params
 from ire_optax._src.utils import tree_norm, tree_scaled_sum_sq
 from tests.np_reference import NpAdamWTree as NpAdamW
@@ -686,27 +689,54 @@ def test_bad_input():
 _SCALES = (0.0, 1e-36, 1e-30, 1e-19, 1e-10, 1.0, 1e10, 1e19, 1e20, 1e30, 1e36)
 
 
+@contextlib.contextmanager
+def _norm_path(path):
+  """``tree_scaled_sum_sq`` as the CPU runs it (two passes) or, on this CPU, as TPU and GPU
+  do (one pass: ``"accelerator"``)."""
+  saved = utils._sum_sq_two_passes
+  if path == "accelerator":
+    utils._sum_sq_two_passes = utils._sum_sq_one_pass
+  try:
+    yield
+  finally:
+    utils._sum_sq_two_passes = saved
+
+
 @settings(max_examples=40, deadline=None)
 @given(scales=st.lists(st.sampled_from(_SCALES), min_size=3, max_size=3),
-       seed=st.integers(0, 2**16))
-def test_ascent_and_norm_match_float64_numpy_at_every_scale(scales, seed):
-  """One pass over g (``utils.tree_scaled_sum_sq``), no max pass: θ + ε and ‖g‖ match a
-  float64 NumPy reference for gradients from 1e-37 to 1e36, leaves of mixed scales."""
+       seed=st.integers(0, 2**16), path=st.sampled_from(["cpu", "accelerator"]))
+def test_ascent_and_norm_match_float64_numpy_at_every_scale(scales, seed, path):
+  """θ + ε and ‖g‖ match a float64 NumPy reference for gradients from 1e-37 to 1e36, leaves
+  of mixed scales, by either of ``utils.tree_scaled_sum_sq``'s paths (the accelerators' one
+  pass over g: ``s`` a power of two)."""
   rng = np.random.default_rng(seed)
   # Entries of magnitude 0.5-2 times the leaf's scale (float32 normals: XLA flushes denormals).
   g = {k: (rng.choice([-1, 1], size=n) * rng.uniform(0.5, 2, size=n) * s).astype(np.float32)
        for k, n, s in zip("abc", (5, 7, 1), scales, strict=True)}
   p = {k: np.zeros_like(v) for k, v in g.items()}  # θ = 0: θ + ε is the unit ascent
   g64 = jax.tree.map(lambda a: np.asarray(a, np.float64), g)
-  out = perturbed_params(p, g, 1.0)
+  with _norm_path(path):
+    out = perturbed_params(p, g, 1.0)
+    got_norm = float(tree_norm(g))
+    s, q = tree_scaled_sum_sq(g)
   chex.assert_trees_all_close(out, np_perturbed(jax.tree.map(np.float64, p), g64, 1.0),
                               rtol=1e-5, atol=1e-6)
   norm = np.sqrt(sum(np.sum(v ** 2) for v in g64.values()))
-  np.testing.assert_allclose(float(tree_norm(g)), norm, rtol=1e-5)
-  s, q = tree_scaled_sum_sq(g)  # s a power of two, q neither overflowing nor underflowing
+  np.testing.assert_allclose(got_norm, norm, rtol=1e-5)
   tiny, big = np.finfo(np.float32).tiny, np.finfo(np.float32).max
-  assert float(np.log2(float(s))).is_integer() and (q == 0 or tiny <= q <= big)
+  assert q == 0 or tiny <= q <= big  # neither overflowing nor underflowing
+  assert path == "cpu" or float(np.log2(float(s))).is_integer()
 
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+def test_scaled_sum_sq_nonfinite_and_empty(path):
+  """A NaN gives q NaN, an inf q inf, a zero tree and an empty one q = 0, on either path."""
+  cases = {"nan": ([1.0, np.nan], np.isnan), "inf": ([1.0, -np.inf], np.isposinf),
+           "zero": ([0.0, 0.0], lambda q: q == 0), "empty": ([], lambda q: q == 0)}
+  with _norm_path(path):
+    for name, (values, ok) in cases.items():
+      s, q = jax.jit(tree_scaled_sum_sq)({"a": jnp.asarray(values, jnp.float32)})
+      assert ok(float(q)) and np.isfinite(float(s)) and float(s) > 0, (name, s, q)
 
 if __name__ == "__main__":
   absltest.main()

@@ -16,6 +16,7 @@ all transformations of the library:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -453,51 +454,54 @@ def _norm_scales(dtype: Any) -> tuple[float, float, float]:
 
 def tree_scaled_sum_sq(tree: Any, *, axis_name: str | None = None
                        ) -> tuple[jax.Array, jax.Array]:
-  r"""``(s, q)`` with :math:`\lVert x \rVert_2 = s \sqrt{q}`, in one pass over the leaves.
+  r"""``(s, q)`` with :math:`\lVert x \rVert_2 = s \sqrt{q}`, without overflow or underflow.
 
-  ``s`` is a power of two, so ``x / s`` is exact and :math:`\lVert x / s \rVert_2 =
-  \sqrt{q}` has no overflow or underflow for any finite tree. Every leaf is read once, by
-  one reduction to three sums of squares: plain, scaled down and scaled up by fixed powers
-  of two (float32: :math:`\Sigma x^2`, :math:`\Sigma (2^{-96} x)^2`,
-  :math:`\Sigma (2^{72} x)^2`). The plain sum is used when it is finite and at least
-  :math:`2^{-64}` (the squares it flushes to zero then weigh less than :math:`n\,2^{-62}`
-  of it), the scaled-down one when it overflowed, else the scaled-up one (every entry is
-  then below :math:`2^{-32}`). A NaN gives ``q`` NaN, an inf ``q`` inf, a zero tree
-  ``q = 0``. In :func:`compute_dtype` (float64: the same with :math:`2^{-768}`,
-  :math:`2^{576}`, :math:`2^{-512}`); with ``axis_name`` the sums are ``psum``-ed (a tree
-  *partitioned* over that axis). A single reduction (not three) per leaf lets XLA fuse it
-  with the leaf's other work (on TPU: into the optimizer's per-leaf kernel).
+  :math:`\lVert x / s \rVert_2 = \sqrt{q}` has no overflow or underflow for any finite
+  tree. On TPU and GPU (every platform but the CPU) ``s`` is a power of two, so ``x / s`` is
+  exact, and every leaf is read once, by one reduction to three sums of squares: plain,
+  scaled down and scaled up by fixed powers of two (float32: :math:`\Sigma x^2`,
+  :math:`\Sigma (2^{-96} x)^2`, :math:`\Sigma (2^{72} x)^2`). The plain sum is used when
+  it is finite and at least :math:`2^{-64}` (the squares it flushes to zero then weigh less
+  than :math:`n\,2^{-62}` of it), the scaled-down one when it overflowed, else the
+  scaled-up one (every entry is then below :math:`2^{-32}`); float64: the same with
+  :math:`2^{-768}`, :math:`2^{576}`, :math:`2^{-512}`. One reduction (not three) per leaf
+  lets XLA fuse it with the leaf's other work (on TPU: into the optimizer's per-leaf
+  kernel). On the CPU, ``s`` is ``max |x|`` (:func:`safe_scale`) and :math:`q = \Sigma
+  (x/s)^2`: two passes. A NaN gives ``q`` NaN, an inf ``q`` inf, a zero tree ``q = 0``. In
+  :func:`compute_dtype`; with ``axis_name`` the sums are ``psum``-ed (a tree *partitioned*
+  over that axis).
   """
-  dtype = compute_dtype(tree)
+  leaves = [jnp.asarray(x, compute_dtype(tree)) for x in jax.tree.leaves(tree)]
+  # XLA:TPU and XLA:GPU fuse the broadcast into each leaf's other work. XLA:CPU at jax 0.8.2
+  # materializes it (three parameter buffers of peak memory), and so it does the three sums
+  # written apart; as one variadic reduction, its SPMD partitioner all-gathers the partial
+  # sums instead of adding them with an all-reduce. So the CPU reads the leaves twice.
+  return jax.lax.platform_dependent(
+      leaves, cpu=functools.partial(_sum_sq_two_passes, axis_name=axis_name),
+      default=functools.partial(_sum_sq_one_pass, axis_name=axis_name))
+
+
+def _sum_sq_one_pass(leaves: list[jax.Array], *, axis_name: str | None
+                     ) -> tuple[jax.Array, jax.Array]:
+  """:func:`tree_scaled_sum_sq` on TPU and GPU (leaves in :func:`compute_dtype`)."""
+  dtype = compute_dtype(leaves)
   big, small, low = _norm_scales(dtype)
-  scales = (1.0, 1.0 / big, 1.0 / small)
-  leaves = [jnp.asarray(x, dtype) for x in jax.tree.leaves(tree)]
-
-  def stacked(leaves: list[jax.Array]) -> jax.Array:  # one reduction of a [3, *shape] broadcast
-    f = jnp.asarray(scales, dtype)
-    return sum((jnp.sum(jnp.square(f.reshape((3,) + (1,) * x.ndim) * x),
-                        axis=tuple(range(1, x.ndim + 1))) for x in leaves),
-               jnp.zeros((3,), dtype))
-
-  def variadic(leaves: list[jax.Array]) -> jax.Array:  # one variadic reduction, no broadcast
-    zero, add = jnp.zeros((), dtype), lambda a, b: tuple(u + v for u, v in zip(a, b))
-    return sum((jnp.stack(jax.lax.reduce(tuple(jnp.square(x * jnp.asarray(f, dtype))
-                                               for f in scales),
-                                         (zero,) * 3, add, tuple(range(x.ndim))))
-                for x in leaves), jnp.zeros((3,), dtype))
-
-  # XLA:TPU fuses the broadcast into the leaf's other work and prices the variadic reduction
-  # higher (the examples' SAM steps: up to 4% more cycles); XLA:CPU before jax 0.10
-  # materializes the broadcast (three parameter buffers of peak memory).
-  total = jax.lax.platform_dependent(leaves, cpu=variadic, default=stacked)
-  if axis_name is not None:
-    total = jax.lax.psum(total, axis_name)
-  mid, high, tiny = total[0], total[1], total[2]
+  f = jnp.asarray((1.0, 1.0 / big, 1.0 / small), dtype)  # a [3, *shape] broadcast per leaf
+  total = sum((jnp.sum(jnp.square(f.reshape((3,) + (1,) * x.ndim) * x),
+                       axis=tuple(range(1, x.ndim + 1))) for x in leaves), jnp.zeros((3,), dtype))
+  mid, high, tiny = total if axis_name is None else jax.lax.psum(total, axis_name)
   use_mid = jnp.isfinite(mid) & (mid >= low)
   over = mid == jnp.inf
   q = jnp.where(use_mid, mid, jnp.where(over, high, tiny))
-  s = jnp.where(use_mid, 1.0, jnp.where(over, big, small)).astype(dtype)
-  return s, q
+  return jnp.where(use_mid, 1.0, jnp.where(over, big, small)).astype(dtype), q
+
+
+def _sum_sq_two_passes(leaves: list[jax.Array], *, axis_name: str | None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """:func:`tree_scaled_sum_sq` on the CPU: ``max |x|``, then the squares scaled by it."""
+  m = safe_scale(tree_max_abs(leaves, axis_name=axis_name))
+  q = sum((jnp.sum(jnp.square(x / m)) for x in leaves), jnp.zeros((), m.dtype))
+  return m, q if axis_name is None else jax.lax.psum(q, axis_name)
 
 
 def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
