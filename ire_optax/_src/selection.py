@@ -626,7 +626,7 @@ def _threshold_keys(leaves: list[jax.Array], square: bool) -> list[jax.Array]:
 def _counts_each(keys: jax.Array, t: jax.Array) -> jax.Array:
   """``#{keys <= t_j}`` as one scalar sum per threshold (TPU: a ``[N, T]`` reduction is
   layout-bound there, while T scalar sums fuse into one pass over the keys)."""
-  return jnp.stack([jnp.sum(keys <= t[j], dtype=_U32) for j in range(t.shape[0])])
+  return jnp.stack([jnp.sum(keys <= t[j], dtype=_U32) for j in range(len(t))])
 
 
 def _counts_matrix(keys: jax.Array, t: jax.Array) -> jax.Array:
@@ -644,19 +644,24 @@ class _Passes(NamedTuple):
   winning top-16-bit bucket (:func:`_bucket_keys16`); both read half the bytes;
   ``counts``: ``(keys, thresholds) -> #{keys <= t_j}`` per threshold;
   ``fused_first``: the first pass counts the keys as they are computed (one fusion writes
-  them and counts), before the optimization barrier, instead of reading them back.
+  them and counts), before the optimization barrier, instead of reading them back;
+  ``scalar``: each threshold, and the comparison of its count with the rank, is scalar
+  arithmetic (XLA:TPU runs it on the scalar unit, where building, slicing and summing small
+  vectors of thresholds and counts are three kernels of about 1.8k cycles a pass).
   """
   high: tuple[int, ...]
   low: tuple[int, ...]
-  counts: Callable[[jax.Array, jax.Array], jax.Array]
+  counts: Callable[..., jax.Array]
   fused_first: bool
+  scalar: bool
 
 
 # Per lowering platform ("default": any other). TPU: the compiler prices a pass over the keys
 # at a floor that 7 thresholds (3 bits) do not exceed while 15 do (docs/selection.md), and a
 # pass over 16-bit keys below that floor; GPU: 8 passes of 15 thresholds, one kernel each.
-_THRESHOLD_PASSES = {"tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each, True),
-                     "default": _Passes((4,) * 8, (), _counts_matrix, False)}
+_THRESHOLD_PASSES = {
+    "tpu": _Passes((4, 3, 3, 3, 3), (3, 3, 3, 3, 4), _counts_each, fused_first=True, scalar=True),
+    "default": _Passes((4,) * 8, (), _counts_matrix, fused_first=False, scalar=False)}
 
 
 def _bucket_keys16(top: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
@@ -673,8 +678,8 @@ def _bucket_keys16(top: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array
 
 
 def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits: tuple[int, ...],
-                      width: int, *, done: int = 0, counts: Callable[..., jax.Array],
-                      axis_name: Any, wide: bool) -> jax.Array:
+                      width: int, *, done: int = 0, passes: _Passes, axis_name: Any,
+                      wide: bool) -> jax.Array:
   """Passes resolving ``bits`` of ``width``-bit keys after the top ``done`` bits, whose
   prefix is ``base``: each splits the remaining range into ``2**b`` parts with
   ``2**b - 1`` thresholds and keeps the part holding the ``rank``-th key (unrolled: one
@@ -683,19 +688,25 @@ def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits:
   used = done
   for b in bits:
     used += b
-    s = np.uint32(width - used)
-    j = jnp.arange(1, 1 << b, dtype=_U32)
-    t = (base + (j << s) - np.uint32(1)).astype(dtype)  # the largest keys below base + j·2**s
-    c = count_psum(_total(keys, functools.partial(counts, t=t), (j.shape[0],), wide),
+    s = width - used
+    t: Any  # the largest keys below base + j·2**s, j = 1 .. 2**b - 1
+    if passes.scalar:
+      t = [(base + np.uint32((j << s) - 1)).astype(dtype) for j in range(1, 1 << b)]
+    else:
+      j = jnp.arange(1, 1 << b, dtype=_U32)
+      t = (base + (j << np.uint32(s)) - np.uint32(1)).astype(dtype)
+    c = count_psum(_total(keys, functools.partial(passes.counts, t=t), (len(t),), wide),
                    axis_name)
-    digit = jnp.sum(~count_ge(c, rank), dtype=_U32)  # parts entirely below the rank
-    base = base + (digit << s)
+    if passes.scalar:  # parts entirely below the rank
+      digit = sum((~count_ge(_take(c, i), rank)).astype(_U32) for i in range(len(t)))
+    else:
+      digit = jnp.sum(~count_ge(c, rank), dtype=_U32)
+    base = base + (digit << np.uint32(s))
   return base
 
 
 def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
-  run = functools.partial(_threshold_passes, counts=passes.counts, axis_name=axis_name,
-                          wide=wide)
+  run = functools.partial(_threshold_passes, passes=passes, axis_name=axis_name, wide=wide)
   zero = jnp.zeros((), _U32)
   first = passes.high[:1] if passes.fused_first else ()
   if not passes.low:
