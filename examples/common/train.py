@@ -292,7 +292,8 @@ def _train_step(o: _StepOptions, state: TrainState, batch, step, hints: tuple):
 
 def _optimizer_metrics(o: _StepOptions, opt_state, grads, loss) -> dict:
   """What the optimizer's state tells of the step: SAM's perturbed loss and sharpness,
-  the gradient norm, IRE's flat fraction, SALA's statistics."""
+  the gradient norm, SALA's statistics (IRE's flat fraction: :func:`flat_fraction`, read
+  when a record is logged)."""
   spec, metrics = o.spec, {}
   if spec.sam_aux:
     perturbed = o.pmean(ire_optax.sam_aux(opt_state))
@@ -302,13 +303,18 @@ def _optimizer_metrics(o: _StepOptions, opt_state, grads, loss) -> dict:
     g = grads if spec.family == "plain" else o.pmean(grads)
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                                         for x in jax.tree.leaves(g)))
-  if spec.curvature is not None:
-    mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
-    metrics["ire_flat_fraction"] = (sum(jnp.sum(m, dtype=jnp.float32) for m in mask)
-                                    / sum(m.size for m in mask))
   if spec.sala:
     metrics.update({f"sala_{k}": v for k, v in ire_optax.sala_stats(opt_state).items()})
   return metrics
+
+
+@jax.jit
+def flat_fraction(opt_state) -> jax.Array:
+  """The fraction of the parameters in IRE's flat mask. It changes at refreshes only, so the
+  loop reads it when it logs: computed in every step it would sum every leaf's mask there,
+  a kernel per leaf on TPU that the refresh could otherwise fuse into the update."""
+  mask = jax.tree.leaves(ire_optax.ire_flat_mask(opt_state))
+  return sum(jnp.sum(m, dtype=jnp.float32) for m in mask) / sum(m.size for m in mask)
 
 
 def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
@@ -743,6 +749,8 @@ class _Loop:
 
   def _record(self, state: TrainState, metrics: dict, done: int, do_eval: bool) -> None:
     """Logs the step's metrics (and a held-out evaluation) and the rate since the last log."""
+    if self.spec.curvature is not None:
+      metrics = {**metrics, "ire_flat_fraction": flat_fraction(state.opt_state)}
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     rate = float("nan")
