@@ -108,6 +108,7 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) \(.*\) -> .*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
+_SCALAR = re.compile(r"[a-z][a-z0-9]*\[\]")  # a rank-0 array shape
 # `%name = shape opcode(operands), attributes`: a tuple shape ends where the opcode begins.
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)"
                           r"\(((?:[^()]|\([^()]*\))*)\)(.*)")
@@ -298,8 +299,12 @@ def _infer_trips(comps: dict[str, list[Instruction]], comp: str, ins: Instructio
   return max(0, -(-(limit + (direction.group(1) == "LE") - start) // step))
 
 
-def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analysis:
-  """What computation ``comp`` executes, each conditional's branches apart (no branch taken)."""
+def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool, tpu: bool = False
+             ) -> Analysis:
+  """What computation ``comp`` executes, each conditional's branches apart (no branch taken).
+
+  ``tpu``: an instruction on a scalar (an unfused ``u32[]`` add, say) is no kernel: the TPU's
+  scalar unit runs it between the vector kernels, and the compiler prices it at nothing."""
   a = Analysis()
   shapes = {i.name: i.shape for i in comps[comp]}
   for ins in comps[comp]:
@@ -309,10 +314,10 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
       known = ins.number(r'"known_trip_count":\{"n":"(\d+)"')
       inferred = _infer_trips(comps, comp, ins) if known < 0 else None
       trips = known if known >= 0 else (1 if inferred is None else inferred)
-      a += _analyze(comps, ins.attr("body"), gpu).scaled(trips)
+      a += _analyze(comps, ins.attr("body"), gpu, tpu).scaled(trips)
       a.loop_iterations += trips
       if known < 0:
-        a += _analyze(comps, ins.attr("condition"), gpu).scaled(trips + 1)
+        a += _analyze(comps, ins.attr("condition"), gpu, tpu).scaled(trips + 1)
         a.host_round_trips += (trips + 1) * gpu
     elif op == "conditional":
       a.conditionals_executed += 1
@@ -320,14 +325,15 @@ def _analyze(comps: dict[str, list[Instruction]], comp: str, gpu: bool) -> Analy
       listed = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
       branches = _NAME.findall(listed.group(1)) if listed else [
           ins.attr("false_computation"), ins.attr("true_computation")]
-      a.conditionals.append([_analyze(comps, b, gpu) for b in branches])
+      a.conditionals.append([_analyze(comps, b, gpu, tpu) for b in branches])
     elif op == "call":
-      a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), gpu)
+      a += _analyze(comps, ins.attr("to_apply") or ins.attr("calls"), gpu, tpu)
     elif op not in _NO_KERNEL and not op.endswith("-done"):
       if op == "async-start" and ins.attr("calls") in comps:
         op = comps[ins.attr("calls")][-1].opcode + "-start"  # e.g. all-reduce-start
       a.bytes += _bytes(comps, ins, shapes)
-      a.kernels[op] += 1
+      if not (tpu and op != "fusion" and _SCALAR.match(ins.shape)):
+        a.kernels[op] += 1
       if op.removesuffix("-start") in COLLECTIVES:
         a.collectives[(op.removesuffix("-start"), re.sub(r"\{[^}]*\}", "", ins.shape),
                        shape_bytes(ins.shape))] += 1
@@ -342,7 +348,7 @@ def analyze(compiled: Any, *, gpu: bool | None = None) -> Analysis:
   comps, entry = parse_hlo(text)
   if gpu is None:
     gpu = any(s in text for s in ('"operation_queue_id"', "__cublas", "__triton"))
-  return _analyze(comps, entry, gpu)
+  return _analyze(comps, entry, gpu, tpu='"estimated_cycles"' in text)
 
 
 # Reading a compiled train step.

@@ -130,6 +130,11 @@ def test_infers_the_trips_of_a_loop_with_a_copied_counter():
   a = X.analyze(TPU_LOOP, gpu=False)
   assert a.loop_iterations == 8
   assert a.cycles == 8 * 10
+  # TPU (the HLO has estimated cycles): the counter's scalar copy, add and compare are the
+  # scalar unit's work, not kernels; the same instructions in a GPU module are kernels.
+  assert a.kernels == {"sine": 8}
+  assert X.analyze(TPU_LOOP.replace("estimated_cycles", "x"), gpu=False).kernels == {
+      "sine": 8, "copy": 8, "add": 8, "compare": 9}
 
 def test_compiled_cpu_loop_and_cond():
   x = jax.ShapeDtypeStruct((1000,), jnp.float32)

@@ -38,7 +38,10 @@ ARMS = (Arm("base", note="the example's AdamW or SGD"),
         Arm("msam", {"name": "msam", "num_microbatches": MICRO}, note=f"mSAM (m={MICRO})"),
         # rho large enough that every cycle is in stage 2 (the radius does not change the cost)
         Arm("sala", {"name": "sala", "sala_sync_period": SALA_K, "rho": 5.0},
-            note=f"SALA (k={SALA_K}, stage 2)"))
+            note=f"SALA (k={SALA_K}, stage 2)"),
+        Arm("asam", {"name": "asam"}, note="ASAM"), Arm("gsam", {"name": "gsam"}, note="GSAM"),
+        Arm("sam_every_k", {"name": "sam", "sam_every_k": EVERY_K},
+            note=f"SAM every k={EVERY_K}"))
 SPEC = Experiment(
     name="compiled_steps",
     claim="each train step within its TRAIN_TARGETS bound by TPU v5e cycles",
@@ -325,8 +328,14 @@ def train_context(trains: dict[str, Any]) -> dict[str, str]:
   """The train section's sentences that state numbers: base steps, failures, cycle split."""
   base = [f"{m['label']}: {p['cycles']:.3g} cycles, {p['params']:,} params"
           for m in trains.values() if (p := m["targets"].get("tpu-v5e", {}).get("base"))]
-  errors = [f"{m['label']}, {k}, {t}: does not compile (`{msg}`)." for m in trains.values()
-            for t, errs in m.get("errors", {}).items() for k, msg in errs.items()]
+  failed: dict[tuple[str, str, str], list[str]] = {}  # one sentence per model, target, error
+  for m in trains.values():
+    for t, errs in m.get("errors", {}).items():
+      for k, msg in errs.items():
+        msg = re.sub(r"\.\d+\b|, metadata=\{[^}]*\}", "", msg)  # names and ids apart
+        failed.setdefault((m["label"], t, msg), []).append(k)
+  errors = [f"{label}, {', '.join(arms)}, {t}: does not compile (`{msg}`)."
+            for (label, t, msg), arms in failed.items()]
   split = []
   for m in trains.values():  # the steps without conditionals: every instruction runs once
     progs = m["targets"].get("tpu-v5e", {})
