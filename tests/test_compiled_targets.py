@@ -75,12 +75,13 @@ def test_tpu_refresh_bytes(n):
 
 
 def test_tpu_refresh_cycles_regression_bound():
-  """Not the design target (2 AdamW updates, missed: see the next test): a bound that
-  catches a regression to 8 passes of 15 counts over the uint32 keys (4.4 updates), the
-  recomputed keys or the [N, 15] reduction (47.9 updates)."""
+  """Not the design target (2 AdamW updates, missed: see the next test): a bound (2.96
+  today) that catches a regression to thresholds as small vectors (three kernels a pass:
+  3.21), to 8 passes of 15 counts over the uint32 keys (4.4 updates), the recomputed keys
+  or the [N, 15] reduction (47.9 updates)."""
   _need("tpu-v5e")
   base, refresh = _analysis("adamw", "tpu-v5e", 1), _analysis("refresh", "tpu-v5e", 1)
-  assert refresh.cycles <= 4 * base.cycles, refresh.cycles / base.cycles
+  assert refresh.cycles <= 3.1 * base.cycles, refresh.cycles / base.cycles
 
 
 @pytest.mark.xfail(strict=True, reason=(
