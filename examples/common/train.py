@@ -721,6 +721,10 @@ class _Loop:
     if stop > start:
       self.compile_s = self.step_fn.compile(state, self.task.batch_at(start),
                                             range(start, stop))
+      if self.spec.curvature is not None:  # the records' flat fraction compiles here too
+        t0 = time.perf_counter()
+        jax.block_until_ready(flat_fraction(state.opt_state))
+        self.compile_s += time.perf_counter() - t0
     if not self.quiet:
       print(f"{self.name}: compiled the train step in {self.compile_s:.1f}s", flush=True)
     self.progress = not (cfg.no_progress or self.quiet)

@@ -493,7 +493,11 @@ def _sum_sq_one_pass(leaves: list[jax.Array], *, axis_name: str | None
   use_mid = jnp.isfinite(mid) & (mid >= low)
   over = mid == jnp.inf
   q = jnp.where(use_mid, mid, jnp.where(over, high, tiny))
-  return jnp.where(use_mid, 1.0, jnp.where(over, big, small)).astype(dtype), q
+  # s from q's operands, not from Python scalars: under vmap inside a cond (msam's vectorised
+  # micro-batches, lax.platform_dependent), a scalar operand of where is broadcast with the
+  # batch's sharding, which fails for a batch sharded over a mesh axis.
+  one = jnp.ones_like(mid)
+  return jnp.where(use_mid, one, jnp.where(over, one * big, one * small)), q
 
 
 def _sum_sq_two_passes(leaves: list[jax.Array], *, axis_name: str | None
