@@ -214,8 +214,8 @@ def perturbed_params(
     eps_x = ((eps / b) / a) / c
     den = jnp.sqrt(utils.tree_sum_sq(x)) + eps_x
   else:
-    # One pass over g for its norm (utils.tree_scaled_sum_sq), no max pass first: with
-    # ‖g‖ = s √q, x = g / s (exact: s is a power of two) and ‖x‖ = √q.
+    # ‖g‖ = s √q (utils.tree_scaled_sum_sq: one pass over g on TPU and GPU, where s is a
+    # power of two and x = g / s exact; two on the CPU), x = g / s and ‖x‖ = √q.
     s, q = utils.tree_scaled_sum_sq(grads)
     x = jax.tree.map(lambda g: g / s, grads)
     den = jnp.sqrt(q) + eps / s
