@@ -92,14 +92,15 @@ def mesh(target: str) -> Any:
 
 
 def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool = True,
-               **jit_kwargs: Any) -> Any:
-  """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target``, the args placed on
-  its first device (``place_args=False``: they already carry the shardings wanted)."""
+               options: dict[str, Any] | None = None, **jit_kwargs: Any) -> Any:
+  """``jax.jit(fn, **jit_kwargs).lower(*args).compile(options)`` for ``target``, the args
+  placed on its first device (``place_args=False``: they already carry the shardings wanted);
+  ``options``: XLA compiler options."""
   import jax
   if place_args:
     on = jax.sharding.SingleDeviceSharding(devices(target)[0])
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), args)
-  return jax.jit(fn, **jit_kwargs).lower(*args).compile()
+  return jax.jit(fn, **jit_kwargs).lower(*args).compile(options)
 
 
 # Parsing the optimized HLO text.

@@ -60,6 +60,35 @@ def test_extra_collectives_and_the_train_table():
   assert "| IRE (grad_sq, K=10) | ≤ 1.03× | – |" in table
 
 
+def test_a_gpu_step_that_fails_is_compiled_again_with_the_fallback(monkeypatch):
+  """A failing compile is a result: on H100 the step is compiled again with
+  ``GPU_FALLBACK`` and the first failure kept, to be stated beside the numbers; elsewhere,
+  or when the fallback fails too, it is recorded as an error."""
+  import jax
+
+  calls = []
+
+  def measure(task, arm, target, options=None):
+    calls.append((target, options))
+    if options is None or arm.label == "sam":
+      raise jax.errors.JaxRuntimeError(f"INTERNAL: no tiles {options}\nmore")
+    return {"cycles": 1.0}
+
+  monkeypatch.setattr(S, "measure_train", measure)
+  m = {"errors": {"h100": {"base": "stale"}}}
+  assert S._measure_or_record(m, None, S.SPEC.arm("base"), "h100") == {"cycles": 1.0}
+  assert m["fallbacks"] == {"h100": {"base": "INTERNAL: no tiles None"}}
+  assert "h100" not in m["errors"]
+  assert S._measure_or_record(m, None, S.SPEC.arm("sam"), "h100") is None
+  assert S._measure_or_record(m, None, S.SPEC.arm("base"), "tpu-v5e") is None
+  assert m["errors"] == {"h100": {"sam": "INTERNAL: no tiles None"},
+                         "tpu-v5e": {"base": "INTERNAL: no tiles None"}}
+  assert calls[-1] == ("tpu-v5e", None)  # no fallback off the GPU
+  sentences = S.train_context({"vit": {"label": "ViT", "targets": {}, **m}})["errors"]
+  assert "ViT, base, h100: compiled with `xla_gpu_enable_triton_gemm=False`" in sentences
+  assert "ViT, sam, h100: does not compile (`INTERNAL: no tiles None`)." in sentences
+
+
 def _skip_without(target):
   why = X.available(target)
   if why:

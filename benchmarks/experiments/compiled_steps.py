@@ -60,6 +60,9 @@ SPEC = Experiment(
 # By TPU v5e cycles: key -> (the arm it is over, at most).
 TRAIN_TARGETS = {"ire_grad_sq": ("base", 1.03), "sam": ("base", 2.05), "msam": ("sam", 1.05),
                  "sala": ("base", 1.55)}
+# XLA:GPU's compiler options for a train step its defaults fail to compile: GEMMs as cuBLAS
+# calls (deviceless, the Triton GEMM emitter finds no tile sizes for some of the ViT's dots).
+GPU_FALLBACK = {"xla_gpu_enable_triton_gemm": False}
 POD, POD_BATCH, POD_ARMS = "v5e:4x4", 128, ("base", "ire_grad_sq", "sam", "sala")
 UPDATE_WIDTHS, SMOKE_WIDTHS = (512, 2048, 2048, 2048, 10), (16, 32, 32, 10)
 _ON, _OFF = {"sam_hint": True}, {"sam_hint": False}
@@ -195,28 +198,53 @@ def step_kinds(spec: optim.OptSpec) -> list[tuple[float, tuple, Any]]:
   return [(n / steps, hints, picks) for n, hints, picks in kinds.values()]
 
 
-def compile_kinds(task: Task, arm: Arm, target: str, mesh: Any = None, batch: int | None = None
+def compile_kinds(task: Task, arm: Arm, target: str, mesh: Any = None, batch: int | None = None,
+                  options: dict[str, Any] | None = None
                   ) -> tuple[int, list[tuple[float, tuple, Any, Any]]]:
-  """Parameters, and ``(share, hints, picks, compiled)`` of each kind of step of ``arm``."""
+  """Parameters, and ``(share, hints, picks, compiled)`` of each kind of step of ``arm``
+  (``options``: XLA compiler options)."""
   fn, state, data, spec = example_step(task, arm, mesh, batch)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=None if mesh is None else
                               jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return sum(x.size for x in jax.tree.leaves(state.params)), [
       (share, hints, picks, X.compile_fn(functools.partial(fn, hints=hints), state, data, step,
                                          target=target, place_args=mesh is None,
-                                         donate_argnums=0))
+                                         options=options, donate_argnums=0))
       for share, hints, picks in step_kinds(spec)]
 
 
-def measure_train(task: Task, arm: Arm, target: str) -> dict[str, Any]:
+def measure_train(task: Task, arm: Arm, target: str,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
   t0, kinds = time.perf_counter(), []
-  n, compiled = compile_kinds(task, arm, target)
+  n, compiled = compile_kinds(task, arm, target, options=options)
   for share, hints, picks, c in compiled:
     kinds.append({"share": share, "hints": dict(hints), **X.taken(c, picks).summary(n)})
     if target == "tpu-v5e":
       kinds[-1]["cycle_breakdown"] = X.cycle_breakdown(c)
   return {"params": n, **X.mix([(k["share"], k) for k in kinds]), "kinds": kinds,
           "compile_seconds": time.perf_counter() - t0}
+
+
+def _measure_or_record(m: dict[str, Any], task: Task, arm: Arm, target: str) -> Any:
+  """:func:`measure_train`, or None; a compiler's failure is a result too, recorded in ``m``.
+  On H100 a step that fails is compiled again with :data:`GPU_FALLBACK`, and the failure
+  recorded under ``m["fallbacks"]``."""
+  for key in ("errors", "fallbacks"):  # this arm's, renewed
+    m.get(key, {}).get(target, {}).pop(arm.label, None)
+    if not m.get(key, {}).get(target, True):
+      del m[key][target]
+  failure = None
+  for options in [None] + [GPU_FALLBACK] * (target == "h100"):
+    try:
+      result = measure_train(task, arm, target, options)
+    except jax.errors.JaxRuntimeError as e:
+      failure = failure or str(e).split("\n")[0]
+      continue
+    if failure:
+      m.setdefault("fallbacks", {}).setdefault(target, {})[arm.label] = failure
+    return result
+  m.setdefault("errors", {}).setdefault(target, {})[arm.label] = failure
+  return None
 
 
 def measure_pod(task: Task, arms: list[Arm], batch: int) -> dict[str, Any]:
@@ -270,10 +298,9 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
                                                      {"label": task.data, "targets": {}})
       progs = m["targets"].setdefault(target, {})
       for arm in [a for a in spec.arms if not (keep and a.label in progs)]:
-        try:
-          progs[arm.label] = measure_train(task, arm, target)
-        except jax.errors.JaxRuntimeError as e:  # a compiler's failure is a result too
-          m.setdefault("errors", {}).setdefault(target, {})[arm.label] = str(e).split("\n")[0]
+        progs.pop(arm.label, None)
+        if (result := _measure_or_record(m, task, arm, target)) is not None:
+          progs[arm.label] = result
         print(f"train {task.example} {target} {arm.label}: done", flush=True)
         _save(path, spec, details, smoke)
   if "pod" in args.sections and not smoke and X.usable([POD]):
@@ -328,14 +355,18 @@ def train_context(trains: dict[str, Any]) -> dict[str, str]:
   """The train section's sentences that state numbers: base steps, failures, cycle split."""
   base = [f"{m['label']}: {p['cycles']:.3g} cycles, {p['params']:,} params"
           for m in trains.values() if (p := m["targets"].get("tpu-v5e", {}).get("base"))]
-  failed: dict[tuple[str, str, str], list[str]] = {}  # one sentence per model, target, error
+  failed: dict[tuple[str, str, str, str], list[str]] = {}  # a sentence per model, target, error
   for m in trains.values():
-    for t, errs in m.get("errors", {}).items():
-      for k, msg in errs.items():
-        msg = re.sub(r"\.\d+\b|, metadata=\{[^}]*\}", "", msg)  # names and ids apart
-        failed.setdefault((m["label"], t, msg), []).append(k)
-  errors = [f"{label}, {', '.join(arms)}, {t}: does not compile (`{msg}`)."
-            for (label, t, msg), arms in failed.items()]
+    for key in ("errors", "fallbacks"):
+      for t, errs in m.get(key, {}).items():
+        for k, msg in errs.items():
+          msg = re.sub(r"\.\d+\b|, metadata=\{[^}]*\}", "", msg)  # names and ids apart
+          failed.setdefault((key, m["label"], t, msg), []).append(k)
+  options = ", ".join(f"`{k}={v}`" for k, v in GPU_FALLBACK.items())
+  errors = [f"{label}, {', '.join(arms)}, {t}: " + (
+      f"does not compile (`{msg}`)." if key == "errors" else
+      f"compiled with {options} (GEMMs as cuBLAS calls): with XLA's default options it does "
+      f"not compile (`{msg}`).") for (key, label, t, msg), arms in failed.items()]
   split = []
   for m in trains.values():  # the steps without conditionals: every instruction runs once
     progs = m["targets"].get("tpu-v5e", {})
