@@ -504,7 +504,7 @@ def _sum_sq_two_passes(leaves: list[jax.Array], *, axis_name: str | None
                        ) -> tuple[jax.Array, jax.Array]:
   """:func:`tree_scaled_sum_sq` on the CPU: ``max |x|``, then the squares scaled by it."""
   m = safe_scale(tree_max_abs(leaves, axis_name=axis_name))
-  q = sum((jnp.sum(jnp.square(x / m)) for x in leaves), jnp.zeros((), m.dtype))
+  q = tree_sum_sq([x / m for x in leaves])
   return m, q if axis_name is None else jax.lax.psum(q, axis_name)
 
 
@@ -513,9 +513,8 @@ def tree_norm(tree: Any, *, axis_name: str | None = None) -> jax.Array:
 
   Computed as ``s · sqrt(q)`` (:func:`tree_scaled_sum_sq`: one pass over the leaves on TPU
   and GPU, two on the CPU; the squares of values above ~1.8e19 overflow float32), in
-  :func:`compute_dtype`. NaN
-  anywhere gives NaN, ±inf gives inf, a zero tree gives 0. Use ``axis_name``
-  only when the tree is *partitioned* across that axis (each device holds a
+  :func:`compute_dtype`. NaN anywhere gives NaN, ±inf gives inf, a zero tree gives 0. Use
+  ``axis_name`` only when the tree is *partitioned* across that axis (each device holds a
   different piece), not when it is replicated.
   """
   s, q = tree_scaled_sum_sq(tree, axis_name=axis_name)
