@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ire_optax
@@ -46,6 +46,7 @@ def test_constant_learning_rate():
 @settings(max_examples=30, deadline=None)
 @given(lr=st.floats(0.0, 2.0), v_min=st.floats(0.0, 1.0), dv=st.floats(0.0, 5.0),
        lr_min=st.floats(0.0, 0.5), dlr=st.floats(1e-3, 1.0))
+@example(lr=1.125, v_min=0.8593263955846431, dv=0.0, lr_min=0.5, dlr=1.0)  # the lerp's rounding
 def test_hypothesis_formula_and_range(lr, v_min, dv, lr_min, dlr):
   v_max, lr_max = v_min + dv, lr_min + dlr
   sched = ire_optax.lr_proportional(lambda t: jnp.float32(lr), max_value=v_max,

@@ -100,7 +100,8 @@ def lr_proportional(
     l0 = jnp.asarray(lr_min, jnp.float32)
     l1 = jnp.asarray(lr_max, jnp.float32)
     frac = jnp.clip((lr - l0) / (l1 - l0), 0.0, 1.0)
-    # A lerp written so that frac = 1 gives max_value and frac = 0 min_value exactly.
-    return (1.0 - frac) * v0 + frac * v1
+    # A lerp written so that frac = 1 gives max_value and frac = 0 min_value exactly; its
+    # rounding can leave [min_value, max_value] by an ulp in between (min_value = max_value).
+    return jnp.clip((1.0 - frac) * v0 + frac * v1, v0, v1)
 
   return schedule
