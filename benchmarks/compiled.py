@@ -51,11 +51,20 @@ def _is_tpu(target: str) -> bool:
   return target == "tpu-v5e" or target.startswith("v5e:")
 
 
+def _installed(module: str) -> bool:
+  """Whether ``module`` can be imported: ``find_spec`` raises, not returns None, where a
+  parent package of a dotted name is missing."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:
+    return False
+
+
 def available(target: str) -> str | None:
   """None if ``target`` can be compiled for here, else why not (a test's skip message)."""
-  if _is_tpu(target) and importlib.util.find_spec("libtpu") is None:
+  if _is_tpu(target) and not _installed("libtpu"):
     return "libtpu is not installed (pip install --no-deps 'libtpu==<matching jaxlib>')"
-  if target == "h100" and importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if target == "h100" and not _installed("jax_plugins.xla_cuda12"):
     return "the jax-cuda12 plugin is not installed (jax-cuda12-plugin, jax-cuda12-pjrt)"
   return None if target in ("cpu", "h100") or _is_tpu(target) else f"unknown target {target!r}"
 

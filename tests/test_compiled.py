@@ -147,6 +147,26 @@ def test_compiled_cpu_loop_and_cond():
   assert cond.conditionals_executed == 1 and len(cond.conditionals[0]) == 2
 
 
+def test_missing_compilers_are_reasons_to_skip(monkeypatch):
+  """Without libtpu or the jax-cuda12 plugin (whose ``jax_plugins`` package is then missing
+  too, so ``find_spec`` of the dotted name raises), the targets are unavailable, not errors."""
+  import importlib.util
+
+  find_spec = importlib.util.find_spec
+
+  def without_plugins(name, *args):
+    if name.split(".")[0] in ("libtpu", "jax_plugins"):
+      if "." in name:
+        raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+      return None
+    return find_spec(name, *args)
+
+  monkeypatch.setattr(importlib.util, "find_spec", without_plugins)
+  assert "libtpu is not installed" in X.available("tpu-v5e")
+  assert "jax-cuda12 plugin is not installed" in X.available("h100")
+  assert X.usable(["cpu", "tpu-v5e", "h100"]) == ["cpu"]
+
+
 @pytest.mark.parametrize("target", ["tpu-v5e", "h100"])
 def test_accelerator_targets(target):
   why = X.available(target)
