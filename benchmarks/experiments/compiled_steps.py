@@ -233,6 +233,8 @@ def _measure_or_record(m: dict[str, Any], task: Task, arm: Arm, target: str) -> 
     m.get(key, {}).get(target, {}).pop(arm.label, None)
     if not m.get(key, {}).get(target, True):
       del m[key][target]
+    if key in m and not m[key]:
+      del m[key]
   failure = None
   for options in [None] + [GPU_FALLBACK] * (target == "h100"):
     try:
