@@ -762,6 +762,32 @@ def test_float16_step_matches_float32_and_skips_on_overflow(opt):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(skipped.params))
 
 
+def test_float16_turns_branch_hints_off():
+  """A skipped float16 step leaves the optimizer's counters behind the step number that the
+  hints are read from (hinted, IRE would never refresh again after one skip): "auto" is
+  off with float16, "on" is refused, and IRE refreshes on its own count after a skip."""
+  args, spec, graphdef, params, stats, batch = _bn_setup(
+      "sgd+ire", "--ire-refresh-every", "2", "--ire-warmup", "0", "--ire-curvature", "grad_sq")
+  with pytest.raises(ValueError, match="float16"):
+    train.make_train_step(graphdef, spec, num_classes=10, branch_hints="on",
+                          precision="float16")
+  steps = {mode: train.make_train_step(graphdef, spec, num_classes=10, fast_compile=True,
+                                       branch_hints=mode, precision="float16")
+           for mode in ("auto", "off")}
+  assert steps["auto"].hints_at is None
+  # The first step overflows (scale 2^100) and is skipped: the optimizer's count stays at 0,
+  # so its step 1 (the loop's step 2) refreshes the mask, which starts all zeros.
+  state = train.TrainState(params, stats, spec.tx.init(params),
+                           train.initial_loss_scale("float16", 2.0**100))
+  skipped = []
+  for t in range(3):
+    state, m = steps["auto"](state, batch, jnp.int32(t))
+    state = state._replace(loss_scale=train.initial_loss_scale("float16"))
+    skipped.append(float(m["skipped"]))
+  assert skipped == [1.0, 0.0, 0.0]
+  assert float(train.flat_fraction(state.opt_state)) > 0.0
+
+
 def test_precision_flag_runs_the_example_and_logs_the_scale(tmp_path):
   out = tmp_path / "runs"
   train_args = TOY["resnet"] + QUICK + ["--opt", "sam", "--precision", "float16",

@@ -273,7 +273,9 @@ class TrainConfig:
   branch_hints: str = option("auto", "compile one step per kind of step (IRE refresh, SALA SAM "
                              "step) and pick it on the host from the step number, instead of "
                              "lax.cond: no host round trip per step on GPU, no slow "
-                             "conditional on CPU; auto = on (%(default)s)", group=_T,
+                             "conditional on CPU; auto = on, but off with --precision "
+                             "float16, whose skipped steps the step number does not "
+                             "count (%(default)s)", group=_T,
                              choices=("auto", "on", "off"))
   precision: str = option("float32", "compute dtype of the training passes (params, optimizer "
                           "and evaluation stay float32); float16 uses dynamic loss scaling "

@@ -334,7 +334,10 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
   number exactly, so the results are the same, while a plain step makes no
   host round trip on GPU and XLA:CPU runs the occasional work outside a
   conditional, many times faster (``docs/performance.md``). The ``step``
-  passed must be the optimizer's own step count (as this loop keeps it).
+  passed must be the optimizer's own step count (as this loop keeps it). With
+  ``precision="float16"`` a step skipped for a non-finite gradient leaves the
+  optimizer's counters behind the loop's step, so ``"auto"`` is off there and
+  ``"on"`` is refused.
   """
   step_fn = step_function(graphdef, spec, num_classes=num_classes,
                           label_smoothing=label_smoothing, label_noise=label_noise, seed=seed,
@@ -343,7 +346,11 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                    compiler_options=compiler_options(fast_compile))
   if branch_hints not in ("auto", "on", "off"):
     raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
-  use = branch_hints != "off"
+  if branch_hints == "on" and precision == "float16":
+    raise ValueError("branch_hints='on' cannot be used with precision='float16': a skipped "
+                     "step leaves the optimizer's step count behind the loop's, which the "
+                     "hints are read from. Use 'auto' (off in float16) or 'off'.")
+  use = branch_hints == "on" or (branch_hints == "auto" and precision != "float16")
   return TrainStep(jitted, spec.hints if use else None)
 
 
