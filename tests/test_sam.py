@@ -253,6 +253,28 @@ class ReferenceTest(chex.TestCase):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make", [
+    lambda: ire_optax.sam(optax.sgd(0.1), rho=0.0),
+    lambda: ire_optax.sam(optax.sgd(0.1), rho=0.0, adaptive=True),
+    lambda: ire_optax.gsam(optax.sgd(0.1), rho=0.0)], ids=["sam", "asam", "gsam"])
+def test_rho_zero_evaluates_grad_fn_at_params_despite_a_nonfinite_gradient(make):
+  """ρ = 0 gives θ exactly (docs/nonfinite.md) even where the clean gradient overflowed, where
+  the unit direction is inf / inf = NaN and 0 · NaN would put NaN into the ascent point."""
+  params = jnp.array([1.0, 2.0, 3.0])
+  g = jnp.array([1.0, 2.0, jnp.inf])
+  chex.assert_trees_all_equal(perturbed_params(params, g, 0.0), params)
+  seen = []
+
+  def grad_fn(p):
+    jax.debug.callback(lambda q: seen.append(np.asarray(q)), p)
+    return 2.0 * p
+
+  tx = make()
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+  chex.assert_trees_all_equal(seen[0], params)
+  assert np.isfinite(np.asarray(updates)).all()
+
+
 class ExactnessTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

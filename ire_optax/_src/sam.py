@@ -224,6 +224,7 @@ def perturbed_params(
   def shift(p, xi):
     u = xi / den
     e = rho * (t(p) * u) if adaptive else rho * u
+    e = jnp.where(rho == 0, jnp.zeros_like(e), e)  # ρ = 0: θ exactly, even where u is NaN
     return (jnp.asarray(p, dtype) + e).astype(jnp.asarray(p).dtype)
 
   return jax.tree.map(shift, params, x)
