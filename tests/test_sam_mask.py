@@ -68,10 +68,27 @@ def test_all_true_is_no_mask_and_all_false_is_the_base_bit_for_bit():
   everything, _ = run(ire_optax.sam(base, rho=0.3, perturb_mask=lambda p: True), params, batches)
   plain, _ = run(ire_optax.sam(base, rho=0.3), params, batches)
   chex.assert_trees_all_equal(everything, plain)
-  nothing, _ = run(ire_optax.sam(base, rho=0.3, perturb_mask=jax.tree.map(lambda _: False,
-                                                                         params)), params, batches)
+  with pytest.warns(UserWarning, match="selects no parameter"):
+    nothing, _ = run(ire_optax.sam(base, rho=0.3, perturb_mask=jax.tree.map(lambda _: False,
+                                                                           params)),
+                     params, batches)
   base_run, _ = run(ire_optax.sam(base, rho=0.0), params, batches)
   chex.assert_trees_all_equal(nothing, base_run)
+
+
+@pytest.mark.parametrize("make", [ire_optax.sam, ire_optax.gsam, ire_optax.sala])
+def test_inject_hyperparams_mask_function_warns_unless_static(make):
+  """inject_hyperparams takes a mask function for a schedule and calls it with the step
+  count, which silently gave the base optimizer; it warns, and static_args fixes it."""
+  params, batches = problem(2)
+  injected = optax.inject_hyperparams(make)(optax.sgd(0.1), rho=0.3, perturb_mask=weights_only)
+  with pytest.warns(UserWarning, match="static_args"):
+    run(injected, params, batches)
+  fixed = optax.inject_hyperparams(make, static_args=("perturb_mask",))(
+      optax.sgd(0.1), rho=0.3, perturb_mask=weights_only)
+  got, _ = run(fixed, params, batches)
+  want, _ = run(make(optax.sgd(0.1), rho=0.3, perturb_mask=weights_only), params, batches)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_msam_mask_matches_numpy():

@@ -28,6 +28,7 @@ the cost of two full-batch gradients) and ignores ``updates``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -318,11 +319,18 @@ def resolve_perturb_mask(perturb_mask: Any) -> Callable[[Params], Any]:
     mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
     _check_mask_leaves(mask)
     try:
-      return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params)
+      out = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params)
     except (ValueError, TypeError) as e:
       raise ValueError(
           "`perturb_mask` must have the structure of the params (or a prefix of it), one "
           f"bool per leaf or subtree: {e}") from e
+    if jax.tree.leaves(params) and not any(jax.tree.leaves(out)):
+      warnings.warn(
+          "`perturb_mask` selects no parameter, so the ascent perturbs nothing and the "
+          "optimizer is its base optimizer (use rho=0 for that). Under "
+          "optax.inject_hyperparams, a mask function is taken for a schedule and called with "
+          "the step count: pass static_args=('perturb_mask',).", stacklevel=2)
+    return out
 
   return full
 
