@@ -132,8 +132,16 @@ def test_surrogate_gap_gradient_formula_and_zero_gradients():
   assert abs(dot) < 1e-5
   zero = jax.tree.map(jnp.zeros_like, to_jax(g))
   for a, b in ((zero, zero), (to_jax(g), zero), (zero, to_jax(gp))):
-    out = gsam_lib.surrogate_gap_gradient(a, b, 0.7)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+    for eps in (1e-12, 0.0):  # eps = 0: a float16 eps under inject_hyperparams, traced
+      out = jax.jit(lambda a, b, e: gsam_lib.surrogate_gap_gradient(a, b, 0.7, eps=e))(a, b,
+                                                                                     eps)
+      assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
+def test_float16_eps_under_inject_hyperparams_names_static_args():
+  tx = optax.inject_hyperparams(ire_optax.gsam)(optax.sgd(0.1), rho=0.1)
+  with pytest.raises(ValueError, match=r"static_args=\('eps',\)"):
+    tx.init({"w": jnp.ones(2, jnp.float16)})
 
 
 def test_gsam_zero_gradient_gives_no_nan():

@@ -60,7 +60,8 @@ def surrogate_gap_gradient(
   Returns:
     :math:`g_{\mathrm{GSAM}}`, a pytree like ``perturbed``.
   """
-  inv = 1.0 / (utils.tree_norm(perturbed) + jnp.asarray(eps, jnp.float32))
+  den = utils.tree_norm(perturbed) + jnp.asarray(eps, jnp.float32)
+  inv = 1.0 / jnp.where(den == 0, jnp.ones_like(den), den)  # g_p = 0 and eps = 0: ĝ_p = 0
   leaves_p = jax.tree.leaves(perturbed)
   leaves_g = jax.tree.leaves(clean)
   # <g, ĝ_p> with ĝ_p normalised first: |<g, ĝ_p>| <= ‖g‖, no overflow of g·g_p.

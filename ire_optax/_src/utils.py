@@ -85,7 +85,11 @@ def check_range(
     hi = "inf" if high is None else f"{high:g}"
     lb = "[" if low_inclusive and low is not None else "("
     hb = "]" if high_inclusive and high is not None else ")"
-    raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{hb}; got {value!r}.")
+    hint = ""
+    if getattr(value, "dtype", None) in (jnp.float16, jnp.bfloat16):
+      hint = (f" optax.inject_hyperparams casts float hyperparameters to the parameters' "
+              f"dtype: pass static_args=({name!r},).")
+    raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{hb}; got {value!r}.{hint}")
 
 
 def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
