@@ -14,6 +14,7 @@ import difflib
 import pathlib
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +199,30 @@ def test_nnx_optimizer_loop_equals_functional_route_bit_for_bit(name, model_cls)
     if model_cls is BNNet:
       assert slow.bn.use_running_average  # evaluation mode
     assert_bitwise_equal(nnx.state(model, nnx.Param), n_params)  # the model is unchanged
+
+
+def test_ire_over_msam_under_nnx_optimizer():
+  """mSAM's recipe passes updates=None, which nnx.Optimizer hands on as an empty nnx.State:
+  IRE over mSAM takes it as None, as the functional route's None."""
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  batch = {"x": jnp.arange(32.0).reshape(8, 4) / 32, "y": jnp.arange(8) % 3}
+
+  def loss(m, b):
+    return optax.softmax_cross_entropy_with_integer_labels(m(b["x"]), b["y"]).mean()
+
+  make = lambda: ire_optax.ire(ire_optax.msam(optax.sgd(0.1), rho=0.05, num_microbatches=2),
+                               curvature="fisher")
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make()
+  want, _ = tx.update(None, tx.init(params), params, batch=batch,
+                      grad_fn=jax.grad(lambda p, mb: loss(nnx.merge(graphdef, p), mb)),
+                      logits_fn=lambda p: nnx.merge(graphdef, p)(batch["x"]))
+  before = jax.tree.map(jnp.copy, nnx.as_pure(params))
+  optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+  optimizer.update(model, None, grad_fn=ire_nnx.grad_fn(model, loss), batch=batch,
+                   logits_fn=ire_nnx.of_params(model, lambda m: m(batch["x"])))
+  got = jax.tree.map(lambda a, b: a - b, nnx.as_pure(nnx.state(model, nnx.Param)), before)
+  chex.assert_trees_all_close(got, nnx.as_pure(want), atol=1e-6)
 
 
 def test_functional_route_can_differ():

@@ -222,6 +222,8 @@ def ire(
   def update_fn(updates, state, params=None, **extra_args):
     # The caller's static knowledge of whether this step refreshes (see utils.cond).
     refresh_hint = extra_args.pop("refresh_hint", None)
+    if updates is not None and not jax.tree.leaves(updates) and jax.tree.leaves(state.mask):
+      updates = None  # nnx.Optimizer passes updates=None on (mSAM's) as an empty nnx.State
     estimator.check(updates, params, extra_args)  # fails at trace time, before any work
     if updates is not None:
       utils.check_float_tree(updates, what="updates", who="ire.update()")
