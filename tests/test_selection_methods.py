@@ -258,6 +258,11 @@ def test_injected_gamma_that_rounds_to_one():
   assert int(ire_optax.ire_flat_mask(state)["w"].sum()) == 10
   with pytest.raises(ValueError, match="gamma"):
     ire_optax.ire(optax.sgd(1.0), gamma=1.0)  # a Python γ must still be in (0, 1)
+  # A NumPy float32 scalar is a float32 γ too (docs/ire.md): 1.0 as float32, all selected.
+  for gamma in (np.float32(0.99999999), jnp.float32(0.99999999)):
+    tx = ire_optax.ire(optax.sgd(1.0), gamma=gamma)
+    _, state = tx.update(params, tx.init(params), params)
+    assert int(ire_optax.ire_flat_mask(state)["w"].sum()) == 10
 
 
 # -----------------------------------------------------------------------------

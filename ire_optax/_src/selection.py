@@ -313,7 +313,7 @@ def check_fraction(name: str, gamma: Any) -> None:
   stores γ so), and selects every coordinate, while the Python number selects
   ``⌊γN⌋`` (see :func:`num_selected`).
   """
-  array = isinstance(gamma, (jax.Array, np.ndarray))
+  array = isinstance(gamma, (jax.Array, np.ndarray, np.generic))
   utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=array)
   utils.check_not_schedule(name, gamma, "the fraction of coordinates selected")
 
