@@ -308,6 +308,11 @@ CASES = {
         lambda ax: ire_optax.ire(ire_optax.sam(sgd(), rho=0.1, axis_name=ax), axis_name=ax,
                                  **IRE_KW),
         "sam"),
+    # Per-device gradients reach IRE: its EMA of g² must be that of the mean gradient.
+    "sam_ire_ema": Case(
+        lambda ax: ire_optax.ire(ire_optax.sam(sgd(), rho=0.1, axis_name=ax), axis_name=ax,
+                                 ema_decay=0.9, **IRE_KW),
+        "sam"),
     # m-sharpness: one micro-batch per device = mSAM with 8 micro-batches on one device.
     "msam_per_device": Case(
         lambda ax: ire_optax.msam(sgd(), rho=0.1, num_microbatches=1, axis_name=ax)
@@ -359,7 +364,8 @@ def _reference(name: str, mode_class: str):
 # Every optimizer runs under shard_map (check_vma=True, JAX's default) and under
 # GSPMD; pmap and shard_map(check_vma=False) (the same semantics as pmap) run
 # for a subset that covers every calling convention, to keep CI time modest.
-PMAP_CASES = ("ire_grad_sq", "ire_fisher", "sam", "sala", "sam_ire", "msam_per_device")
+PMAP_CASES = ("ire_grad_sq", "ire_fisher", "sam", "sala", "sam_ire", "sam_ire_ema",
+              "msam_per_device")
 NO_VMA_CASES = ("ire_hutchinson", "asam", "sam_per_device_ascent", "msam_2_per_device")
 PAIRS = (
     [(name, "shard_map_vma") for name in CASES]

@@ -152,8 +152,10 @@ def ire(
     axis_name: data-parallel axis (``pmap``/``shard_map``): the curvature
       estimate is averaged over it before ranking, so every device selects
       the same mask. For ``"grad_sq"`` the gradient is averaged before it is
-      squared, so the mask is that of the global batch even when ``updates``
-      are per-device gradients (as in SAM-IRE, where SAM averages them).
+      squared (and, with ``ema_decay``, before it enters the EMA, one
+      all-reduce a step), so the mask is that of the global batch even when
+      ``updates`` are per-device gradients (as in SAM-IRE, where SAM averages
+      them).
     shard_axis_name: axis over which the *parameters* are partitioned inside
       ``shard_map`` (FSDP): the ranking histograms are summed over it so the
       selection stays global and exact. Not needed under ``jax.jit`` with
@@ -237,9 +239,11 @@ def ire(
 
     ema = state.curvature_ema
     if ema_decay is not None:
+      # The EMA of the data-parallel mean gradient's square, as without the EMA (per-device
+      # gradients, as in SAM-IRE, are averaged first): the same on every device.
       d = jnp.asarray(ema_decay, jnp.float32)
-      ema = jax.tree.map(lambda e, g: d * e + (1 - d) * jnp.square(g.astype(jnp.float32)),
-                         ema, updates)
+      mean = utils.pmean_if(jax.tree.map(lambda g: g.astype(jnp.float32), updates), axis_name)
+      ema = jax.tree.map(lambda e, g: d * e + (1 - d) * jnp.square(g), ema, mean)
 
     def new_mask():
       # The PRNG key advances on refresh steps only, and only for a random estimator: the
@@ -251,8 +255,10 @@ def ire(
       # "grad_sq" ranks the square of the data-parallel *mean* gradient: the
       # single-device g² of the global batch, also when the caller passes local
       # gradients (SAM-IRE); other estimates are averaged over `axis_name`.
-      source = ema if ema_decay is not None else updates
-      h = utils.pmean_if(estimator.estimate(source, params, sub, extra_args), axis_name)
+      if ema_decay is not None:  # averaged over axis_name as it was accumulated
+        h = estimator.estimate(ema, params, sub, extra_args)
+      else:
+        h = utils.pmean_if(estimator.estimate(updates, params, sub, extra_args), axis_name)
       # A schedule is evaluated at the refresh step; a number goes as it is (k exact in Python).
       gamma_t = utils.resolve(gamma, count, low=0.0, high=1.0) if callable(gamma) else gamma
       return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
