@@ -296,7 +296,7 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
     raise ValueError(
         f"{who}: what `{name}` returns does not depend on its argument, the parameters it is "
         f"called with, so {effect}. It probably evaluates a model or parameters it closes "
-        f"over. {nnx_fix(name)}")
+        f"over. {nnx_fix(name)} (A loss linear in them: use the base optimizer alone.)")
   return out
 
 
