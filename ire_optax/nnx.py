@@ -163,11 +163,21 @@ def update_stats(model: nnx.Module, optimizer: nnx.Optimizer) -> Any:
   ``aux_init=aux_init(model, stats)``: the clean micro-batch passes' state (BatchNorm
   statistics), averaged, goes into ``model`` (``nnx.update``), and what ``loss_fn``
   returned, averaged, is returned as arrays (not as the optimizer's ``Variable``, which the
-  next step overwrites).
+  next step overwrites). The model's RNG counters advance by one, as one clean pass would
+  advance them: mSAM's passes run on copies of the model, so without it every step would
+  draw the same dropout masks.
   """
   out, state = sam_lib.sam_aux(nnx.as_pure(optimizer.opt_state))
   nnx.update(model, state)
+  _advance_rng_counters(model)
   return out
+
+
+def _advance_rng_counters(model: nnx.Module) -> None:
+  """Adds one to every RNG counter (``nnx.RngCount``) of ``model``: the next pass draws new
+  random numbers (dropout masks), as after one pass that drew from each stream."""
+  counts = nnx.as_pure(nnx.state(model, nnx.RngCount))
+  nnx.update(model, jax.tree.map(lambda c: c + 1, counts))
 
 
 def sala_eval_model(model: nnx.Module, opt_state: Any) -> nnx.Module:

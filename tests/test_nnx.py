@@ -147,6 +147,8 @@ def functional_route(name, model_cls, data):
       loss, stats = ire_optax.sam_aux(opt_state)
       m = nnx.merge(graphdef, params, rest, copy=True)
       nnx.update(m, stats)
+      counts = nnx.as_pure(nnx.state(m, nnx.RngCount))  # as a clean pass would advance them
+      nnx.update(m, jax.tree.map(lambda c: c + 1, counts))
       return (optax.apply_updates(params, updates), nnx.state(m, nnx.Not(nnx.Param)),
               opt_state, loss)
     kwargs = {}
@@ -249,6 +251,21 @@ def test_sam_helper_uses_the_clean_pass_dropout_keys_and_drops_perturbed_state()
   again = grad_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
   assert_bitwise_equal(again, nnx.as_pure(grads))
   assert_bitwise_equal(nnx.state(model, nnx.Not(nnx.Param)), after)
+
+
+def test_msam_update_stats_advances_the_dropout_rng_once_per_step():
+  """mSAM's passes run on copies of the model: without update_stats advancing the RNG
+  counters, every step would draw the same dropout masks."""
+  model = BNNet(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_tx("msam", model), wrt=nnx.Param)
+  count = lambda: [int(c) for c in jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.RngCount)))]
+  start = count()
+  assert start
+  for batch in batches(3):
+    optimizer.update(model, None, grad_fn=ire_nnx.grad_fn(model, loss_fn, stats=nnx.BatchStat),
+                     batch=batch)
+    ire_nnx.update_stats(model, optimizer)
+  assert count() == [c + 3 for c in start]
 
 
 # -----------------------------------------------------------------------------
