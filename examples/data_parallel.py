@@ -32,13 +32,16 @@ machine with CPU devices, start two processes with ``--cpu-devices 4
 Every process builds the same global batch from the same seed; each device
 receives only its slice (``jax.make_array_from_callback``).
 
-Metrics go to ``OUT/NAME/metrics.jsonl`` (written by process 0).
+Metrics go to ``OUT/NAME/metrics.jsonl`` (written by process 0). This script trains and
+logs; it has no flags for evaluation, checkpoints or resuming (``python -m examples.llama``
+has them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -48,10 +51,16 @@ from typing import Any
 # device options must be set (setup_devices) before anything touches a device.
 
 
+# The Llama example's settings this script does not use (it neither evaluates, checkpoints
+# nor resumes): they get no flag, so passing one is an error rather than silently ignored.
+NOT_HERE = ("eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "no_checkpoint",
+            "resume", "stop_after", "no_plot", "no_progress")
+
+
 def make_parser() -> argparse.ArgumentParser:
   from examples.common import cli
 
-  p = cli.make_parser("llama")
+  p = cli.make_parser("llama", omit=NOT_HERE)
   p.prog = "python -m examples.data_parallel"
   p.description = __doc__.split("\n\n")[0]
   g = p.add_argument_group("devices and hosts")
@@ -109,15 +118,21 @@ def build_step(cfg, placement: str, mesh, graphdef, stats, num_classes: int):
     if spec.lookahead:
       raise SystemExit("the data-parallel example does not cover lookahead.")
     return spec, train.make_train_step(graphdef, spec, **loss_options,
-                                       fast_compile=cfg.fast_compile)
+                                       fast_compile=cfg.fast_compile,
+                                       branch_hints=cfg.branch_hints)
   spec = optim.build_optimizer(cfg.optimizer, cfg.steps, seed=cfg.seed, axis_name=axis,
                                model_stats=stats)
   body = train.step_function(graphdef, spec, **loss_options, axis_name=axis)
-  # state and step replicated, the batch split; the returned state and metrics
-  # are replicated (the step averages what differs between devices).
-  return spec, train.TrainStep(jax.jit(
-      jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=(P(), P())),
-      donate_argnums=0, compiler_options=train.compiler_options(cfg.fast_compile)))
+
+  def placed(state, batch, step, hints=()):
+    # state and step replicated, the batch split; the returned state and metrics
+    # are replicated (the step averages what differs between devices).
+    return jax.shard_map(functools.partial(body, hints=hints), mesh=mesh,
+                         in_specs=(P(), P(axis), P()), out_specs=(P(), P()))(state, batch, step)
+
+  jitted = jax.jit(placed, donate_argnums=0, static_argnames="hints",
+                   compiler_options=train.compiler_options(cfg.fast_compile))
+  return spec, train.TrainStep(jitted, train.hints_at(spec, cfg.branch_hints, cfg.precision))
 
 
 def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[Any, float]:

@@ -528,6 +528,17 @@ def _data_parallel_params(tmp_path, placement, *extra):
   return res["params"]
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--eval-every=5", "--stop-after=2",
+                                  "--ckpt-every=1", "--no-checkpoint"])
+def test_data_parallel_refuses_the_flags_it_does_not_use(flag, capsys):
+  """It neither evaluates, checkpoints nor resumes: those flags are errors, not ignored."""
+  from examples import data_parallel
+
+  with pytest.raises(SystemExit):
+    data_parallel.make_parser().parse_args([flag])
+  assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_data_parallel_shard_map_honours_the_kappa_schedule(tmp_path):
   """``--ire-kappa-schedule lr`` takes effect under ``--data-parallel shard_map`` too."""
   lr_shard_map = _data_parallel_params(tmp_path, "shard_map", "--ire-kappa-schedule", "lr")

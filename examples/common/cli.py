@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from . import config as config_lib
@@ -82,9 +82,10 @@ def _argument(section: str | None, f: dataclasses.Field, default: Any, hint: Any
   return flag, kw
 
 
-def make_parser(example: str, defaults: config_lib.TrainConfig | None = None
-                ) -> argparse.ArgumentParser:
-  """The command line of ``example``, its defaults those of ``defaults`` (its get_config())."""
+def make_parser(example: str, defaults: config_lib.TrainConfig | None = None, *,
+                omit: Collection[str] = ()) -> argparse.ArgumentParser:
+  """The command line of ``example``, its defaults those of ``defaults`` (its get_config());
+  ``omit``: ``TrainConfig`` fields given no flag (a script that does not use them)."""
   module = example_module(example)
   cfg = module.get_config() if defaults is None else defaults
   p = argparse.ArgumentParser(
@@ -96,6 +97,8 @@ def make_parser(example: str, defaults: config_lib.TrainConfig | None = None
       config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimizerConfig,
       config_lib.TrainConfig)}
   for section, f, value in _flags(cfg):
+    if section is None and f.name in omit:
+      continue
     cls = type(cfg if section is None else getattr(cfg, section))
     flag, kw = _argument(section, f, value, hints[cls][f.name], example)
     groups[f.metadata["group"]].add_argument(flag, **kw)
@@ -104,11 +107,13 @@ def make_parser(example: str, defaults: config_lib.TrainConfig | None = None
 
 def to_config(namespace: argparse.Namespace, defaults: config_lib.TrainConfig
               ) -> config_lib.TrainConfig:
-  """``defaults`` with every flag's value of ``namespace`` (parsed by :func:`make_parser`)."""
+  """``defaults`` with every flag's value of ``namespace`` (parsed by :func:`make_parser`;
+  an omitted flag keeps its default)."""
   values = vars(namespace)
   changes: dict[str | None, dict[str, Any]] = {s: {} for s in SECTIONS}
   for section, f, _ in _flags(defaults):
-    changes[section][f.name] = values[_dest(section, f)]
+    if _dest(section, f) in values:
+      changes[section][f.name] = values[_dest(section, f)]
   top = changes.pop(None)
   nested = {s: dataclasses.replace(getattr(defaults, s), **c)
             for s, c in changes.items() if s is not None}

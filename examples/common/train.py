@@ -344,6 +344,12 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                           precision=precision)
   jitted = jax.jit(step_fn, donate_argnums=0, static_argnames="hints",
                    compiler_options=compiler_options(fast_compile))
+  return TrainStep(jitted, hints_at(spec, branch_hints, precision))
+
+
+def hints_at(spec: optim.OptSpec, branch_hints: str, precision: str
+             ) -> Callable[[int], tuple] | None:
+  """``step -> static hints`` of :func:`make_train_step`'s ``branch_hints`` (None: off)."""
   if branch_hints not in ("auto", "on", "off"):
     raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
   if branch_hints == "on" and precision == "float16":
@@ -351,7 +357,7 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
                      "step leaves the optimizer's step count behind the loop's, which the "
                      "hints are read from. Use 'auto' (off in float16) or 'off'.")
   use = branch_hints == "on" or (branch_hints == "auto" and precision != "float16")
-  return TrainStep(jitted, spec.hints if use else None)
+  return spec.hints if use else None
 
 
 class TrainStep:
