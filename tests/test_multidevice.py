@@ -582,13 +582,19 @@ def test_sharded_update_is_global_without_gathering_params(name):
         0.6 * (NDEV * 16 * 24 + NDEV * 8))
 
 
-def test_ire_shard_map_fsdp_with_shard_axis_name():
+@pytest.mark.parametrize("method", ["threshold", "scatter"])
+@pytest.mark.parametrize("replicated_leaf", [False, True])
+def test_ire_shard_map_fsdp_with_shard_axis_name(method, replicated_leaf):
   """Inside shard_map each device holds a slice of the params: `shard_axis_name` psums
-  the ranking histograms, so the mask is the global one (no gather)."""
+  the ranking histograms, so the mask is the global one (no gather). A leaf kept whole on
+  every device (a bias, P()) is counted once, not once per device."""
   mesh = jax.make_mesh((NDEV,), ("p",), devices=jax.devices()[:NDEV])
   specs = {"w": P("p", None), "v": P("p")}
-  shardings = {k: NamedSharding(mesh, v) for k, v in specs.items()}
   params = _big_tree(4)
+  if replicated_leaf:
+    specs["b"] = P()
+    params["b"] = jnp.linspace(-1.0, 1.0, 10)
+  shardings = {k: NamedSharding(mesh, v) for k, v in specs.items()}
   grads = _elementwise_grad_fn(params)
   tx = ire_optax.ire(adamw(), kappa=2.0, gamma=0.6, refresh_every=1)
   want_u, want_s = tx.update(grads, tx.init(params), params)
@@ -605,7 +611,8 @@ def test_ire_shard_map_fsdp_with_shard_axis_name():
   sp = jax.device_put(params, shardings)
   state = jax.device_put(local_tx.init(params), jax.tree.map(
       lambda s: NamedSharding(mesh, s), state_specs))
-  got_u, got_s = f(jax.device_put(grads, shardings), state, sp)
+  with ire_optax.selection_method(method):
+    got_u, got_s = f(jax.device_put(grads, shardings), state, sp)
   chex.assert_trees_all_close(got_u, want_u, **TOL)
   chex.assert_trees_all_close(got_s.mask, want_s.mask)
 

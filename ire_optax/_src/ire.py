@@ -158,8 +158,10 @@ def ire(
       them).
     shard_axis_name: axis over which the *parameters* are partitioned inside
       ``shard_map`` (FSDP): the ranking histograms are summed over it so the
-      selection stays global and exact. Not needed under ``jax.jit`` with
-      sharded arrays.
+      selection stays global and exact; a leaf replicated over it is counted
+      once where ``shard_map``'s ``check_vma`` types it so (the default), and
+      must be partitioned otherwise. Not needed under ``jax.jit`` with sharded
+      arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -511,6 +511,33 @@ def _total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
   return total
 
 
+def _replicated(leaves: list[jax.Array], axis_name: Any) -> list[bool]:
+  """Which leaves hold the same values on every device of ``axis_name``.
+
+  Those ``shard_map`` (with ``check_vma``) types as invariant over the axis while another
+  leaf varies over it: a bias kept whole beside partitioned weights. Without such types
+  (``pmap``, ``check_vma=False``) every leaf counts as partitioned.
+  """
+  if axis_name is None:
+    return [False] * len(leaves)
+  axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+  varying = [bool(axes & utils.varying_axes(x)) for x in leaves]
+  return [not v for v in varying] if any(varying) else [False] * len(leaves)
+
+
+def _device_total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
+                  shape: tuple[int, ...], wide: bool, axis_name: Any) -> Count:
+  """:func:`_total` over the devices of ``axis_name``: a partitioned leaf's counts summed
+  over them, a replicated leaf's counted once."""
+  once = _replicated(leaves, axis_name)
+  total = count_psum(_total([x for x, r in zip(leaves, once, strict=True) if not r], count,
+                            shape, wide), axis_name)
+  if any(once):
+    total = count_add(total, _total([x for x, r in zip(leaves, once, strict=True) if r], count,
+                                    shape, wide))
+  return total
+
+
 def _histogram(indices: jax.Array, length: int) -> jax.Array:
   """Counts of each value of ``indices`` (any shape) in ``[0, length)``, as uint32.
 
@@ -599,9 +626,9 @@ def _find_bucket(hist: Count, rank: Count) -> tuple[jax.Array, Count]:
 
 
 def _select_histograms(leaves, rank, *, high_fn, low_fn, axis_name, wide):
-  hist = count_psum(_total(leaves, high_fn, (_BINS,), wide), axis_name)
+  hist = _device_total(leaves, high_fn, (_BINS,), wide, axis_name)
   high, below = _find_bucket(hist, rank)
-  hist2 = count_psum(_total(leaves, lambda x: low_fn(x, high), (_BINS,), wide), axis_name)
+  hist2 = _device_total(leaves, lambda x: low_fn(x, high), (_BINS,), wide, axis_name)
   low, _ = _find_bucket(hist2, count_sub(rank, below))
   return (high << 16) | low
 
@@ -616,7 +643,8 @@ def _threshold_keys(leaves: list[jax.Array], square: bool) -> list[jax.Array]:
   recomputing them is elementwise); see :func:`_threshold_select_keys`.
   """
   full = [x for x in leaves if x.size]
-  if len(full) > 1 and all(sharding.is_on_one_device(x) for x in full):
+  one_buffer = len({utils.varying_axes(x) for x in full}) == 1  # replicated leaves apart
+  if len(full) > 1 and one_buffer and all(sharding.is_on_one_device(x) for x in full):
     keys = [jnp.concatenate([ordered_keys(_square_if(x, square)).ravel() for x in full])]
   else:
     keys = [ordered_keys(_square_if(x, square)) for x in full]
@@ -695,14 +723,27 @@ def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits:
     else:
       j = jnp.arange(1, 1 << b, dtype=_U32)
       t = (base + (j << np.uint32(s)) - np.uint32(1)).astype(dtype)
-    c = count_psum(_total(keys, functools.partial(passes.counts, t=t), (len(t),), wide),
-                   axis_name)
+    c = _device_total(keys, functools.partial(passes.counts, t=t), (len(t),), wide, axis_name)
     if passes.scalar:  # parts entirely below the rank
       digit = sum((~count_ge(_take(c, i), rank)).astype(_U32) for i in range(len(t)))
     else:
       digit = jnp.sum(~count_ge(c, rank), dtype=_U32)
     base = base + (digit << np.uint32(s))
   return base
+
+
+def _barrier(arrays: list[jax.Array]) -> list[jax.Array]:
+  """``optimization_barrier`` over each group of ``arrays`` varying over the same axes (one
+  barrier over all would type every output as varying over their union: a replicated leaf
+  would then be counted once per device; see :func:`_replicated`)."""
+  groups: dict[frozenset, list[int]] = {}
+  for i, x in enumerate(arrays):
+    groups.setdefault(utils.varying_axes(x), []).append(i)
+  out = list(arrays)
+  for idx in groups.values():
+    for i, y in zip(idx, jax.lax.optimization_barrier([arrays[i] for i in idx]), strict=True):
+      out[i] = y
+  return out
 
 
 def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
@@ -712,14 +753,15 @@ def _threshold_select_keys(keys, rank, *, passes, axis_name, wide):
   if not passes.low:
     assert sum(passes.high) == 32
     base = run(keys, rank, zero, first, 32)
-    keys = jax.lax.optimization_barrier(keys)
+    keys = _barrier(keys)
     return run(keys, rank, base, passes.high[len(first):], 32, done=sum(first))
   # The top 16 bits are resolved over the keys' top halves, which read half the bytes.
   assert sum(passes.high) == sum(passes.low) == 16
   tops = [(k >> 16).astype(jnp.uint16) for k in keys]
   lows = [(k & _LOW_MASK).astype(jnp.uint16) for k in keys]
   high = run(tops, rank, zero, first, 16)
-  tops, lows = jax.lax.optimization_barrier((tops, lows))
+  both = _barrier(tops + lows)
+  tops, lows = both[:len(tops)], both[len(tops):]
   high = run(tops, rank, high, passes.high[len(first):], 16, done=sum(first))
   low = run([_bucket_keys16(t, lo, high) for t, lo in zip(tops, lows, strict=True)], rank,
             zero, passes.low, 16)
@@ -831,13 +873,17 @@ def _select(leaves: list[jax.Array], rank: Count, *, square: bool, axis_name: An
 
 
 def _global_size(tree: Any, axis_name: Any) -> int:
+  """N over the devices of ``axis_name``: a replicated leaf (:func:`_replicated`) once."""
   n = num_elements(tree)
   if axis_name is not None:
     devices = int(jax.lax.psum(1, axis_name))
     if n * devices >= _WORD_LIMIT and devices > _MAX_AXIS_SIZE:
       raise ValueError(f"exact selection over {devices} devices in `axis_name` (at most "
                        f"{_MAX_AXIS_SIZE} with 2**32 or more coordinates).")
-    n *= devices
+    leaves = jax.tree.leaves(tree)
+    once = sum(x.size for x, r in zip(leaves, _replicated(leaves, axis_name), strict=True)
+               if r)
+    n = (n - once) * devices + once
   return n
 
 
@@ -934,7 +980,9 @@ def flat_mask(
     tree: the curvature estimate ``h`` (pytree of arrays).
     gamma: the fraction of coordinates to select, in (0, 1].
     axis_name: axis over which ``tree`` is partitioned (``shard_map``, ``pmap``),
-      if any. ``N`` is then the global number of coordinates.
+      if any. ``N`` is then the global number of coordinates: a leaf that
+      ``shard_map``'s ``check_vma`` types as replicated over the axis counts once
+      (without those types, every leaf must be partitioned over it).
     dtype: dtype of the returned mask leaves (``uint8``: one byte a parameter).
     square: select on ``tree ** 2`` (float32) instead of ``tree`` -- the same mask
       as ``flat_mask(jax.tree.map(jnp.square, tree), gamma)`` without

@@ -581,7 +581,8 @@ def pmean_if(tree: Any, axis_name: str | None) -> Any:
   return jax.lax.pmean(tree, axis_name)
 
 
-def _varying_axes(x: Any) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
+  """The mapped axes ``x`` varies over (``shard_map``'s ``check_vma`` types; else none)."""
   aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)  # type: ignore[attr-defined]
   mat = getattr(aval, "manual_axis_type", None)
   if mat is not None:
@@ -607,7 +608,7 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
   pcast = getattr(jax.lax, "pcast", None)
 
   def cast(x):
-    if axis_name in _varying_axes(x):
+    if axis_name in varying_axes(x):
       return x
     if pcast is not None:
       return pcast(x, axis_name, to="varying")
