@@ -182,6 +182,10 @@ def test_configs_validate_their_values():
     TrainConfig(example="mnist")
   with pytest.raises(ValueError, match="warmup_steps"):
     OptimizerConfig(warmup_steps=-1)
+  for name in ("msam", "sala", "adamw+ire"):  # it would be silently ignored
+    with pytest.raises(ValueError, match="sam_every_k"):
+      OptimizerConfig(name=name, sam_every_k=2)
+  assert OptimizerConfig(name="gsam+ire", sam_every_k=2).sam_every_k == 2
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.steps = 3
 

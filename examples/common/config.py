@@ -239,6 +239,9 @@ class OptimizerConfig:
       value = getattr(self, name)
       if value is not None and value < 0:
         raise ValueError(f"OptimizerConfig.{name} must be >= 0; got {value}.")
+    if self.sam_every_k != 1 and self.algorithm[0] not in ("sam", "asam", "gsam"):
+      raise ValueError(f"OptimizerConfig.sam_every_k (--sam-every-k) applies to sam, asam and "
+                       f"gsam only; got {self.sam_every_k} with {self.name!r}.")
 
   @property
   def algorithm(self) -> tuple[str, bool]:
