@@ -792,8 +792,8 @@ def test_float16_turns_branch_hints_off():
   assert steps["auto"].hints_at is None
   # The first step overflows (scale 2^100) and is skipped: the optimizer's count stays at 0,
   # so its step 1 (the loop's step 2) refreshes the mask, which starts all zeros.
-  state = train.TrainState(params, stats, spec.tx.init(params),
-                           train.initial_loss_scale("float16", 2.0**100))
+  state = jax.tree.map(jnp.copy, train.TrainState(  # the step donates its state's buffers
+      params, stats, spec.tx.init(params), train.initial_loss_scale("float16", 2.0**100)))
   skipped = []
   for t in range(3):
     state, m = steps["auto"](state, batch, jnp.int32(t))
