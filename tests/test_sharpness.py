@@ -510,10 +510,14 @@ def test_explicit_sharding_mode_matches_single_device():
   put = lambda t: jax.tree.map(lambda x: jax.device_put(
       x, NamedSharding(mesh, P("x", *([None] * (x.ndim - 1))))), t)
   fn = jax.jit(functools.partial(_all_measures, loss, with_msam=False))
-  with jax.set_mesh(mesh):
-    out = fn(put(params), put(batch), jax.random.key(0))
   ref = fn(params, batch, jax.random.key(0))
-  chex.assert_trees_all_close(out, ref, rtol=1e-4, atol=1e-5)
+  # Every leaf sharded alike, then leaves sharded differently (one replicated), which a flat
+  # vector can only join once each leaf is replicated.
+  for placed in (put(params), {"u": put(params["u"]),
+                               "v": jax.device_put(params["v"], NamedSharding(mesh, P()))}):
+    with jax.set_mesh(mesh):
+      out = fn(placed, put(batch), jax.random.key(0))
+    chex.assert_trees_all_close(out, ref, rtol=1e-4, atol=1e-5)
   # m-sharpness of a batch sharded along its leading (example) axis.
   x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)
   msam = jax.jit(functools.partial(sh.m_sharpness, lambda p, b: jnp.mean(jnp.cos(b @ p)),

@@ -137,7 +137,11 @@ def _flat_hvp(loss_fn: LossFn, params32: Params, batch: Batch):
   vectors. With explicit-mode sharding the flat vectors are kept replicated
   and each tangent is resharded like its parameter before the HVP.
   """
-  flat, unravel = ravel_pytree(params32)
+  def ravel(tree):  # each leaf replicated first: leaves sharded differently cannot be joined
+    return ravel_pytree(jax.tree.map(
+        lambda t: sharding.reshard(t, jax.sharding.PartitionSpec()), tree))
+
+  flat, unravel = ravel(params32)
   grad_fn = _grad_fn(loss_fn, batch)
 
   def to_tree(x):
@@ -145,10 +149,9 @@ def _flat_hvp(loss_fn: LossFn, params32: Params, batch: Batch):
                         if sharding.explicit_sharding(p) is not None else t, unravel(x), params32)
 
   def matvec(x):
-    hx = estimators.hvp(grad_fn, params32, to_tree(x))
-    return sharding.reshard(ravel_pytree(hx)[0], jax.sharding.PartitionSpec())
+    return ravel(estimators.hvp(grad_fn, params32, to_tree(x)))[0]
 
-  return sharding.reshard(flat, jax.sharding.PartitionSpec()), to_tree, matvec
+  return flat, to_tree, matvec
 
 
 # -----------------------------------------------------------------------------
