@@ -222,6 +222,21 @@ def test_zero_hessian_gives_zeros_not_nan():
     chex.assert_tree_all_finite(vecs)
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e20])
+def test_eigs_of_tiny_and_huge_hessians(scale):
+  # Squares of entries below ~1e-19 underflow float32 and above ~1e19 overflow: the
+  # normalising norms are scaled, so both methods stay exact at either end.
+  lam = np.array([4.0, 3.0, 2.0, 1.0]) * scale
+  loss = lambda p, b: 0.5 * jnp.sum(b * p**2)  # H = diag(b)
+  vals, _ = sh.top_hessian_eigs(loss, jnp.ones(4), jnp.asarray(lam, jnp.float32),
+                                key=jax.random.key(0), k=4, num_iters=4)
+  np.testing.assert_allclose(vals, lam, rtol=1e-5)
+  vals, vecs = sh.top_hessian_eigs(loss, jnp.ones(4), jnp.asarray(lam, jnp.float32),
+                                   key=jax.random.key(0), k=1, num_iters=200, method="power")
+  np.testing.assert_allclose(vals, lam[:1], rtol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(vecs[0]), 1.0, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Trace and diagonal
 # -----------------------------------------------------------------------------

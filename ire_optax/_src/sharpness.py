@@ -235,7 +235,7 @@ def _lanczos(matvec, v0: jax.Array, key: jax.Array, m: int, reorthogonalize: boo
     if reorthogonalize:
       # Rows > i of `basis` are zero, so this projects on span(v_0..v_i).
       w = _project_out(basis, w)
-    beta = jnp.linalg.norm(w)
+    beta = utils.tree_norm(w)  # scaled: entries below ~1e-19 or above ~1e19 square finely
     # max |alpha_j|, beta_j is a lower bound on ||H||: beta below a tiny fraction
     # of it means the Krylov space is (numerically) invariant.
     scale = jnp.maximum(scale, jnp.abs(alpha))
@@ -247,7 +247,7 @@ def _lanczos(matvec, v0: jax.Array, key: jax.Array, m: int, reorthogonalize: boo
       # orthogonal to the basis; T gets a zero off-diagonal (block diagonal).
       r = jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.float32)
       r = _orthogonalize(basis, r)
-      return r / (jnp.linalg.norm(r) + _NORM_EPS), zero
+      return _unit(r), zero
 
     def proceed(_):
       return w / beta, beta
@@ -263,6 +263,12 @@ def _lanczos(matvec, v0: jax.Array, key: jax.Array, m: int, reorthogonalize: boo
   return tri, basis[:m]
 
 
+def _unit(x: jax.Array) -> jax.Array:
+  """``x / ||x||`` with a scaled norm (no under- or overflow in its squares); 0 stays 0."""
+  norm = utils.tree_norm(x)
+  return x / jnp.where(norm > 0, norm, 1)
+
+
 def _power(matvec, n: int, key: jax.Array, k: int, num_iters: int, unroll: int | bool):
   """Power iteration with projection deflation; ``k`` pairs of largest |eigenvalue|."""
   vecs = jnp.zeros((k, n), jnp.float32)
@@ -270,13 +276,13 @@ def _power(matvec, n: int, key: jax.Array, k: int, num_iters: int, unroll: int |
   for j in range(k):  # k is small: a Python loop keeps each pair's loop at the top level
     v = jax.random.normal(jax.random.fold_in(key, j), (n,), jnp.float32)
     v = _orthogonalize(vecs, v)  # rows >= j are still zero
-    v = v / (jnp.linalg.norm(v) + _NORM_EPS)
+    v = _unit(v)
 
     def step(_, state, found=vecs):
       v, _ = state
       w = _orthogonalize(found, matvec(v))  # (I - U U^T) H (I - U U^T) v
       lam = jnp.vdot(v, w)  # Rayleigh quotient of the unit vector v
-      return w / (jnp.linalg.norm(w) + _NORM_EPS), lam
+      return _unit(w), lam
 
     v, lam = jax.lax.fori_loop(0, num_iters, step, (v, jnp.zeros((), jnp.float32)),
                                unroll=unroll)
