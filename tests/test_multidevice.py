@@ -185,14 +185,17 @@ def data_mesh():
   return jax.make_mesh((NDEV,), ("d",), devices=jax.devices()[:NDEV])
 
 
-def run_shard_map(tx, kind, extras, data, params, *, check_vma=False):
-  mesh = data_mesh()
+def run_shard_map(tx, kind, extras, data, params, *, check_vma=False, axes=("d",)):
+  # ``axes``: one data axis, or two (a 2 x 4 mesh, the optimizers given the tuple).
+  mesh = jax.make_mesh((2, NDEV // 2), axes, devices=jax.devices()[:NDEV]) if len(axes) == 2 \
+      else data_mesh()
+  ax = axes if len(axes) == 2 else axes[0]
   # With check_vma=True replicated outputs (out_specs P()) type-check only if
   # everything that leaves the step was made device-invariant by a collective.
-  step = jax.jit(jax.shard_map(make_step(tx, kind, "d", extras, vma=check_vma), mesh=mesh,
-                               in_specs=(P(), P(), P("d")), out_specs=(P(), P()),
+  step = jax.jit(jax.shard_map(make_step(tx, kind, ax, extras, vma=check_vma), mesh=mesh,
+                               in_specs=(P(), P(), P(ax)), out_specs=(P(), P()),
                                check_vma=check_vma))
-  rep, dp = NamedSharding(mesh, P()), NamedSharding(mesh, P("d"))
+  rep, dp = NamedSharding(mesh, P()), NamedSharding(mesh, P(ax))
   params = jax.device_put(params, rep)
   state = jax.device_put(tx.init(params), rep)
   data = [jax.device_put(batch, dp) for batch in data]
@@ -218,6 +221,18 @@ def run_pmap(tx, kind, extras, data, params):
   return jax.tree.map(lambda a: a[0], (params, state))
 
 
+def run_vmap(tx, kind, extras, data, params):
+  # jax.vmap with an axis name emulates the devices on one: its axis has no check_vma types.
+  step = jax.jit(jax.vmap(make_step(tx, kind, "d", extras), axis_name="d"))
+  rep = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (NDEV, *jnp.shape(a))), tree)
+  params, state = rep(params), rep(tx.init(params))
+  data = [jax.tree.map(lambda a: a.reshape(NDEV, PER_DEVICE, *a.shape[1:]), b) for b in data]
+  step = compiled(step, params, state, data[0])
+  for batch in data:
+    params, state = step(params, state, batch)
+  return jax.tree.map(lambda a: a[0], (params, state))
+
+
 def run_gspmd(tx, kind, extras, data, params):
   mesh = data_mesh()
   rep, dp = NamedSharding(mesh, P()), NamedSharding(mesh, P("d"))
@@ -234,6 +249,8 @@ RUNNERS = {
     "shard_map": run_shard_map,
     "shard_map_vma": functools.partial(run_shard_map, check_vma=True),
     "pmap": run_pmap,
+    "vmap": run_vmap,
+    "shard_map_vma_2d": functools.partial(run_shard_map, check_vma=True, axes=("a", "b")),
     "gspmd": run_gspmd,
 }
 
@@ -367,11 +384,16 @@ def _reference(name: str, mode_class: str):
 PMAP_CASES = ("ire_grad_sq", "ire_fisher", "sam", "sala", "sam_ire", "sam_ire_ema",
               "msam_per_device")
 NO_VMA_CASES = ("ire_hutchinson", "asam", "sam_per_device_ascent", "msam_2_per_device")
+# jax.vmap(axis_name=...) and a tuple of two mesh axes: the optimizers that make points
+# per-device before they call the model's callbacks.
+VMAP_CASES = ("ire_hutchinson", "ire_fisher", "sam", "sala", "msam_per_device",
+              "sam_per_device_ascent", "msam_scan")
 PAIRS = (
     [(name, "shard_map_vma") for name in CASES]
     + [(name, "gspmd") for name in CASES if name != "sam_per_device_ascent"]
     + [(name, "pmap") for name in PMAP_CASES]
     + [(name, "shard_map") for name in NO_VMA_CASES]
+    + [(name, mode) for name in VMAP_CASES for mode in ("vmap", "shard_map_vma_2d")]
 )
 
 
@@ -379,7 +401,7 @@ PAIRS = (
 def test_data_parallel_equals_one_device(name, mode):
   case = CASES[name]
   want = _reference(name, "gspmd" if mode == "gspmd" else "mapped")
-  ax = None if mode == "gspmd" else "d"
+  ax = None if mode == "gspmd" else ("a", "b") if mode.endswith("_2d") else "d"
   got = RUNNERS[mode](case.make(ax), case.kind, case.extras, batches(), init_params())
   chex.assert_trees_all_close(got[0], want[0], **TOL)
   if jax.tree.structure(got[1]) == jax.tree.structure(want[1]):

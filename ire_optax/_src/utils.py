@@ -601,19 +601,24 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
   points to "varying" first makes the callbacks return the per-device gradient
   that the ``axis_name`` convention expects (and that ``pmap`` or
   ``check_vma=False`` give anyway, where this is the identity). Leaves that
-  already vary over the axis are returned unchanged.
+  already vary over the axis are returned unchanged, and so is every leaf under
+  ``jax.vmap(..., axis_name=...)``, whose axes carry no such types. A tuple of
+  axes casts each axis the leaf does not vary over yet.
   """
   if axis_name is None:
     return tree
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)  # shard_map's and pmap's
   pcast = getattr(jax.lax, "pcast", None)
 
   def cast(x):
-    if axis_name in varying_axes(x):
+    missing = tuple(a for a in axes if a in manual and a not in varying_axes(x))
+    if not missing:
       return x
     if pcast is not None:
-      return pcast(x, axis_name, to="varying")
+      return pcast(x, missing, to="varying")
     pvary = getattr(jax.lax, "pvary", None)  # JAX < 0.8
-    return x if pvary is None else pvary(x, axis_name)
+    return x if pvary is None else pvary(x, missing)
 
   return jax.tree.map(cast, tree)
 
