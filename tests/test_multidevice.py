@@ -605,17 +605,19 @@ def test_sharded_update_is_global_without_gathering_params(name):
 
 
 @pytest.mark.parametrize("method", ["threshold", "scatter"])
-@pytest.mark.parametrize("replicated_leaf", [False, True])
-def test_ire_shard_map_fsdp_with_shard_axis_name(method, replicated_leaf):
+@pytest.mark.parametrize("layout", ["partitioned", "one_replicated", "all_replicated"])
+def test_ire_shard_map_fsdp_with_shard_axis_name(method, layout):
   """Inside shard_map each device holds a slice of the params: `shard_axis_name` psums
   the ranking histograms, so the mask is the global one (no gather). A leaf kept whole on
-  every device (a bias, P()) is counted once, not once per device."""
+  every device (a bias, P()) is counted once, not once per device, also when every leaf is."""
   mesh = jax.make_mesh((NDEV,), ("p",), devices=jax.devices()[:NDEV])
   specs = {"w": P("p", None), "v": P("p")}
   params = _big_tree(4)
-  if replicated_leaf:
+  if layout != "partitioned":
     specs["b"] = P()
     params["b"] = jnp.linspace(-1.0, 1.0, 10)
+  if layout == "all_replicated":
+    specs = {k: P() for k in specs}
   shardings = {k: NamedSharding(mesh, v) for k, v in specs.items()}
   grads = _elementwise_grad_fn(params)
   tx = ire_optax.ire(adamw(), kappa=2.0, gamma=0.6, refresh_every=1)

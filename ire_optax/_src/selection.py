@@ -514,15 +514,14 @@ def _total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
 def _replicated(leaves: list[jax.Array], axis_name: Any) -> list[bool]:
   """Which leaves hold the same values on every device of ``axis_name``.
 
-  Those ``shard_map`` (with ``check_vma``) types as invariant over the axis while another
-  leaf varies over it: a bias kept whole beside partitioned weights. Without such types
+  Those ``shard_map`` (with ``check_vma``) types as invariant over the axis: a bias kept
+  whole beside partitioned weights, or every leaf of a tree kept whole. Without such types
   (``pmap``, ``check_vma=False``) every leaf counts as partitioned.
   """
-  if axis_name is None:
+  if axis_name is None or not utils.vma_typed(axis_name):
     return [False] * len(leaves)
   axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
-  varying = [bool(axes & utils.varying_axes(x)) for x in leaves]
-  return [not v for v in varying] if any(varying) else [False] * len(leaves)
+  return [not axes & utils.varying_axes(x) for x in leaves]
 
 
 def _device_total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],

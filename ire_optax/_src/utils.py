@@ -590,6 +590,14 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
+def vma_typed(axis_name: Any) -> bool:
+  """Whether values are typed by the mapped axes they vary over, here: inside ``shard_map``
+  with ``check_vma=True`` over ``axis_name`` (not under ``pmap``, ``check_vma=False`` or
+  ``jax.vmap``)."""
+  axes = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
+  return bool(axes & varying_axes(per_device_if(jnp.zeros((), jnp.float32), axis_name)))
+
+
 def per_device_if(tree: Any, axis_name: str | None) -> Any:
   """Marks the leaves of ``tree`` as varying over ``axis_name`` (idempotent).
 
