@@ -581,13 +581,16 @@ def _edge_cases(kappa, rho, eps, eta, alpha):
       lambda: (ire_optax.sala(sgd, sync_period=1, rho=rho, eps=eps, slow_step_size=alpha), kw),
       lambda: (ire_optax.ire(ire_optax.sala(sgd, sync_period=2, rho=rho, eps=eps,
                                             slow_step_size=alpha), kappa=kappa), kw),
+      lambda: (ire_optax.gsam(sgd, rho=rho, eps=eps, alpha=alpha), kw),
+      lambda: (ire_optax.gsam(sgd, rho=rho, eps=eps, alpha=alpha, adaptive=True,
+                              adaptive_eta=eta), kw),
   ]
 
 
 @hyp.settings(max_examples=24, deadline=None, phases=[hyp.Phase.explicit, hyp.Phase.generate],
               suppress_health_check=[hyp.HealthCheck.too_slow])
 @hyp.given(
-    which=st.integers(0, 7),
+    which=st.integers(0, 9),
     values=st.lists(_edges(0.0, F32_TINY, -F32_TINY, 1e-30, 1.0, -3.0, 1e20, -1e20, 1e30),
                     min_size=3, max_size=3),
     grads=st.lists(_edges(0.0, F32_TINY, 1e-30, -1.0, 1e20, -1e20, F32_MAX, -F32_MAX),
@@ -598,6 +601,10 @@ def _edge_cases(kappa, rho, eps, eta, alpha):
     eta=_edges(0.0, 0.01, 1e20, F32_MAX),
     alpha=_edges(0.0, 0.5, 1.0),
 )
+# GSAM: <g, ĝ_p> overflows (two gradients at float32's max, ĝ_p along them), and a
+# coordinate where both are 0 would get 0 · inf.
+@hyp.example(which=8, values=[1.0, 1.0, 0.0], grads=[F32_MAX, F32_MAX, 0.0], kappa=0.0,
+             rho=0.05, eps=1e-12, eta=0.0, alpha=0.5)
 def test_no_optimizer_creates_a_nan_from_finite_inputs(which, values, grads, kappa, rho, eps,
                                                        eta, alpha):
   """Parameters up to 1e30, gradients up to float32's max, hyperparameters at their limits.
