@@ -546,3 +546,21 @@ def test_rho_0_and_slow_step_size_1_is_the_base_optimizer(dtype, sync_period):
       p, s = step(p, s)
     runs.append(jax.tree.map(lambda x: np.asarray(x, np.float64), p))
   chex.assert_trees_all_close(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+
+
+def test_counters_saturate_at_int32_max():
+  # Like `count` (optax.safe_int32_increment): the cycle and extra-gradient counters stop at
+  # 2**31 - 1 rather than wrapping to negative values in sala_stats.
+  top = np.iinfo(np.int32).max
+  grad_fn = jax.grad(lambda p: jnp.sum(jnp.array([0.1, 1.0, 10.0]) * p**2))
+  tx = ire_optax.sala(optax.sgd(0.01), sync_period=1, rho=100.0)  # every step a SAM start
+  p = jnp.array([1.0, -2.0, 3.0])
+  s = tx.init(p)._replace(count=jnp.int32(top - 1), cycles=jnp.int32(top - 1),
+                          extra_grads=jnp.int32(top - 1))
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+  for _ in range(3):
+    u, s = step(grad_fn(p), s, p)
+    p = optax.apply_updates(p, u)
+  stats = ire_optax.sala_stats(s)
+  assert int(stats["cycles"]) == top and int(stats["extra_grads"]) == top
+  assert 0.0 <= float(stats["stage2_fraction"]) <= 1.0

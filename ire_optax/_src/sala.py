@@ -295,8 +295,9 @@ def sala(
         slow=new_phi,
         distance=distance,
         stage=stage,
-        extra_grads=state.extra_grads + take_sam.astype(jnp.int32),
-        cycles=state.cycles + is_start.astype(jnp.int32),
+        extra_grads=jnp.where(take_sam, optax.safe_int32_increment(state.extra_grads),
+                              state.extra_grads),
+        cycles=jnp.where(is_start, optax.safe_int32_increment(state.cycles), state.cycles),
         base_state=base_state,
     )
     return new_updates, new_state
