@@ -494,6 +494,28 @@ def test_trees_without_any_element(params):
 # -----------------------------------------------------------------------------
 
 
+def test_float64_hyperparameters_are_not_rounded_to_float32():
+  # κ = 0.3, ρ = 0.1 and SALA's step 0.1 are not float32 numbers: rounded to float32 they
+  # are off by about 1e-8 relative, far beyond float64's rounding.
+  with jax.enable_x64(True):
+    w = jnp.array([1.0, 2.0, -0.5], jnp.float64)
+    g = jnp.array([0.3, -0.4, 1.2], jnp.float64)
+    g64, w64 = np.asarray(g), np.asarray(w)
+    for kappa in (0.3, lambda t: 0.3 + 0.0 * t):  # a constant and a schedule
+      tx = ire_optax.ire(optax.sgd(1.0), kappa=kappa, gamma=0.5, refresh_every=1)
+      u, _ = tx.update(g, tx.init(w), w)  # g² ranks w[0] flat
+      np.testing.assert_allclose(np.asarray(u)[0], -1.3 * g64[0], rtol=1e-15)
+    for make in (lambda r: ire_optax.sam(optax.sgd(1.0), rho=r),
+                 lambda r: ire_optax.gsam(optax.sgd(1.0), rho=r, alpha=0.0)):
+      tx = make(0.1)
+      u, _ = tx.update(g, tx.init(w), w, grad_fn=lambda p: p)  # -u is the perturbed point
+      np.testing.assert_allclose(-np.asarray(u) - w64,
+                                 0.1 * g64 / (np.linalg.norm(g64) + 1e-12), rtol=1e-13)
+    tx = ire_optax.sala(optax.sgd(1.0), sync_period=1, slow_step_size=0.1, rho=0.0)
+    _, s = tx.update(g, tx.init(w), w, grad_fn=lambda p: p)
+    np.testing.assert_allclose(ire_optax.sala_eval_params(s), w64 - 0.1 * g64, rtol=1e-15)
+
+
 def test_float64_ire_amplification_sam_point_and_sala_slow_weights_stay_float64():
   with jax.enable_x64(True):
     w = jnp.array([1.0, 2.0], jnp.float64)

@@ -217,8 +217,8 @@ def gsam(
         updates, params, rho_t, extra_args, who="gsam.update()", adaptive=adaptive,
         adaptive_eta=adaptive_eta, eps=eps, mask=mask_fn(params), axis_name=axis_name,
         has_aux=has_aux)
-    alpha_t = (utils.resolve(alpha, count, low=0.0, high=utils.FLOAT32_MAX) if callable(alpha)
-               else alpha)
+    alpha_t = (utils.resolve(alpha, count, low=0.0, high=utils.FLOAT32_MAX,
+                             dtype=utils.compute_dtype(params)) if callable(alpha) else alpha)
     g = surrogate_gap_gradient(clean, g_p, alpha_t, eps=eps)
     # rho = 0: g_p is the clean gradient and g_perp vanishes; return g_p exactly.
     g = jax.tree.map(lambda a, b: jnp.where(rho_t == 0, b, a), g, g_p)

@@ -262,14 +262,16 @@ def ire(
       else:
         h = utils.pmean_if(estimator.estimate(updates, params, sub, extra_args), axis_name)
       # A schedule is evaluated at the refresh step; a number goes as it is (k exact in Python).
-      gamma_t = utils.resolve(gamma, count, low=0.0, high=1.0) if callable(gamma) else gamma
+      gamma_t = utils.resolve(gamma, count, low=0.0, high=1.0,
+                              dtype=utils.compute_dtype(h)) if callable(gamma) else gamma
       return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
                                  square=estimator.square), key
 
     mask, key = utils.cond(refresh, new_mask, lambda: (state.mask, state.key),
                            hint=refresh_hint)
     # A schedule's κ is clipped into [0, float32 max]: 1 + κ >= 1 stays a finite float32.
-    kappa_t = utils.resolve(kappa, count, low=0.0, high=utils.FLOAT32_MAX)
+    kappa_t = utils.resolve(kappa, count, low=0.0, high=utils.FLOAT32_MAX,
+                            dtype=utils.compute_dtype(updates, params))
 
     def amplify(u, m):
       # In the wider of float32 and the update's dtype (float64 stays float64).

@@ -223,8 +223,9 @@ def sala(
     pos = state.count % k
     is_start = pos == 0
     is_end = pos == k - 1
-    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
-    alpha_t = utils.resolve(slow_step_size, state.count, low=0.0, high=1.0)
+    dtype = utils.compute_dtype(params)
+    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX, dtype=dtype)
+    alpha_t = utils.resolve(slow_step_size, state.count, low=0.0, high=1.0, dtype=dtype)
     phi = state.slow
     take_sam = jnp.logical_and(is_start, state.stage == 2)
 

@@ -807,7 +807,8 @@ def _make(
     if params is None:
       raise ValueError(f"{who}.update() needs `params` (the point where the ascent starts).")
     check_not_masked(params, who=who)
-    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX)
+    rho_t = utils.resolve(rho, state.count, low=0.0, high=utils.FLOAT32_MAX,
+                          dtype=utils.compute_dtype(params))
     extra_args = dict(extra_args)
     hint = extra_args.pop("sam_hint", None)  # static knowledge of an ascent step (utils.cond)
 

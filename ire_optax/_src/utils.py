@@ -400,8 +400,10 @@ def find_states(state: Any, cls: type) -> list[Any]:
 
 
 def resolve(value: ScalarOrSchedule, count: jax.Array, *, low: float | None = None,
-            high: float | None = None) -> jax.Array:
-  """Evaluates a schedule at ``count`` (or takes the constant) as float32, clipped to [low, high].
+            high: float | None = None, dtype: Any = jnp.float32) -> jax.Array:
+  """Evaluates a schedule at ``count`` (or takes the constant) as ``dtype``, clipped to
+  [low, high]: float32, or the transformation's :func:`compute_dtype` (float64 for float64
+  parameters, so that a constant such as ρ = 0.1 is not rounded to float32's 0.100000001).
 
   The one place every schedule-able hyperparameter is evaluated: a schedule's
   value outside the documented range of its hyperparameter (a negative κ or ρ,
@@ -409,7 +411,7 @@ def resolve(value: ScalarOrSchedule, count: jax.Array, *, low: float | None = No
   have been rejected at construction (a constant or an injected value in range
   is unchanged). NaN stays NaN.
   """
-  v = jnp.asarray(value(count) if callable(value) else value, dtype=jnp.float32)
+  v = jnp.asarray(value(count) if callable(value) else value, dtype=dtype)
   if low is None and high is None:
     return v
   return jnp.clip(v, low, high)
