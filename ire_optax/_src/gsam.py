@@ -64,43 +64,24 @@ def surrogate_gap_gradient(
   inv = 1.0 / jnp.where(den == 0, jnp.ones_like(den), den)  # g_p = 0 and eps = 0: ĝ_p = 0
   leaves_p = jax.tree.leaves(perturbed)
   leaves_g = jax.tree.leaves(clean)
-  # <g, ĝ_p> with ĝ_p normalised first: |<g, ĝ_p>| <= ‖g‖, no overflow of g·g_p. ‖g‖ itself
-  # may pass float32's max: then <g / big, ĝ_p> (big a power of two), summed in the same
-  # reduction, gives g_perp = big (g / big - <g / big, ĝ_p> ĝ_p), which may overflow to ±inf
-  # but never gives inf - inf or 0 · inf (a NaN) from finite gradients.
-  big = utils.norm_scales(utils.compute_dtype(clean))[0]
-  units = [_wide(p) * inv for p in leaves_p]
-  dot, dot_down = _dots(units, [_wide(g) for g in leaves_g], big)
-  finite = jnp.isfinite(dot)
+  # <g, ĝ_p> with ĝ_p normalised first: each product |g_i ĝ_p,i| <= |g_i| is finite, but their
+  # sum may pass float32's max, and partial sums of either sign could meet as inf - inf. So the
+  # products are summed scaled down by a power of two (exact, and no sum of finite gradients
+  # overflows then; only products below 2^-94 flush to 0), and scaled back: <g, ĝ_p> is then
+  # at most ±inf, and a coordinate where ĝ_p is 0 keeps g_perp = g rather than 0 · inf (NaN).
+  down = 2.0 ** -(int(jnp.finfo(utils.compute_dtype(clean)).maxexp) // 4)  # float32: 2^-32
+  dot = sum((jnp.sum(_wide(p) * inv * _wide(g) * down)
+             for p, g in zip(leaves_p, leaves_g, strict=True)), jnp.zeros((), jnp.float32)) / down
   a = jnp.asarray(alpha)  # a Python number keeps its precision (float64 parameters)
 
   def combine(p, g):
     unit, g = _wide(p) * inv, _wide(g)
-    perp = jnp.where(finite, g - dot * unit, big * (g / big - dot_down * unit))
+    perp = jnp.where(unit == 0, g, g - dot * unit)
     return (_wide(p) - a * perp).astype(jnp.asarray(p).dtype)
 
   out = jax.tree.map(combine, perturbed, clean)
   # alpha = 0 is SAM bit for bit (a * g_perp would still add a signed zero or a NaN from g).
   return jax.tree.map(lambda o, p: jnp.where(a == 0, p, o), out, perturbed)
-
-
-def _dots(units: list[jax.Array], grads: list[jax.Array], big: float) -> jax.Array:
-  """``[Σ u·g, Σ u·(g / big)]`` over the leaves: one reduction a leaf (of a ``[2, *shape]``
-  broadcast, which XLA:TPU and XLA:GPU fuse) except on the CPU, whose XLA materialises the
-  broadcast: two sums there."""
-  zero = jnp.zeros((2,), jnp.float32)
-
-  def one_pass(us, gs):
-    f = jnp.asarray((1.0, 1.0 / big), utils.compute_dtype(gs))
-    return sum((jnp.sum(u * f.reshape((2,) + (1,) * g.ndim) * g, axis=tuple(range(1, g.ndim + 1)))
-                for u, g in zip(us, gs, strict=True)), zero)
-
-  def two_passes(us, gs):
-    return zero + jnp.stack([sum((jnp.sum(u * g) for u, g in zip(us, gs, strict=True)), zero[0]),
-                             sum((jnp.sum(u * (g / big)) for u, g in zip(us, gs, strict=True)),
-                                 zero[0])])
-
-  return jax.lax.platform_dependent(units, grads, cpu=two_passes, default=one_pass)
 
 
 def gsam(

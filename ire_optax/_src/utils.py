@@ -452,7 +452,7 @@ def safe_scale(m: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.clip(m, 2.0**-120, 2.0**120), jnp.ones_like(m))
 
 
-def norm_scales(dtype: Any) -> tuple[float, float, float]:
+def _norm_scales(dtype: Any) -> tuple[float, float, float]:
   """``(big, small, low)`` of :func:`tree_scaled_sum_sq` for ``dtype``: powers of two."""
   emax = int(jnp.finfo(dtype).maxexp)  # 128 for float32, 1024 for float64
   return 2.0 ** (3 * emax // 4), 2.0 ** -(emax // 2 + emax // 16), 2.0 ** -(emax // 2)
@@ -491,7 +491,7 @@ def _sum_sq_one_pass(leaves: list[jax.Array], *, axis_name: str | None
                      ) -> tuple[jax.Array, jax.Array]:
   """:func:`tree_scaled_sum_sq` on TPU and GPU (leaves in :func:`compute_dtype`)."""
   dtype = compute_dtype(leaves)
-  big, small, low = norm_scales(dtype)
+  big, small, low = _norm_scales(dtype)
   f = jnp.asarray((1.0, 1.0 / big, 1.0 / small), dtype)  # a [3, *shape] broadcast per leaf
   total = sum((jnp.sum(jnp.square(f.reshape((3,) + (1,) * x.ndim) * x),
                        axis=tuple(range(1, x.ndim + 1))) for x in leaves), jnp.zeros((3,), dtype))
