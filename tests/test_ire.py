@@ -314,6 +314,62 @@ class CompositionTest(chex.TestCase):
     u2, _ = tx2.update(g, state2, params)
     np.testing.assert_allclose(u2["b"], -0.05 * g["b"])
 
+  @parameterized.named_parameters(
+      ("tree", {"w": True, "b": False}),
+      ("function", lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  def test_mask_argument_ranks_and_amplifies_only_selected_leaves(self, mask):
+    # Against NumPy: IRE (Algorithm 1) on the weights alone, N = their 20 coordinates; the
+    # biases take the plain base step. ravel_pytree orders "b" (6) before "w" (20).
+    params, x, _, loss, np_grad = _problem(10)
+    tx = ire_optax.ire(optax.sgd(0.02, momentum=0.9), kappa=3.0, gamma=0.6, refresh_every=2,
+                       mask=mask)
+    ref_w = NpIRE(NpSGD(0.02, momentum=0.9), kappa=3.0, gamma=0.6, refresh_every=2,
+                  warmup_steps=0)
+    ref_b = NpSGD(0.02, momentum=0.9)
+    state = tx.init(params)
+    for t in range(6):
+      updates, state = jax.jit(tx.update)(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, updates)
+      g = np_grad(x)
+      x = np.concatenate([x[:6] + ref_b.step(g[:6], x[:6], t), x[6:] + ref_w.step(g[6:], x[6:])])
+      np.testing.assert_allclose(ravel_pytree(params)[0], x, rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(state.mask["b"], 0)
+    assert int(state.mask["w"].sum()) == int(0.6 * 20)
+
+  def test_mask_argument_with_fisher_where_multi_transform_cannot(self):
+    rng = np.random.default_rng(1)
+    xb = jnp.asarray(rng.standard_normal((32, 5)), jnp.float32)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+    logits_fn = lambda p: xb @ p["w"] + p["b"]
+    grads = {"w": jnp.ones((5, 3)), "b": jnp.ones(3)}
+    make = lambda mask: ire_optax.ire(optax.sgd(1.0), kappa=1.0, gamma=0.4, refresh_every=1,
+                                      curvature="fisher", mask=mask)
+    tx = make({"w": True, "b": False})
+    u, state = tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
+    np.testing.assert_array_equal(u["b"], -1.0)  # the base step
+    assert int((np.asarray(u["w"]) == -2.0).sum()) == int(0.4 * 15) == int(state.mask["w"].sum())
+    # Selecting every leaf is IRE without a mask, bit for bit.
+    u_all, s_all = make(True).update(grads, make(True).init(params), params, logits_fn=logits_fn)
+    u_none, s_none = make(None).update(grads, make(None).init(params), params,
+                                       logits_fn=logits_fn)
+    chex.assert_trees_all_equal((u_all, s_all.mask), (u_none, s_none.mask))
+    # Inside optax.multi_transform the model cannot be evaluated: a TypeError that says so.
+    tx = optax.multi_transform({"ire": make(None), "sgd": optax.sgd(1.0)}, {"w": "ire", "b": "sgd"})
+    with pytest.raises(TypeError, match=r"MaskedNode.*mask=mask"):
+      tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
+
+  def test_mask_argument_validation(self):
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    with pytest.raises(TypeError, match="`mask` leaves must be Python bools"):
+      ire_optax.ire(optax.sgd(0.1), mask={"w": jnp.array(True), "b": False})
+    tx = ire_optax.ire(optax.sgd(0.1), mask={"w": False, "b": False})
+    with pytest.warns(UserWarning, match="`mask` selects no parameter"):
+      tx.update(params, tx.init(params), params)
+    tx = ire_optax.ire(optax.sgd(0.1), mask={"w": True})
+    with pytest.raises(ValueError, match="`mask` must have the structure of the params"):
+      tx.update(params, tx.init(params), params)
+
   def test_apply_if_finite_skips_nan_step(self):
     params, _, _, loss, _ = _problem(8)
     tx = optax.apply_if_finite(ire_optax.ire(optax.adamw(1e-2), kappa=2.0, gamma=0.6), 3)

@@ -68,6 +68,7 @@ def ire(
     seed: int = 0,
     axis_name: str | None = None,
     shard_axis_name: str | None = None,
+    mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Implicit Regularization Enhancement around any Optax optimizer.
 
@@ -162,6 +163,13 @@ def ire(
       once where ``shard_map``'s ``check_vma`` types it so (the default), and
       must be partitioned otherwise. Not needed under ``jax.jit`` with sharded
       arrays.
+    mask: which leaves IRE ranks and amplifies, as for :func:`optax.masked`:
+      ``None`` (every leaf), a pytree of Python bools with the structure of the
+      params or a prefix of it, or a function ``params ->`` such a pytree. The
+      other leaves get the base update and do not count in N. The curvature is
+      still estimated on the whole model, so unlike ``optax.multi_transform``
+      around ``ire`` this works with ``"fisher"`` and ``"hutchinson"``, whose
+      callbacks need every parameter (e.g. keep norms and biases out of IRE).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -204,6 +212,10 @@ def ire(
     utils.check_not_schedule("ema_decay", ema_decay)
   estimator = estimators.resolve(curvature, ema_decay=ema_decay, num_samples=num_samples,
                                  axis_name=axis_name)
+  mask_fn = utils.resolve_leaf_mask(
+      mask, name="mask", verb="rank and amplify",
+      none_selected="IRE amplifies nothing and the optimizer is its base optimizer (use "
+                    "kappa=0 for that)")
   base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: optax.Params) -> IREState:
@@ -235,6 +247,7 @@ def ire(
     if params is not None:
       utils.check_float_tree(params, what="params", who="ire.update()")
 
+    selected = mask_fn(params if params is not None else state.mask)
     count = state.count
     since = count - jnp.asarray(warmup_steps, jnp.int32)
     refresh = (since >= 0) & (since % jnp.asarray(refresh_every, jnp.int32) == 0)
@@ -264,8 +277,14 @@ def ire(
       # A schedule is evaluated at the refresh step; a number goes as it is (k exact in Python).
       gamma_t = utils.resolve(gamma, count, low=0.0, high=1.0,
                               dtype=utils.compute_dtype(h)) if callable(gamma) else gamma
-      return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
-                                 square=estimator.square), key
+      if selected is None:
+        return selection.flat_mask(h, gamma_t, axis_name=shard_axis_name,
+                                   square=estimator.square), key
+      # Only the selected leaves are ranked (an empty leaf in place of each other one).
+      h = jax.tree.map(lambda x, s: x if s else jnp.zeros((0,), x.dtype), h, selected)
+      new = selection.flat_mask(h, gamma_t, axis_name=shard_axis_name, square=estimator.square)
+      return jax.tree.map(lambda m, s, old: m if s else jnp.zeros_like(old), new, selected,
+                          state.mask), key
 
     mask, key = utils.cond(refresh, new_mask, lambda: (state.mask, state.key),
                            hint=refresh_hint)

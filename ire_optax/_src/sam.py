@@ -28,13 +28,11 @@ the cost of two full-batch gradients) and ignores ``updates``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ire_optax._src import sharding, utils
@@ -308,39 +306,12 @@ def resolve_perturb_mask(perturb_mask: Any) -> Callable[[Params], Any]:
   leaf), a pytree of Python bools with the structure of the params or a prefix
   of it (``True``: perturb this leaf or subtree), or a function ``params ->``
   such a pytree. The returned function expands a prefix to one bool per leaf
-  of ``params``.
+  of ``params`` (:func:`utils.resolve_leaf_mask`).
   """
-  if perturb_mask is None:
-    return lambda params: None
-  if not callable(perturb_mask):
-    _check_mask_leaves(perturb_mask)
-
-  def full(params: Params) -> Any:
-    mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
-    _check_mask_leaves(mask)
-    try:
-      out = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params)
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          "`perturb_mask` must have the structure of the params (or a prefix of it), one "
-          f"bool per leaf or subtree: {e}") from e
-    if jax.tree.leaves(params) and not any(jax.tree.leaves(out)):
-      warnings.warn(
-          "`perturb_mask` selects no parameter, so the ascent perturbs nothing and the "
-          "optimizer is its base optimizer (use rho=0 for that). Under "
-          "optax.inject_hyperparams, a mask function is taken for a schedule and called with "
-          "the step count: pass static_args=('perturb_mask',).", stacklevel=2)
-    return out
-
-  return full
-
-
-def _check_mask_leaves(mask: Any) -> None:
-  for m in jax.tree.leaves(mask):
-    if not isinstance(m, (bool, np.bool_)):
-      raise TypeError(
-          "`perturb_mask` leaves must be Python bools (True: perturb this leaf), fixed when "
-          f"the step is traced; got {type(m).__name__}.")
+  return utils.resolve_leaf_mask(
+      perturb_mask, name="perturb_mask", verb="perturb",
+      none_selected="the ascent perturbs nothing and the optimizer is its base optimizer (use "
+                    "rho=0 for that)")
 
 
 def check_not_masked(params: Params, *, who: str) -> None:

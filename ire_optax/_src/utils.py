@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -631,6 +632,46 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
     return x if pvary is None else pvary(x, missing)
 
   return jax.tree.map(cast, tree)
+
+
+def resolve_leaf_mask(mask: Any, *, name: str, verb: str, none_selected: str
+                      ) -> Callable[[Any], Any]:
+  """Checks a leaf mask argument and returns ``params -> one bool per leaf`` (``None`` for no
+  mask).
+
+  ``mask`` is, as for :func:`optax.masked`, ``None`` (every leaf), a pytree of Python bools
+  with the structure of the params or a prefix of it (``True``: this leaf or subtree), or a
+  function ``params ->`` such a pytree. The bools are fixed when the step is traced. A mask
+  that selects nothing warns (``none_selected`` says what that does): under
+  :func:`optax.inject_hyperparams` a mask function is taken for a schedule.
+  """
+  def check_leaves(m: Any) -> None:
+    for leaf in jax.tree.leaves(m):
+      if not isinstance(leaf, (bool, np.bool_)):
+        raise TypeError(f"`{name}` leaves must be Python bools (True: {verb} this leaf), fixed "
+                        f"when the step is traced; got {type(leaf).__name__}.")
+
+  if mask is None:
+    return lambda params: None
+  if not callable(mask):
+    check_leaves(mask)
+
+  def full(params: Any) -> Any:
+    m = mask(params) if callable(mask) else mask
+    check_leaves(m)
+    try:
+      out = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: bool(b), sub), m, params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"`{name}` must have the structure of the params (or a prefix of it), "
+                       f"one bool per leaf or subtree: {e}") from e
+    if jax.tree.leaves(params) and not any(jax.tree.leaves(out)):
+      warnings.warn(
+          f"`{name}` selects no parameter, so {none_selected}. Under "
+          "optax.inject_hyperparams, a mask function is taken for a schedule and called with "
+          f"the step count: pass static_args=('{name}',).", stacklevel=3)
+    return out
+
+  return full
 
 
 def check_scalar(name: str, value: Any) -> None:
