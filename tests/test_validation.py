@@ -222,6 +222,15 @@ BAD_INPUT = [
     *[_row(f"sam.update/grad_fn returns {label}", lambda out=out: ire_optax.sam(SGD).update(
         G, ire_optax.sam(SGD).init(P), P, grad_fn=lambda p: out(p)), ValueError,
         "the gradient returned by `grad_fn` must have the") for label, out in _BAD_GRADS],
+    *[_row(f"{name}.update/int leaf", lambda make=make, kw=kw: make().update(
+        {"w": jnp.ones(3), "n": jnp.ones(2)}, make().init({"w": jnp.ones(3), "n": jnp.ones(2)}),
+        {"w": jnp.ones(3), "n": jnp.arange(2)}, **kw), TypeError, match)
+      for name, make, kw, match in [
+          ("ire", lambda: ire_optax.ire(SGD), {}, r"optax\.masked or optax\.partition"),
+          ("sam", lambda: ire_optax.sam(SGD), {"grad_fn": lambda p: p},
+           r"cannot run inside optax\.masked\. Pass it the floating parameters only"),
+          ("sala", lambda: ire_optax.sala(SGD), {"grad_fn": lambda p: p},
+           r"cannot run inside optax\.masked")]],
     _row("sam.update/complex params", lambda: ire_optax.sam(SGD).update(
         {"w": jnp.ones(3, jnp.complex64)}, ire_optax.sam(SGD).init(P),
         {"w": jnp.ones(3, jnp.complex64)}, grad_fn=_grad_fn), TypeError,

@@ -127,12 +127,14 @@ def check_axis_name(name: str, value: Any) -> None:
                   f"{value!r} ({type(value).__name__}).")
 
 
-def check_float_tree(tree: Any, *, what: str, who: str) -> None:
+def check_float_tree(tree: Any, *, what: str, who: str, maskable: bool = True) -> None:
   """Raises ``TypeError`` unless every leaf of ``tree`` is a real floating array.
 
   The optimizers reject complex leaves (their norms, rankings and comparisons
   are defined for real numbers) and integer/bool leaves (which have no
-  gradient step); checked at trace time, on the first ``update``.
+  gradient step); checked at trace time, on the first ``update``. ``maskable``:
+  whether the optimizer runs inside ``optax.masked`` (the SAM family does not: it
+  evaluates the model on the whole tree), which the message then suggests.
   """
   for x in jax.tree.leaves(tree):
     dtype = jnp.result_type(x)
@@ -140,7 +142,10 @@ def check_float_tree(tree: Any, *, what: str, who: str) -> None:
       hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
               "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
               " Keep integer/bool leaves out of the optimizer (optax.masked or "
-              "optax.partition with optax.set_to_zero).")
+              "optax.partition with optax.set_to_zero)." if maskable else
+              " Keep integer/bool leaves out of the params this optimizer gets: it evaluates "
+              "the model on the whole tree, so it cannot run inside optax.masked. Pass it the "
+              "floating parameters only (e.g. nnx.split(model, nnx.Param, ...)).")
       raise TypeError(f"{who}: every leaf of `{what}` must be a real floating array; got a "
                       f"leaf of dtype {dtype}.{hint}")
 
