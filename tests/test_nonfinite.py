@@ -642,3 +642,38 @@ def test_no_optimizer_creates_a_nan_from_finite_inputs(which, values, grads, kap
     updates, state = tx.update(None if "batch" in extra else g, state, p, **extra)
     assert not any(bool(jnp.isnan(x).any()) for x in jax.tree.leaves((updates, state)))
     p = optax.apply_updates(p, updates)
+
+
+# -----------------------------------------------------------------------------
+# apply_if_finite with axis_name: the inner guard sees the averaged gradient
+# -----------------------------------------------------------------------------
+
+
+def test_apply_if_finite_with_axis_name_goes_inside_sam():
+  # One NaN example in device 0's slice of the batch. SAM averages the devices' gradients
+  # itself, so only a guard on its base sees the same (NaN) gradient on every device.
+  P = jax.sharding.PartitionSpec
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 6)).astype(np.float32)
+  x[3, 0] = np.nan
+  batch = {"x": jnp.asarray(x), "y": jnp.asarray(rng.integers(0, 3, 64))}
+  params = {"w": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32), "b": jnp.zeros(3)}
+  grad = jax.grad(lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      b["x"] @ p["w"] + p["b"], b["y"]).mean())
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:8])
+
+  def run(tx):
+    def step(p, s, b):
+      g = grad(jax.lax.pcast(p, "d", to="varying"), b)  # the device's own gradient
+      u, s = tx.update(g, s, p, grad_fn=lambda q: grad(q, b))
+      return optax.apply_updates(p, u), s
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("d")),
+                                 out_specs=(P(), P())))(params, tx.init(params), batch)
+
+  sgd = optax.sgd(0.1, momentum=0.9)
+  p, s = run(ire_optax.sam(optax.apply_if_finite(sgd, 5), rho=0.05, axis_name="d"))
+  chex.assert_trees_all_equal(p, params)  # skipped on every device
+  assert int(s.base_state.notfinite_count) == 1
+  with pytest.raises(TypeError, match="cond branches"):  # the outer guard: per-device values
+    run(optax.apply_if_finite(ire_optax.sam(sgd, rho=0.05, axis_name="d"), 5))
