@@ -43,6 +43,13 @@ def test_constant_learning_rate():
   assert float(sched(0)) == np.float32(0.05)
 
 
+def test_equal_learning_rate_bounds_with_equal_values_is_a_constant():
+  # GSAM's ProportionScheduler accepts max_lr == min_lr when max_value == min_value.
+  sched = ire_optax.lr_proportional(optax.cosine_decay_schedule(1e-3, 100), max_value=0.05,
+                                    min_value=0.05, lr_max=1e-3, lr_min=1e-3)
+  assert [float(sched(t)) for t in (0, 50, 100)] == [np.float32(0.05)] * 3
+
+
 @settings(max_examples=30, deadline=None)
 @given(lr=st.floats(0.0, 2.0), v_min=st.floats(0.0, 1.0), dv=st.floats(0.0, 5.0),
        lr_min=st.floats(0.0, 0.5), dlr=st.floats(1e-3, 1.0))

@@ -63,7 +63,8 @@ def lr_proportional(
     learning_rate: the learning-rate schedule (a function of the step count)
       or a constant.
     max_value: the value at ``lr_max``, ``>= min_value``.
-    lr_max: the peak learning rate, ``> lr_min``.
+    lr_max: the peak learning rate, ``> lr_min`` (or ``= lr_min`` with
+      ``min_value = max_value``: the constant ``max_value``, as GSAM's code allows).
     min_value: the value at ``lr_min``, ``>= 0``.
     lr_min: the final (smallest) learning rate, ``>= 0``.
 
@@ -90,8 +91,13 @@ def lr_proportional(
   if lo_v is not None and hi_v is not None and lo_v > hi_v:
     raise ValueError(f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}).")
   lo_lr, hi_lr = utils.concrete_value(lr_min), utils.concrete_value(lr_max)
+  if lo_lr is not None and hi_lr is not None and lo_lr == hi_lr and lo_v is not None \
+      and lo_v == hi_v:
+    # As GSAM's ProportionScheduler allows: one learning rate, one value, a constant.
+    return lambda count: jnp.asarray(max_value, jnp.float32)
   if lo_lr is not None and hi_lr is not None and not lo_lr < hi_lr:
-    raise ValueError(f"`lr_min` ({lr_min!r}) must be < `lr_max` ({lr_max!r}).")
+    raise ValueError(f"`lr_min` ({lr_min!r}) must be < `lr_max` ({lr_max!r}), or equal to it "
+                     "with `min_value` equal to `max_value` (a constant).")
 
   def schedule(count: jax.Array) -> jax.Array:
     lr = utils.resolve(learning_rate, count)
