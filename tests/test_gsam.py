@@ -138,6 +138,20 @@ def test_surrogate_gap_gradient_formula_and_zero_gradients():
       assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("scale", [1e-31, 1e-29, 1.0, 1e30])
+def test_surrogate_gap_gradient_at_tiny_and_huge_scales(scale):
+  # <g, ĝ_p> is summed scaled down by a power of two (no overflow near float32's max): the
+  # scaling must not flush the products of tiny gradients with a tiny eps (1e-30 here).
+  rng = np.random.default_rng(4)
+  g = {"a": rng.standard_normal(4) * scale, "b": rng.standard_normal((2, 3)) * scale}
+  gp = {"a": rng.standard_normal(4) * scale, "b": rng.standard_normal((2, 3)) * scale}
+  g32, gp32 = (jax.tree.map(lambda x: np.asarray(x, np.float32), t) for t in (g, gp))
+  got = gsam_lib.surrogate_gap_gradient(to_jax(g32), to_jax(gp32), 0.7, eps=1e-30)
+  want = ref.np_gsam_direction(*(jax.tree.map(lambda x: x.astype(np.float64), t)
+                                 for t in (g32, gp32)), 0.7, eps=1e-30)
+  chex.assert_trees_all_close(jax.tree.map(np.asarray, got), want, rtol=1e-5, atol=0)
+
+
 def test_float16_eps_under_inject_hyperparams_names_static_args():
   tx = optax.inject_hyperparams(ire_optax.gsam)(optax.sgd(0.1), rho=0.1)
   with pytest.raises(ValueError, match=r"static_args=\('eps',\)"):

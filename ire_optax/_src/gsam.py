@@ -17,6 +17,7 @@ build it with :func:`ire_optax.lr_proportional`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -65,11 +66,14 @@ def surrogate_gap_gradient(
   leaves_p = jax.tree.leaves(perturbed)
   leaves_g = jax.tree.leaves(clean)
   # <g, ĝ_p> with ĝ_p normalised first: each product |g_i ĝ_p,i| <= |g_i| is finite, but their
-  # sum may pass float32's max, and partial sums of either sign could meet as inf - inf. So the
-  # products are summed scaled down by a power of two (exact, and no sum of finite gradients
-  # overflows then; only products below 2^-94 flush to 0), and scaled back: <g, ĝ_p> is then
-  # at most ±inf, and a coordinate where ĝ_p is 0 keeps g_perp = g rather than 0 · inf (NaN).
-  down = 2.0 ** -(int(jnp.finfo(utils.compute_dtype(clean)).maxexp) // 4)  # float32: 2^-32
+  # sum may pass float32's max (|<g, ĝ_p>| <= ‖g‖ <= sqrt(N) · max), and partial sums of either
+  # sign could meet as inf - inf. So the products are summed scaled down by 2^-k with
+  # 2^k >= 2 sqrt(N) (exact: a power of two; the scaled sum cannot overflow; products below
+  # 2^(k-126) flush to 0, k = 11 for a million parameters, 16 for a billion) and scaled back:
+  # <g, ĝ_p> is then at most ±inf, and a coordinate where ĝ_p is 0 keeps g_perp = g rather
+  # than 0 · inf (a NaN).
+  n = max(1, sum(int(np.size(g)) for g in leaves_g))
+  down = 2.0 ** -(math.ceil(0.5 * math.log2(n)) + 1)
   dot = sum((jnp.sum(_wide(p) * inv * _wide(g) * down)
              for p, g in zip(leaves_p, leaves_g, strict=True)), jnp.zeros((), jnp.float32)) / down
   a = jnp.asarray(alpha)  # a Python number keeps its precision (float64 parameters)
