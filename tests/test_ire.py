@@ -349,8 +349,11 @@ class CompositionTest(chex.TestCase):
     u, state = tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
     np.testing.assert_array_equal(u["b"], -1.0)  # the base step
     assert int((np.asarray(u["w"]) == -2.0).sum()) == int(0.4 * 15) == int(state.mask["w"].sum())
-    # Selecting every leaf is IRE without a mask, bit for bit.
-    u_all, s_all = make(True).update(grads, make(True).init(params), params, logits_fn=logits_fn)
+    # Selecting every leaf is IRE without a mask, bit for bit (a single True warns: it is what
+    # a mask function gives under inject_hyperparams without static_args).
+    with pytest.warns(UserWarning, match="static_args=\\('mask',\\)"):
+      u_all, s_all = make(True).update(grads, make(True).init(params), params,
+                                       logits_fn=logits_fn)
     u_none, s_none = make(None).update(grads, make(None).init(params), params,
                                        logits_fn=logits_fn)
     chex.assert_trees_all_equal((u_all, s_all.mask), (u_none, s_none.mask))
@@ -360,7 +363,19 @@ class CompositionTest(chex.TestCase):
       tx.update(grads, tx.init(params), params, logits_fn=logits_fn)
 
   def test_mask_argument_validation(self):
-    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    # A mask function under inject_hyperparams without static_args is called with the step
+    # count, whose one bool selects every leaf: a warning names static_args.
+    keep_biases_out = lambda p: jax.tree.map(lambda x: x.ndim > 1 or x.ndim == 0, p)
+    tx = optax.inject_hyperparams(ire_optax.ire)(optax.sgd(0.1), mask=keep_biases_out)
+    with pytest.warns(UserWarning, match="static_args=\\('mask',\\)"):
+      tx.update(params, tx.init(params), params)
+    tx = optax.inject_hyperparams(ire_optax.ire, static_args=("mask",))(
+        optax.sgd(0.1), mask=keep_biases_out, gamma=0.5, refresh_every=1)
+    grads = {"w": jnp.arange(1.0, 7.0).reshape(3, 2), "b": jnp.ones(2)}
+    _, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(state.inner_state.mask["b"], 0)
+    assert int(state.inner_state.mask["w"].sum()) == 3
     with pytest.raises(TypeError, match="`mask` leaves must be Python bools"):
       ire_optax.ire(optax.sgd(0.1), mask={"w": jnp.array(True), "b": False})
     tx = ire_optax.ire(optax.sgd(0.1), mask={"w": False, "b": False})

@@ -226,9 +226,9 @@ BAD_INPUT = [
         {"w": jnp.ones(3), "n": jnp.ones(2)}, make().init({"w": jnp.ones(3), "n": jnp.ones(2)}),
         {"w": jnp.ones(3), "n": jnp.arange(2)}, **kw), TypeError, match)
       for name, make, kw, match in [
-          ("ire", lambda: ire_optax.ire(SGD), {}, r"optax\.masked or optax\.partition"),
+          ("ire", lambda: ire_optax.ire(SGD), {}, r"with optax\.masked or optax\.partition"),
           ("sam", lambda: ire_optax.sam(SGD), {"grad_fn": lambda p: p},
-           r"cannot run inside optax\.masked\. Pass it the floating parameters only"),
+           r"cannot run inside optax\.masked: pass it the floating parameters only"),
           ("sala", lambda: ire_optax.sala(SGD), {"grad_fn": lambda p: p},
            r"cannot run inside optax\.masked")]],
     _row("sam.update/complex params", lambda: ire_optax.sam(SGD).update(

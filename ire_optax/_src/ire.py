@@ -170,6 +170,8 @@ def ire(
       still estimated on the whole model, so unlike ``optax.multi_transform``
       around ``ire`` this works with ``"fisher"`` and ``"hutchinson"``, whose
       callbacks need every parameter (e.g. keep norms and biases out of IRE).
+      Under :func:`optax.inject_hyperparams` a mask function goes in
+      ``static_args=("mask",)`` (else it is taken for a schedule).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -215,7 +215,7 @@ def sala(
     if updates is None:
       raise TypeError("sala.update() needs the gradient at `params` (the fast weights) as "
                       "`updates`; got None.")
-    utils.check_float_tree(params, what="params", who="sala.update()", maskable=False)
+    utils.check_float_tree(params, what="params", who="sala.update()")
     utils.check_like(updates, params, what="`updates`", who="sala.update()")
     # Inside ire(): IRE's amplification of the base step (never of SALA's jumps).
     amplify = extra_args.pop(utils.IRE_AMPLIFY_KWARG, None)

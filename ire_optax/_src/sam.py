@@ -358,7 +358,7 @@ def ascent_gradient(updates: Any, params: Params, rho_t: Any, extra_args: dict, 
         f"{who} needs the clean gradient at `params` as `updates`; got None "
         "(ire_optax.msam is the variant that computes its clean gradients itself)."
     )
-  utils.check_float_tree(params, what="params", who=who, maskable=False)
+  utils.check_float_tree(params, what="params", who=who)
   utils.check_like(updates, params, what="`updates`", who=who)
   clean = updates if per_device_ascent else utils.pmean_if(updates, axis_name)
   perturbed = perturbed_params(params, clean, rho_t, adaptive=adaptive,
@@ -662,7 +662,7 @@ def msam(
           "msam.update() needs the keyword argument `batch` (a pytree whose leaves share "
           "the leading batch dimension); it was not given."
       )
-    utils.check_float_tree(params, what="params", who="msam.update()", maskable=False)
+    utils.check_float_tree(params, what="params", who="msam.update()")
     # Per-device gradients also under shard_map(check_vma=True), see utils.per_device_if.
     params = utils.per_device_if(params, axis_name)
     dtype = utils.compute_dtype(params)  # float32, or float64 for float64 params

@@ -127,25 +127,23 @@ def check_axis_name(name: str, value: Any) -> None:
                   f"{value!r} ({type(value).__name__}).")
 
 
-def check_float_tree(tree: Any, *, what: str, who: str, maskable: bool = True) -> None:
+def check_float_tree(tree: Any, *, what: str, who: str) -> None:
   """Raises ``TypeError`` unless every leaf of ``tree`` is a real floating array.
 
   The optimizers reject complex leaves (their norms, rankings and comparisons
   are defined for real numbers) and integer/bool leaves (which have no
-  gradient step); checked at trace time, on the first ``update``. ``maskable``:
-  whether the optimizer runs inside ``optax.masked`` (the SAM family does not: it
-  evaluates the model on the whole tree), which the message then suggests.
+  gradient step); checked at trace time, on the first ``update``.
   """
   for x in jax.tree.leaves(tree):
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
       hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
               "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
-              " Keep integer/bool leaves out of the optimizer (optax.masked or "
-              "optax.partition with optax.set_to_zero)." if maskable else
-              " Keep integer/bool leaves out of the params this optimizer gets: it evaluates "
-              "the model on the whole tree, so it cannot run inside optax.masked. Pass it the "
-              "floating parameters only (e.g. nnx.split(model, nnx.Param, ...)).")
+              " Keep integer/bool leaves out of the optimizer: with optax.masked or "
+              "optax.partition (and optax.set_to_zero), except around an optimizer that "
+              "evaluates the model on the whole tree (SAM, mSAM, GSAM, SALA, IRE with fisher "
+              "or hutchinson, or over one of them), which cannot run inside optax.masked: pass "
+              "it the floating parameters only (e.g. nnx.split(model, nnx.Param, ...)).")
       raise TypeError(f"{who}: every leaf of `{what}` must be a real floating array; got a "
                       f"leaf of dtype {dtype}.{hint}")
 
@@ -669,11 +667,16 @@ def resolve_leaf_mask(mask: Any, *, name: str, verb: str, none_selected: str
     except (ValueError, TypeError) as e:
       raise ValueError(f"`{name}` must have the structure of the params (or a prefix of it), "
                        f"one bool per leaf or subtree: {e}") from e
+    inject = ("Under optax.inject_hyperparams, a mask function is taken for a schedule and "
+              f"called with the step count: pass static_args=('{name}',).")
     if jax.tree.leaves(params) and not any(jax.tree.leaves(out)):
-      warnings.warn(
-          f"`{name}` selects no parameter, so {none_selected}. Under "
-          "optax.inject_hyperparams, a mask function is taken for a schedule and called with "
-          f"the step count: pass static_args=('{name}',).", stacklevel=3)
+      warnings.warn(f"`{name}` selects no parameter, so {none_selected}. {inject}",
+                    stacklevel=3)
+    elif isinstance(m, (bool, np.bool_)) and len(jax.tree.leaves(params)) > 1:
+      # One True for a tree of several leaves is `None`'s meaning, and what a mask function
+      # of the params gives when called with the step count.
+      warnings.warn(f"`{name}` is the single bool True, which selects every leaf (as `None` "
+                    f"does). {inject}", stacklevel=3)
     return out
 
   return full
