@@ -672,9 +672,10 @@ def resolve_leaf_mask(mask: Any, *, name: str, verb: str, none_selected: str
     if jax.tree.leaves(params) and not any(jax.tree.leaves(out)):
       warnings.warn(f"`{name}` selects no parameter, so {none_selected}. {inject}",
                     stacklevel=3)
-    elif isinstance(m, (bool, np.bool_)) and len(jax.tree.leaves(params)) > 1:
-      # One True for a tree of several leaves is `None`'s meaning, and what a mask function
-      # of the params gives when called with the step count.
+    elif isinstance(mask, (bool, np.bool_)) and len(jax.tree.leaves(params)) > 1:
+      # A True passed as the mask itself (not returned by a mask function) for a tree of
+      # several leaves means `None`, and it is what inject_hyperparams passes when it called a
+      # mask function with the step count.
       warnings.warn(f"`{name}` is the single bool True, which selects every leaf (as `None` "
                     f"does). {inject}", stacklevel=3)
     return out
