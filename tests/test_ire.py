@@ -376,6 +376,12 @@ class CompositionTest(chex.TestCase):
     _, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_array_equal(state.inner_state.mask["b"], 0)
     assert int(state.inner_state.mask["w"].sum()) == 3
+    # Without params a mask function sees the gradient (real dtypes), not the uint8 mask.
+    floats_2d = lambda p: jax.tree.map(lambda x: x.dtype == jnp.float32 and x.ndim > 1, p)
+    tx = ire_optax.ire(optax.sgd(0.1), gamma=0.5, refresh_every=1, mask=floats_2d)
+    _, state = tx.update(grads, tx.init(params), None)
+    np.testing.assert_array_equal(state.mask["b"], 0)
+    assert int(state.mask["w"].sum()) == 3
     with pytest.raises(TypeError, match="`mask` leaves must be Python bools"):
       ire_optax.ire(optax.sgd(0.1), mask={"w": jnp.array(True), "b": False})
     tx = ire_optax.ire(optax.sgd(0.1), mask={"w": False, "b": False})

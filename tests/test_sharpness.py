@@ -527,11 +527,16 @@ def test_explicit_sharding_mode_matches_single_device():
   fn = jax.jit(functools.partial(_all_measures, loss, with_msam=False))
   ref = fn(params, batch, jax.random.key(0))
   # Every leaf sharded alike, then leaves sharded differently (one replicated), which a flat
-  # vector can only join once each leaf is replicated.
-  for placed in (put(params), {"u": put(params["u"]),
-                               "v": jax.device_put(params["v"], NamedSharding(mesh, P()))}):
+  # vector can only join once each leaf is replicated, and a leaf split along its second axis
+  # (no flattening reshape of it; its batch replicated, as the loss multiplies them).
+  replicated = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), t)
+  for placed, placed_batch in (
+      (put(params), put(batch)),
+      ({"u": put(params["u"]), "v": replicated(params["v"])}, put(batch)),
+      ({"u": jax.device_put(params["u"], NamedSharding(mesh, P(None, "x"))),
+        "v": replicated(params["v"])}, replicated(batch))):
     with jax.set_mesh(mesh):
-      out = fn(placed, put(batch), jax.random.key(0))
+      out = fn(placed, placed_batch, jax.random.key(0))
     chex.assert_trees_all_close(out, ref, rtol=1e-4, atol=1e-5)
   # m-sharpness of a batch sharded along its leading (example) axis.
   x = jnp.asarray(rng.normal(size=(64, 8)), jnp.float32)

@@ -249,7 +249,10 @@ def ire(
     if params is not None:
       utils.check_float_tree(params, what="params", who="ire.update()")
 
-    selected = mask_fn(params if params is not None else state.mask)
+    # A mask function sees the params, else the gradient (as under optax.masked), never the
+    # uint8 mask (ire(msam) without params: the only tree left).
+    selected = mask_fn(params if params is not None else updates if updates is not None
+                       else state.mask)
     count = state.count
     since = count - jnp.asarray(warmup_steps, jnp.int32)
     refresh = (since >= 0) & (since % jnp.asarray(refresh_every, jnp.int32) == 0)

@@ -119,7 +119,9 @@ def _grad_fn(loss_fn: LossFn, batch: Batch) -> Callable[[Params], Any]:
 
 def _tree_vdot(a: Any, b: Any) -> jax.Array:
   """Sum over leaves of ``<a, b>`` in float32."""
-  leaves = [jnp.vdot(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  # A sum of products, not jnp.vdot, which flattens: an explicitly sharded leaf split along
+  # any axis but its first cannot be reshaped.
+  leaves = [jnp.sum(jnp.asarray(x, jnp.float32) * jnp.asarray(y, jnp.float32))
             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
   return sum(leaves, jnp.zeros((), jnp.float32))
 
