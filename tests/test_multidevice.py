@@ -641,6 +641,26 @@ def test_ire_shard_map_fsdp_with_shard_axis_name(method, layout):
   chex.assert_trees_all_close(got_s.mask, want_s.mask)
 
 
+@pytest.mark.parametrize("method", ["threshold", "scatter"])
+def test_flat_mask_over_a_tuple_of_axes_with_leaves_split_over_some(method):
+  """A 2 x 4 mesh, `axis_name=("r", "d")`: a leaf split over both axes, one over "d" only
+  (replicated over "r"), one kept whole. Each is counted once per device of the axes it is
+  split over, so the mask is the one-device mask."""
+  mesh = jax.make_mesh((2, NDEV // 2), ("r", "d"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:NDEV])
+  rng = np.random.default_rng(5)
+  tree = {"both": jnp.asarray(rng.permutation(64), jnp.float32).reshape(16, 4),
+          "d": jnp.asarray(rng.permutation(24) + 0.5, jnp.float32),
+          "whole": jnp.asarray(rng.permutation(6) + 0.25, jnp.float32)}
+  specs = {"both": P(("r", "d"), None), "d": P("d"), "whole": P()}
+  want = ire_optax.flat_mask(tree, 0.3)
+  with ire_optax.selection_method(method):
+    got = jax.jit(jax.shard_map(lambda t: ire_optax.flat_mask(t, 0.3, axis_name=("r", "d")),
+                                mesh=mesh, in_specs=(specs,), out_specs=specs))(tree)
+  chex.assert_trees_all_equal(got, want)
+  assert sum(int(m.sum()) for m in jax.tree.leaves(got)) == int(0.3 * (64 + 24 + 6))
+
+
 # -----------------------------------------------------------------------------
 # The data-parallel example
 # -----------------------------------------------------------------------------

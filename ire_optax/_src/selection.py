@@ -511,29 +511,39 @@ def _total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
   return total
 
 
-def _replicated(leaves: list[jax.Array], axis_name: Any) -> list[bool]:
-  """Which leaves hold the same values on every device of ``axis_name``.
+def _count_axes(leaves: list[jax.Array], axis_name: Any) -> list[Any]:
+  """For each leaf, the axes of ``axis_name`` its counts are summed over (``None``: none).
 
-  Those ``shard_map`` (with ``check_vma``) types as invariant over the axis: a bias kept
-  whole beside partitioned weights, or every leaf of a tree kept whole. Without such types
-  (``pmap``, ``check_vma=False``) every leaf counts as partitioned.
+  The axes it is partitioned over: those ``shard_map`` (with ``check_vma``) types it as
+  varying over. A leaf kept whole on every device (a bias beside partitioned weights, or
+  every leaf of a tree kept whole) is counted once, and a leaf split over some axes of a
+  tuple only (a 2-D mesh) once per device of those. Without such types (``pmap``,
+  ``check_vma=False``) every leaf counts as partitioned over all of ``axis_name``.
   """
   if axis_name is None or not utils.vma_typed(axis_name):
-    return [False] * len(leaves)
-  axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
-  return [not axes & utils.varying_axes(x) for x in leaves]
+    return [axis_name] * len(leaves)
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+  def of(x):
+    varying = tuple(a for a in axes if a in utils.varying_axes(x))
+    return axis_name if len(varying) == len(axes) else varying or None
+
+  return [of(x) for x in leaves]
 
 
 def _device_total(leaves: list[jax.Array], count: Callable[[jax.Array], jax.Array],
                   shape: tuple[int, ...], wide: bool, axis_name: Any) -> Count:
-  """:func:`_total` over the devices of ``axis_name``: a partitioned leaf's counts summed
-  over them, a replicated leaf's counted once."""
-  once = _replicated(leaves, axis_name)
-  total = count_psum(_total([x for x, r in zip(leaves, once, strict=True) if not r], count,
-                            shape, wide), axis_name)
-  if any(once):
-    total = count_add(total, _total([x for x, r in zip(leaves, once, strict=True) if r], count,
-                                    shape, wide))
+  """:func:`_total` over the devices of ``axis_name``: each leaf's counts summed over the
+  axes it is partitioned over (:func:`_count_axes`), a replicated leaf's counted once."""
+  groups: dict[Any, list[jax.Array]] = {}
+  for x, axes in zip(leaves, _count_axes(leaves, axis_name), strict=True):
+    groups.setdefault(axes, []).append(x)
+  if not groups:
+    groups[axis_name] = []
+  totals = [count_psum(_total(xs, count, shape, wide), axes) for axes, xs in groups.items()]
+  total = totals[0]
+  for t in totals[1:]:
+    total = count_add(total, t)
   return total
 
 
@@ -734,7 +744,7 @@ def _threshold_passes(keys: list[jax.Array], rank: Count, base: jax.Array, bits:
 def _barrier(arrays: list[jax.Array]) -> list[jax.Array]:
   """``optimization_barrier`` over each group of ``arrays`` varying over the same axes (one
   barrier over all would type every output as varying over their union: a replicated leaf
-  would then be counted once per device; see :func:`_replicated`)."""
+  would then be counted once per device; see :func:`_count_axes`)."""
   groups: dict[frozenset, list[int]] = {}
   for i, x in enumerate(arrays):
     groups.setdefault(utils.varying_axes(x), []).append(i)
@@ -872,7 +882,8 @@ def _select(leaves: list[jax.Array], rank: Count, *, square: bool, axis_name: An
 
 
 def _global_size(tree: Any, axis_name: Any) -> int:
-  """N over the devices of ``axis_name``: a replicated leaf (:func:`_replicated`) once."""
+  """N over the devices of ``axis_name``: each leaf once per device of the axes it is
+  partitioned over (:func:`_count_axes`)."""
   n = num_elements(tree)
   if axis_name is not None:
     devices = int(jax.lax.psum(1, axis_name))
@@ -880,9 +891,8 @@ def _global_size(tree: Any, axis_name: Any) -> int:
       raise ValueError(f"exact selection over {devices} devices in `axis_name` (at most "
                        f"{_MAX_AXIS_SIZE} with 2**32 or more coordinates).")
     leaves = jax.tree.leaves(tree)
-    once = sum(x.size for x, r in zip(leaves, _replicated(leaves, axis_name), strict=True)
-               if r)
-    n = (n - once) * devices + once
+    n = sum(x.size * (1 if axes is None else int(jax.lax.psum(1, axes)))
+            for x, axes in zip(leaves, _count_axes(leaves, axis_name), strict=True))
   return n
 
 
