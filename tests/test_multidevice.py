@@ -205,8 +205,12 @@ def run_shard_map(tx, kind, extras, data, params, *, check_vma=False, axes=("d",
   return params, state
 
 
-def run_pmap(tx, kind, extras, data, params):
-  step = jax.pmap(make_step(tx, kind, "d", extras), axis_name="d", devices=jax.devices()[:NDEV])
+def run_mapped(tx, kind, extras, data, params, *, vmap=False):
+  # pmap, or jax.vmap with an axis name, which emulates the devices on one (its axis has no
+  # check_vma types).
+  fn = make_step(tx, kind, "d", extras)
+  step = jax.jit(jax.vmap(fn, axis_name="d")) if vmap else jax.pmap(
+      fn, axis_name="d", devices=jax.devices()[:NDEV])
   rep = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (NDEV, *jnp.shape(a))), tree)
   params, state = rep(params), rep(tx.init(params))
   data = [jax.tree.map(lambda a: a.reshape(NDEV, PER_DEVICE, *a.shape[1:]), b) for b in data]
@@ -218,18 +222,6 @@ def run_pmap(tx, kind, extras, data, params):
     leaf = np.asarray(leaf)
     for d in range(1, NDEV):
       np.testing.assert_array_equal(leaf[d], leaf[0])
-  return jax.tree.map(lambda a: a[0], (params, state))
-
-
-def run_vmap(tx, kind, extras, data, params):
-  # jax.vmap with an axis name emulates the devices on one: its axis has no check_vma types.
-  step = jax.jit(jax.vmap(make_step(tx, kind, "d", extras), axis_name="d"))
-  rep = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (NDEV, *jnp.shape(a))), tree)
-  params, state = rep(params), rep(tx.init(params))
-  data = [jax.tree.map(lambda a: a.reshape(NDEV, PER_DEVICE, *a.shape[1:]), b) for b in data]
-  step = compiled(step, params, state, data[0])
-  for batch in data:
-    params, state = step(params, state, batch)
   return jax.tree.map(lambda a: a[0], (params, state))
 
 
@@ -248,8 +240,8 @@ def run_gspmd(tx, kind, extras, data, params):
 RUNNERS = {
     "shard_map": run_shard_map,
     "shard_map_vma": functools.partial(run_shard_map, check_vma=True),
-    "pmap": run_pmap,
-    "vmap": run_vmap,
+    "pmap": run_mapped,
+    "vmap": functools.partial(run_mapped, vmap=True),
     "shard_map_vma_2d": functools.partial(run_shard_map, check_vma=True, axes=("a", "b")),
     "gspmd": run_gspmd,
 }
