@@ -230,6 +230,21 @@ def test_asam_all_zero_leaf_is_not_perturbed_while_the_others_are():
   assert not np.allclose(updates["b"], -params["b"])  # ε ≠ 0 on b
 
 
+def test_asam_scale_beyond_float32_max_gives_the_float64_point():
+  # T = |θ| + η passes float32's max for |θ| = 8.5e34 and η = 3.4e38 (it was inf, and
+  # T g / ‖T g‖ = inf / inf = NaN); ε = ρ T² g / ‖T g‖ itself is a float32 number here.
+  params = {"w": jnp.array([-8.5e34, 1.0, 3.0]), "b": jnp.array(-8.5e34)}
+  g = _tree([1e20, 0.0, -1e30], -F32_MAX)  # every u_i = T_i g_i / ‖T g‖ a normal float32
+  tx = ire_optax.sam(optax.sgd(1.0), rho=0.5, adaptive=True, adaptive_eta=F32_MAX)
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  theta = np.array([-8.5e34, 1.0, 3.0, -8.5e34], np.float64)
+  g64 = np.array([1e20, 0.0, np.float32(-1e30), -F32_MAX], np.float64)
+  t = np.abs(np.float32(theta).astype(np.float64)) + F32_MAX
+  want = theta + 0.5 * t * t * g64 / np.linalg.norm(t * g64)
+  got = np.concatenate([-np.asarray(updates["w"]), [-float(updates["b"])]])
+  np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)
+
+
 def test_sam_asam_msam_zero_gradients_give_zero_perturbation():
   params = _params()
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -627,6 +642,9 @@ def _edge_cases(kappa, rho, eps, eta, alpha):
 # coordinate where both are 0 would get 0 · inf.
 @hyp.example(which=8, values=[1.0, 1.0, 0.0], grads=[F32_MAX, F32_MAX, 0.0], kappa=0.0,
              rho=0.05, eps=1e-12, eta=0.0, alpha=0.5)
+# Adaptive GSAM's first step makes parameters of 8.5e34, and |θ| + η then overflows ASAM's T.
+@hyp.example(which=9, values=[-F32_TINY, -F32_TINY, F32_TINY], grads=[F32_TINY, 1e20, -F32_MAX],
+             kappa=F32_MAX, rho=F32_MAX, eps=F32_TINY, eta=F32_MAX, alpha=0.5)
 def test_no_optimizer_creates_a_nan_from_finite_inputs(which, values, grads, kappa, rho, eps,
                                                        eta, alpha):
   """Parameters up to 1e30, gradients up to float32's max, hyperparameters at their limits.

@@ -204,8 +204,11 @@ def perturbed_params(
   if adaptive:
     b = utils.safe_scale(utils.tree_max_abs(grads))
     x = jax.tree.map(lambda g: g / b, grads)
-    eta = jnp.asarray(adaptive_eta, dtype)
-    t = lambda p: jnp.abs(jnp.asarray(p, dtype)) + eta
+    # T / 2 = |θ| / 2 + η / 2: |θ| + η itself overflows when both are near float32's max (then
+    # T g / ‖T g‖ = inf / inf). Halving is exact (normal range), and u does not depend on
+    # T's scale, so ε = 2 ρ (T / 2) u is the same number.
+    half_eta = jnp.asarray(adaptive_eta, dtype) * 0.5
+    t = lambda p: jnp.abs(jnp.asarray(p, dtype)) * 0.5 + half_eta
     a = utils.safe_scale(utils.tree_max_abs(jax.tree.map(t, params)))
     y = jax.tree.map(lambda p, g: (t(p) / a) * g, params, x)
     c = utils.safe_scale(utils.tree_max_abs(y))  # T g / (a b c) has a largest entry of 1
@@ -222,7 +225,7 @@ def perturbed_params(
 
   def shift(p, xi):
     u = xi / den
-    e = rho * (t(p) * u) if adaptive else rho * u
+    e = rho * (t(p) * u) * 2 if adaptive else rho * u
     e = jnp.where(rho == 0, jnp.zeros_like(e), e)  # ρ = 0: θ exactly, even where u is NaN
     return (jnp.asarray(p, dtype) + e).astype(jnp.asarray(p).dtype)
 
