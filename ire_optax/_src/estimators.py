@@ -174,8 +174,7 @@ class Estimator(NamedTuple):
       raise ValueError(f"{who} needs `params` for a model-based curvature estimator; got None.")
     for name, why in self.callbacks:
       utils.require_callable(name, extra_args.get(name), who=who, why=why)
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    if self.callbacks and any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+    if self.callbacks and utils.has_masked_nodes(params):
       raise TypeError(
           f"{who} cannot run inside optax.masked, optax.partition or optax.multi_transform: the "
           "other parameters reach it as MaskedNode leaves, so its callbacks cannot evaluate the "

@@ -325,8 +325,7 @@ def check_not_masked(params: Params, *, who: str) -> None:
   parameter to evaluate the loss) cannot be called, and the norm of the ascent
   would be split between the parts.
   """
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+  if utils.has_masked_nodes(params):
     raise TypeError(
         f"{who} cannot run inside optax.masked or optax.partition: the masked-out parameters "
         "reach it as MaskedNode leaves, so its grad_fn cannot evaluate the loss, and each part "

@@ -522,7 +522,7 @@ def _count_axes(leaves: list[jax.Array], axis_name: Any) -> list[Any]:
   """
   if axis_name is None or not utils.vma_typed(axis_name):
     return [axis_name] * len(leaves)
-  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  axes = utils.axes_of(axis_name)
 
   def of(x):
     varying = tuple(a for a in axes if a in utils.varying_axes(x))

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.extend.core import Literal, jaxpr_as_fun
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -596,12 +597,24 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
+def axes_of(axis_name: Any) -> tuple:
+  """``axis_name`` (one mapped axis, or a tuple of them) as a tuple of axis names."""
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def has_masked_nodes(tree: Any) -> bool:
+  """Whether ``tree`` holds ``optax.MaskedNode`` leaves (the parameters ``optax.masked`` /
+  ``optax.partition`` keep from the transformation inside them)."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
+
+
 def vma_typed(axis_name: Any) -> bool:
   """Whether values are typed by the mapped axes they vary over, here: inside ``shard_map``
   with ``check_vma=True`` over ``axis_name`` (not under ``pmap``, ``check_vma=False`` or
   ``jax.vmap``)."""
-  axes = set(axis_name) if isinstance(axis_name, (tuple, list)) else {axis_name}
-  return bool(axes & varying_axes(per_device_if(jnp.zeros((), jnp.float32), axis_name)))
+  return bool(set(axes_of(axis_name))
+              & varying_axes(per_device_if(jnp.zeros((), jnp.float32), axis_name)))
 
 
 def per_device_if(tree: Any, axis_name: str | None) -> Any:
@@ -621,7 +634,7 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
   """
   if axis_name is None:
     return tree
-  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  axes = axes_of(axis_name)
   manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)  # shard_map's and pmap's
   pcast = getattr(jax.lax, "pcast", None)
 
