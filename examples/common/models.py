@@ -6,6 +6,12 @@ statistics and running-average updates when ``True``, running averages when
 ``False``); there is no dropout, so a forward pass is a deterministic function
 of the parameters, the BatchNorm statistics and the input.
 
+A model computes in the dtype of its parameters and input (the examples'
+``--precision`` casts both): BatchNorm normalises in float32 with float32
+running statistics and returns the input's dtype, the embedding is looked up in
+its own dtype, and float16 attention runs in float32 on the CPU (XLA:CPU has no
+float16 product with float32 accumulation).
+
 Sizes are chosen by presets, from CI-sized toys to the papers' models:
 
 * :class:`ResNet` -- He et al. (2016) CIFAR ResNets, depth ``6n+2``:
@@ -30,6 +36,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+
+def keep_dtypes(args: tuple, /, *, dtype=None, inexact: bool = True) -> tuple:
+  """A layer's ``promote_dtype`` that leaves its operands' dtypes as they are.
+
+  Flax promotes a layer's input with its variables: the float32 running statistics of a
+  BatchNorm would turn a bfloat16 input into float32 output, and ``nnx.Embed`` fixes its
+  dtype to its parameters' at construction. With this, BatchNorm computes ``x - mean`` in
+  float32 and returns the dtype of its input, scale and bias, and the embedding follows its
+  (cast) table.
+  """
+  del dtype, inexact
+  return args
+
+
+def batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  return nnx.BatchNorm(features, momentum=0.9, promote_dtype=keep_dtypes, rngs=rngs)
+
+
+def attention(q, k, v, *, causal: bool):
+  """``jax.nn.dot_product_attention``; float16 in float32 on the CPU, whose dot products
+  cannot take float16 operands with float32 accumulation (as the attention's logits do)."""
+  run = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+  if q.dtype != jnp.float16:
+    return run(q, k, v)
+  f32 = lambda q, k, v: run(*(a.astype(jnp.float32) for a in (q, k, v))).astype(q.dtype)
+  return jax.lax.platform_dependent(q, k, v, cpu=f32, default=run)
+
+
 # -----------------------------------------------------------------------------
 # ResNet (CIFAR family)
 # -----------------------------------------------------------------------------
@@ -50,14 +84,14 @@ class BasicBlock(nnx.Module):
   def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False,
                           rngs=rngs)
-    self.bn1 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    self.bn1 = batch_norm(cout, rngs=rngs)
     self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
-    self.bn2 = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+    self.bn2 = batch_norm(cout, rngs=rngs)
     self.proj: nnx.Conv | None
     self.proj_bn: nnx.BatchNorm | None
     if stride != 1 or cin != cout:
       self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
-      self.proj_bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+      self.proj_bn = batch_norm(cout, rngs=rngs)
     else:
       self.proj = self.proj_bn = None
 
@@ -86,7 +120,7 @@ class ResNet(nnx.Module):
       raise ValueError(f"ResNet `depth` must be 6n+2 with n >= 1 (8, 20, 56, ...); got {depth}.")
     n = (depth - 2) // 6
     self.stem = nnx.Conv(in_channels, width, (3, 3), padding=1, use_bias=False, rngs=rngs)
-    self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    self.stem_bn = batch_norm(width, rngs=rngs)
     blocks, cin = [], width
     for stage, mult in enumerate((1, 2, 4)):
       for i in range(n):
@@ -140,7 +174,7 @@ class Attention(nnx.Module):
     if rope:
       pos = jnp.arange(t)
       q, k = rotary(q, pos), rotary(k, pos)
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    y = attention(q, k, v, causal=causal)
     return self.o(y.reshape(b, t, d))
 
 
@@ -238,7 +272,7 @@ class Llama(nnx.Module):
                ffn_dim: int | None = None, tie_embeddings: bool = False, rngs: nnx.Rngs):
     ffn_dim = ffn_dim or swiglu_hidden(dim)
     self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(0.02),
-                           rngs=rngs)
+                           promote_dtype=keep_dtypes, rngs=rngs)
     self.blocks = nnx.List([LlamaBlock(dim, heads, ffn_dim, rngs=rngs) for _ in range(depth)])
     self.norm = nnx.RMSNorm(dim, epsilon=1e-6, rngs=rngs)
     self.lm_head = None if tie_embeddings else nnx.Linear(dim, vocab_size, use_bias=False,
