@@ -653,6 +653,27 @@ def test_flat_mask_over_a_tuple_of_axes_with_leaves_split_over_some(method):
   assert sum(int(m.sum()) for m in jax.tree.leaves(got)) == int(0.3 * (64 + 24 + 6))
 
 
+def test_sampled_labels_key_takes_the_logits_per_device_type():
+  """Under shard_map(check_vma) the fisher estimator samples each device's labels with the
+  replicated key: the key is cast to the logits' varying axes (JAX 0.12 refuses
+  `jax.random.categorical` on a less varying key), and every device draws as one device
+  does for its own logits with that key."""
+  mesh = jax.make_mesh((2, NDEV // 2), ("r", "d"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:NDEV])
+  logits = jax.random.normal(jax.random.key(1), (NDEV * 3, 5))
+  key = jax.random.key(7)
+
+  def per_device(x, k):
+    assert utils.varying_axes(utils.vary_like(k, x)) == utils.varying_axes(x) == {"r", "d"}
+    assert utils.varying_axes(utils.vary_like(x, k)) == utils.varying_axes(x)  # no narrowing
+    return curv.sampled_label_loss(x, k)[None]
+
+  got = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(("r", "d")), P()),
+                              out_specs=P(("r", "d"))))(logits, key)
+  want = [curv.sampled_label_loss(x, key) for x in logits.reshape(NDEV, 3, 5)]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # The data-parallel example
 # -----------------------------------------------------------------------------

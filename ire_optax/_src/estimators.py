@@ -96,7 +96,10 @@ def sampled_label_loss(logits: jax.Array, key: jax.Array) -> jax.Array:
   ``logits`` may have any leading shape; the last axis is the class axis.
   """
   logits32 = jnp.asarray(logits, jnp.float32)
-  labels = jax.random.categorical(key, jax.lax.stop_gradient(logits32), axis=-1)
+  # Under shard_map every device samples its own examples' labels with the same key (the
+  # replicated optimizer state): the key takes the logits' per-device type.
+  labels = jax.random.categorical(utils.vary_like(key, logits32),
+                                  jax.lax.stop_gradient(logits32), axis=-1)
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits32, labels))
 
 

@@ -634,20 +634,30 @@ def per_device_if(tree: Any, axis_name: str | None) -> Any:
   """
   if axis_name is None:
     return tree
-  axes = axes_of(axis_name)
   manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)  # shard_map's and pmap's
+  axes = tuple(a for a in axes_of(axis_name) if a in manual)
+  return jax.tree.map(lambda x: _cast_varying(x, axes), tree)
+
+
+def vary_like(x: Any, ref: Any) -> Any:
+  """``x`` cast to vary over every mapped axis that ``ref`` varies over (``check_vma``).
+
+  For the operands of a primitive that needs matching types: a replicated PRNG key used
+  with per-device values (``jax.random.categorical`` refuses the mix from JAX 0.12 on).
+  """
+  return _cast_varying(x, tuple(sorted(varying_axes(ref), key=str)))
+
+
+def _cast_varying(x: Any, axes: tuple) -> Any:
+  """``x`` marked as varying over those of ``axes`` it does not vary over yet."""
+  missing = tuple(a for a in axes if a not in varying_axes(x))
+  if not missing:
+    return x
   pcast = getattr(jax.lax, "pcast", None)
-
-  def cast(x):
-    missing = tuple(a for a in axes if a in manual and a not in varying_axes(x))
-    if not missing:
-      return x
-    if pcast is not None:
-      return pcast(x, missing, to="varying")
-    pvary = getattr(jax.lax, "pvary", None)  # JAX < 0.8
-    return x if pvary is None else pvary(x, missing)
-
-  return jax.tree.map(cast, tree)
+  if pcast is not None:
+    return pcast(x, missing, to="varying")
+  pvary = getattr(jax.lax, "pvary", None)  # JAX < 0.8
+  return x if pvary is None else pvary(x, missing)
 
 
 def resolve_leaf_mask(mask: Any, *, name: str, verb: str, none_selected: str
