@@ -31,13 +31,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+_Args = TypeVar("_Args", bound=tuple)
 
-def keep_dtypes(args: tuple, /, *, dtype=None, inexact: bool = True) -> tuple:
+
+def keep_dtypes(args: _Args, /, *, dtype: Any = None, inexact: bool = True) -> _Args:
   """A layer's ``promote_dtype`` that leaves its operands' dtypes as they are.
 
   Flax promotes a layer's input with its variables: the float32 running statistics of a
