@@ -330,8 +330,24 @@ def test_wikitext_layouts(tmp_path):
   assert (tr, va) == ("valid text", "test text") and "evaluated on test" in desc
   t = data.load_text(f"wikitext:{official}", tokenizer="byte")
   assert t.tokenizer.decode(t.valid).startswith(" = valid")
+  assert t.name == f"wikitext:{official}"
+  # Trained on valid and evaluated on test: the data's name, which the run prints, says so.
+  t = data.load_text(f"wikitext:{partial}", tokenizer="byte")
+  assert t.name == f"wikitext:{partial} (trained on valid, evaluated on test)"
   with pytest.raises(FileNotFoundError):
     data.wikitext_splits(tmp_path)
+
+
+def test_a_data_path_may_start_with_a_tilde(tmp_path, monkeypatch):
+  """The shell leaves `~` after `wikitext:` (or `mnist:`) as it is: the loaders expand it."""
+  (tmp_path / "wt").mkdir()
+  for split in ("train", "valid"):
+    (tmp_path / "wt" / f"{split}.txt").write_text(f"{split} text")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert data.load_text("wikitext:~/wt", tokenizer="byte").tokenizer.decode(
+      data.load_text("wikitext:~/wt", tokenizer="byte").train) == "train text"
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):
+    data.load_images("mnist:~/none")
 
 
 @pytest.mark.skipif(real_data("wikitext-2") is None,

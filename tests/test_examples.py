@@ -236,6 +236,35 @@ def test_optimizer_names():
     optim.parse_name("sam+lookahead")
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--log-every", "0"], "--log-every) must be >= 1"),
+    (["--batch-size", "0"], "--batch-size) must be >= 1"),
+    (["--eval-batches", "0"], "--eval-batches) must be >= 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints) must be >= 1"),
+    (["--label-noise", "1.5"], "--label-noise) must be in [0, 1]"),
+    (["--max-chars", "0"], "--max-chars) must be >= 1"),
+    (["--opt", "adamw+ire", "--ire-gamma", "1.5"], "`gamma` must be in (0, 1)"),
+    (["--opt", "sam", "--rho", "-1"], "rho"),
+    (["--opt", "sala", "--sala-sync-period", "0"], "sync_period"),
+    (["--opt", "adamw+ire", "--ire-refresh-every", "0"], "refresh_every"),
+    (["--opt", "sam", "--sam-every-k", "0"], "every_k"),
+])
+def test_an_out_of_range_value_is_a_one_line_usage_error(argv, message, capsys):
+  """Refused on the command line (exit 2), before any data are read or a step compiled: the
+  loop's own settings by their bounds, the optimizer's by the library's checks."""
+  with pytest.raises(SystemExit) as e:
+    cli.parse("llama", argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err
+  assert message in [line for line in err.splitlines() if "error:" in line][0], err
+
+
+def test_a_held_out_text_too_short_for_one_window_is_refused_before_training():
+  cfg = cli.parse("llama", ["--max-chars", "1000", "--seq-len", "128"])
+  with pytest.raises(ValueError, match=r"held-out text has \d+ tokens.*--max-chars"):
+    train.make_task(cfg, train.load_data(cfg))
+
+
 @pytest.mark.parametrize("example", ["resnet", "llama"])
 @pytest.mark.parametrize("name", ["ire", "adam", "sam+lookahead"])
 def test_a_bad_optimizer_name_is_a_one_line_usage_error(example, name, capsys):

@@ -130,9 +130,12 @@ def parse(example: str, argv: list[str] | None = None) -> config_lib.TrainConfig
   parser = make_parser(example, defaults)
   namespace = parser.parse_args(argv)
   try:
-    return to_config(namespace, defaults)
+    cfg = to_config(namespace, defaults)
+    from . import optim  # the optimizer's own checks of its hyperparameters, before any data
+    optim.build_optimizer(cfg.optimizer, cfg.steps)
   except ValueError as e:
     parser.error(str(e))
+  return cfg
 
 
 def main(example: str, argv: list[str] | None = None):

@@ -47,10 +47,12 @@ DECAY_MASKS = ("weights", "all")
 def option(default: Any, help: str, *, group: str, flag: str | None = None,
            choices: Iterable[Any] | Callable[[str], Iterable[Any]] | None = None,
            parse: Callable[[str], Any] | None = None, metavar: str | None = None,
-           examples: tuple[str, ...] | None = None) -> Any:
-  """A dataclass field with the metadata its command-line flag is generated from."""
+           examples: tuple[str, ...] | None = None, low: float | None = None,
+           high: float | None = None) -> Any:
+  """A dataclass field with the metadata its command-line flag is generated from (``low``,
+  ``high``: the inclusive bounds of a number; None is always allowed)."""
   meta = dict(help=help, group=group, flag=flag, choices=choices, parse=parse,
-              metavar=metavar, examples=examples)
+              metavar=metavar, examples=examples, low=low, high=high)
   return dataclasses.field(default=default,
                            metadata={k: v for k, v in meta.items() if v is not None})
 
@@ -85,16 +87,21 @@ def opt_name(text: str) -> str:
   return text
 
 
-def check_choices(cfg: Any) -> None:
-  """Raises ``ValueError`` for a field whose value is not one of its fixed ``choices``."""
+def check_fields(cfg: Any) -> None:
+  """Raises ``ValueError`` for a field whose value is not one of its fixed ``choices`` or lies
+  outside its bounds (``low``, ``high``)."""
   for f in dataclasses.fields(cfg):
-    choices = f.metadata.get("choices")
-    if choices is None or callable(choices):
-      continue
-    value = getattr(cfg, f.name)
-    if value not in choices:
-      raise ValueError(f"{type(cfg).__name__}.{f.name} must be one of {tuple(choices)}; "
-                       f"got {value!r}.")
+    value, meta = getattr(cfg, f.name), f.metadata
+    where = f"{type(cfg).__name__}.{f.name} ({meta.get('flag') or '--' + f.name.replace('_', '-')})"
+    choices = meta.get("choices")
+    if choices is not None and not callable(choices) and value not in choices:
+      raise ValueError(f"{where} must be one of {tuple(choices)}; got {value!r}.")
+    low, high = meta.get("low"), meta.get("high")
+    if value is not None and ((low is not None and value < low)
+                              or (high is not None and value > high)):
+      bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+          f">= {low}" if low is not None else f"<= {high}"
+      raise ValueError(f"{where} must be {bounds}; got {value!r}.")
 
 
 def _size_choices(example: str) -> list[str]:
@@ -121,12 +128,13 @@ class DataConfig:
                         group=_DM, choices=("auto", "on", "off"), examples=_IMG)
   tokenizer: str = option("char", "char | byte | a Hugging Face tokenizer name or "
                           "tokenizer.json (%(default)s)", group=_DM, examples=_TXT)
-  max_chars: int | None = option(None, "use only this many characters of the training text",
-                                 group=_DM, examples=_TXT)
-  seq_len: int = option(128, "(%(default)s)", group=_DM, examples=_TXT)
+  max_chars: int | None = option(None, "use only this many characters of the training text "
+                                 "(and a tenth as many of the held-out text)", group=_DM,
+                                 examples=_TXT, low=1)
+  seq_len: int = option(128, "(%(default)s)", group=_DM, examples=_TXT, low=1)
 
   def __post_init__(self):
-    check_choices(self)
+    check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +242,7 @@ class OptimizerConfig:
 
   def __post_init__(self):
     parse_name(self.name)
-    check_choices(self)
+    check_fields(self)
     for name in ("warmup_steps", "ire_warmup"):
       value = getattr(self, name)
       if value is not None and value < 0:
@@ -258,19 +266,20 @@ class TrainConfig:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
 
-  label_smoothing: float = option(0.0, "(%(default)s)", group=_L)
+  label_smoothing: float = option(0.0, "(%(default)s)", group=_L, low=0, high=1)
   label_noise: float = option(0.0, "replace each training label by a uniformly random class "
                               "with this probability, afresh every step (Damian et al. 2021) "
-                              "(%(default)s)", group=_L)
+                              "(%(default)s)", group=_L, low=0, high=1)
 
-  steps: int = option(500, "optimizer steps (%(default)s)", group=_T)
-  batch_size: int = option(128, "(%(default)s)", group=_T)
+  steps: int = option(500, "optimizer steps (%(default)s)", group=_T, low=1)
+  batch_size: int = option(128, "(%(default)s)", group=_T, low=1)
   seed: int = option(0, "model init, data order, noise (%(default)s)", group=_T)
   eval_every: int = option(100, "evaluate on held-out data every N steps and at the end (0: "
-                           "end only) (%(default)s)", group=_T)
+                           "end only) (%(default)s)", group=_T, low=0)
   eval_batches: int | None = option(None, "cap on held-out batches per evaluation (default: "
-                                    "all)", group=_T)
-  log_every: int = option(10, "log training metrics every N steps (%(default)s)", group=_T)
+                                    "all)", group=_T, low=1)
+  log_every: int = option(10, "log training metrics every N steps (%(default)s)", group=_T,
+                          low=1)
   fast_compile: bool = option(False, "compile without XLA backend optimisations: starts "
                               "sooner, runs slower (smoke tests)", group=_T)
   branch_hints: str = option("auto", "compile one step per kind of step (IRE refresh, SALA SAM "
@@ -289,14 +298,14 @@ class TrainConfig:
   name: str | None = option(None, "run name (default: <example>-<opt>); the run writes to "
                             "OUT/NAME/", group=_OUT)
   ckpt_every: int = option(0, "save an Orbax checkpoint every N steps (and at the end); 0: "
-                           "end only", group=_OUT)
-  keep_checkpoints: int = option(2, "(%(default)s)", group=_OUT)
+                           "end only", group=_OUT, low=0)
+  keep_checkpoints: int = option(2, "(%(default)s)", group=_OUT, low=1)
   no_checkpoint: bool = option(False, "save no checkpoints at all", group=_OUT)
   resume: bool = option(False, "continue from the run's latest checkpoint (bit-identical)",
                         group=_OUT)
   stop_after: int | None = option(None, "stop (with a checkpoint) after N steps of this "
                                   "invocation; the schedules still span --steps, so --resume "
-                                  "continues the same run", group=_OUT, metavar="N")
+                                  "continues the same run", group=_OUT, metavar="N", low=1)
   no_plot: bool = option(False, "skip the PNG of the curves", group=_OUT)
   no_progress: bool = option(False, "no progress bar", group=_OUT)
 
@@ -304,7 +313,7 @@ class TrainConfig:
     if self.example not in KINDS:
       raise ValueError(f"TrainConfig.example must be one of {tuple(KINDS)}; "
                        f"got {self.example!r}.")
-    check_choices(self)
+    check_fields(self)
     # Unset data and size: the example's defaults (frozen: set once, here).
     if self.data.spec is None:
       object.__setattr__(self, "data", dataclasses.replace(self.data,

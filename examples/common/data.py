@@ -292,9 +292,10 @@ def load_images(spec: str) -> ImageData:
 
 
 def _need(arg: str, spec: str) -> str:
+  """The path or name after ``kind:`` (``~`` expanded: the shell leaves ``mnist:~/data``)."""
   if not arg:
     raise ValueError(f"data spec {spec!r} needs a path or name after ':'.")
-  return arg
+  return os.path.expanduser(arg)
 
 
 # -----------------------------------------------------------------------------
@@ -480,12 +481,14 @@ def load_text(spec: str, *, tokenizer: str = "char", max_chars: int | None = Non
       (and a tenth of that of the validation text): handy for quick runs.
   """
   kind, _, arg = spec.partition(":")
+  name = spec
   if kind == "cpython-docs":
     train, valid = split_text(cpython_docs_text())
   elif kind == "text":
     train, valid = split_text(read_text_path(_need(arg, spec)))
   elif kind == "wikitext":
-    train, valid, _ = wikitext_splits(_need(arg, spec))
+    train, valid, splits = wikitext_splits(_need(arg, spec))
+    name = spec if splits == "train/valid" else f"{spec} ({splits})"
   elif kind == "hf":
     name, _, config = _need(arg, spec).partition(":")
     train, valid = load_hf_text(name, config or None)
@@ -496,7 +499,7 @@ def load_text(spec: str, *, tokenizer: str = "char", max_chars: int | None = Non
   if max_chars is not None:
     train, valid = train[:max_chars], valid[: max(max_chars // 10, 1)]
   tok = make_tokenizer(tokenizer, train)
-  return TextData(tok.encode(train), tok.encode(valid), tok, spec)
+  return TextData(tok.encode(train), tok.encode(valid), tok, name)
 
 
 # -----------------------------------------------------------------------------

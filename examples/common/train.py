@@ -560,6 +560,11 @@ def make_task(cfg: TrainConfig, data: Any) -> Task:
                 f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} held-out "
                 f"images {h}x{w}x{c}")
   seq = cfg.data.seq_len
+  if len(data.valid) <= seq:  # refused now, not at the first evaluation
+    cut = " (--max-chars also keeps a tenth as many of the held-out text)" \
+        if cfg.data.max_chars is not None else ""
+    raise ValueError(f"the held-out text has {len(data.valid)} tokens, too few for one window "
+                     f"of --seq-len {seq}{cut}.")
   windows = data_lib.TextBatcher(data.train, b, seq, seed=cfg.seed)
   return Task(windows.batch_at,
               lambda: data_lib.text_eval_batches(data.valid, b, seq, cfg.eval_batches),
