@@ -50,9 +50,11 @@ def override(cfg: Any, changes: Mapping[str, Any]) -> Any:
 def configure(spec: Experiment, task: Task, arm: Arm, seed: int) -> Any:
   """One run's ``TrainConfig``: the example's defaults, the experiment's, the task's, the arm's."""
   cfg = importlib.import_module(f"examples.{task.example}").get_config()
-  cfg = override(cfg, {"steps": spec.steps, "seed": seed, "data": {"spec": task.data},
+  later = {**task.overrides, **arm.train}
+  steps = {} if "steps" in later else {"steps": spec.steps}  # (a spec may leave it to its tasks)
+  cfg = override(cfg, {**steps, "seed": seed, "data": {"spec": task.data},
                        "no_checkpoint": True, "no_plot": True, "no_progress": True})
-  return override(cfg, {**task.overrides, **arm.train,
+  return override(cfg, {**later,
                         "optimizer": {**task.overrides.get("optimizer", {}), **arm.optimizer}})
 
 

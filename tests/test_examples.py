@@ -6,6 +6,7 @@ train steps compile in CI time on two CPU cores.
 """
 
 import collections
+import dataclasses
 import json
 import math
 import shutil
@@ -106,10 +107,14 @@ def test_ire_over_every_optimizer(example, opt, curvature, tmp_path):
   assert sum(int(m.sum()) for m in jax.tree.leaves(mask)) > 0
 
 
-def test_ire_over_msam_needs_fisher():
-  cfg = cli.parse("resnet", ["--opt", "msam+ire", "--ire-curvature", "grad_sq"])
+def test_ire_over_msam_needs_fisher(capsys):
+  cfg = dataclasses.replace(cli.get_config("resnet").optimizer, name="msam+ire",
+                            ire_curvature="grad_sq")
   with pytest.raises(ValueError, match="fisher"):
-    optim.build_optimizer(cfg.optimizer, 10)
+    optim.build_optimizer(cfg, 10)
+  with pytest.raises(SystemExit):  # on the command line: a usage error
+    cli.parse("resnet", ["--opt", "msam+ire", "--ire-curvature", "grad_sq"])
+  assert "fisher" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -140,8 +145,6 @@ def test_empty_command_line_is_get_config(example):
     (["--stop-after", "5", "--no-plot"], "stop_after", 5),
 ])
 def test_a_flag_sets_its_field_and_nothing_else(argv, path, want):
-  import dataclasses
-
   cfg, default = cli.parse("llama", argv), cli.get_config("llama")
   section, _, name = path.rpartition(".")
   obj = getattr(cfg, section) if section else cfg
