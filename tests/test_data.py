@@ -235,6 +235,7 @@ def test_hf_loaders_with_fake_module(monkeypatch):
   t = data.load_text("hf:wikitext:wikitext-2-raw-v1", tokenizer="byte")
   assert t.tokenizer.decode(t.train) == "hello world\nagain"
   assert t.tokenizer.decode(t.valid) == "held out"
+  assert t.name == "hf:wikitext:wikitext-2-raw-v1"  # the spec, not the branch's dataset name
 
 
 def test_tfds_loader_with_fake_module(monkeypatch):

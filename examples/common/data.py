@@ -481,14 +481,14 @@ def load_text(spec: str, *, tokenizer: str = "char", max_chars: int | None = Non
       (and a tenth of that of the validation text): handy for quick runs.
   """
   kind, _, arg = spec.partition(":")
-  name = spec
+  label = spec  # what the run prints
   if kind == "cpython-docs":
     train, valid = split_text(cpython_docs_text())
   elif kind == "text":
     train, valid = split_text(read_text_path(_need(arg, spec)))
   elif kind == "wikitext":
     train, valid, splits = wikitext_splits(_need(arg, spec))
-    name = spec if splits == "train/valid" else f"{spec} ({splits})"
+    label = spec if splits == "train/valid" else f"{spec} ({splits})"
   elif kind == "hf":
     name, _, config = _need(arg, spec).partition(":")
     train, valid = load_hf_text(name, config or None)
@@ -499,7 +499,7 @@ def load_text(spec: str, *, tokenizer: str = "char", max_chars: int | None = Non
   if max_chars is not None:
     train, valid = train[:max_chars], valid[: max(max_chars // 10, 1)]
   tok = make_tokenizer(tokenizer, train)
-  return TextData(tok.encode(train), tok.encode(valid), tok, name)
+  return TextData(tok.encode(train), tok.encode(valid), tok, label)
 
 
 # -----------------------------------------------------------------------------
