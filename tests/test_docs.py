@@ -124,9 +124,20 @@ def test_demo_record_still_comes_out_of_the_code(tmp_path):
   then the demo must be rerun with ``--update-docs``.
   """
   compare = _compare()
+  import flax
+  import jax
+  import optax
+
   from examples.common import cli, train
 
   record = compare.read_record("llama")
+  made_with = record["machine"]["versions"]
+  here = {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__}
+  if any(made_with[k] != v for k, v in here.items()):
+    # Other versions round differently in the last bits (JAX 0.12's initial weights differ
+    # from 0.10's by an ulp), and 25 steps grow that past the tolerance: the record holds
+    # only for the versions that made it.
+    pytest.skip(f"the record was made with {made_with}, these are {here}")
   row = next(r for r in record["rows"] if r["label"] == "adamw+ire")
   step, want = row["curve"][0]
   _, opt_argv = compare.parse_opt(row["label"])
