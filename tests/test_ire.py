@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -539,3 +540,26 @@ class AmplificationInsideTest(chex.TestCase):
     half = -0.05 * np.asarray(g["w"])
     expected = np.where(mask > 0, (1 + kappa) * half, half) + half  # only half amplified
     np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)
+
+
+def test_a_bfloat16_gamma_warns_and_a_float32_one_counts_as_the_python_number():
+  """inject_hyperparams stores γ in bfloat16 for bfloat16 params (0.6 -> 0.6015625: 601 of
+  1,000 flat); ire says so, and hyperparam_dtype=jnp.float32 gives the Python number's k."""
+  rng = np.random.default_rng(0)
+  # 1,000 distinct bfloat16 gradients: 2^e (1 + m/128), 8 mantissa bits.
+  values = np.ldexp(1 + np.arange(128) / 128, np.arange(8)[:, None]).ravel()
+  grads = {"w": jnp.asarray(rng.permutation(values)[:1000], jnp.bfloat16)}
+  params = jax.tree.map(jnp.ones_like, grads)
+
+  def flat(tx):
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    return int(np.asarray(ire_optax.ire_flat_mask(state)["w"]).sum())
+
+  kw = dict(kappa=3.0, gamma=0.6, refresh_every=1)
+  assert flat(ire_optax.ire(optax.sgd(0.1), **kw)) == 600
+  with pytest.warns(UserWarning, match="hyperparam_dtype=jnp.float32"):
+    assert flat(optax.inject_hyperparams(ire_optax.ire)(optax.sgd(0.1), **kw)) == 601
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert flat(optax.inject_hyperparams(ire_optax.ire, hyperparam_dtype=jnp.float32)(
+        optax.sgd(0.1), **kw)) == 600

@@ -131,6 +131,7 @@ def assert_same_types(a: Any, b: Any) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.filterwarnings("ignore:`gamma` is bfloat16")  # inject_ire: as intended here
 def test_state_shape_dtype_stability_and_dtype_preservation(name):
   """float16, bfloat16 and float64 here; float32 on the explicit mesh below."""
   case = cases.CASES[name]
@@ -157,6 +158,7 @@ def test_state_shape_dtype_stability_and_dtype_preservation(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.filterwarnings("ignore:`gamma` is bfloat16")  # inject_ire: as intended here
 def test_multisteps_accumulation_steps_give_zero_updates(name):
   if name in NO_MULTISTEPS:
     pytest.skip("mSAM, or already a MultiSteps (see NO_MULTISTEPS).")

@@ -83,6 +83,9 @@ IRE_RANGES = [
 ] + [
     ("gamma", v, _range("gamma", r"\(0, 1\)")) for v in (0.0, 1.0, -0.5, 1.5, NAN)
 ] + [
+    # A float64 1 is no float32 rounding of a γ below 1 (which may hold 1): refused as 1.0 is.
+    ("gamma", v, _range("gamma", r"\(0, 1\)")) for v in (np.float64(1.0), np.array(1.0))
+] + [
     ("refresh_every", v, r"`refresh_every` must be an integer >= 1")
     for v in (0, -1, 1.5, INF, 2.0, 10**30, 2**31)
 ] + [
@@ -143,6 +146,10 @@ BAD_INPUT = [
           ("wrong shapes", lambda p: {"w": p["w"][:2]}, ValueError, "shapes of `params`")]],
     _row("ire/ema_decay+fisher", lambda: ire_optax.ire(SGD, curvature="fisher", ema_decay=0.9),
          ValueError, "`ema_decay` applies to curvature='grad_sq' only"),
+    # (a function would be handed the EMA of g² for its gradient)
+    _row("ire/ema_decay+function", lambda: ire_optax.ire(
+        SGD, curvature=lambda g, p, k: g, ema_decay=0.9), ValueError,
+         "`ema_decay` applies to curvature='grad_sq' only"),
     _row("ire/num_samples=traced", _traced(
         lambda n: ire_optax.ire(SGD, curvature="hutchinson", num_samples=n).init(P)),
         TypeError, "`num_samples` must be a static int"),

@@ -209,12 +209,13 @@ def resolve(
           f"`curvature` must be one of {NAMES} or a function "
           f"(grads, params, key, **extra_args) -> pytree; got {curvature!r}."
       )
-    if ema_decay is not None and curvature != "grad_sq":
-      raise ValueError("`ema_decay` applies to curvature='grad_sq' only.")
   elif not callable(curvature):
     raise TypeError(
         f"`curvature` must be a string or a callable; got {type(curvature).__name__}."
     )
+  if ema_decay is not None and not (isinstance(curvature, str) and curvature == "grad_sq"):
+    # (a function would be handed the EMA of g² in place of the gradient)
+    raise ValueError("`ema_decay` applies to curvature='grad_sq' only.")
   local = lambda tree: utils.per_device_if(tree, axis_name)
   who = lambda name: f"ire(curvature={name!r}).update()"
 

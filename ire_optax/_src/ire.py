@@ -145,7 +145,9 @@ def ire(
       run).
     warmup_steps: T_w >= 0, IRE is off before this many updates (the paper
       switches it on right after the learning-rate warm-up).
-    curvature: ``"grad_sq"``, ``"fisher"``, ``"hutchinson"`` or a function.
+    curvature: ``"grad_sq"``, ``"fisher"``, ``"hutchinson"`` or a function
+      (under :func:`optax.inject_hyperparams` in ``static_args=("curvature",)``,
+      else it is taken for a schedule).
     ema_decay: for ``"grad_sq"`` only: if set, rank an EMA of ``g²`` with this
       decay in [0, 1), updated every step (one float32 buffer per parameter).
     num_samples: probes per refresh for ``"hutchinson"``.

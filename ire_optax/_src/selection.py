@@ -68,6 +68,7 @@ import fractions
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -306,16 +307,26 @@ def count_to_int(a: Count) -> Any:
 
 
 def check_fraction(name: str, gamma: Any) -> None:
-  """Raises unless a concrete ``gamma`` is in (0, 1) (or, as an array, (0, 1]).
+  """Raises unless a concrete ``gamma`` is in (0, 1) (or, as a float32 array, (0, 1]).
 
-  An array may hold 1 where the number it was made from is below 1: the float32
-  value of every γ above ``1 - 2**-25`` is 1 (``optax.inject_hyperparams``
+  A float32 array may hold 1 where the number it was made from is below 1: the
+  float32 value of every γ above ``1 - 2**-25`` is 1 (``optax.inject_hyperparams``
   stores γ so), and selects every coordinate, while the Python number selects
-  ``⌊γN⌋`` (see :func:`num_selected`).
+  ``⌊γN⌋`` (see :func:`num_selected`). A float64 γ of 1 is refused as the Python
+  number is. A γ narrower than float32 (``inject_hyperparams`` with bfloat16 or
+  float16 parameters stores it in their dtype) warns: 0.6 is then 0.6015625.
   """
-  array = isinstance(gamma, (jax.Array, np.ndarray, np.generic))
-  utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=array)
+  dtype = getattr(gamma, "dtype", None)
+  narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
+      jnp.dtype(dtype).itemsize < 8
+  utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=narrow)
   utils.check_not_schedule(name, gamma, "the fraction of coordinates selected")
+  if narrow and jnp.dtype(dtype).itemsize < 4:
+    warnings.warn(
+        f"`{name}` is {jnp.dtype(dtype).name}, so k = max(1, ⌊γN⌋) is counted from γ rounded to "
+        f"{jnp.dtype(dtype).name} (0.6 is 0.6015625 in bfloat16; 0.999 is 1, every coordinate). "
+        "optax.inject_hyperparams stores hyperparameters in the parameters' dtype: pass it "
+        "hyperparam_dtype=jnp.float32.", stacklevel=3)
 
 
 def num_selected(num: int, gamma: Any) -> Any:
