@@ -760,5 +760,75 @@ def test_scaled_sum_sq_nonfinite_and_empty(path):
       s, q = jax.jit(tree_scaled_sum_sq)({"a": jnp.asarray(values, jnp.float32)})
       assert ok(float(q)) and np.isfinite(float(s)) and float(s) > 0, (name, s, q)
 
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_asam_eps_enters_the_denominator_once(eps, eta):
+  """ε = ρ T² g / (‖T g‖ + eps) with an eps that is not negligible beside ‖T g‖."""
+  rng = np.random.default_rng(7)
+  p = {k: rng.standard_normal(n).astype(np.float32) for k, n in (("a", 5), ("b", 3))}
+  g = {k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in p.items()}
+  f64 = lambda t: jax.tree.map(np.float64, t)
+  want = np_perturbed(f64(p), f64(g), 0.7, adaptive=True, eta=eta, eps=eps)
+  got = perturbed_params(p, g, 0.7, adaptive=True, adaptive_eta=eta, eps=eps)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  # SAM's eps, for comparison (T = 1).
+  chex.assert_trees_all_close(perturbed_params(p, g, 0.7, eps=eps),
+                              np_perturbed(f64(p), f64(g), 0.7, eps=eps), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_float64_norms_hold_beyond_float32s_range(path, scale):
+  """A float64 norm of 5e200 (or 5e-200) neither overflows nor underflows, on either path;
+  SAM's and ASAM's ascent along a gradient of 1e200 is the unit direction."""
+  with jax.enable_x64(True), _norm_path(path):
+    g = {"w": np.array([3.0, 4.0]) * scale}
+    np.testing.assert_allclose(float(tree_norm(g)), 5 * scale, rtol=1e-12)
+    if scale > 1:
+      for adaptive in (False, True):  # T = |θ| = 1 for ASAM: ε = g / ‖g‖ either way
+        out = perturbed_params({"w": np.ones(2)}, g, 1.0, adaptive=adaptive)
+        np.testing.assert_allclose(np.asarray(out["w"]), [1.6, 1.8], rtol=1e-12)
+        assert out["w"].dtype == np.float64
+
+
+def test_python_number_aux_init_gives_a_state_of_fixed_types():
+  """aux_init=0.0 (a Python number) makes a strongly typed state: one compilation of the step."""
+  tx = ire_optax.sam(optax.sgd(0.1), rho=0.1, has_aux=True, aux_init=(0.0, 0))
+  params = {"w": jnp.ones(3)}
+  grad_fn = lambda q: (jax.tree.map(lambda w: 2 * w, q), (jnp.sum(q["w"]), jnp.int32(1)))
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    u, state = tx.update(jax.tree.map(lambda w: 2 * w, params), state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  assert not any(jax.typeof(x).weak_type for x in jax.tree.leaves(state))
+  for _ in range(3):
+    params, state = step(params, state)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: ire_optax.sam(optax.sgd(0.1), rho=0.1, has_aux=True,
+                                                        aux_init=jnp.int32(0), axis_name="d"),
+                                  lambda: ire_optax.gsam(optax.sgd(0.1), rho=0.1, has_aux=True,
+                                                         aux_init=jnp.int32(0), axis_name="d")])
+def test_an_integer_aux_averaged_over_devices_is_refused(make):
+  """The aux is averaged over ``axis_name``: an integer one would be truncated (1.75 -> 1)."""
+  tx = make()
+  params = {"w": jnp.ones(3)}
+  grad_fn = lambda q: (q, jnp.int32(1))
+
+  def step(params, dev):
+    del dev
+    return tx.update(params, tx.init(params), params, grad_fn=grad_fn)
+
+  with pytest.raises(TypeError, match="aux leaves of `grad_fn` must be floating point"):
+    jax.vmap(step, in_axes=(None, 0), axis_name="d")(params, jnp.arange(4))
+
+
 if __name__ == "__main__":
   absltest.main()

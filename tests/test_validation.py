@@ -192,7 +192,9 @@ BAD_INPUT = [
     _row("sam.update/inside optax.masked", lambda: optax.masked(
         ire_optax.sam(SGD), {"w": False}).init(P), TypeError, "perturb_mask"),
     *[_row(f"sam/every_k={v!r}", lambda v=v: ire_optax.sam(SGD, every_k=v), ValueError,
-           "`every_k` must be an integer >= 1") for v in (0, 1.5)],
+           "`every_k` must be an integer >= 1") for v in (0, 1.5, 2**31)],
+    _row("gsam/every_k=2**31", lambda: ire_optax.gsam(SGD, every_k=2**31), ValueError,
+         "`every_k` must be an integer >= 1"),
     _row("sam/every_k=schedule", lambda: ire_optax.sam(SGD, every_k=lambda t: 2), TypeError,
          "`every_k` must be an integer >= 1"),
     # ---------------------------------------------------------------- gsam

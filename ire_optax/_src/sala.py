@@ -89,7 +89,8 @@ def sala(
 
   The base optimizer's state is never reset. The returned update is
   ``θ_{t+1} − θ_t`` (computed in float32, cast to the params' dtypes), so
-  ``optax.apply_updates(params, updates)`` yields the new fast weights; do not
+  ``optax.apply_updates(params, updates)`` yields the new fast weights (after a
+  reset ``θ + (φ − θ)``: ``φ`` up to the rounding of that addition); do not
   modify the updates before applying them. Evaluate with the slow weights
   :func:`sala_eval_params` and follow the run with :func:`sala_stats`. The
   extra SAM gradient is evaluated under ``jax.lax.cond`` only on stage-2 cycle
@@ -139,8 +140,9 @@ def sala(
     training loss on the *current* batch.
 
   Raises:
-    ValueError: if ``sync_period < 1``, ``slow_step_size ∉ [0, 1]``, ``rho < 0``
-      or ``eps < 0``.
+    ValueError: if ``sync_period`` is not in ``[1, 2**31 - 1]``, ``slow_step_size ∉
+      [0, 1]``, ``rho < 0`` or ``eps`` is not a normal float32 ``> 0`` (``eps = 0``
+      included).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, ire_optax

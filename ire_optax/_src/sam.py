@@ -87,7 +87,9 @@ def _aux_template(aux_init: Any, params: Params) -> Any:
   if aux_init is None:
     return jnp.zeros((), jnp.float32)
   tree = aux_init(params) if callable(aux_init) else aux_init
-  return jax.tree.map(jnp.asarray, tree)
+  # Python numbers would give weakly typed arrays, which the first update makes strong: a
+  # second compilation of a jitted step.
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), tree)
 
 
 def _split_aux(out: Any, has_aux: bool, *, who: str) -> tuple[Any, Any]:
@@ -98,6 +100,14 @@ def _split_aux(out: Any, has_aux: bool, *, who: str) -> tuple[Any, Any]:
     raise TypeError(f"{who}: with has_aux=True, `grad_fn` must return a pair (gradient, aux); "
                     f"got a {type(out).__name__}.")
   return out
+
+
+def _check_float_aux(aux: Any, *, who: str, over: str) -> None:
+  """Raises unless every leaf of ``aux`` is floating point: it is averaged (over ``over``)."""
+  for x in jax.tree.leaves(aux):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      raise TypeError(f"{who}: the aux leaves of `grad_fn` must be floating point (they are "
+                      f"averaged over {over}); got {jnp.result_type(x)}.")
 
 
 def _match_aux(aux: Any, template: Any, *, who: str) -> Any:
@@ -213,7 +223,8 @@ def perturbed_params(
     y = jax.tree.map(lambda p, g: (t(p) / a) * g, params, x)
     c = utils.safe_scale(utils.tree_max_abs(y))  # T g / (a b c) has a largest entry of 1
     x = jax.tree.map(lambda v: v / c, y)
-    eps_x = ((eps / b) / a) / c
+    # x = (T / 2) g / (a b c), so ‖T g‖ + eps = 2 a b c (‖x‖ + eps / (2 a b c)).
+    eps_x = (((eps * 0.5) / b) / a) / c
     den = jnp.sqrt(utils.tree_sum_sq(x)) + eps_x
   else:
     # ‖g‖ = s √q (utils.tree_scaled_sum_sq: one pass over g on TPU and GPU, where s is a
@@ -372,7 +383,10 @@ def ascent_gradient(updates: Any, params: Params, rho_t: Any, extra_args: dict, 
                             who=who, check=check)
   g, aux = _split_aux(out, has_aux, who=who)
   g = utils.tree_cast_like(utils.pmean_if(g, axis_name), updates)
-  return clean, g, (utils.pmean_if(aux, axis_name) if has_aux else aux)
+  if has_aux and axis_name is not None:
+    _check_float_aux(aux, who=who, over=f"axis_name={axis_name!r}")
+    aux = utils.pmean_if(aux, axis_name)
+  return clean, g, aux
 
 
 def sam(
@@ -406,7 +420,8 @@ def sam(
   the whole tree and computed in float32. ``grad_fn`` is called exactly once per
   step, so a train step costs two gradients. The only extra parameter-sized
   buffer is :math:`\theta + \epsilon`. With ``rho=0`` the result is bit for bit
-  that of ``base_optimizer``.
+  that of ``base_optimizer`` (with ``every_k`` and no ``sam_hint`` under ``jit``:
+  up to XLA's rounding, as the step then runs under ``lax.cond``).
 
   Extra keyword arguments other than ``grad_fn`` are forwarded to the base
   optimizer, so ``sam`` nests, e.g. inside :func:`ire_optax.ire` (SAM-IRE, whose
@@ -685,9 +700,7 @@ def msam(
       return checked_grad(perturbed, microbatch)[0], aux
 
     def wide(x):
-      if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        raise TypeError("msam.update(): the aux leaves of `grad_fn` must be floating point "
-                        f"(they are averaged over the micro-batches); got {jnp.result_type(x)}.")
+      _check_float_aux(x, who="msam.update()", over="the micro-batches")
       return jnp.asarray(x, utils.compute_dtype(x))
 
     # With explicitly sharded params, vmap cannot stack the perturbed params along a micro-batch
@@ -762,7 +775,7 @@ def _make(
   to the state's ``aux`` (its fresh value from ``aux_init``).
   """
   if every_k is not None:
-    utils.check_int("every_k", every_k, low=1)
+    utils.check_int("every_k", every_k, low=1, high=utils.INT32_MAX)  # vs the int32 count
   every_step = every_k is None or utils.concrete_value(every_k) == 1
   base = optax.with_extra_args_support(base_optimizer)
 

@@ -445,16 +445,19 @@ def tree_max_abs(tree: Any, *, axis_name: str | None = None) -> jax.Array:
 
 
 def safe_scale(m: jax.Array) -> jax.Array:
-  """A divisor for values of magnitude up to ``m``: ``m`` clipped to ``[2**-120, 2**120]``.
+  """A divisor for values of magnitude up to ``m``: ``m`` clipped to ``[2**-120, 2**120]``
+  (float32; float64: ``[2**-1016, 2**1016]``, eight binades inside its normal range).
 
   Dividing by it brings the values to at most 256 in magnitude without
-  overflow, and its reciprocal is a normal float32 (XLA divides by multiplying
-  with the reciprocal, and flushes denormals to zero: ``x / 3e38`` is 0 on
-  CPU). ``m = 0``, inf or NaN gives 1, so the values pass unchanged and a
+  overflow, and its reciprocal is a normal number of ``m``'s dtype (XLA divides by
+  multiplying with the reciprocal, and flushes denormals to zero: ``x / 3e38`` is
+  0 on CPU). ``m = 0``, inf or NaN gives 1, so the values pass unchanged and a
   NaN/inf still shows in what is computed from them.
   """
+  m = jnp.asarray(m)
+  limit = 2.0 ** (int(jnp.finfo(m.dtype).maxexp) - 8)
   ok = (m > 0) & jnp.isfinite(m)
-  return jnp.where(ok, jnp.clip(m, 2.0**-120, 2.0**120), jnp.ones_like(m))
+  return jnp.where(ok, jnp.clip(m, 1.0 / limit, limit), jnp.ones_like(m))
 
 
 def _norm_scales(dtype: Any) -> tuple[float, float, float]:
