@@ -69,7 +69,14 @@ def of_params(model: nnx.Module, fn: Callable[..., Any], *bound: Any,
   rest = nnx.as_pure(rest)
 
   def at(params: Any, *args: Any) -> Any:
-    return fn(nnx.merge(graphdef, params, rest, copy=True), *bound, *args)
+    try:
+      merged = nnx.merge(graphdef, params, rest, copy=True)
+    except ValueError as e:  # e.g. "Incorrect number of leaves, expected 10 leaves, but got 6"
+      raise ValueError(
+          "ire_optax.nnx: the parameters the optimizer passed do not match "
+          f"wrt={getattr(wrt, '__name__', wrt)!s} of this helper ({e}); pass the helper the "
+          "`wrt` given to nnx.Optimizer.") from e
+    return fn(merged, *bound, *args)
 
   return at
 
@@ -104,7 +111,8 @@ def grad_fn(model: nnx.Module, loss_fn: Callable[..., Any], *bound: Any, wrt: An
     *bound: arguments passed to ``loss_fn`` after the model (e.g. the batch).
     wrt: the filter of the parameters, as given to ``nnx.Optimizer``.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; the gradient function then returns
-      ``(grads, aux)``.
+      ``(grads, aux)``. ``sam``/``gsam``/``msam(has_aux=True)`` keep that ``aux`` in their
+      state: pass them ``aux_init=`` an example of it unless it is a float32 scalar.
     stats: ``None``, or a filter of the model's other state, e.g. ``nnx.BatchStat``: the
       gradient function returns ``(grads, (out, state))``, with ``out`` what ``loss_fn``
       returned and ``state`` the matching state of the model after the forward pass (the

@@ -251,6 +251,7 @@ def test_optimizer_names():
     (["--opt", "sala", "--sala-sync-period", "0"], "sync_period"),
     (["--opt", "adamw+ire", "--ire-refresh-every", "0"], "refresh_every"),
     (["--opt", "sam", "--sam-every-k", "0"], "every_k"),
+    (["--branch-hints", "on", "--precision", "float16"], "--branch-hints on"),
 ])
 def test_an_out_of_range_value_is_a_one_line_usage_error(argv, message, capsys):
   """Refused on the command line (exit 2), before any data are read or a step compiled: the

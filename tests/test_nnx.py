@@ -446,6 +446,35 @@ def test_nnx_mistake_raises_a_short_error_naming_it(caller, mistake):
   assert "PyTreeDef" not in message
   if mistake != "returns another tree":
     assert "ire_optax.nnx." in message and "nnx.merge(graphdef" in message
+    # The hand-written fix takes the other state's values before the clean pass (else the
+    # perturbed pass draws other dropout masks).
+    assert "rest = nnx.as_pure(rest)" in message
+
+
+def test_a_helper_built_for_other_parameters_than_the_optimizers_names_wrt():
+  model = MLP(rngs=nnx.Rngs(0))
+  wrt = nnx.All(nnx.Param, nnx.PathContains("out"))
+  optimizer = nnx.Optimizer(model, ire_optax.sam(optax.sgd(0.1), rho=0.05), wrt=wrt)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    (_, grads), grad_fn = ire_nnx.value_and_grad(loss_fn, model, batch, wrt=wrt)
+    optimizer.update(model, grads, grad_fn=ire_nnx.grad_fn(model, loss_fn, batch))  # Param
+
+  with pytest.raises(ValueError, match=r"do not match wrt=Param of this helper.*`wrt` given "
+                                       r"to nnx.Optimizer"):
+    step(model, optimizer, batches(1)[0])
+
+
+def test_an_aux_without_aux_init_says_what_the_default_is():
+  model = MLP(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ire_optax.sam(optax.sgd(0.1), has_aux=True), wrt=nnx.Param)
+  with_acc = lambda m, b: (loss_fn(m, b), {"acc": jnp.float32(1.0)})
+  with pytest.raises(ValueError, match=r"default aux \(no `aux_init`: a float32 scalar\).*"
+                                       r"Pass `aux_init=`"):
+    batch = batches(1)[0]
+    (_, grads), grad_fn = ire_nnx.value_and_grad(with_acc, model, batch, has_aux=True)
+    optimizer.update(model, grads, grad_fn=grad_fn)
 
 
 def test_plain_jax_grad_fn_that_ignores_params_is_refused_for_every_optimizer():

@@ -638,6 +638,18 @@ def test_bad_input_raises_clear_error(call, match):
     call()
 
 
+@pytest.mark.parametrize("fn", [
+    lambda p: sh.top_hessian_eigs(lambda q, b: q["step"] * jnp.sum(q["w"] ** 2), p, None,
+                                  key=_KEY),
+    lambda p: sh.hessian_trace(lambda q, b: jnp.sum(q["w"] ** 2), p, None, key=_KEY),
+    lambda p: sh.sam_sharpness(lambda q, b: jnp.sum(q["w"] ** 2), p, None),
+])
+def test_an_integer_leaf_is_refused_not_differentiated(fn):
+  """An int32 leaf would become a coordinate of the Hessian (top eigenvalue 7.58, not 6)."""
+  with pytest.raises(TypeError, match="must be a real floating array.*int32"):
+    fn({"w": jnp.ones(3), "step": jnp.int32(3)})
+
+
 def test_missing_callback_is_the_same_type_error_as_in_ire():
   with pytest.raises(TypeError, match="needs the keyword argument `logits_fn`"):
     sh.hessian_diagonal(_LOSS, _P, None, key=_KEY, method="fisher")

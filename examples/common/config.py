@@ -314,6 +314,7 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.example must be one of {tuple(KINDS)}; "
                        f"got {self.example!r}.")
     check_fields(self)
+    check_branch_hints(self.branch_hints, self.precision)
     # Unset data and size: the example's defaults (frozen: set once, here).
     if self.data.spec is None:
       object.__setattr__(self, "data", dataclasses.replace(self.data,
@@ -332,6 +333,17 @@ class TrainConfig:
     """``name``, or ``<example>-<optimizer>`` (``llama-adamw+ire``)."""
     algo, ire = self.optimizer.algorithm
     return self.name or f"{self.example}-{algo}{'+ire' if ire else ''}"
+
+
+def check_branch_hints(branch_hints: str, precision: str) -> None:
+  """Raises for a ``branch_hints`` value the train step cannot honour at ``precision``."""
+  if branch_hints not in ("auto", "on", "off"):
+    raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
+  if branch_hints == "on" and precision == "float16":
+    raise ValueError("branch_hints='on' (--branch-hints on) cannot be used with "
+                     "precision='float16': a skipped step leaves the optimizer's step count "
+                     "behind the loop's, which the hints are read from. Use 'auto' (off in "
+                     "float16) or 'off'.")
 
 
 # Fields that do not change what a train step computes (the loop's settings and outputs).

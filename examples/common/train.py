@@ -62,7 +62,7 @@ import ire_optax
 
 from . import data as data_lib
 from . import models, optim, plots
-from .config import LOOP_ONLY_FIELDS, PRECISIONS, TrainConfig, to_dict
+from .config import LOOP_ONLY_FIELDS, PRECISIONS, TrainConfig, check_branch_hints, to_dict
 
 
 class TrainState(NamedTuple):
@@ -350,12 +350,7 @@ def make_train_step(graphdef, spec: optim.OptSpec, *, num_classes: int,
 def hints_at(spec: optim.OptSpec, branch_hints: str, precision: str
              ) -> Callable[[int], tuple] | None:
   """``step -> static hints`` of :func:`make_train_step`'s ``branch_hints`` (None: off)."""
-  if branch_hints not in ("auto", "on", "off"):
-    raise ValueError(f"branch_hints must be 'auto', 'on' or 'off'; got {branch_hints!r}.")
-  if branch_hints == "on" and precision == "float16":
-    raise ValueError("branch_hints='on' cannot be used with precision='float16': a skipped "
-                     "step leaves the optimizer's step count behind the loop's, which the "
-                     "hints are read from. Use 'auto' (off in float16) or 'off'.")
+  check_branch_hints(branch_hints, precision)
   use = branch_hints == "on" or (branch_hints == "auto" and precision != "float16")
   return spec.hints if use else None
 

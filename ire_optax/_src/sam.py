@@ -110,10 +110,18 @@ def _check_float_aux(aux: Any, *, who: str, over: str) -> None:
                       f"averaged over {over}); got {jnp.result_type(x)}.")
 
 
-def _match_aux(aux: Any, template: Any, *, who: str) -> Any:
-  """``aux`` cast to the dtypes of ``template`` (the state's ``aux``); raises if it differs."""
+def _match_aux(aux: Any, template: Any, *, who: str, default: bool = False) -> Any:
+  """``aux`` cast to the dtypes of ``template`` (the state's ``aux``); raises if it differs.
+
+  ``default``: ``template`` is the default ``aux_init`` (a float32 scalar), not the user's.
+  """
+  if default:
+    like_name, hint = ("the default aux (no `aux_init`: a float32 scalar)",
+                       " Pass `aux_init=` an example of the aux `grad_fn` returns.")
+  else:
+    like_name, hint = "`aux_init`", " (the state's aux keeps one structure)"
   utils.check_like(aux, template, what="the aux output of `grad_fn`", who=who,
-                   like_name="`aux_init`", hint=" (the state's aux keeps one structure)")
+                   like_name=like_name, hint=hint)
   return utils.tree_cast_like(aux, template)
 
 
@@ -802,7 +810,8 @@ def _make(
       out = surrogate(updates, params, rho_t, args, state.count)
       if not has_aux:
         return out, ()
-      return out[0], _match_aux(out[1], state.aux, who=f"{who}.update()")
+      return out[0], _match_aux(out[1], state.aux, who=f"{who}.update()",
+                                default=aux_init is None)
 
     if every_step:
       g, aux = ascend(extra_args)

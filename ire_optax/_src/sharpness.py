@@ -67,7 +67,17 @@ _BREAKDOWN_TOL = 1e-6  # Lanczos: beta <= tol * ||H|| (estimate) means an invari
 # -----------------------------------------------------------------------------
 
 
-def _f32(tree: Any) -> Any:
+def _f32(tree: Any, what: str = "params") -> Any:
+  """``tree`` in float32; raises unless every leaf is a real floating array (an integer
+  leaf would otherwise become a coordinate of the Hessian)."""
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"ire_optax.sharpness: every leaf of `{what}` must be a real floating array (the "
+          f"Hessian is taken with respect to each); got a leaf of dtype {dtype}. Pass the "
+          "floating parameters only (e.g. nnx.split(model, nnx.Param, ...)) and close over "
+          "the rest in `loss_fn`.")
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
@@ -191,7 +201,7 @@ def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
       for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(params), strict=True)):
     raise ValueError("`v` must have the tree structure and shapes of `params`; got "
                      f"{jax.tree.map(jnp.shape, v)} for params {jax.tree.map(jnp.shape, params)}.")
-  return estimators.hvp(_grad_fn(loss_fn, batch), params32, _f32(v))
+  return estimators.hvp(_grad_fn(loss_fn, batch), params32, _f32(v, "v"))
 
 
 # -----------------------------------------------------------------------------

@@ -188,13 +188,14 @@ def check_gradient(out: Any, like: Any, *, who: str) -> Any:
 
 def nnx_fix(name: str) -> str:
   """How a Flax NNX user writes the callback ``name`` (``grad_fn`` or ``logits_fn``)."""
-  call = ("jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest, copy=True)))(p)"
+  call = ("jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest, copy=True), batch))(p)"
           if name == "grad_fn" else "nnx.merge(graphdef, p, rest, copy=True)(x)")
-  helper = ("grad_fn(model, loss_fn, ...)" if name == "grad_fn" else
+  helper = ("grad_fn(model, loss_fn, batch)" if name == "grad_fn" else
             "of_params(model, lambda m: m(x))")
   return (f"`{name}` gets the parameters (with nnx.Optimizer an nnx.State of arrays), not the "
-          f"Module: evaluate the model at them, lambda p: {call} with graphdef, _, rest = "
-          f"nnx.split(model, nnx.Param, ...), or use ire_optax.nnx.{helper} (docs/nnx.md).")
+          f"Module: use ire_optax.nnx.{helper} (docs/nnx.md), or lambda p: {call} with "
+          "graphdef, _, rest = nnx.split(model, nnx.Param, ...); rest = nnx.as_pure(rest) "
+          "before the clean pass (its dropout masks).")
 
 
 def is_nnx_variable(x: Any) -> bool:
