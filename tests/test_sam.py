@@ -830,5 +830,35 @@ def test_an_integer_aux_averaged_over_devices_is_refused(make):
     jax.vmap(step, in_axes=(None, 0), axis_name="d")(params, jnp.arange(4))
 
 
+
+@pytest.mark.parametrize("mode", ["vmap", "scan", "unroll"])
+def test_msam_exports_with_a_symbolic_batch_size(mode):
+  """jax.export with a batch of symbolic size 2*b (2 micro-batches): one exported step serves
+  every such batch and equals the jitted step; a size 'b' is refused, naming the fix."""
+  loss = lambda p, mb: jnp.mean((mb["x"] @ p - mb["y"]) ** 2)
+  tx = ire_optax.msam(optax.sgd(0.1), rho=0.05, num_microbatches=2, microbatch_mode=mode)
+  params = jnp.asarray([0.5, -1.0, 2.0])
+
+  def step(p, s, batch):
+    u, s = tx.update(None, s, p, grad_fn=jax.grad(loss), batch=batch)
+    return optax.apply_updates(p, u), s
+
+  def spec(dim):
+    return {"x": jax.ShapeDtypeStruct((dim, 3), jnp.float32),
+            "y": jax.ShapeDtypeStruct((dim,), jnp.float32)}
+
+  state = tx.init(params)
+  exported = jax.export.export(jax.jit(step))(params, state, spec(
+      jax.export.symbolic_shape("2*b")[0]))
+  rng = np.random.default_rng(0)
+  for n in (4, 10):
+    batch = {"x": jnp.asarray(rng.standard_normal((n, 3)), jnp.float32),
+             "y": jnp.asarray(rng.standard_normal(n), jnp.float32)}
+    chex.assert_trees_all_close(exported.call(params, state, batch),
+                                jax.jit(step)(params, state, batch), rtol=1e-6)
+  with pytest.raises(ValueError, match="symbolic size such as '2\\*b'"):
+    jax.export.export(jax.jit(step))(params, state, spec(jax.export.symbolic_shape("b")[0]))
+
+
 if __name__ == "__main__":
   absltest.main()

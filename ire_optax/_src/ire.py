@@ -150,7 +150,9 @@ def ire(
       else it is taken for a schedule).
     ema_decay: for ``"grad_sq"`` only: if set, rank an EMA of ``g²`` with this
       decay in [0, 1), updated every step (one float32 buffer per parameter).
-    num_samples: probes per refresh for ``"hutchinson"``.
+    num_samples: probes per refresh for ``"hutchinson"`` (under
+      :func:`optax.inject_hyperparams` in ``static_args=("num_samples",)``, even
+      at its default: the number of probes is static).
     seed: seed of the PRNG key used by the random estimators.
     axis_name: data-parallel axis (``pmap``/``shard_map``): the curvature
       estimate is averaged over it before ranking, so every device selects

@@ -276,17 +276,17 @@ def split_batch(
     raise ValueError(
         f"{who}: every leaf of `batch` needs a leading batch dimension; found a scalar."
     )
-  sizes = {int(jnp.shape(x)[0]) for x in leaves}
+  sizes = {jnp.shape(x)[0] for x in leaves}  # ints, or symbolic (jax.export) dimensions
   if len(sizes) != 1:
-    raise ValueError(
-        f"{who}: all leaves of `batch` must share the leading batch size; got {sorted(sizes)}."
-    )
+    raise ValueError(f"{who}: all leaves of `batch` must share the leading batch size; got "
+                     f"{sorted(sizes, key=str)}.")
   (size,) = sizes
-  if size % num_microbatches:
+  if not size % num_microbatches == 0:  # (a symbolic "b" compares unequal: export "m*b")
     raise ValueError(
         f"{who}: the leading size of `batch` ({size}) is not divisible by `num_microbatches` "
         f"({num_microbatches}); `num_microbatches`={num_microbatches} must divide the batch "
-        "size."
+        "size (with jax.export, give the batch a symbolic size such as "
+        f"'{num_microbatches}*b')."
     )
   if layout == "replicated":
     # vmap over a batch axis sharded in the type is not supported: gather first
