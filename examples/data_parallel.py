@@ -103,7 +103,8 @@ def put(tree, sharding):
 
 
 def build_step(cfg, placement: str, mesh, graphdef, stats, num_classes: int):
-  """``(spec, step)``: the optimizer and the train step of ``placement`` over ``mesh``."""
+  """``(spec, step)``: the optimizer and the train step of ``placement`` over ``mesh`` (not
+  for lookahead, which :func:`main` refuses)."""
   import jax
 
   from examples.common import optim, train
@@ -115,8 +116,6 @@ def build_step(cfg, placement: str, mesh, graphdef, stats, num_classes: int):
   if placement == "gspmd":
     # The unchanged step: XLA partitions it along the batch's sharding.
     spec = optim.build_optimizer(cfg.optimizer, cfg.steps, seed=cfg.seed, model_stats=stats)
-    if spec.lookahead:
-      raise SystemExit("the data-parallel example does not cover lookahead.")
     return spec, train.make_train_step(graphdef, spec, **loss_options,
                                        fast_compile=cfg.fast_compile,
                                        branch_hints=cfg.branch_hints)
@@ -162,7 +161,8 @@ def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[Any, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  args = make_parser().parse_args(argv)
+  parser = make_parser()
+  args = parser.parse_args(argv)
   setup_devices(args)
 
   import jax
@@ -170,10 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
 
   from examples.common import cli, config, train
 
-  cfg = cli.to_config(args, cli.get_config("llama"))
+  cfg = cli.checked_config(parser, args, cli.get_config("llama"))
   n = jax.device_count()
   if cfg.batch_size % n:
-    raise SystemExit(f"--batch-size {cfg.batch_size} must divide by the {n} devices.")
+    parser.error(f"--batch-size {cfg.batch_size} must divide by the {n} devices.")
+  if cfg.optimizer.algorithm[0] == "lookahead":
+    parser.error("the data-parallel example does not cover lookahead.")
   # Auto axes: GSPMD propagates the batch sharding through model code that has no
   # sharding annotations (an Explicit mesh would ask the model for them).
   mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -252,6 +252,9 @@ def test_optimizer_names():
     (["--opt", "adamw+ire", "--ire-refresh-every", "0"], "refresh_every"),
     (["--opt", "sam", "--sam-every-k", "0"], "every_k"),
     (["--branch-hints", "on", "--precision", "float16"], "--branch-hints on"),
+    (["--momentum", "1.5"], "momentum"),
+    (["--lr", "-1"], "lr"),
+    (["--opt", "msam", "--num-microbatches", "3", "--batch-size", "16"], "--num-microbatches 3"),
 ])
 def test_an_out_of_range_value_is_a_one_line_usage_error(argv, message, capsys):
   """Refused on the command line (exit 2), before any data are read or a step compiled: the
@@ -261,6 +264,22 @@ def test_an_out_of_range_value_is_a_one_line_usage_error(argv, message, capsys):
   err = capsys.readouterr().err
   assert e.value.code == 2 and "Traceback" not in err
   assert message in [line for line in err.splitlines() if "error:" in line][0], err
+
+
+@pytest.mark.parametrize("example,argv,message", [
+    ("resnet", ["--depth", "7"], "6n+2"),
+    ("resnet", ["--data", "bogus"], "bogus"),
+    ("vit", ["--heads", "5"], "heads"),
+])
+def test_what_the_data_or_the_model_refuses_is_a_one_line_usage_error(example, argv, message,
+                                                                     capsys, tmp_path):
+  module = __import__(f"examples.{example}", fromlist=["main"])
+  with pytest.raises(SystemExit) as e:
+    module.main(argv + ["--steps", "1", "--out", str(tmp_path), "--no-progress"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err
+  assert message in [line for line in err.splitlines() if "error:" in line][0], err
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 def test_a_held_out_text_too_short_for_one_window_is_refused_before_training():
@@ -412,6 +431,43 @@ def test_checkpoint_files_and_fresh_runs(tmp_path):
   res = run("--resume")
   assert [r["step"] for r in train.read_metrics(tmp_path / "r")] == [1, 2]
   assert res.summary["eval_loss"] is not None
+  # A fresh run that writes no checkpoint still removes the old ones (a later --resume would
+  # continue the old run).
+  run("--no-checkpoint")
+  assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resuming_with_other_flags_is_refused(tmp_path, capsys):
+  """--resume continues a checkpoint only with the run's own configuration (the loop's
+  settings, such as --stop-after, may change): a usage error on the command line."""
+  argv = TOY["mlp"] + ["--steps", "4", "--log-every", "2", "--eval-every", "0",
+                       "--eval-batches", "1", "--no-plot", "--no-progress", "--fast-compile",
+                       "--out", str(tmp_path), "--name", "r"]
+  train.run(cli.parse("mlp", argv + ["--stop-after", "2"]), quiet=True)
+  with pytest.raises(ValueError, match=r"optimizer.lr: 0.1 -> 0.5"):
+    train.run(cli.parse("mlp", argv + ["--lr", "0.5", "--resume"]), quiet=True)
+  from examples import mlp
+  with pytest.raises(SystemExit) as e:
+    mlp.main(argv + ["--lr", "0.5", "--resume"])
+  assert e.value.code == 2 and "trained with another configuration" in capsys.readouterr().err
+  train.run(cli.parse("mlp", argv + ["--resume", "--stop-after", "1"]), quiet=True)
+  assert [r["step"] for r in train.read_metrics(tmp_path / "r")] == [2, 3]
+
+
+def test_a_stop_off_the_logging_cadence_leaves_the_log_of_one_run(tmp_path):
+  """--stop-after 3 logs step 3 (where it stops), and --resume drops that record: the
+  resumed log and the summary's training loss are those of one uninterrupted run."""
+  base = TOY["mlp"] + ["--steps", "4", "--log-every", "2", "--eval-every", "0",
+                       "--eval-batches", "1", "--no-plot", "--no-progress", "--fast-compile",
+                       "--out", str(tmp_path)]
+  run = lambda *argv: train.run(cli.parse("mlp", base + list(argv)), quiet=True)
+  full = run("--name", "full")
+  assert [r["step"] for r in train.read_metrics(tmp_path / "full")] == [2, 4]
+  run("--name", "part", "--stop-after", "3")
+  assert [r["step"] for r in train.read_metrics(tmp_path / "part")] == [2, 3]
+  resumed = run("--name", "part", "--resume")
+  assert [r["step"] for r in train.read_metrics(tmp_path / "part")] == [2, 4]
+  assert resumed.summary["train_loss"] == full.summary["train_loss"]
 
 
 # -----------------------------------------------------------------------------
@@ -440,6 +496,11 @@ def test_outputs_csv_jsonl_png(tmp_path, capsys):
 
   out = plot.main([str(run), str(run), "-o", str(tmp_path / "both.png")])
   assert out.read_bytes()[:4] == b"\x89PNG"
+  # Runs of one name from two comparisons keep both curves, told apart by their parents.
+  assert plot.labels([tmp_path / "llama" / "adamw", tmp_path / "llama-2" / "adamw",
+                      tmp_path / "llama" / "sam"]) == ["llama/adamw", "llama-2/adamw", "llama/sam"]
+  with pytest.raises(SystemExit):  # not a run directory: a usage error
+    plot.main([str(tmp_path), "-o", str(tmp_path / "none.png")])
 
 
 def test_reported_speed_excludes_compilation(tmp_path, monkeypatch):

@@ -128,10 +128,16 @@ def parse(example: str, argv: list[str] | None = None) -> config_lib.TrainConfig
   """
   defaults = get_config(example)
   parser = make_parser(example, defaults)
-  namespace = parser.parse_args(argv)
+  return checked_config(parser, parser.parse_args(argv), defaults)
+
+
+def checked_config(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                   defaults: config_lib.TrainConfig) -> config_lib.TrainConfig:
+  """:func:`to_config`, checked by the config and by the optimizer's own checks of its
+  hyperparameters (before any data are read); an invalid value is ``parser.error``."""
   try:
     cfg = to_config(namespace, defaults)
-    from . import optim  # the optimizer's own checks of its hyperparameters, before any data
+    from . import optim
     optim.build_optimizer(cfg.optimizer, cfg.steps)
   except ValueError as e:
     parser.error(str(e))
@@ -139,7 +145,20 @@ def parse(example: str, argv: list[str] | None = None) -> config_lib.TrainConfig
 
 
 def main(example: str, argv: list[str] | None = None):
-  """Entry point of ``python -m examples.<example>``: parses ``argv`` and trains."""
+  """Entry point of ``python -m examples.<example>``: parses ``argv`` and trains.
+
+  What only the data or the model can refuse (a data spec that names no data set, a missing
+  directory, a ResNet depth that is not 6n+2, heads that do not divide the width) is a
+  one-line usage error too, before any training, and so is a ``--resume`` of a run trained
+  with other flags.
+  """
   from . import train
 
-  return train.run(parse(example, argv))
+  cfg = parse(example, argv)
+  try:
+    train.check_resume(cfg)
+    data = train.load_data(cfg)
+    model = train.build_model(cfg, data).model
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    make_parser(example, get_config(example)).error(str(e))
+  return train.run(cfg, data=data, model=model)

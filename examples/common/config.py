@@ -176,25 +176,25 @@ class OptimizerConfig:
                      metavar="NAME")
   base: str = option("adamw", "base optimizer that sam/asam/gsam/msam/sala/lookahead drive "
                      "(%(default)s)", group=_O, choices=("adamw", "sgd"))
-  lr: float = option(1e-3, "peak learning rate (%(default)s)", group=_O)
+  lr: float = option(1e-3, "peak learning rate (%(default)s)", group=_O, low=0)
   schedule: str = option("cosine", "decay after warm-up (%(default)s)", group=_O,
                          choices=("cosine", "constant", "linear"))
   warmup_steps: float = option(0.0, "linear learning-rate warm-up: steps, or a fraction of "
                                "--steps if < 1 (%(default)s)", group=_O,
                                parse=steps_or_fraction, metavar="N")
   final_lr_ratio: float = option(0.0, "learning rate at the end of the decay / peak "
-                                 "(%(default)s)", group=_O)
+                                 "(%(default)s)", group=_O, low=0, high=1)
   weight_decay: float = option(0.0, "decoupled for adamw, L2 for sgd; applied to the "
-                               "parameters of --decay-mask (%(default)s)", group=_O)
+                               "parameters of --decay-mask (%(default)s)", group=_O, low=0)
   decay_mask: str = option("weights", "parameters weight decay applies to: weights (matrices "
                            "and kernels, not biases or norm scales) or all (%(default)s)",
                            group=_O, choices=DECAY_MASKS)
   clip_norm: float = option(0.0, "clip the gradient's global norm (0: off) (%(default)s)",
-                            group=_O)
-  b1: float = option(0.9, "adamw beta1 (%(default)s)", group=_O)
-  b2: float = option(0.999, "adamw beta2 (%(default)s)", group=_O)
-  eps: float = option(1e-8, "adamw epsilon (%(default)s)", group=_O)
-  momentum: float = option(0.9, "sgd momentum (%(default)s)", group=_O)
+                            group=_O, low=0)
+  b1: float = option(0.9, "adamw beta1 (%(default)s)", group=_O, low=0, high=1)
+  b2: float = option(0.999, "adamw beta2 (%(default)s)", group=_O, low=0, high=1)
+  eps: float = option(1e-8, "adamw epsilon (%(default)s)", group=_O, low=0)
+  momentum: float = option(0.9, "sgd momentum (%(default)s)", group=_O, low=0, high=1)
   nesterov: bool = option(False, "sgd with Nesterov momentum", group=_O)
 
   rho: float | None = option(None, "SAM/ASAM/GSAM/mSAM/SALA radius (default: sam 0.05, asam "
@@ -203,23 +203,23 @@ class OptimizerConfig:
                              "(peak lr) down to --rho-min (final lr), GSAM's schedule "
                              "(%(default)s)", group=_S, choices=("constant", "lr"))
   rho_min: float = option(0.0, "radius at the final learning rate with --rho-schedule lr "
-                          "(%(default)s)", group=_S)
+                          "(%(default)s)", group=_S, low=0)
   gsam_alpha: float = option(0.6, "GSAM's surrogate-gap weight alpha (%(default)s)", group=_S)
   sam_every_k: int = option(1, "sam/asam/gsam: the ascent every k-th step only, plain base "
                             "steps between (cost 1 + 1/k gradients) (%(default)s)", group=_S)
   perturb: str = option("all", "leaves the SAM ascent perturbs (one global norm): all, or "
                         "weight matrices and kernels only, not biases and norm scales "
                         "(%(default)s)", group=_S, choices=("all", "weights"))
-  num_microbatches: int = option(2, "mSAM micro-batches per batch (%(default)s)", group=_S)
+  num_microbatches: int = option(2, "mSAM micro-batches per batch (%(default)s)", group=_S, low=1)
   microbatch_mode: str = option("auto", "mSAM over micro-batches: vmap (vectorised), scan "
                                 "(sequential, least memory), unroll (sequential, unrolled: "
                                 "fastest on CPU), auto (unroll on CPU, vmap elsewhere) "
                                 "(%(default)s)", group=_S,
                                 choices=("auto", "vmap", "scan", "unroll"))
   sala_sync_period: int = option(2, "SALA k (%(default)s)", group=_S)
-  sala_slow_step: float = option(0.5, "SALA alpha (%(default)s)", group=_S)
-  la_sync_period: int = option(5, "Lookahead k (%(default)s)", group=_S)
-  la_slow_step: float = option(0.8, "Lookahead alpha (%(default)s)", group=_S)
+  sala_slow_step: float = option(0.5, "SALA alpha (%(default)s)", group=_S, low=0, high=1)
+  la_sync_period: int = option(5, "Lookahead k (%(default)s)", group=_S, low=1)
+  la_slow_step: float = option(0.8, "Lookahead alpha (%(default)s)", group=_S, low=0, high=1)
 
   ire: bool = option(False, "wrap the optimizer in IRE (same as +ire)", group=_I)
   ire_kappa: float = option(3.0, "flat coordinates take (1+kappa)x the base step "
@@ -238,7 +238,7 @@ class OptimizerConfig:
                                    "(%(default)s)", group=_I, choices=("constant", "lr"))
   ire_gamma_end: float | None = option(None, "grow gamma linearly from --ire-gamma to this "
                                        "value over the run (default: constant gamma)",
-                                       group=_I)
+                                       group=_I, low=0, high=1)
 
   def __post_init__(self):
     parse_name(self.name)
@@ -315,6 +315,10 @@ class TrainConfig:
                        f"got {self.example!r}.")
     check_fields(self)
     check_branch_hints(self.branch_hints, self.precision)
+    if self.optimizer.algorithm[0] == "msam" and self.batch_size % self.optimizer.num_microbatches:
+      raise ValueError(f"TrainConfig.batch_size (--batch-size {self.batch_size}) must be "
+                       "divisible by OptimizerConfig.num_microbatches (--num-microbatches "
+                       f"{self.optimizer.num_microbatches}) for mSAM.")
     # Unset data and size: the example's defaults (frozen: set once, here).
     if self.data.spec is None:
       object.__setattr__(self, "data", dataclasses.replace(self.data,

@@ -434,17 +434,28 @@ def evaluate(graphdef, params, stats, batches: Iterable[dict], *,
 # -----------------------------------------------------------------------------
 
 
+def _cadence(cfg: TrainConfig, done: int) -> tuple[bool, bool]:
+  """``(evaluate, log)`` after ``done`` steps, by the run's cadence (``--stop-after`` also logs
+  where it stops)."""
+  do_eval = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
+  return do_eval, do_eval or done % cfg.log_every == 0
+
+
 class MetricsLog:
   """Appends one JSON record per line to ``metrics.jsonl``; writes ``metrics.csv`` at the end."""
 
-  def __init__(self, run_dir: Path, *, resume_step: int | None):
+  def __init__(self, run_dir: Path, *, resume_step: int | None,
+               on_cadence: Callable[[int], bool] = lambda step: True):
     self.path = run_dir / "metrics.jsonl"
     self.records: list[dict] = []
     if resume_step is not None and self.path.exists():
-      # Keep what was logged up to the checkpoint; later lines will be redone.
+      # Keep what was logged up to the checkpoint (later lines will be redone), but not the
+      # record an earlier --stop-after wrote off the cadence: one run in two invocations logs
+      # what one uninterrupted run logs.
       for line in self.path.read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("step", 0) <= resume_step:
+        step = rec.get("step", 0)
+        if step < resume_step or (step == resume_step and on_cadence(step)):
           self.records.append(rec)
     self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
@@ -611,9 +622,11 @@ class Checkpoints:
     self.ocp, self.cfg = ocp, cfg
     self.dir = (run_dir / "checkpoints").absolute()
     self.manager = None
+    if not cfg.resume and self.dir.exists():
+      # A fresh run replaces the old one's checkpoints, also when it writes none (a later
+      # --resume would otherwise continue the old run).
+      shutil.rmtree(self.dir)
     if not cfg.no_checkpoint or cfg.resume:
-      if not cfg.resume and self.dir.exists():
-        shutil.rmtree(self.dir)  # a fresh run replaces the old one's checkpoints
       self.manager = ocp.CheckpointManager(
           self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints))
 
@@ -677,11 +690,39 @@ def run(cfg: TrainConfig, *, data: Any = None, model: nnx.Module | None = None,
   return _train(cfg, task, graphdef, spec, params, stats, quiet=quiet)
 
 
+def check_resume(cfg: TrainConfig) -> None:
+  """Raises ``ValueError`` if ``--resume`` would continue a checkpoint trained with another
+  configuration (any field but the loop's settings, :data:`~examples.common.config.
+  LOOP_ONLY_FIELDS`): the run would silently mix two configurations."""
+  run_dir = Path(cfg.out) / cfg.run_name
+  ckpts = run_dir / "checkpoints"
+  if not (cfg.resume and (run_dir / "config.json").is_file() and ckpts.is_dir()
+          and any(p.name.isdigit() for p in ckpts.iterdir())):
+    return
+  def flat(d: dict, prefix: str = "") -> dict:  # {"optimizer.lr": 0.1, ...}
+    out = {}
+    for k, v in d.items():
+      if not prefix and k in LOOP_ONLY_FIELDS:
+        continue
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+  old = flat(json.loads((run_dir / "config.json").read_text()))
+  new = flat(json.loads(json.dumps(to_dict(cfg), default=str)))
+  changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+  if changed:
+    raise ValueError(f"--resume: the checkpoints in {run_dir} were trained with another "
+                     f"configuration ({'; '.join(changed)}); resume with the run's own flags, "
+                     "or start a fresh run (another --name, or no --resume).")
+
+
 def _train(cfg: TrainConfig, task: Task, graphdef, spec: optim.OptSpec, params, stats, *,
            quiet: bool) -> RunResult:
   """The loop of :func:`run` over a built model and optimizer."""
   name = cfg.run_name
   run_dir = Path(cfg.out) / name
+  check_resume(cfg)
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
   num_params = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -694,7 +735,7 @@ def _train(cfg: TrainConfig, task: Task, graphdef, spec: optim.OptSpec, params, 
   if resumed is not None and not quiet:
     print(f"resumed {name} from step {resumed}")
   start = resumed or 0
-  log = MetricsLog(run_dir, resume_step=resumed)
+  log = MetricsLog(run_dir, resume_step=resumed, on_cadence=lambda s: _cadence(cfg, s)[1])
   stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
   loop = _Loop(cfg, task, graphdef, spec, step_fn, log, name, quiet=quiet)
   state = loop.train(state, start, stop, ckpt)
@@ -753,8 +794,8 @@ class _Loop:
         jax.block_until_ready(metrics)
         self.first_step_s = self.compile_s + time.perf_counter() - t0  # not in the rates
         self.t_window, self.n_window = time.perf_counter(), 0
-      do_eval = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
-      if do_eval or done % cfg.log_every == 0 or done == stop:
+      do_eval, do_log = _cadence(cfg, done)
+      if do_log or done == stop:
         self._record(state, metrics, done, do_eval)
       if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != stop:
         ckpt.save(state, done)
