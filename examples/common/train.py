@@ -700,7 +700,7 @@ def check_resume(cfg: TrainConfig) -> None:
           and any(p.name.isdigit() for p in ckpts.iterdir())):
     return
   def flat(d: dict, prefix: str = "") -> dict:  # {"optimizer.lr": 0.1, ...}
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in d.items():
       if not prefix and k in LOOP_ONLY_FIELDS:
         continue
