@@ -317,11 +317,12 @@ def check_fraction(name: str, gamma: Any) -> None:
   float16 parameters stores it in their dtype) warns: 0.6 is then 0.6015625.
   """
   dtype = getattr(gamma, "dtype", None)
-  narrow = dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
-      jnp.dtype(dtype).itemsize < 8
-  utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=narrow)
+  bits = 8 * jnp.dtype(dtype).itemsize if dtype is not None and jnp.issubdtype(
+      dtype, jnp.floating) else 64  # a Python float is a float64
+  utils.check_range(name, gamma, low=0.0, high=1.0, low_inclusive=False,
+                    high_inclusive=bits <= 32)
   utils.check_not_schedule(name, gamma, "the fraction of coordinates selected")
-  if narrow and jnp.dtype(dtype).itemsize < 4:
+  if bits < 32:
     warnings.warn(
         f"`{name}` is {jnp.dtype(dtype).name}, so k = max(1, ⌊γN⌋) is counted from γ rounded to "
         f"{jnp.dtype(dtype).name} (0.6 is 0.6015625 in bfloat16; 0.999 is 1, every coordinate). "

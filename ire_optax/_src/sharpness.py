@@ -70,14 +70,10 @@ _BREAKDOWN_TOL = 1e-6  # Lanczos: beta <= tol * ||H|| (estimate) means an invari
 def _f32(tree: Any, what: str = "params") -> Any:
   """``tree`` in float32; raises unless every leaf is a real floating array (an integer
   leaf would otherwise become a coordinate of the Hessian)."""
-  for x in jax.tree.leaves(tree):
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-          f"ire_optax.sharpness: every leaf of `{what}` must be a real floating array (the "
-          f"Hessian is taken with respect to each); got a leaf of dtype {dtype}. Pass the "
-          "floating parameters only (e.g. nnx.split(model, nnx.Param, ...)) and close over "
-          "the rest in `loss_fn`.")
+  utils.check_float_tree(
+      tree, what=what, who="ire_optax.sharpness",
+      hint=" The Hessian is taken with respect to every leaf: pass the floating parameters "
+           "only (e.g. nnx.split(model, nnx.Param, ...)) and close over the rest in `loss_fn`.")
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 

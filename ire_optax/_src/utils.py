@@ -128,23 +128,25 @@ def check_axis_name(name: str, value: Any) -> None:
                   f"{value!r} ({type(value).__name__}).")
 
 
-def check_float_tree(tree: Any, *, what: str, who: str) -> None:
+def check_float_tree(tree: Any, *, what: str, who: str, hint: str | None = None) -> None:
   """Raises ``TypeError`` unless every leaf of ``tree`` is a real floating array.
 
   The optimizers reject complex leaves (their norms, rankings and comparisons
   are defined for real numbers) and integer/bool leaves (which have no
-  gradient step); checked at trace time, on the first ``update``.
+  gradient step); checked at trace time, on the first ``update``. ``hint``
+  replaces the optimizers' advice in the message.
   """
   for x in jax.tree.leaves(tree):
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
-      hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
-              "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
-              " Keep integer/bool leaves out of the optimizer: with optax.masked or "
-              "optax.partition (and optax.set_to_zero), except around an optimizer that "
-              "evaluates the model on the whole tree (SAM, mSAM, GSAM, SALA, IRE with fisher "
-              "or hutchinson, or over one of them), which cannot run inside optax.masked: pass "
-              "it the floating parameters only (e.g. nnx.split(model, nnx.Param, ...)).")
+      if hint is None:
+        hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
+                "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
+                  " Keep integer/bool leaves out of the optimizer: with optax.masked or "
+                "optax.partition (and optax.set_to_zero), except around an optimizer that "
+                "evaluates the model on the whole tree (SAM, mSAM, GSAM, SALA, IRE with fisher "
+                "or hutchinson, or over one of them), which cannot run inside optax.masked: "
+                "pass it the floating parameters only (e.g. nnx.split(model, nnx.Param, ...)).")
       raise TypeError(f"{who}: every leaf of `{what}` must be a real floating array; got a "
                       f"leaf of dtype {dtype}.{hint}")
 
