@@ -569,6 +569,17 @@ def test_help(script, capsys):
   assert "--opt" in out or "--opts" in out or "--output" in out
 
 
+@pytest.mark.parametrize("example", ["resnet", "vit", "llama", "mlp"])
+def test_model_flags_are_described_for_the_example(example):
+  """--depth and --width say what they mean for this example's model, not every model's."""
+  text = " ".join(cli.make_parser(example).format_help().split())
+  depth = {"resnet": "layers: 6n+2", "mlp": "hidden layers", "vit": "transformer blocks",
+           "llama": "transformer blocks"}[example]
+  assert f"--depth DEPTH {depth}" in text
+  assert ("6n+2" in text) == (example == "resnet")
+  assert ("hidden units" in text) == (example == "mlp")
+
+
 def test_compare_script(tmp_path, capsys):
   argv = ["--example", "vit", "--out", str(tmp_path), *TOY["vit"], "--steps", "2",
           "--eval-every", "1", "--eval-batches", "1", "--fast-compile"]

@@ -68,7 +68,9 @@ def _argument(section: str | None, f: dataclasses.Field, default: Any, hint: Any
   """The flag and the ``add_argument`` keywords of one config field."""
   meta = f.metadata
   flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-  kw: dict[str, Any] = dict(dest=_dest(section, f), default=default, help=meta["help"])
+  text = meta["help"]
+  kw: dict[str, Any] = dict(dest=_dest(section, f), default=default,
+                            help=text(example) if callable(text) else text)
   typ = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
   if typ is bool:
     kw["action"] = argparse.BooleanOptionalAction if default else "store_true"

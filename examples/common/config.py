@@ -44,13 +44,15 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 DECAY_MASKS = ("weights", "all")
 
 
-def option(default: Any, help: str, *, group: str, flag: str | None = None,
+def option(default: Any, help: str | Callable[[str], str], *, group: str,
+           flag: str | None = None,
            choices: Iterable[Any] | Callable[[str], Iterable[Any]] | None = None,
            parse: Callable[[str], Any] | None = None, metavar: str | None = None,
            examples: tuple[str, ...] | None = None, low: float | None = None,
            high: float | None = None) -> Any:
-  """A dataclass field with the metadata its command-line flag is generated from (``low``,
-  ``high``: the inclusive bounds of a number; None is always allowed)."""
+  """A dataclass field with the metadata its command-line flag is generated from (``help``
+  and ``choices`` may depend on the example: a function of its name; ``low``, ``high``: the
+  inclusive bounds of a number; None is always allowed)."""
   meta = dict(help=help, group=group, flag=flag, choices=choices, parse=parse,
               metavar=metavar, examples=examples, low=low, high=high)
   return dataclasses.field(default=default,
@@ -137,6 +139,11 @@ class DataConfig:
     check_fields(self)
 
 
+_DEPTH_HELP = {"resnet": "layers: 6n+2 (8, 20, 56, ...)", "mlp": "hidden layers",
+               "vit": "transformer blocks", "llama": "transformer blocks"}
+_WIDTH_HELP = {"resnet": "first-stage channels", "mlp": "hidden units"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A size preset of the example's model (None: its default) and per-field overrides of it
@@ -146,10 +153,10 @@ class ModelConfig:
                             choices=_size_choices)
   dim: int | None = option(None, "width (overrides the preset)", group=_DM,
                            examples=("vit", "llama"))
-  depth: int | None = option(None, "layers; resnet: 6n+2, mlp: hidden layers (overrides the "
+  depth: int | None = option(None, lambda example: _DEPTH_HELP[example] + " (overrides the "
                              "preset)", group=_DM)
-  width: int | None = option(None, "resnet: first-stage channels, mlp: hidden units "
-                             "(overrides the preset)", group=_DM, examples=("resnet", "mlp"))
+  width: int | None = option(None, lambda example: _WIDTH_HELP[example] + " (overrides the "
+                             "preset)", group=_DM, examples=("resnet", "mlp"))
   heads: int | None = option(None, "attention heads (overrides the preset)", group=_DM,
                              examples=("vit", "llama"))
   mlp_dim: int | None = option(None, "MLP width (overrides the preset)", group=_DM,
