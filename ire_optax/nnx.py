@@ -143,6 +143,18 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, *args: Any,
     (loss, grads), grad_fn = ire_optax.nnx.value_and_grad(loss_fn, model, batch)
     optimizer.update(model, grads, grad_fn=grad_fn)
 
+  Example:
+    >>> import jax.numpy as jnp, optax, ire_optax, ire_optax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> batch = (jnp.ones((4, 2)), jnp.zeros((4, 1)))
+    >>> loss_fn = lambda model, b: jnp.mean((model(b[0]) - b[1]) ** 2)
+    >>> optimizer = nnx.Optimizer(model, ire_optax.sam(optax.sgd(0.1)), wrt=nnx.Param)
+    >>> (loss, grads), g = ire_optax.nnx.value_and_grad(loss_fn, model, batch)
+    >>> _ = optimizer.update(model, grads, grad_fn=g)
+    >>> bool(loss_fn(model, batch) < loss)
+    True
+
   Args:
     loss_fn: ``(model, *args) -> loss``, or ``(loss, aux)`` with ``has_aux``.
     model: the Flax NNX Module.
@@ -160,6 +172,14 @@ def aux_init(model: nnx.Module, stats: Any = nnx.BatchStat) -> Any:
 
   A float32 zero for the loss and the model's current state matching ``stats``, as
   arrays (for a ``loss_fn`` that returns the loss only).
+
+  Example:
+    >>> import ire_optax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    >>> loss, state = ire_optax.nnx.aux_init(model)
+    >>> loss, state["mean"]
+    (Array(0., dtype=float32), Array([0., 0., 0.], dtype=float32))
   """
   return jnp.zeros((), jnp.float32), nnx.as_pure(nnx.state(model, stats))
 
@@ -174,6 +194,22 @@ def update_stats(model: nnx.Module, optimizer: nnx.Optimizer) -> Any:
   next step overwrites). The model's RNG counters advance by one, as one clean pass would
   advance them: mSAM's passes run on copies of the model, so without it every step would
   draw the same dropout masks.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ire_optax, ire_optax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    >>> x = jnp.arange(16.0).reshape(8, 2)
+    >>> loss_fn = lambda model, xb: jnp.mean(model(xb) ** 2)
+    >>> tx = ire_optax.msam(optax.sgd(0.1), num_microbatches=2, has_aux=True,
+    ...                     aux_init=ire_optax.nnx.aux_init(model))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> g = ire_optax.nnx.grad_fn(model, loss_fn, stats=nnx.BatchStat)
+    >>> _ = optimizer.update(model, None, grad_fn=g, batch=x)
+    >>> loss = ire_optax.nnx.update_stats(model, optimizer)  # the clean passes' statistics
+    >>> bool(jnp.any(model.layers[1].mean[...] != 0.0)), loss.shape
+    (True, ())
   """
   out, state = sam_lib.sam_aux(nnx.as_pure(optimizer.opt_state))
   nnx.update(model, state)
@@ -194,6 +230,15 @@ def sala_eval_model(model: nnx.Module, opt_state: Any) -> nnx.Module:
   ``opt_state`` is the state of an optimizer holding :func:`ire_optax.sala`
   (``optimizer.opt_state`` of an ``nnx.Optimizer``). The copy is in evaluation mode
   (``.eval()``: BatchNorm's running statistics, no dropout); ``model`` is unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ire_optax, ire_optax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, ire_optax.sala(optax.sgd(0.1)), wrt=nnx.Param)
+    >>> slow = ire_optax.nnx.sala_eval_model(model, optimizer.opt_state)
+    >>> bool(jnp.all(slow.kernel[...] == model.kernel[...]))  # φ starts at the params
+    True
   """
   copy = nnx.clone(model)
   nnx.update(copy, sala_lib.sala_eval_params(opt_state))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import pathlib
 import re
 
@@ -13,8 +14,9 @@ import ire_optax
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
-MODULES = ["ire_optax._src.ire", "ire_optax._src.sam", "ire_optax._src.sala",
-           "ire_optax._src.selection", "ire_optax._src.sharpness", "ire_optax.nnx"]
+MODULES = ["ire_optax._src.ire", "ire_optax._src.sam", "ire_optax._src.gsam",
+           "ire_optax._src.sala", "ire_optax._src.schedules", "ire_optax._src.selection",
+           "ire_optax._src.sharpness", "ire_optax.nnx"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -25,6 +27,23 @@ def test_docstring_examples(name):
   failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True)
   assert tried > 0, f"{name} has no docstring examples"
   assert failures == 0
+
+
+def test_every_public_function_has_an_example():
+  """Each public function's docstring has a runnable example, which
+  test_docstring_examples runs (its module is in MODULES)."""
+  nnx = pytest.importorskip("ire_optax.nnx")
+  missing, unrun = [], []
+  for module in (ire_optax, ire_optax.sharpness, nnx):
+    for name in module.__all__:
+      fn = getattr(module, name)
+      if inspect.isfunction(fn):
+        if ">>>" not in (fn.__doc__ or ""):
+          missing.append(f"{module.__name__}.{name}")
+        if fn.__module__ not in MODULES:
+          unrun.append(f"{module.__name__}.{name} ({fn.__module__})")
+  assert not missing, f"no docstring example: {missing}"
+  assert not unrun, f"examples that test_docstring_examples does not run: {unrun}"
 
 
 @pytest.mark.parametrize("name", ["ire", "sam", "msam", "sala"])

@@ -591,3 +591,43 @@ def test_callback_check_compiles_to_the_same_step(monkeypatch):
       g(p), s, p, grad_fn=lambda q: jax.tree.map(jnp.tanh, g(q))), params,
       ire_optax.sam(SGD).init(params))
   assert other != checked["sam"]
+
+
+# Every update that calls a user's callback, with a callback taking one argument too many.
+_TWO_ARG = lambda p, i: _grad_fn(p)
+_CALLBACK_ARITY = {
+    "sam": lambda: ire_optax.sam(SGD).update(G, ire_optax.sam(SGD).init(P), P,
+                                             grad_fn=_TWO_ARG),
+    "sam every_k": lambda: ire_optax.sam(SGD, every_k=2).update(
+        G, ire_optax.sam(SGD, every_k=2).init(P), P, grad_fn=_TWO_ARG),
+    "gsam": lambda: ire_optax.gsam(SGD).update(G, ire_optax.gsam(SGD).init(P), P,
+                                               grad_fn=_TWO_ARG),
+    "sala": lambda: ire_optax.sala(SGD).update(G, ire_optax.sala(SGD).init(P), P,
+                                               grad_fn=_TWO_ARG),
+    "msam": lambda: ire_optax.msam(SGD, num_microbatches=2).update(
+        None, ire_optax.msam(SGD, num_microbatches=2).init(P), P, batch=BATCH,
+        grad_fn=lambda p, b, i: _grad_fn(p)),
+    "ire hutchinson": lambda: ire_optax.ire(SGD, curvature="hutchinson").update(
+        G, ire_optax.ire(SGD, curvature="hutchinson").init(P), P, grad_fn=_TWO_ARG),
+    "ire fisher": lambda: ire_optax.ire(SGD, curvature="fisher").update(
+        G, ire_optax.ire(SGD, curvature="fisher").init(P), P, logits_fn=lambda p, x: p["w"]),
+}
+
+
+@pytest.mark.parametrize("name", _CALLBACK_ARITY)
+def test_a_callback_that_needs_more_arguments_names_what_it_gets(name):
+  """optax.contrib.sam's ``grad_fn(params, i)`` used to fail deep inside the trace with a bare
+  'missing 1 required positional argument'."""
+  with pytest.raises(TypeError, match=r"cannot be called as `(grad|logits)_fn\(params"
+                     r"(, batch)?\)`.*close over anything else, e.g. `(grad|logits)_fn=lambda"):
+    _CALLBACK_ARITY[name]()
+
+
+def test_a_missing_callback_of_an_update_names_wrappers_that_drop_it():
+  """Flax Linen's TrainState.apply_gradients(grads=g, grad_fn=f) passes grad_fn to replace(),
+  not to tx.update: the error says so, where an optimizer's update needs it."""
+  with pytest.raises(TypeError, match=r"needs the keyword argument `grad_fn`.*it was not "
+                     r"given\. Pass it to `tx\.update\(.*TrainState\.apply_gradients"):
+    ire_optax.sam(SGD).update(G, ire_optax.sam(SGD).init(P), P)
+  with pytest.raises(TypeError, match=r"`logits_fn` \(.*\); it was not given\.$"):
+    sh.hessian_diagonal(_loss, P, 1.0, key=KEY, method="fisher")

@@ -336,6 +336,17 @@ def ire_flat_mask(state: optax.OptState) -> optax.Updates:
 
   Raises:
     ValueError: if ``state`` contains no :class:`IREState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, ire_optax
+    >>> params = {"w": jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])}
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  ire_optax.ire(optax.sgd(0.1), gamma=0.6))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.array([0.5, -0.1, 0.0, 0.3, -0.2])}
+    >>> _, state = tx.update(grads, state, params)  # the first step refreshes the mask
+    >>> ire_optax.ire_flat_mask(state)  # the 3 coordinates with the smallest g²
+    {'w': Array([0, 1, 1, 0, 1], dtype=uint8)}
   """
   found = utils.find_states(state, IREState)
   if not found:

@@ -361,13 +361,25 @@ def sala_stats(state: Any) -> dict[str, jax.Array]:
 
   Raises:
     ValueError: if ``state`` contains no :class:`SALAState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, ire_optax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    >>> tx = ire_optax.sala(optax.sgd(0.1), sync_period=2, rho=0.2)
+    >>> state = tx.init(params)
+    >>> for _ in range(4):  # two cycles
+    ...   updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    ...   params = optax.apply_updates(params, updates)
+    >>> stats = ire_optax.sala_stats(state)
+    >>> int(stats["cycles"]), int(stats["extra_grads"]), int(stats["stage"])
+    (2, 1, 1)
   """
   s = _find_sala_state(state)
-  return {
-      "distance": s.distance,
-      "stage": s.stage,
-      "extra_grads": s.extra_grads,
-      "cycles": s.cycles,
-      "stage2_fraction": jnp.asarray(s.extra_grads, jnp.float32)
-      / jnp.maximum(jnp.asarray(s.cycles, jnp.float32), 1.0),
-  }
+  # Plain arrays also where the state's leaves are wrapped (an nnx.Optimizer's opt_state).
+  stats = {"distance": s.distance, "stage": s.stage, "extra_grads": s.extra_grads,
+           "cycles": s.cycles}
+  stats = {k: jnp.asarray(v) for k, v in stats.items()}
+  stats["stage2_fraction"] = (jnp.asarray(stats["extra_grads"], jnp.float32)
+                              / jnp.maximum(jnp.asarray(stats["cycles"], jnp.float32), 1.0))
+  return stats

@@ -17,6 +17,7 @@ all transformations of the library:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -252,6 +253,24 @@ _TRACER_ERRORS = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConv
                   jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
 
+def _check_arity(fn: Callable, given: int, *, name: str, who: str) -> None:
+  """Raises ``TypeError`` if ``fn`` cannot be called with ``given`` positional arguments."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # no signature (a builtin): calling it will tell
+    return
+  try:
+    signature.bind(*range(given))
+  except TypeError as e:
+    called, gets, fix = (("params", "the parameters", "lambda p: jax.grad(loss_fn)(p, batch)")
+                         if given == 1 else ("params, batch", "the parameters and a batch",
+                                             "lambda p, b: jax.grad(loss_fn)(p, b)"))
+    raise TypeError(
+        f"{who}: `{name}{signature}` cannot be called as `{name}({called})` ({e}). Here "
+        f"`{name}` gets {gets} only (optax.contrib.sam's `grad_fn(params, i)` gets an index "
+        f"too): close over anything else, e.g. `{name}={fix}`.") from None
+
+
 def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
                   check: Callable[[Any], Any] | None = None) -> Any:
   """``fn(params, *args)`` (a ``grad_fn`` or ``logits_fn``), refused if it ignores ``params``.
@@ -266,8 +285,11 @@ def call_callback(fn: Callable, params: Any, *args: Any, name: str, who: str,
     model or parameters it closes over would silently turn SAM into its base optimizer;
   * ``TypeError`` naming the fix if ``fn`` treats the parameters it gets, an ``nnx.State``,
     as a Flax NNX Module (calls it or reads its layers' attributes), and ``ValueError`` if
-    it uses a Module or Variable of the caller's trace (a model it closes over).
+    it uses a Module or Variable of the caller's trace (a model it closes over);
+  * ``TypeError`` naming the fix if ``fn`` needs more positional arguments than it is given
+    (``optax.contrib.sam``'s ``grad_fn(params, i)``).
   """
+  _check_arity(fn, 1 + len(args), name=name, who=who)
   try:
     # A new function object each time: no trace cached from another call (whose closure
     # may hold other values) is reused.
@@ -363,9 +385,13 @@ def require_callable(name: str, value: Any, *, who: str, why: str) -> Callable:
   ``logits_fn``): ``who`` names the call that needs it, e.g. ``"sam.update()"``.
   """
   if value is None:
+    # An optimizer's update is often called by a wrapper that drops extra arguments.
+    hint = (f" Pass it to `tx.update(grads, opt_state, params, {name}=...)`; a wrapper that "
+            "calls `tx.update(grads, opt_state, params)` for you, such as Flax Linen's "
+            "`TrainState.apply_gradients`, does not forward it (docs/nnx.md, 'Flax Linen')."
+            if who.endswith(".update()") else "")
     raise TypeError(
-        f"{who} needs the keyword argument `{name}` ({why}); it was not given."
-    )
+        f"{who} needs the keyword argument `{name}` ({why}); it was not given.{hint}")
   if not callable(value):
     raise TypeError(f"{who}: `{name}` must be callable; got {type(value).__name__}.")
   return value
