@@ -64,12 +64,13 @@ def test_page_python_blocks_run(page):
 
 
 def test_sam_page_complete_examples_run():
-  """docs/sam.md from its complete train step to the multi-device section (the earlier
-  blocks are fragments): plain JAX, the auxiliary output, Flax NNX with BatchNorm and mSAM."""
+  """docs/sam.md from its complete train step to the compositions (the earlier blocks are
+  fragments): plain JAX, the auxiliary output, Flax NNX with BatchNorm, mSAM and the
+  multi-device step, run in order as a reader would."""
   text = (DOCS / "sam.md").read_text()
-  text = text[text.index("## A complete jitted train step"):text.index("## Multiple devices")]
+  text = text[text.index("## A complete jitted train step"):text.index("## Compositions")]
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  assert len(blocks) == 4
+  assert len(blocks) == 5
   namespace: dict = {}
   exec("import jax, jax.numpy as jnp, optax, ire_optax", namespace)
   for i, block in enumerate(blocks):

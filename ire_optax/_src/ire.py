@@ -138,7 +138,7 @@ def ire(
       [0, 1]), e.g. a flat set that grows during training,
       ``optax.linear_schedule(0.5, 0.8, num_steps)``. Published: 0.6 (Llama),
       0.8 (ViT). For a Python float γ, k = max(1, ``int(gamma * N)``) as in
-      the official code (exact past 2**53); for a float32 γ (an array,
+      the authors' ``kthvalue`` code (exact past 2**53); for a float32 γ (an array,
       injected, traced, a schedule's value) k = max(1, ⌊γ₃₂N⌋) exactly for its
       float32 value γ₃₂, within ⌈N·2**-24⌉ of it (see :func:`ire_optax.flat_mask`).
     refresh_every: K >= 1, steps between mask refreshes (10 in every published

@@ -109,9 +109,10 @@ def sala(
   step has a conditional. See ``docs/performance.md``.
 
   Note:
-    The authors' code takes one plain base step before its first cycle; this
-    implementation starts the first cycle at ``t = 0`` with a SAM step from
-    ``θ₀`` (a fixed convention of this library, so results are comparable).
+    The authors' code takes ``k - 1`` plain base steps before its first cycle
+    (one for their ``k = 2``); this implementation starts the first cycle at
+    ``t = 0`` with a SAM step from ``θ₀`` (a fixed convention of this library,
+    so results are comparable).
 
   Args:
     base_optimizer: the optimizer of the fast weights (e.g. SGD with Nesterov

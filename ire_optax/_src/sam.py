@@ -467,9 +467,10 @@ def sam(
     adaptive: use adaptive SAM (Kwon et al., 2021).
     adaptive_eta: :math:`\eta \ge 0` in :math:`T = |\theta| + \eta`. The formula
       of docs/design.md §1.2 is :math:`T = |\theta|` (the default 0); Kwon et al.'s code uses
-      0.01 and applies :math:`T` to weight tensors only (biases and norm scales
-      get :math:`T = 1`). Here :math:`T` applies to every leaf; to exempt some
-      leaves, give them their own ``sam`` via :func:`optax.partition`.
+      0.01 and applies :math:`T` to the parameters named ``weight`` (kernels and
+      norm scales; biases get :math:`T = 1`). Here :math:`T` applies to every
+      perturbed leaf; ``perturb_mask`` chooses which leaves are perturbed (that
+      mixed rule, T on some leaves and T = 1 on others, is not offered).
     eps: added to the norm so that a zero gradient gives a zero perturbation.
     axis_name: the ``pmap``/``shard_map`` axis of data parallelism, or ``None``.
     per_device_ascent: with ``axis_name``, perturb every device with its local

@@ -331,10 +331,11 @@ def check_fraction(name: str, gamma: Any) -> None:
 
 
 def num_selected(num: int, gamma: Any) -> Any:
-  """``k = max(1, ⌊γ N⌋)`` (capped at N), as the official IRE code computes it, in γ's precision.
+  """``k = max(1, ⌊γ N⌋)`` (capped at N) in γ's precision, as the authors' ``kthvalue`` IRE code
+  computes it.
 
   * A Python float (or a float64 NumPy/JAX scalar): ``int(gamma * N)``, the
-    floor of the float64 product, as the official code and a NumPy reference
+    floor of the float64 product, as the authors' ``kthvalue`` code and a NumPy reference
     compute it: γ = 0.9, N = 10 gives 9, γ = 0.7, N = 10 gives 7 (the float64
     product rounds 6.9999999999999996 to 7). That floor is exact, and equals
     ⌊γN⌋ of γ's float64 value except where the float64 product itself rounds
@@ -375,7 +376,7 @@ def _rank_from_fraction(num: int, gamma: Any, *, wide: bool) -> int | Count:
     if not g < 1:
       return num
     if _is_float64(gamma) and num < _FLOAT64_EXACT:
-      return max(1, int(g * num))  # the official code's int(gamma * N)
+      return max(1, int(g * num))  # the authors' kthvalue code's int(gamma * N)
     return min(num, max(1, math.floor(fractions.Fraction(g) * num)))
   g_arr = jnp.asarray(gamma)
   if g_arr.dtype != jnp.float64:
@@ -991,7 +992,7 @@ def flat_mask(
 ) -> Any:
   """Mask of the ``k = max(1, ⌊γN⌋)`` smallest values of ``tree`` (ties at τ included).
 
-  For a Python float γ, k is ``int(gamma * N)`` as the official IRE code and a
+  For a Python float γ, k is ``int(gamma * N)`` as the authors' ``kthvalue`` IRE code and a
   NumPy reference compute it (exactly for ``N >= 2**53``); for a float32 γ
   (injected by ``optax.inject_hyperparams``, traced) it is ``⌊γ₃₂N⌋`` exactly
   for γ's float32 value γ₃₂, at most ``⌈N·2**-24⌉`` below or above: see
