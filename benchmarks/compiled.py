@@ -64,8 +64,9 @@ def available(target: str) -> str | None:
   """None if ``target`` can be compiled for here, else why not (a test's skip message)."""
   if _is_tpu(target) and not _installed("libtpu"):
     return "libtpu is not installed (pip install --no-deps 'libtpu==<matching jaxlib>')"
-  if target == "h100" and not _installed("jax_plugins.xla_cuda12"):
-    return "the jax-cuda12 plugin is not installed (jax-cuda12-plugin, jax-cuda12-pjrt)"
+  if target == "h100" and not any(_installed(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+    return ("no jax CUDA plugin is installed (jax-cuda12-plugin and jax-cuda12-pjrt, or "
+            "jax-cuda13-...)")
   return None if target in ("cpu", "h100") or _is_tpu(target) else f"unknown target {target!r}"
 
 
@@ -107,7 +108,9 @@ def compile_fn(fn: Callable[..., Any], *args: Any, target: str, place_args: bool
   ``options``: XLA compiler options."""
   import jax
   if place_args:
-    on = jax.sharding.SingleDeviceSharding(devices(target)[0])
+    single = getattr(jax.sharding, "make_single_device_sharding", None)  # JAX >= 0.10
+    device = devices(target)[0]
+    on = single(device) if single else jax.sharding.SingleDeviceSharding(device)
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), args)
   return jax.jit(fn, **jit_kwargs).lower(*args).compile(options)
 

@@ -148,7 +148,7 @@ def test_compiled_cpu_loop_and_cond():
 
 
 def test_missing_compilers_are_reasons_to_skip(monkeypatch):
-  """Without libtpu or the jax-cuda12 plugin (whose ``jax_plugins`` package is then missing
+  """Without libtpu or a jax CUDA plugin (whose ``jax_plugins`` package is then missing
   too, so ``find_spec`` of the dotted name raises), the targets are unavailable, not errors."""
   import importlib.util
 
@@ -163,7 +163,7 @@ def test_missing_compilers_are_reasons_to_skip(monkeypatch):
 
   monkeypatch.setattr(importlib.util, "find_spec", without_plugins)
   assert "libtpu is not installed" in X.available("tpu-v5e")
-  assert "jax-cuda12 plugin is not installed" in X.available("h100")
+  assert "no jax CUDA plugin is installed" in X.available("h100")
   assert X.usable(["cpu", "tpu-v5e", "h100"]) == ["cpu"]
 
 

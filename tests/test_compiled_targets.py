@@ -3,7 +3,7 @@
 Nothing runs: each program is compiled deviceless for a TPU v5e or an H100
 (``benchmarks/compiled.py``) and read from its optimized HLO, which is deterministic, so the
 design targets (``B.TARGETS``, defined at ``B.TARGET_SIZES``) are asserted here, as the
-report's verdicts count them. The tests skip where libtpu or the jax-cuda12 plugin is not
+report's verdicts count them. The tests skip where libtpu or a jax CUDA plugin is not
 installed (``.ci/run`` installs both). A large N compiles as fast as a small one.
 """
 
@@ -63,8 +63,17 @@ def test_h100_unhinted_step_pays_a_host_round_trip():
   _need("h100")
   base, unhinted = _analysis("adamw", "h100", 1), _analysis("unhinted", "h100", 1)
   assert unhinted.conditionals_executed == 1 and unhinted.host_round_trips == 1
-  assert unhinted.kernels["copy"] >= 1  # the mask, passed through the false branch
-  assert unhinted.bytes > T["plain_bytes"] * base.bytes
+  # XLA:GPU up to jaxlib 0.10 also copies the mask passed through the false branch; 0.12.1's
+  # aliases it (measured: 1.036 AdamW updates of bytes, as the hinted step).
+  if _jaxlib_version() < (0, 12):
+    assert unhinted.kernels["copy"] >= 1
+    assert unhinted.bytes > T["plain_bytes"] * base.bytes
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  import jaxlib
+
+  return tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
 
 
 @pytest.mark.parametrize("n", B.TARGET_SIZES)
