@@ -12,6 +12,7 @@ from benchmarks import __main__ as cli
 from benchmarks.experiments import compiled_steps as S
 from benchmarks.schema import read_results
 from benchmarks.spec import smoke
+from tests.compilers import need
 
 
 def _smoke(tmp_path, *sections):
@@ -89,12 +90,6 @@ def test_a_gpu_step_that_fails_is_compiled_again_with_the_fallback(monkeypatch):
   assert "ViT, sam, h100: does not compile (`INTERNAL: no tiles None`)." in sentences
 
 
-def _skip_without(target):
-  why = X.available(target)
-  if why:
-    pytest.skip(f"cannot compile for {target} here: {why}")
-
-
 def _pod_collectives(labels):
   """The collectives of the toy Llama's FSDP train step on a v5e:2x2 slice (4 chips)."""
   task, out = smoke(S.SPEC).tasks[0], {}
@@ -109,7 +104,7 @@ def test_pod_slice_refresh_all_reduces_counts_and_gathers_no_parameters():
   """On a sharded slice IRE's refresh adds only all-reduces of integer counts to AdamW's
   step (no all-gather: the parameters stay sharded), its plain step nothing, and SAM at most
   one more pass's traffic and a small float32 all-reduce (the norm's sums)."""
-  _skip_without("v5e:2x2")
+  need("v5e:2x2")
   got = _pod_collectives(["base", "ire_grad_sq", "sam"])
   base = got[("base", ())]
   assert any(c["opcode"] in ("all-gather", "reduce-scatter", "all-reduce") for c in base)
@@ -137,7 +132,7 @@ def test_train_step_targets_on_tpu():
   2.05 base steps and mSAM (m = 8, vectorised) at most 1.05 SAM steps, by the compiler's
   estimated cycles, as on the Llama rows at the benchmark's size (compiled_steps.md; the
   ResNet's mSAM row misses its target)."""
-  _skip_without("tpu-v5e")
+  need("tpu-v5e")
   task = smoke(S.SPEC).tasks[0]
   got = {k: S.measure_train(task, S.SPEC.arm(k), "tpu-v5e")["cycles"]
          for k in ("base", "sam", "msam")}

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.compilers import need
+
 # A hand-written GPU-style module: a loop of 3 trips around a fusion that slices its input, a
 # conditional whose branches differ, an all-reduce, and an in-place dynamic-update-slice.
 HLO = """
@@ -167,11 +169,20 @@ def test_missing_compilers_are_reasons_to_skip(monkeypatch):
   assert X.usable(["cpu", "tpu-v5e", "h100"]) == ["cpu"]
 
 
+def test_a_missing_compiler_fails_where_the_compilers_are_required(monkeypatch):
+  """CI installs the compilers: there a test that would skip for want of one fails."""
+  monkeypatch.setattr(X, "available", lambda target: "not installed")
+  monkeypatch.delenv("IRE_OPTAX_REQUIRE_COMPILERS", raising=False)
+  with pytest.raises(pytest.skip.Exception, match="cannot compile for h100 here"):
+    need("h100")
+  monkeypatch.setenv("IRE_OPTAX_REQUIRE_COMPILERS", "1")
+  with pytest.raises(pytest.fail.Exception, match="IRE_OPTAX_REQUIRE_COMPILERS=1"):
+    need("h100")
+
+
 @pytest.mark.parametrize("target", ["tpu-v5e", "h100"])
 def test_accelerator_targets(target):
-  why = X.available(target)
-  if why:
-    pytest.skip(f"cannot compile for {target} here: {why}")
+  need(target)
   x = jax.ShapeDtypeStruct((1 << 16,), jnp.float32)
   loop = X.analyze(X.compile_fn(
       lambda x: jax.lax.fori_loop(0, 4, lambda i, y: jnp.sin(y) * 2, x), x, target=target))

@@ -16,15 +16,10 @@ import pytest
 
 import ire_optax
 from benchmarks.experiments import compiled as B
+from tests.compilers import need
 
 N = 10**7
 T = B.TARGETS
-
-
-def _need(target):
-  why = X.available(target)
-  if why:
-    pytest.skip(f"cannot compile for {target} here: {why}")
 
 
 _CACHE: dict = {}
@@ -41,7 +36,7 @@ def _analysis(name, target, leaves, n=N):
 @pytest.mark.parametrize("n", B.TARGET_SIZES)
 @pytest.mark.parametrize("leaves", [1, 63])
 def test_h100_refresh(leaves, n):
-  _need("h100")
+  need("h100")
   base, refresh = _analysis("adamw", "h100", leaves, n), _analysis("refresh", "h100", leaves, n)
   assert refresh.bytes <= T["refresh_bytes"] * base.bytes, refresh.bytes / base.bytes
   assert X.h100_seconds(refresh) <= T["refresh_h100_time"] * X.h100_seconds(base), (
@@ -52,7 +47,7 @@ def test_h100_refresh(leaves, n):
 
 @pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
 def test_plain_ire_step_hinted(target):
-  _need(target)
+  need(target)
   base, plain = _analysis("adamw", target, 1), _analysis("plain step", target, 1)
   assert plain.bytes <= T["plain_bytes"] * base.bytes, plain.bytes / base.bytes
   assert plain.conditionals_executed == 0 and plain.host_round_trips == 0
@@ -60,7 +55,7 @@ def test_plain_ire_step_hinted(target):
 
 def test_h100_unhinted_step_pays_a_host_round_trip():
   """What the hint saves: ``lax.cond`` on XLA:GPU (docs/performance.md)."""
-  _need("h100")
+  need("h100")
   base, unhinted = _analysis("adamw", "h100", 1), _analysis("unhinted", "h100", 1)
   assert unhinted.conditionals_executed == 1 and unhinted.host_round_trips == 1
   # XLA:GPU up to jaxlib 0.10 also copies the mask passed through the false branch; 0.12.1's
@@ -78,7 +73,7 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 @pytest.mark.parametrize("n", B.TARGET_SIZES)
 def test_tpu_refresh_bytes(n):
-  _need("tpu-v5e")
+  need("tpu-v5e")
   base, refresh = _analysis("adamw", "tpu-v5e", 1, n), _analysis("refresh", "tpu-v5e", 1, n)
   assert refresh.bytes <= T["refresh_bytes"] * base.bytes, refresh.bytes / base.bytes
 
@@ -88,7 +83,7 @@ def test_tpu_refresh_cycles_regression_bound():
   today) that catches a regression to thresholds as small vectors (three kernels a pass:
   3.21), to 8 passes of 15 counts over the uint32 keys (4.4 updates), the recomputed keys
   or the [N, 15] reduction (47.9 updates)."""
-  _need("tpu-v5e")
+  need("tpu-v5e")
   base, refresh = _analysis("adamw", "tpu-v5e", 1), _analysis("refresh", "tpu-v5e", 1)
   assert refresh.cycles <= 3.1 * base.cycles, refresh.cycles / base.cycles
 
@@ -98,7 +93,7 @@ def test_tpu_refresh_cycles_regression_bound():
     "over the uint32 keys and 0.22 over 16-bit keys, and resolves at most about 3 bits "
     "at that price; see docs/selection.md"))
 def test_tpu_refresh_cycles_target():
-  _need("tpu-v5e")
+  need("tpu-v5e")
   base, refresh = _analysis("adamw", "tpu-v5e", 1), _analysis("refresh", "tpu-v5e", 1)
   assert refresh.cycles <= T["refresh_cycles"] * base.cycles, refresh.cycles / base.cycles
 
@@ -116,7 +111,7 @@ def _quadratic_step(tx, hints):
 
 @pytest.mark.parametrize("which", ["sam_every_k", "sala"])
 def test_h100_hinted_plain_steps_make_no_host_round_trip(which):
-  _need("h100")
+  need("h100")
   if which == "sam_every_k":
     tx, plain = ire_optax.sam(optax.sgd(0.1), rho=0.05, every_k=2), {"sam_hint": False}
   else:  # a step inside a cycle: neither its start nor its end
