@@ -240,6 +240,25 @@ class CurvatureEstimatorTest(chex.TestCase):
       x = x + ref.step(np_grad(x), x)
     np.testing.assert_allclose(ravel_pytree(params)[0], x, rtol=2e-4, atol=2e-5)
 
+  @parameterized.parameters(float("nan"), float("inf"))
+  def test_grad_sq_ema_skips_a_non_finite_entry(self, bad):
+    """One NaN or Inf gradient entry (an overflowed float16 step) used to stay in the EMA for
+    good, so that coordinate was never flat again; it keeps its average instead."""
+    tx = ire_optax.ire(optax.sgd(0.1), gamma=0.5, refresh_every=1, ema_decay=0.9)
+    params = {"w": jnp.zeros(4)}
+    good = {"w": jnp.array([1e-3, 1.0, 2.0, 3.0])}
+    state = tx.init(params)
+    _, state = tx.update(good, state, params)
+    before = np.asarray(state.curvature_ema["w"])
+    _, state = tx.update({"w": good["w"].at[0].set(bad)}, state, params)
+    ema = np.asarray(state.curvature_ema["w"])
+    np.testing.assert_array_equal(ema[0], before[0])
+    np.testing.assert_allclose(ema[1:], 0.9 * before[1:] + 0.1 * np.asarray(good["w"][1:]) ** 2,
+                               rtol=1e-6)
+    for _ in range(2):
+      _, state = tx.update(good, state, params)
+    np.testing.assert_array_equal(ire_optax.ire_flat_mask(state)["w"], [1, 1, 0, 0])
+
 
 class CompositionTest(chex.TestCase):
 

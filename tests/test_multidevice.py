@@ -692,3 +692,37 @@ def test_data_parallel_example_gspmd_equals_shard_map(opt, tmp_path):
   assert np.isfinite(runs["gspmd"]["loss"])
   chex.assert_trees_all_close(runs["shard_map"]["params"], runs["gspmd"]["params"], **TOL)
   assert (tmp_path / f"data_parallel-gspmd-{opt}" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["ire", "ire(sam)", "sala"])
+def test_a_forgotten_axis_name_inside_shard_map_is_named(name):
+  """Without ``axis_name``, IRE and SALA failed inside their ``lax.cond`` ("cond branches must
+  have equal output types"), or trained each device on its own where no conditional ran."""
+  make = {"ire": lambda ax: ire_optax.ire(optax.sgd(0.1), axis_name=ax),
+          "ire(sam)": lambda ax: ire_optax.ire(ire_optax.sam(optax.sgd(0.1), axis_name="d"),
+                                               axis_name=ax),
+          "sala": lambda ax: ire_optax.sala(optax.sgd(0.1), axis_name=ax)}[name]
+  params, batch = {"w": jnp.ones(3)}, jnp.arange(2.0 * NDEV).reshape(NDEV, 2)
+  loss = lambda p, b: jnp.sum(p["w"] ** 2) * jnp.sum(b)
+
+  mesh = data_mesh()
+
+  def run(ax):
+    tx = make(ax)
+
+    @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("d")),
+                       out_specs=P(), check_vma=True)
+    def step(p, b):
+      grad_fn = lambda q: jax.grad(loss)(q, b)  # the optimizers pass per-device params
+      g = grad_fn(jax.lax.pcast(p, "d", to="varying"))  # the local gradient (not its psum)
+      updates, _ = tx.update(g, tx.init(p), p, grad_fn=grad_fn)
+      return jax.lax.pmean(optax.apply_updates(p, updates), "d")
+
+    return step(jax.device_put(params, NamedSharding(mesh, P())),
+                jax.device_put(batch, NamedSharding(mesh, P("d"))))
+
+  with pytest.raises(ValueError, match=r"the gradient varies over the mapped axis 'd'.*pass "
+                     r"axis_name=<axis>"):
+    run(None)
+  chex.assert_tree_all_finite(run("d"))

@@ -149,7 +149,8 @@ def ire(
       (under :func:`optax.inject_hyperparams` in ``static_args=("curvature",)``,
       else it is taken for a schedule).
     ema_decay: for ``"grad_sq"`` only: if set, rank an EMA of ``g²`` with this
-      decay in [0, 1), updated every step (one float32 buffer per parameter).
+      decay in [0, 1), updated every step (one float32 buffer per parameter)
+      except where ``g`` is not finite: those entries keep their average.
     num_samples: probes per refresh for ``"hutchinson"`` (under
       :func:`optax.inject_hyperparams` in ``static_args=("num_samples",)``, even
       at its default: the number of probes is static).
@@ -250,6 +251,11 @@ def ire(
     if updates is not None:
       utils.check_float_tree(updates, what="updates", who="ire.update()")
       utils.check_like(updates, state.mask, what="`updates`", who="ire.update()")
+      utils.check_axes_named(
+          updates, axis_name, shard_axis_name, who="ire.update()", what="the gradient",
+          hint="pass axis_name=<axis> where the devices hold shares of the batch (data "
+          "parallelism), shard_axis_name=<axis> where they hold parts of the parameters: the "
+          "mask ranks the whole model's coordinates at once (docs/multi_device.md).")
     if params is not None:
       utils.check_float_tree(params, what="params", who="ire.update()")
 
@@ -267,7 +273,10 @@ def ire(
       # gradients, as in SAM-IRE, are averaged first): the same on every device.
       d = jnp.asarray(ema_decay, jnp.float32)
       mean = utils.pmean_if(jax.tree.map(lambda g: g.astype(jnp.float32), updates), axis_name)
-      ema = jax.tree.map(lambda e, g: d * e + (1 - d) * jnp.square(g), ema, mean)
+      # A non-finite entry (an overflowed float16 step, a NaN) carries no curvature and would
+      # stay in the EMA for good: that coordinate keeps its average.
+      ema = jax.tree.map(
+          lambda e, g: jnp.where(jnp.isfinite(g), d * e + (1 - d) * jnp.square(g), e), ema, mean)
 
     def new_mask():
       # The PRNG key advances on refresh steps only, and only for a random estimator: the

@@ -220,6 +220,10 @@ def sala(
                       "`updates`; got None.")
     utils.check_float_tree(params, what="params", who="sala.update()")
     utils.check_like(updates, params, what="`updates`", who="sala.update()")
+    utils.check_axes_named(
+        updates, axis_name, who="sala.update()", what="the gradient",
+        hint="pass axis_name=<axis> where the devices hold shares of the batch (data "
+        "parallelism), so that the distance d and the stage are global (docs/multi_device.md).")
     # Inside ire(): IRE's amplification of the base step (never of SALA's jumps).
     amplify = extra_args.pop(utils.IRE_AMPLIFY_KWARG, None)
     k = jnp.asarray(sync_period, jnp.int32)

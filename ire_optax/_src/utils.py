@@ -629,6 +629,19 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
+def check_axes_named(tree: Any, *axis_names: Any, who: str, what: str, hint: str) -> None:
+  """Raises ``ValueError`` if a leaf of ``tree`` varies over a mapped axis (inside
+  ``shard_map`` with ``check_vma=True``) that none of ``axis_names`` (each None, one axis or a
+  tuple of them) names: an update that forgot its ``axis_name`` would otherwise fail later
+  inside ``lax.cond``, or train each device on its own where the step takes no conditional."""
+  named = {a for n in axis_names if n is not None for a in axes_of(n)}
+  unnamed = set().union(*(varying_axes(x) for x in jax.tree.leaves(tree))) - named
+  if unnamed:
+    axes = ", ".join(repr(a) for a in sorted(unnamed, key=str))
+    raise ValueError(f"{who}: {what} varies over the mapped axis {axes} (inside shard_map), "
+                     f"which the optimizer was not given: {hint}")
+
+
 def axes_of(axis_name: Any) -> tuple:
   """``axis_name`` (one mapped axis, or a tuple of them) as a tuple of axis names."""
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
