@@ -205,6 +205,19 @@ def test_sam_nan_in_the_perturbed_gradient_reaches_only_those_coordinates():
   assert np.isnan(state.base_state[0].trace["w"][1])  # the momentum keeps it
 
 
+def test_asam_inf_at_a_zero_parameter_is_nan_everywhere():
+  """With η = 0, T = |θ| = 0 at the infinite coordinate: 0·inf in ‖Tg‖ makes ε NaN in every
+  coordinate (with η > 0, only there)."""
+  params = {"w": jnp.array([0.0, 1.0, 1.0, 1.0]), "b": jnp.array([0.1, 0.2])}
+  g = _tree([INF, 1, 1, 1], [1, 1])
+  for eta, everywhere in ((0.0, True), (0.01, False)):
+    tx = ire_optax.sam(optax.sgd(1.0), rho=0.1, adaptive=True, adaptive_eta=eta)
+    updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+    assert np.isnan(updates["w"][0])
+    assert bool(np.isnan(updates["w"][1:]).all()) == everywhere
+    assert bool(np.isnan(updates["b"]).all()) == everywhere
+
+
 @pytest.mark.parametrize("adaptive_eta", [0.0, 0.01])
 def test_asam_zero_parameters(adaptive_eta):
   """T = |θ| + η: at θ = 0 (η = 0) the perturbation is exactly zero, not NaN."""
@@ -263,6 +276,29 @@ def test_sam_asam_msam_zero_gradients_give_zero_perturbation():
 
 def _mse(p, mb):
   return jnp.mean((mb["x"] @ p["w"] + jnp.sum(p["b"]) - mb["y"]) ** 2)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_gsam_nonfinite_clean_gradient_is_nan_everywhere(bad):
+  params = _params()
+  tx = ire_optax.gsam(optax.sgd(1.0), rho=0.1, alpha=0.5)
+  g = _tree([bad, 1, 1, 1], [1, 1])
+  updates, _ = tx.update(g, tx.init(params), params, grad_fn=_returns_argument)
+  assert all(bool(np.isnan(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_gsam_nan_in_the_perturbed_gradient_is_nan_everywhere_inf_only_there():
+  """A NaN in g_p makes ‖g_p‖, ĝ_p and g_⊥ NaN (SAM: only that coordinate); an Inf stays in its
+  coordinate (the decomposition guards 0·inf)."""
+  params = _params()
+  tx = ire_optax.gsam(optax.sgd(0.1), rho=0.1, alpha=0.5)
+  g = _tree([1, 1, 1, 1], [1, 1])
+  for bad, only_there in ((NAN, False), (INF, True)):
+    grad_fn = lambda p, bad=bad: {"w": p["w"].at[1].set(bad), "b": p["b"]}
+    updates, _ = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+    expected = {"w": [False, True, False, False], "b": [False, False]} if only_there else {
+        "w": [True] * 4, "b": [True] * 2}
+    assert {k: v.tolist() for k, v in _nonfinite(updates).items()} == expected, bad
 
 
 def test_msam_nan_in_one_microbatch_makes_the_update_nan():
@@ -389,8 +425,9 @@ def test_sala_zero_gradient_is_finite():
 # apply_if_finite around every optimizer: the step is skipped, the state untouched
 # -----------------------------------------------------------------------------
 
-GUARDED = ["ire_grad_sq", "ire_fisher", "ire_hutchinson", "ire_custom", "sam", "asam", "sala",
-           "ire_sam", "ire_sala", "multisteps_ire", "inject_ire", "inject_sam", "inject_sala"]
+GUARDED = ["ire_grad_sq", "ire_fisher", "ire_hutchinson", "ire_custom", "sam", "asam",
+           "sam_every_3_masked", "gsam", "sala", "ire_sam", "ire_sala", "multisteps_ire",
+           "inject_ire", "inject_sam", "inject_sala"]
 
 
 @pytest.mark.parametrize("name", GUARDED)

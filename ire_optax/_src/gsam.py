@@ -137,10 +137,13 @@ def gsam(
   the norm of :math:`g_p` has no eps (a zero gradient gives NaN); its
   ``adaptive_perturbation`` is :math:`\epsilon = \rho |\theta| g/\lVert g
   \rVert`, while ``adaptive=True`` here is ASAM's
-  :math:`\rho T^2 g / \lVert T g \rVert`; and every worker perturbs with its
-  own gradient, while with ``axis_name`` the clean gradient is averaged first
-  here (as in :func:`ire_optax.sam`), so 8 devices compute what one device
-  computes on the global batch.
+  :math:`\rho T^2 g / \lVert T g \rVert`; its trainer takes ρ from the
+  learning rate of the *next* step (``rho=lambda t: schedule(t + 1)``
+  reproduces it); and every worker computes the whole GSAM direction, ascent
+  and decomposition, from its own share of the batch, while with
+  ``axis_name`` the gradients are averaged first here and decomposed once, so
+  8 devices compute what one device computes on the global batch (no
+  per-worker GSAM is offered; see docs/gsam.md).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, ire_optax

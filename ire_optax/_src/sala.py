@@ -88,7 +88,8 @@ def sala(
     stage 2), else ``θ_{t+1} = θ'`` (deferred reset, next cycle is stage 1).
 
   The base optimizer's state is never reset. The returned update is
-  ``θ_{t+1} − θ_t`` (computed in float32, cast to the params' dtypes), so
+  ``θ_{t+1} − θ_t`` (computed in the wider of float32 and the params' dtype,
+  cast to the params' dtypes), so
   ``optax.apply_updates(params, updates)`` yields the new fast weights (after a
   reset ``θ + (φ − θ)``: ``φ`` up to the rounding of that addition); do not
   modify the updates before applying them. Evaluate with the slow weights
@@ -119,7 +120,7 @@ def sala(
       momentum). Extra keyword arguments of ``update`` other than ``grad_fn``
       are forwarded to it.
     sync_period: ``k``, the number of fast steps per cycle, an integer ``≥ 1``
-      (authors' default 2).
+      (default 2, the authors' SALA run; their ``SALA`` class defaults to 5).
     slow_step_size: ``α ∈ [0, 1]``, the slow weights' step size (default 0.5),
       a number or a schedule of the step count (its values clipped to [0, 1]).
     rho: ``ρ ≥ 0``, both the SAM radius and the distance threshold (default
