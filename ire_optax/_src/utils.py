@@ -143,7 +143,7 @@ def check_float_tree(tree: Any, *, what: str, who: str, hint: str | None = None)
       if hint is None:
         hint = (" Complex parameters are not supported: optimize the real and imaginary parts "
                 "as two real leaves." if jnp.issubdtype(dtype, jnp.complexfloating) else
-                  " Keep integer/bool leaves out of the optimizer: with optax.masked or "
+                " Keep integer/bool leaves out of the optimizer: with optax.masked or "
                 "optax.partition (and optax.set_to_zero), except around an optimizer that "
                 "evaluates the model on the whole tree (SAM, mSAM, GSAM, SALA, IRE with fisher "
                 "or hutchinson, or over one of them), which cannot run inside optax.masked: "
