@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import string
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -40,8 +41,26 @@ def renders(name: str) -> Callable[[Callable[[Any], dict[str, str]]], Renderer]:
   return wrap
 
 
+_SCRIPT = re.compile(r"python benchmarks/bench_(\w+)\.py")
+
+
+def command(text: str) -> str:
+  """A recorded command in backquotes; a script since replaced says by what.
+
+  Results measured before the benchmarks became a package record the script that measured
+  them (``python benchmarks/bench_NAME.py``), which ``python -m benchmarks NAME`` replaced.
+  """
+  names = dict.fromkeys(_SCRIPT.findall(text))
+  now = " and ".join(f"`python -m benchmarks {n}`" for n in names)
+  return f"`{text.strip()}`" + (f" (a script since replaced by {now})" if names else "")
+
+
 class _Formatter(string.Formatter):
-  """``str.format`` with ``None`` (not measured) shown as an em dash under any format spec."""
+  """``str.format`` with ``None`` (not measured) shown as an em dash under any format spec,
+  and the conversion ``!c`` for a recorded command (:func:`command`)."""
+
+  def convert_field(self, value: Any, conversion: str | None) -> Any:
+    return command(value) if conversion == "c" else super().convert_field(value, conversion)
 
   def format_field(self, value: Any, format_spec: str) -> str:
     return "—" if value is None else super().format_field(value, format_spec)

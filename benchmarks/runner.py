@@ -34,7 +34,9 @@ def now() -> str:
 
 def command(name: str) -> str:
   """The command line that runs benchmark ``name`` with this process's options."""
-  return f"python -m benchmarks {name} " + " ".join(sys.argv[2:])
+  argv = sys.argv[1:]
+  options = argv[2:] if argv[:1] == ["run"] else argv[1:]  # `run NAME ...` is `NAME ...`
+  return " ".join(["python -m benchmarks", name, *options])
 
 
 def override(cfg: Any, changes: Mapping[str, Any]) -> Any:

@@ -73,11 +73,12 @@ def write_results(stem: str | os.PathLike, *, benchmark: str, meta: Mapping[str,
 def write_micro(name: str, out: str | None, *, rows: Iterable[Row], details: Any,
                 **meta: Any) -> Path:
   """A micro-benchmark's ``{out}/{name}.json`` (default: the committed results), the machine
-  first in its meta."""
+  and the command first in its meta."""
+  from benchmarks.runner import command
   from benchmarks.timing import machine
 
   return write_results(Path(out or RESULTS) / name, benchmark=name, rows=rows, details=details,
-                       meta={"machine": machine(), **meta})
+                       meta={"machine": machine(), "command": command(name), **meta})
 
 
 def atomic_write(path: Path, text: str) -> None:

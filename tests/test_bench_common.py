@@ -142,3 +142,19 @@ def test_target_verdict_counts_the_misses():
   assert metrics.target_verdict([1.0, 1.1, None], 1.15) == "met (2 of 2)"
   assert metrics.target_verdict([1.0, 1.2, 1.3], 1.15) == "missed in 2 of 3 (worst 1.30)"
   assert metrics.target_verdict([float("nan")], 1.0) == "not measured"
+
+
+def test_a_recorded_command_names_what_replaced_its_script(monkeypatch):
+  from benchmarks import runner
+
+  assert render.command(" python -m benchmarks sam --smoke ") == "`python -m benchmarks sam --smoke`"
+  old = render.command("python benchmarks/bench_selection.py --sizes 1e6 ; then "
+                       "python benchmarks/bench_selection.py --sizes 1e7")
+  assert old.endswith("(a script since replaced by `python -m benchmarks selection`)")
+  assert render._Formatter().format("{c!c}", c="python benchmarks/bench_sala.py") == (
+      "`python benchmarks/bench_sala.py` (a script since replaced by `python -m benchmarks sala`)")
+  for argv in (["m", "run", "sam", "--smoke"], ["m", "sam", "--smoke"]):
+    monkeypatch.setattr("sys.argv", argv)
+    assert runner.command("sam") == "python -m benchmarks sam --smoke"
+  monkeypatch.setattr("sys.argv", ["m", "sam"])
+  assert runner.command("sam") == "python -m benchmarks sam"

@@ -54,7 +54,8 @@ def test_digest_spans_the_key_distributions():
   res = [{"kind": k, "n": 1000, "reps": 3, "load_before": None, "load_after": None,
           "adamw_ms": 1.0, "refresh": {"native": {"median": m, "min": m, "max": m}},
           "amortized": {}} for k, m in (("uniform", 0.5), ("model", 1.5))]
-  doc = {"meta": {"machine": {"summary": "M"}, "model": "x", "K": 10, "methods": ["native"]},
+  doc = {"meta": {"machine": {"summary": "M"}, "model": "x", "K": 10, "methods": ["native"],
+                  "command": "python -m benchmarks selection"},
          "details": {"refresh": res, "update": render.Results()["selection"]["details"]["update"]}}
   digest = B.render({"selection": doc})["docs/selection.md#selection-cost"]
   assert "| 1e+03 | 0.50–1.50 | not run |" in digest and "uniform, model" in digest

@@ -207,7 +207,8 @@ def render(doc: Mapping[str, Any]) -> dict[str, str]:
   over = lambda key, m, n: span([r[key][m]["median"] for r in res
                                  if r["n"] == n and m in r.get(key, {})])
   return {"benchmarks/results/selection.md": fill("selection.md", {
-      "machine": meta["machine"]["summary"], "model": meta["model"], "K": meta["K"],
+      "machine": meta["machine"]["summary"], "command": meta["command"],
+      "model": meta["model"], "K": meta["K"],
       "leaves": 3 * TREE_BLOCKS, "blocks": TREE_BLOCKS,
       "reps": span([r["reps"] for r in res], "d"),
       "targets": "; ".join(f"{key} ≤ {v:.2f}: " + ", ".join(

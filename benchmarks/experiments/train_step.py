@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from benchmarks import metrics, timing
+from benchmarks import metrics, runner, timing
 from benchmarks.render import bounds, fill, table
 from benchmarks.schema import time_row, write_micro
 from benchmarks.spec import Micro
@@ -181,7 +181,7 @@ def run(spec: Micro, args: Any) -> None:
           for d in details.values() for k, r in d["results"].items()]
   write_micro(spec.name + ("_selection" if args.selection else ""), args.out,
               rows=() if args.selection else rows, details=details, reps=spec.reps,
-              steps_per_block=STEPS)
+              steps_per_block=STEPS, command=runner.command(spec.name))
 
 
 def note(r: Mapping[str, Any]) -> str:
