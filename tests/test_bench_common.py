@@ -147,7 +147,8 @@ def test_target_verdict_counts_the_misses():
 def test_a_recorded_command_names_what_replaced_its_script(monkeypatch):
   from benchmarks import runner
 
-  assert render.command(" python -m benchmarks sam --smoke ") == "`python -m benchmarks sam --smoke`"
+  now = "python -m benchmarks sam --smoke"
+  assert render.command(f" {now} ") == f"`{now}`"
   old = render.command("python benchmarks/bench_selection.py --sizes 1e6 ; then "
                        "python benchmarks/bench_selection.py --sizes 1e7")
   assert old.endswith("(a script since replaced by `python -m benchmarks selection`)")
