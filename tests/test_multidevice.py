@@ -726,3 +726,34 @@ def test_a_forgotten_axis_name_inside_shard_map_is_named(name):
                      r"axis_name=<axis>"):
     run(None)
   chex.assert_tree_all_finite(run("d"))
+
+
+def test_msam_with_a_forgotten_axis_name_inside_shard_map_is_refused():
+  """msam took each micro-batch gradient at the replicated params: JAX returned them summed over
+  the devices, device-invariant, so the step trained silently on n times the gradient of other
+  micro-batches."""
+  params, batch = {"w": jnp.ones(3)}, jnp.arange(4.0 * NDEV).reshape(2 * NDEV, 2)
+  grad_fn = lambda p, b: jax.grad(lambda q: jnp.sum(q["w"] ** 2) * jnp.mean(b))(p)
+  mesh = data_mesh()
+
+  def run(ax):
+    tx = ire_optax.msam(optax.sgd(0.1), num_microbatches=2, axis_name=ax)
+
+    @jax.jit
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("d")), out_specs=P(),
+                       check_vma=True)
+    def step(p, b):
+      updates, _ = tx.update(None, tx.init(p), p, grad_fn=grad_fn, batch=b)
+      return optax.apply_updates(p, updates)
+
+    return step(jax.device_put(params, NamedSharding(mesh, P())),
+                jax.device_put(batch, NamedSharding(mesh, P("d"))))
+
+  with pytest.raises(ValueError, match=r"msam.update\(\): the batch varies over the mapped "
+                     r"axis 'd'.*pass axis_name=<axis>"):
+    run(None)
+  want = ire_optax.msam(optax.sgd(0.1), num_microbatches=2 * NDEV)
+  chex.assert_trees_all_close(
+      run("d"), optax.apply_updates(params, want.update(None, want.init(params), params,
+                                                        grad_fn=grad_fn, batch=batch)[0]),
+      rtol=1e-6)

@@ -689,6 +689,15 @@ def msam(
           "the leading batch dimension); it was not given."
       )
     utils.check_float_tree(params, what="params", who="msam.update()")
+    # A device's own batch at replicated params: JAX would return the gradients summed over
+    # the devices, device-invariant, so nothing would fail later (axes the params vary over
+    # are the model's own and sum nothing).
+    utils.check_axes_named(
+        batch, axis_name, tuple(set().union(*map(utils.varying_axes, jax.tree.leaves(params)))),
+        who="msam.update()", what="the batch",
+        hint="pass axis_name=<axis> where the devices hold shares of the batch (data "
+        "parallelism): the micro-batch gradients are then each device's own and averaged over "
+        "the devices (docs/multi_device.md).")
     # Per-device gradients also under shard_map(check_vma=True), see utils.per_device_if.
     params = utils.per_device_if(params, axis_name)
     dtype = utils.compute_dtype(params)  # float32, or float64 for float64 params
