@@ -631,6 +631,14 @@ _VEC_LOSS = lambda p, b: p["w"] ** 2
         (lambda: sh.m_sharpness(_LOSS, _P, None, num_microbatches=2), "leading batch axis"),
         (lambda: sh.m_sharpness(_LOSS, _P, jnp.ones((6, 2)), num_microbatches=2, num_steps=0),
          "`num_steps`"),
+        (lambda: sh.hvp(lambda p, b: (_LOSS(p, b),), _P, None, _P),
+         "loss_fn must return a scalar"),
+        (lambda: sh.sam_sharpness(lambda p, b: [_LOSS(p, b)], _P, None),
+         "loss_fn must return a scalar"),
+        (lambda: sh.hessian_trace(lambda p, b: {"loss": _LOSS(p, b)}, _P, None, key=_KEY),
+         "loss_fn must return a scalar"),
+        (lambda: sh.summary(_LOSS, {"w": jnp.zeros(0)}, None, key=_KEY),
+         "at least one element"),
     ],
 )
 def test_bad_input_raises_clear_error(call, match):
@@ -659,3 +667,47 @@ def test_static_counts_under_jit_must_not_be_traced():
   fn = jax.jit(lambda k: sh.hessian_trace(_LOSS, _P, None, key=_KEY, num_samples=k))
   with pytest.raises(ValueError, match="static integer"):
     fn(3)
+
+
+def test_power_iteration_returns_the_rayleigh_quotient_of_its_vector():
+  """The eigenvalue was the quotient of the iterate before the returned one (2.25 where the
+  returned vector's is 3.86 after one step on diag(4, 3.9, 1, 0.5))."""
+  h = np.array([4.0, 3.9, 1.0, 0.5])
+  loss = lambda p, b: 0.5 * jnp.sum(b * p ** 2)
+  for num_iters in (1, 3):
+    vals, vecs = sh.top_hessian_eigs(loss, jnp.ones(4), jnp.asarray(h, jnp.float32),
+                                     key=_KEY, k=2, num_iters=num_iters, method="power")
+    v = np.asarray(vecs, np.float64)
+    np.testing.assert_allclose(np.asarray(vals), np.sum(v * h * v, axis=1), rtol=1e-5)
+
+
+def test_summary_finds_the_sharpness_the_gradient_ascent_misses():
+  """H = diag(5, 1), g = (0, 1): the ascent from g never leaves the g axis (1.5 however many
+  steps); the maximum over the unit ball is 2.625 (the secular equation, in NumPy), and the
+  top eigenvector alone gives 2.5."""
+  loss = lambda p, b: 0.5 * jnp.sum(b["h"] * p ** 2) + jnp.sum(b["g"] * p)
+  batch = {"h": jnp.array([5.0, 1.0]), "g": jnp.array([0.0, 1.0])}
+  a, g, rho = np.diag([5.0, 1.0]), np.array([0.0, 1.0]), 1.0
+  mu = 5.0 + 1e-9  # hard case: mu = lambda_max, the rest of the radius along e1
+  e2 = g[1] / (mu - 1.0)
+  e = np.array([np.sqrt(rho ** 2 - e2 ** 2), e2])
+  exact = g @ e + 0.5 * e @ a @ e
+  np.testing.assert_allclose(exact, 2.625, rtol=1e-6)
+  assert abs(float(sh.sam_sharpness(loss, jnp.zeros(2), batch, rho=rho, num_steps=50))
+             - 1.5) < 1e-6
+  got = float(sh.summary(loss, jnp.zeros(2), batch, key=_KEY, rho=rho)["sam_sharpness"])
+  assert 2.5 - 1e-5 <= got <= exact + 1e-5
+
+
+@pytest.mark.parametrize("rho", [-0.1, np.inf, np.nan])
+def test_a_traced_invalid_radius_gives_nan_not_zero(rho):
+  """Checked eagerly, a negative radius raises; traced, it gave 0 (the ascent's max with
+  epsilon_0 = 0) and an infinite one NaN."""
+  p, b = jnp.array([0.3, -1.2, 2.0]), jnp.array([1.0, 2.0, 3.0])
+  loss = lambda q, c: jnp.sum(jnp.sin(q) * c)
+  r = jnp.float32(rho)
+  assert np.isnan(jax.jit(functools.partial(sh.sam_sharpness, loss))(p, b, rho=r))
+  m = functools.partial(sh.m_sharpness, loss, num_microbatches=3)
+  assert np.isnan(jax.jit(m)(p, jnp.ones((3, 3)), rho=r))
+  out = jax.jit(functools.partial(sh.summary, loss, num_iters=3))(p, b, key=_KEY, rho=r)
+  assert np.isnan(out["sam_sharpness"]) and np.isfinite(out["top_eig"])
