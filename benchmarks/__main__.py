@@ -6,7 +6,7 @@ import argparse
 import sys
 import tempfile
 
-from benchmarks import data, experiments, render
+from benchmarks import data, experiments, render, runner
 from benchmarks.spec import smoke
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["run"]:  # `run NAME ...` and `NAME ...` are the same command
     argv = argv[1:]
+  runner.ARGV = argv  # what the results record as their command
   args = _parser().parse_args(argv)
   if args.command == "list":
     for name in experiments.NAMES:

@@ -73,6 +73,18 @@ def data_spec(name: str, data_dir: str | os.PathLike | None) -> str:
   return spec.format(found)
 
 
+def fingerprint(name: str, data_dir: str | os.PathLike | None) -> Any:
+  """What a run on data set ``name`` under ``data_dir`` trains on, for its cache key: the name,
+  and the name and size of every file of it (raises as :func:`data_spec` if it is absent)."""
+  path, _ = DATASETS[name]
+  if path is None:
+    return name
+  root = Path(data_spec(name, data_dir).partition(":")[2])
+  files = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file())
+  return [name, [(q.relative_to(root).as_posix() if q != root else q.name, q.stat().st_size)
+                 for q in files]]
+
+
 def describe_images(img: _data.ImageData) -> str:
   """One line naming the data set and its split sizes."""
   name = {"mnist": "MNIST", "digits": "scikit-learn digits (MNIST not found)"}.get(img.name,

@@ -108,24 +108,32 @@ def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
 
   ``bound``: ``"exact"`` if both reach it; ``"lower"``/``"upper"`` if only ``fast``/``base``
   does (its last step stands in for the other's); None, with value None, if neither does.
+  A curve at the target at its first evaluation reached it there *or earlier*: the speed-up
+  is then a bound too (``"upper"`` for ``base``'s, ``"lower"`` for ``fast``'s), and not
+  measurable (None) where both are.
   """
   from examples.common.train import steps_to_reach
 
   b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
-  if b is None and f is None:
+  b_first, f_first = (s is not None and s == int(c[0][0]) for s, c in ((b, base), (f, fast)))
+  if (b is None and f is None) or (b_first and f_first):
     return dict(NO_SPEEDUP)
   value = (base[-1][0] if b is None else b) / (fast[-1][0] if f is None else f)
-  bound = "lower" if b is None else "upper" if f is None else "exact"
+  bound = ("lower" if b is None or f_first else "upper" if f is None or b_first else "exact")
   return {"base_step": b, "fast_step": f, "value": value, "bound": bound}
 
 
 def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]
                    ) -> dict[str, Any]:
-  """``base``'s last step over ``fast``'s first at ``base``'s last loss (else an upper bound)."""
+  """``base``'s last step over ``fast``'s first at ``base``'s last loss (else an upper bound;
+  a lower bound where ``fast`` is there at its first evaluation)."""
+  from examples.common.train import steps_to_reach
+
   end, target = base[-1]
-  f = speedup(base, fast, target)["fast_step"]
+  f = steps_to_reach([(int(s), float(v)) for s, v in fast], target)
+  bound = "upper" if f is None else "lower" if f == int(fast[0][0]) else "exact"
   return {"base_step": end, "fast_step": f, "value": end / (fast[-1][0] if f is None else f),
-          "bound": "upper" if f is None else "exact"}
+          "bound": bound}
 
 
 def speedup_text(s: Mapping[str, Any]) -> str:

@@ -32,9 +32,14 @@ def now() -> str:
   return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+# The arguments of ``python -m benchmarks`` (``benchmarks.__main__.main`` sets them; None:
+# this process's command line).
+ARGV: list[str] | None = None
+
+
 def command(name: str) -> str:
   """The command line that runs benchmark ``name`` with this process's options."""
-  argv = sys.argv[1:]
+  argv = sys.argv[1:] if ARGV is None else ARGV
   options = argv[2:] if argv[:1] == ["run"] else argv[1:]  # `run NAME ...` is `NAME ...`
   return " ".join(["python -m benchmarks", name, *options])
 
@@ -112,17 +117,20 @@ def run_all(spec: Experiment, *, out: Path, data_dir: str | None = None,
   """Every run of ``spec``, trained or cached: ``{task: {seed: {arm: record}}}``.
 
   ``inputs(task, seed)``: ``train.run``'s ``data``/``model`` and a ``measure`` for that run;
-  ``extra`` (what they depend on) is hashed with every run.
+  ``extra`` (what they depend on, the data they give included) is hashed with every run, and
+  so are the data files of each task otherwise (:func:`benchmarks.data.fingerprint`: every
+  task's data is found before the first run trains).
   """
   cache = Path(out) / "runs" / spec.name
   cache.mkdir(parents=True, exist_ok=True)
   plan = [(t, s, a) for t in spec.tasks for s in spec.seeds for a in spec.arms
           if not t.arms or a.label in t.arms]
+  files = {t.key: None if inputs else data.fingerprint(t.data, data_dir) for t in spec.tasks}
   runs: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
   t_start = time.perf_counter()
   for i, (task, seed, arm) in enumerate(plan):
     cfg = configure(spec, task, arm, seed)
-    key = config_hash(cfg, task.key, extra)
+    key = config_hash(cfg, task.key, extra, files[task.key])
     path = cache / f"{key}.json"
     if path.exists():
       rec, how = json.loads(path.read_text()), "cached"

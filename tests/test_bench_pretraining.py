@@ -37,6 +37,19 @@ def test_speedup_bounds_where_a_curve_never_reaches_the_target():
   assert s == metrics.NO_SPEEDUP and metrics.speedup_text(s) == "n/a"
 
 
+def test_a_target_reached_at_the_first_evaluation_bounds_the_speedup():
+  """One evaluation each (T shorter than the evaluation interval) read as an exact 2x: the
+  report said the 2x claim was reproduced for an IRE run identical to AdamW's."""
+  assert metrics.speedup([(12, 2.9)], [(6, 3.4)], 3.4) == metrics.NO_SPEEDUP
+  s = metrics.speedup([(12, 2.4), (24, 2.0)], IRE_T, 2.5)  # the base at its first point
+  assert (s["base_step"], s["fast_step"], s["bound"]) == (12, 20, "upper")
+  s = metrics.speedup(BASE_2T, IRE_T, 2.9)  # IRE at its first evaluation: 10 or earlier
+  assert (s["value"], s["bound"]) == (pytest.approx(2.0), "lower")
+  assert metrics.speedup_verdict([metrics.speedup([(12, 2.9)], [(6, 3.4)], 3.4)], 2.0) == (
+      "not measurable")
+  assert metrics.speedup_at_end([(6, 3.4)], [(6, 3.4)])["bound"] == "lower"
+
+
 def test_speedup_at_end_is_the_base_runs_length_over_the_fast_runs_step():
   a1 = [(10, 3.0), (20, 2.0), (30, 1.5)]
   assert metrics.speedup_at_end(a1, [(10, 2.0), (20, 1.4), (30, 1.0)]) == {
@@ -118,8 +131,8 @@ def test_runner_caches_each_run_under_its_whole_configuration(tmp_path, monkeypa
   monkeypatch.setattr(runner, "configure", lambda spec, task, arm, seed: runner.override(
       runner.override(_Cfg(steps=spec.steps, seed=seed), task.overrides),
       {"optimizer": arm.optimizer}))
-  spec = Experiment("x", "", (Task("ex", "d"),), (Arm("a"), Arm("b", {"kappa": 2.0})), (0, 1),
-                    4, (), "a")
+  spec = Experiment("x", "", (Task("ex", "digits", name="ex-d"),),
+                    (Arm("a"), Arm("b", {"kappa": 2.0})), (0, 1), 4, (), "a")
   quiet = {"out": tmp_path, "log": lambda s: None}
   runs = runner.run_all(spec, **quiet)
   assert len(trained) == 4 and set(runs["ex-d"]) == {"0", "1"}
@@ -127,10 +140,34 @@ def test_runner_caches_each_run_under_its_whole_configuration(tmp_path, monkeypa
   spec2 = dataclasses.replace(spec, arms=(Arm("a"), Arm("b", {"kappa": 3.0})))
   runner.run_all(spec2, **quiet)
   assert [c.optimizer.kappa for c in trained[4:]] == [3.0, 3.0]  # only the changed arm
-  runner.run_all(dataclasses.replace(spec2, tasks=(Task("ex", "d", {"optimizer": {
-      "lr": 0.2}}),)), **quiet)
+  runner.run_all(dataclasses.replace(spec2, tasks=(Task("ex", "digits", {"optimizer": {
+      "lr": 0.2}}, name="ex-d"),)), **quiet)
   assert len(trained) == 6 + 4  # a setting of every arm: all four runs again
   assert config_hash(_Cfg()) != config_hash(_Cfg(seed=1))
+
+
+def test_runner_hashes_the_data_and_finds_it_before_training(tmp_path, monkeypatch):
+  """The cache key held the data set's name only: another --data-dir reused runs trained on
+  other data; and a missing data set failed only when its first run came, after others."""
+  trained = []
+  monkeypatch.setattr(runner, "train_one", lambda cfg, **kw: trained.append(cfg) or {
+      "final_eval_loss": 1.0, "params": 1})
+  monkeypatch.setattr(runner, "configure", lambda spec, task, arm, seed: _Cfg(seed=seed))
+  monkeypatch.delenv("IRE_OPTAX_DATA", raising=False)
+  for d, text in (("one", "abc"), ("two", "abcd")):
+    (tmp_path / d / "tinyshakespeare").mkdir(parents=True)
+    (tmp_path / d / "tinyshakespeare" / "input.txt").write_text(text)
+  spec = Experiment("x", "", (Task("ex", "shakespeare"),), (Arm("a"),), (0,), 4, (), "a")
+  quiet = {"out": tmp_path / "out", "log": lambda s: None}
+  runner.run_all(spec, data_dir=str(tmp_path / "one"), **quiet)
+  runner.run_all(spec, data_dir=str(tmp_path / "one"), **quiet)
+  assert len(trained) == 1
+  runner.run_all(spec, data_dir=str(tmp_path / "two"), **quiet)
+  assert len(trained) == 2
+  late = dataclasses.replace(spec, tasks=(Task("ex", "digits"), Task("ex", "mnist")))
+  with pytest.raises(FileNotFoundError, match="mnist not found"):
+    runner.run_all(late, data_dir=str(tmp_path / "one"), **quiet)
+  assert len(trained) == 2  # the digits run did not train first
 
 
 @pytest.mark.parametrize("name", ["pretraining", "pretraining_official"])

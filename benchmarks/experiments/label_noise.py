@@ -140,6 +140,7 @@ def run(spec: Experiment, args: argparse.Namespace) -> None:
   grid = dataclasses.replace(spec, name="label_noise_grid", seeds=(0,), tasks=(Task(
       "resnet", spec.tasks[0].data, {**LOOP, **steps(len(x) - hold)}, name="grid"),), arms=tuple(
       Arm(f"lr={lr:g}", {"lr": lr}) for lr in c["lr_grid"]), baseline=f"lr={c['lr_grid'][0]:g}")
+  c = {**c, "data": data.describe_images(img)}  # hashed with every run: the images they get
   g = runner.run_all(grid, out=out, data_dir=args.data_dir, extra=c, inputs=inputs)
   grid_rows = [row(r, optimizer="SGD", lr=float(k[3:]), seed=0)
                for k, r in g["grid"]["0"].items()]
