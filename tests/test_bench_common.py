@@ -154,8 +154,23 @@ def test_a_recorded_command_names_what_replaced_its_script(monkeypatch):
   assert old.endswith("(a script since replaced by `python -m benchmarks selection`)")
   assert render._Formatter().format("{c!c}", c="python benchmarks/bench_sala.py") == (
       "`python benchmarks/bench_sala.py` (a script since replaced by `python -m benchmarks sala`)")
+  monkeypatch.setattr(runner, "ARGV", None)  # run as a script: this process's command line
   for argv in (["m", "run", "sam", "--smoke"], ["m", "sam", "--smoke"]):
     monkeypatch.setattr("sys.argv", argv)
     assert runner.command("sam") == "python -m benchmarks sam --smoke"
   monkeypatch.setattr("sys.argv", ["m", "sam"])
   assert runner.command("sam") == "python -m benchmarks sam"
+  monkeypatch.setattr(runner, "ARGV", ["sam", "--out", "D"])  # through __main__.main(argv)
+  assert runner.command("sam") == "python -m benchmarks sam --out D"
+
+
+def test_sala_rows_name_the_data_the_training_run_used():
+  """They said "MLP 784-512-256-10, MNIST" also for a run on the digits (64 inputs)."""
+  from benchmarks.experiments import sala
+
+  details = render.Results()["sala"]["details"]
+  assert sala.result_rows(details)[0].task == "MLP 784-512-256-10, MNIST training run"
+  digits = {**details, "config": {**details["config"], "inputs": 64,
+                                  "data": "scikit-learn digits (MNIST not found) (1,438 train)"}}
+  assert sala.result_rows(digits)[0].task == (
+      "MLP 64-512-256-10, scikit-learn digits training run")

@@ -17,7 +17,17 @@ def test_smoke_compiles_every_program_and_renders(tmp_path):
     assert r["programs"]["plain step"]["conditionals_executed"] == 0
     assert r["programs"]["unhinted"]["conditionals_executed"] == 1
   md = B.render({"compiled": doc})["benchmarks/results/compiled.md"]
-  assert "| cpu | 1e+05 | 1 | unhinted |" in md and "python -m benchmarks compiled --smoke" in md
+  assert "| cpu | 1e+05 | 1 | unhinted |" in md
+  assert f"python -m benchmarks compiled --smoke --targets cpu --out {tmp_path}" in md
+  # A run of other targets keeps these, as a subset run of the committed results must.
+  kept = {**doc["details"][0], "target": "h100"}
+  (tmp_path / "compiled.json").write_text((tmp_path / "compiled.json").read_text().replace(
+      '"target": "cpu"', '"target": "h100"'))
+  assert cli.main(["compiled", "--smoke", "--targets", "cpu", "--out", str(tmp_path)]) == 0
+  doc = read_results(tmp_path / "compiled.json")
+  assert doc["meta"]["targets"] == ["cpu", "h100"]
+  assert sorted(r["target"] for r in doc["details"]) == ["cpu", "cpu", "h100", "h100"]
+  assert kept in doc["details"]
 
 
 def _result(target, n, leaves, refresh, plain=None, kernels=10):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 import ire_optax
-from benchmarks import data, schema
+from benchmarks import data, runner, schema
 from benchmarks.render import fill, renders, span, table
 from benchmarks.spec import Micro
 
@@ -86,10 +86,18 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
     for n, leaves, steps in spec.sizes:
       details.append(measure(target, n, leaves, steps or args.smoke))
       print(f"{target} N={n:.0e} leaves={leaves}: {details[-1]['compile_seconds']:.0f} s")
-  meta = {"command": "python -m benchmarks compiled" + " --smoke" * args.smoke,
-          "versions": f"jax {jax.__version__}", "targets": targets, "time_model": X.TIME_MODEL}
-  schema.write_results(f"{args.out or schema.RESULTS}/{spec.name}", benchmark=spec.name,
-                       meta=meta, details=details)
+  # The other targets' programs stay as the results file has them (a run of some targets).
+  path = f"{args.out or schema.RESULTS}/{spec.name}"
+  old = schema.read_results(f"{path}.json")
+  kept = [d for d in (old["details"] if old else []) if d["target"] not in targets]
+  versions = f"jax {jax.__version__}"
+  if kept and old and old["meta"]["versions"] != versions:
+    versions = (f"{old['meta']['versions']} for {', '.join(sorted({d['target'] for d in kept}))}"
+                f", {versions} for {', '.join(targets)}")
+  meta = {"command": runner.command(spec.name), "versions": versions,
+          "targets": sorted({d["target"] for d in kept} | set(targets)),
+          "time_model": X.TIME_MODEL}
+  schema.write_results(path, benchmark=spec.name, meta=meta, details=kept + details)
 
 
 def _bound(r: dict[str, Any], key: str) -> float:

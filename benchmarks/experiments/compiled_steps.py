@@ -93,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       choices=("update", "train", "pod"))
   parser.add_argument("--targets", nargs="+", default=list(X.TARGETS), choices=X.TARGETS,
                       help="update: %(default)s; train: tpu-v5e and h100 of them")
-  parser.add_argument("--models", nargs="+", default=None, help="train: these tasks only")
+  parser.add_argument("--models", nargs="+", default=None,
+                      choices=sorted({t.example for t in SPEC.tasks}),
+                      help="train: these tasks only")
   parser.add_argument("--resume", action="store_true",
                       help="keep what the results file has; compile only what is missing")
 

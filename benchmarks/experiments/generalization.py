@@ -194,8 +194,10 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
                   "verdict"],
                  [[f["model"], f["dataset"], f"{f['worse']} < {f['better']}", *paired_cells(f)]
                   for f in found])
+  ran = {(label, m) for label, cells in by_name.items() for m, _ in cells}
   opts = table(["optimizer", *(MODELS[m] for m in meta["model_argv"])],
-               [[label, *per.values()] for label, per in meta["optimizers"].items()])
+               [[label, *(v if (label, m) in ran else "not run" for m, v in per.items())]
+                for label, per in meta["optimizers"].items()])
   ctx = {"meta": meta, "sh": meta["sharpness"], "wall_min": meta["total_wall_s"] / 60,
          "data": "; ".join(meta["data"]), "sections": sections, "claims": claims,
          "summary": summary, "optimizers": opts, "n_seeds": len(meta["seeds"]),

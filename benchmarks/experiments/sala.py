@@ -6,6 +6,7 @@ Both parts run the examples' optimizers and train step (what is reported: the te
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -137,6 +138,7 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
                  "test_acc_per_seed": [r["final"][n]["test_acc"] for r in runs]}
              for n, v in ratios.items()}
   details = {"config": {**c, "data": data.describe_images(img),
+                        "inputs": math.prod(img.x_train.shape[1:]),
                         "machine": timing.machine()["summary"],
                         "wall_s": time.perf_counter() - t0,
                         "command": runner.command("sala")},
@@ -149,7 +151,10 @@ def run(spec: Micro, args: argparse.Namespace) -> None:
 def result_rows(details: Mapping[str, Any]) -> list[schema.Row]:
   """The training run's time ratios and the fixed-batch step costs, over SGD's."""
   names, c = {"lookahead": "Lookahead", "sam": "SAM", "sala": "SALA"}, details["config"]
-  out = [schema.time_row(name, "SGD", "MLP 784-512-256-10, MNIST training run", "train step",
+  # (784: MNIST's, the committed run's, from before the inputs were recorded)
+  widths = "-".join(str(w) for w in (c.get("inputs", 784), *c["hidden"], 10))
+  run = f"MLP {widths}, {c['data'].split(' (')[0]} training run"
+  out = [schema.time_row(name, "SGD", run, "train step",
                          details["summary"][key]["time_ratio_median"], "sala",
                          f"stage-2 fraction {details['stage2_fraction']:.2f}" if key == "sala"
                          else "", variant=f"k={c[key]['k']}" if "k" in c[key] else "")
