@@ -52,17 +52,36 @@ from typing import Any
 
 
 # The Llama example's settings this script does not use (it neither evaluates, checkpoints
-# nor resumes): they get no flag, so passing one is an error rather than silently ignored.
+# nor resumes, nor runs lookahead), by their argparse dest: they get no flag, so passing one is
+# an error rather than silently ignored.
 NOT_HERE = ("eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "no_checkpoint",
-            "resume", "stop_after", "no_plot", "no_progress")
+            "resume", "stop_after", "no_plot", "no_progress", "optimizer.la_sync_period",
+            "optimizer.la_slow_step")
+# The --opt names this script refuses (lookahead has no axis_name for the shard_map step).
+NOT_COVERED = ("lookahead",)
+# The default run name (--name).
+RUN_NAME = "data_parallel-{placement}-{opt}"
+USAGE = (
+    "python -m examples.data_parallel --opt adamw+ire --steps 2000",
+    "python -m examples.data_parallel --cpu-devices 8 --opt sam --size toy",
+    "python -m examples.data_parallel --cpu-devices 8 --data-parallel shard_map --opt msam "
+    "--size toy",
+    "python -m examples.data_parallel --coordinator host0:12345 --num-processes 2 "
+    "--process-id 0 --opt adamw+ire --steps 2000  # and --process-id 1 on the other host",
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
-  from examples.common import cli
+  from examples.common import cli, config
 
-  p = cli.make_parser("llama", omit=NOT_HERE)
-  p.prog = "python -m examples.data_parallel"
-  p.description = __doc__.split("\n\n")[0]
+  offered = [o for o in config.OPTIMIZERS if o not in NOT_COVERED]
+  p = cli.make_parser(
+      "llama", omit=NOT_HERE, prog="python -m examples.data_parallel",
+      description=__doc__.split("\n\n")[0], usage=USAGE,
+      helps={"optimizer.name": config.opt_help(offered),
+             "optimizer.base": config.base_help(offered),
+             "name": config.run_name_help(RUN_NAME.format(placement="<placement>",
+                                                          opt="<opt>"))})
   g = p.add_argument_group("devices and hosts")
   g.add_argument("--data-parallel", choices=("gspmd", "shard_map"), default="gspmd",
                  help="placement of the train step (%(default)s)")
@@ -72,9 +91,37 @@ def make_parser() -> argparse.ArgumentParser:
   g.add_argument("--coordinator", default=None,
                  help="HOST:PORT of process 0 for multi-host runs, or 'auto' (TPU pods, "
                       "SLURM, Open MPI)")
-  g.add_argument("--num-processes", type=int, default=None)
-  g.add_argument("--process-id", type=int, default=None)
+  g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                 help="multi-host runs: the number of processes (one per host); needs "
+                      "--coordinator (with 'auto': read from the cluster if not given)")
+  g.add_argument("--process-id", type=int, default=None, metavar="I",
+                 help="multi-host runs: this process's index, 0 .. N-1 (0 on the host of "
+                      "--coordinator); needs --coordinator (with 'auto': read from the "
+                      "cluster if not given)")
   return p
+
+
+def check_hosts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """The multi-host flags, checked before any device is touched (``parser.error``): without
+  ``--coordinator`` nothing would read ``--num-processes``/``--process-id``, and each host
+  would train alone as process 0."""
+  given = [f for f, v in (("--num-processes", args.num_processes),
+                          ("--process-id", args.process_id)) if v is not None]
+  if not args.coordinator:
+    if given:
+      parser.error(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} "
+                   "--coordinator HOST:PORT (or 'auto'): without it every process would train "
+                   "alone, as process 0.")
+    return
+  if args.coordinator != "auto" and len(given) < 2:
+    parser.error(f"--coordinator {args.coordinator} needs --num-processes and --process-id "
+                 "(or --coordinator auto on a cluster that provides them).")
+  if args.num_processes is not None and args.num_processes < 1:
+    parser.error(f"--num-processes must be >= 1; got {args.num_processes}.")
+  pid, num = args.process_id, args.num_processes
+  if pid is not None and (pid < 0 or (num is not None and pid >= num)):
+    parser.error(f"--process-id must be in 0 .. --num-processes - 1; got {pid} "
+                 f"(--num-processes {num}).")
 
 
 def setup_devices(args: argparse.Namespace) -> None:
@@ -84,8 +131,8 @@ def setup_devices(args: argparse.Namespace) -> None:
   if args.cpu_devices:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  if args.coordinator == "auto":
-    jax.distributed.initialize()
+  if args.coordinator == "auto":  # what is not given is read from the cluster's environment
+    jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
   elif args.coordinator:
     # Cross-process collectives of CPU devices (GPUs and TPUs bring their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -163,6 +210,7 @@ def train_steps(cfg, step_fn, state, batch_at, log) -> tuple[Any, float]:
 def main(argv: list[str] | None = None) -> dict:
   parser = make_parser()
   args = parser.parse_args(argv)
+  check_hosts(parser, args)
   setup_devices(args)
 
   import jax
@@ -174,23 +222,32 @@ def main(argv: list[str] | None = None) -> dict:
   n = jax.device_count()
   if cfg.batch_size % n:
     parser.error(f"--batch-size {cfg.batch_size} must divide by the {n} devices.")
-  if cfg.optimizer.algorithm[0] == "lookahead":
-    parser.error("the data-parallel example does not cover lookahead.")
+  algo = cfg.optimizer.algorithm[0]
+  if algo in NOT_COVERED:
+    parser.error(f"the data-parallel example does not cover {algo}.")
+  m_micro = cfg.optimizer.num_microbatches
+  if args.data_parallel == "shard_map" and algo == "msam" and (cfg.batch_size // n) % m_micro:
+    parser.error(f"--data-parallel shard_map splits every device's batch into mSAM's "
+                 f"micro-batches: the per-device batch, --batch-size {cfg.batch_size} / {n} "
+                 f"devices = {cfg.batch_size // n}, must be divisible by --num-microbatches "
+                 f"{m_micro}.")
   # Auto axes: GSPMD propagates the batch sharding through model code that has no
   # sharding annotations (an Explicit mesh would ask the model for them).
   mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   P = jax.sharding.PartitionSpec
   replicated, split = (jax.sharding.NamedSharding(mesh, P()),
                        jax.sharding.NamedSharding(mesh, P("data")))
-  d = train.load_data(cfg)
-  m = train.build_model(cfg, d)
-  task = train.make_task(cfg, d)
+  with cli.usage_errors(parser):  # what the data or the model refuse, as examples.llama
+    d = train.load_data(cfg)
+    m = train.build_model(cfg, d)
+    task = train.make_task(cfg, d)
   graphdef, params, stats = train.split_model(m.model)
   spec, step_fn = build_step(cfg, args.data_parallel, mesh, graphdef, stats, task.num_classes)
   state = put(train.TrainState(params, stats, spec.tx.init(params),
                                train.initial_loss_scale(cfg.precision)), replicated)
 
-  out = Path(cfg.out) / (cfg.name or f"data_parallel-{args.data_parallel}-{spec.name}")
+  out = Path(cfg.out) / (cfg.name or RUN_NAME.format(placement=args.data_parallel,
+                                                     opt=spec.name))
   lead = jax.process_index() == 0
   if lead:
     out.mkdir(parents=True, exist_ok=True)

@@ -639,9 +639,11 @@ def _data_parallel_params(tmp_path, placement, *extra):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--eval-every=5", "--stop-after=2",
-                                  "--ckpt-every=1", "--no-checkpoint"])
+                                  "--ckpt-every=1", "--no-checkpoint", "--la-sync-period=3",
+                                  "--la-slow-step=0.5"])
 def test_data_parallel_refuses_the_flags_it_does_not_use(flag, capsys):
-  """It neither evaluates, checkpoints nor resumes: those flags are errors, not ignored."""
+  """It neither evaluates, checkpoints, resumes nor runs lookahead: those flags are errors, not
+  ignored."""
   from examples import data_parallel
 
   with pytest.raises(SystemExit):
@@ -666,6 +668,109 @@ def test_shard_map_builders_reject_lookahead():
   cfg = cli.parse("llama", ["--opt", "lookahead"])
   with pytest.raises(ValueError, match="lookahead"):
     optim.build_optimizer(cfg.optimizer, 10, axis_name="data")
+
+
+DP_TOY = ["--size", "toy", "--steps", "1", "--batch-size", "16", "--seq-len", "16",
+          "--max-chars", "20000", "--fast-compile"]
+
+
+def _data_parallel_usage_error(argv, tmp_path, capsys) -> str:
+  """The one error line of ``python -m examples.data_parallel argv``, which must stop with a
+  usage error (exit 2, no traceback) before anything is written."""
+  from examples import data_parallel
+
+  with pytest.raises(SystemExit) as e:
+    data_parallel.main([*DP_TOY, "--out", str(tmp_path), *argv])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "Traceback" not in err, err
+  (line,) = [line for line in err.splitlines() if "error:" in line]
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+  return line
+
+
+def test_data_parallel_shard_map_msam_refuses_a_per_device_batch_of_fewer_micro_batches(
+    tmp_path, capsys):
+  """Under shard_map --num-microbatches splits every device's batch: 16 rows over 8 devices
+  leave 2 per device, which 4 micro-batches do not divide (a traceback while tracing, naming a
+  batch of 2 the user never passed; the global batch alone divides by 4)."""
+  n = jax.device_count()
+  line = _data_parallel_usage_error(["--data-parallel", "shard_map", "--opt", "msam",
+                                     "--num-microbatches", "4"], tmp_path, capsys)
+  assert (f"--batch-size 16 / {n} devices = {16 // n}" in line
+          and "--num-microbatches 4" in line), line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--heads", "3"], "not divisible by the 3 heads"),
+    (["--data", "digits"], "unknown text data 'digits'"),
+    (["--data", "wikitext:/nonexistent"], "/nonexistent"),
+    (["--max-chars", "1000", "--seq-len", "128"], "held-out text has"),
+])
+def test_data_parallel_reports_what_the_data_or_the_model_refuse_as_usage_errors(
+    argv, message, tmp_path, capsys):
+  """As ``python -m examples.llama`` does (one helper, ``cli.usage_errors``)."""
+  assert message in _data_parallel_usage_error(argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-processes", "2", "--process-id", "1"],
+     "--num-processes and --process-id need --coordinator"),
+    (["--process-id", "1"], "--process-id needs --coordinator"),
+    (["--coordinator", "127.0.0.1:1"], "needs --num-processes and --process-id"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2"],
+     "needs --num-processes and --process-id"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be in 0 .. --num-processes - 1; got 2"),
+])
+def test_data_parallel_multi_host_flags_are_checked(argv, message, tmp_path, capsys):
+  """Without --coordinator, --num-processes/--process-id were ignored (every host trained alone
+  as process 0, all writing the same files); --coordinator HOST:PORT without them was JAX's
+  traceback. Both are refused before JAX's distributed runtime starts."""
+  assert message in _data_parallel_usage_error(argv, tmp_path, capsys)
+
+
+def test_data_parallel_coordinator_auto_passes_the_given_host_flags_on(monkeypatch):
+  """With --coordinator auto the cluster supplies what is not given; what is given is used,
+  not dropped."""
+  import argparse
+
+  from examples import data_parallel
+
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  args = argparse.Namespace(cpu_devices=None, coordinator="auto", num_processes=2,
+                            process_id=None)
+  data_parallel.check_hosts(data_parallel.make_parser(), args)
+  data_parallel.setup_devices(args)
+  assert calls == [{"num_processes": 2, "process_id": None}]
+
+
+def test_data_parallel_help_is_its_own(capsys):
+  """--help offers what the script runs: no lookahead, its own commands, its own run name."""
+  import shlex
+
+  from examples import data_parallel
+
+  parser = data_parallel.make_parser()
+  with pytest.raises(SystemExit) as e:
+    parser.parse_args(["--help"])
+  assert e.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--opt NAME one of adamw, sgd, sam, asam, gsam, msam, sala; append '+ire'" in text
+  assert "lookahead" not in text and "--la-" not in text
+  assert "(default: data_parallel-<placement>-<opt>)" in text
+  assert "<example>-<opt>" not in text and "examples.llama" not in text
+  assert "--num-processes N multi-host runs" in text and "--process-id I multi-host" in text
+  epilog = text.split("examples: ", 1)[1]
+  assert epilog.startswith("python -m examples.data_parallel --opt adamw+ire")
+  for command in data_parallel.USAGE:  # every example command parses, flags and hosts
+    words = shlex.split(command, comments=True)
+    assert words[:3] == ["python", "-m", "examples.data_parallel"]
+    data_parallel.check_hosts(parser, parser.parse_args(words[3:]))
+  # The Llama example's own help is unchanged.
+  llama = " ".join(cli.make_parser("llama").format_help().split())
+  assert "msam, sala, lookahead; append '+ire'" in llama and "--la-sync-period" in llama
+  assert "(default: <example>-<opt>)" in llama and "examples.data_parallel" not in llama
 
 
 def test_compare_helpers():
@@ -970,3 +1075,50 @@ def test_precision_flag_runs_the_example_and_logs_the_scale(tmp_path):
   assert all(r["skipped"] == 0.0 and math.isfinite(r["loss"]) for r in recs)
   with pytest.raises(ValueError, match="precision"):
     train.initial_loss_scale("float8")
+
+
+def test_a_skipped_float16_step_logs_no_sharpness():
+  """SAM's perturbed loss is read from the optimizer state, which a skipped step reverts: it
+  was the previous step's (0.0 before any step, the sharpness then -loss). A skipped step's
+  perturbed loss and sharpness are NaN; a step that is not skipped logs its own."""
+  args, spec, graphdef, params, stats, batch = _bn_setup("sam")
+  step = train.make_train_step(graphdef, spec, num_classes=10, fast_compile=True,
+                               precision="float16")
+  state = jax.tree.map(jnp.copy, train.TrainState(
+      params, stats, spec.tx.init(params), train.initial_loss_scale("float16", 2.0**100)))
+  state, m = step(state, batch, np.int32(0))
+  assert float(m["skipped"]) == 1.0 and math.isfinite(float(m["loss"]))
+  assert math.isnan(float(m["perturbed_loss"])) and math.isnan(float(m["sharpness"]))
+  state = state._replace(loss_scale=train.initial_loss_scale("float16"))
+  _, m = step(state, batch, np.int32(1))
+  assert float(m["skipped"]) == 0.0
+  assert float(m["perturbed_loss"]) > 0
+  assert float(m["sharpness"]) == pytest.approx(float(m["perturbed_loss"]) - float(m["loss"]))
+
+
+def test_a_nan_sharpness_is_logged_and_left_out_of_the_plot(tmp_path, monkeypatch):
+  """The NaN sharpness of a skipped float16 step goes through metrics.jsonl and the CSV, and the
+  plot draws the other steps' values (NaN spread over the smoothing window, or broke the line)."""
+  import matplotlib.figure
+
+  from examples.common import plots
+
+  log = train.MetricsLog(tmp_path, resume_step=None)
+  for step in range(1, 121):
+    log.write({"step": step, "loss": 2.0, "skipped": float(step == 60),
+               "sharpness": float("nan") if step == 60 else 0.01 * step})
+  log.write_csv()
+  recs = train.read_metrics(tmp_path)
+  assert math.isnan(recs[59]["sharpness"]) and recs[60]["sharpness"] == pytest.approx(0.61)
+  assert "nan" in (tmp_path / "metrics.csv").read_text()
+  figures = []
+  save = matplotlib.figure.Figure.savefig
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+  plots.plot_runs({"run": recs}, tmp_path / "curves.png")
+  (fig,) = figures
+  (line,) = fig.axes[-1].get_lines()
+  assert fig.axes[-1].get_title().startswith("SAM sharpness")
+  y = np.asarray(line.get_ydata(), float)
+  assert np.isfinite(y).all(), y
+  assert len(y) == 118  # the 119 finite values, smoothed over k = 2 steps

@@ -11,10 +11,11 @@ module turns ``argv`` into a config and nothing else: the run itself is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import typing
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import config as config_lib
@@ -85,24 +86,35 @@ def _argument(section: str | None, f: dataclasses.Field, default: Any, hint: Any
 
 
 def make_parser(example: str, defaults: config_lib.TrainConfig | None = None, *,
-                omit: Collection[str] = ()) -> argparse.ArgumentParser:
-  """The command line of ``example``, its defaults those of ``defaults`` (its get_config());
-  ``omit``: ``TrainConfig`` fields given no flag (a script that does not use them)."""
+                omit: Collection[str] = (), prog: str | None = None,
+                description: str | None = None, usage: Sequence[str] | None = None,
+                helps: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+  """The command line of ``example``, its defaults those of ``defaults`` (its get_config()).
+
+  A script that trains the example its own way (``examples/data_parallel.py``) adapts it:
+  ``omit``: the fields given no flag (those it does not use), by their argparse ``dest``
+  (``"resume"``, ``"optimizer.la_sync_period"``); ``prog``, ``description`` and ``usage``
+  (the epilog's example commands) replace the example module's; ``helps``: help texts by
+  ``dest`` that replace the fields' own.
+  """
   module = example_module(example)
   cfg = module.get_config() if defaults is None else defaults
+  usage = module.USAGE if usage is None else usage
   p = argparse.ArgumentParser(
-      prog=f"python -m examples.{example}", description=module.__doc__,
-      epilog="examples:\n" + "\n".join(f"  {u}" for u in module.USAGE),
+      prog=prog or f"python -m examples.{example}",
+      description=module.__doc__ if description is None else description,
+      epilog="examples:\n" + "\n".join(f"  {u}" for u in usage),
       formatter_class=argparse.RawDescriptionHelpFormatter)
   groups = {name: p.add_argument_group(name) for name in config_lib.GROUPS}
   hints = {cls: typing.get_type_hints(cls) for cls in (
       config_lib.DataConfig, config_lib.ModelConfig, config_lib.OptimizerConfig,
       config_lib.TrainConfig)}
   for section, f, value in _flags(cfg):
-    if section is None and f.name in omit:
+    if _dest(section, f) in omit:
       continue
     cls = type(cfg if section is None else getattr(cfg, section))
     flag, kw = _argument(section, f, value, hints[cls][f.name], example)
+    kw["help"] = (helps or {}).get(kw["dest"], kw["help"])
     groups[f.metadata["group"]].add_argument(flag, **kw)
   return p
 
@@ -128,9 +140,15 @@ def parse(example: str, argv: list[str] | None = None) -> config_lib.TrainConfig
   ``parse(example, [])`` is the example's ``get_config()``; an invalid value is a
   one-line usage error (``SystemExit(2)``), as for any command line.
   """
+  return _parsed(example, argv)[1]
+
+
+def _parsed(example: str, argv: list[str] | None
+            ) -> tuple[argparse.ArgumentParser, config_lib.TrainConfig]:
+  """``(parser, config)`` of :func:`parse` (the parser reports later usage errors)."""
   defaults = get_config(example)
   parser = make_parser(example, defaults)
-  return checked_config(parser, parser.parse_args(argv), defaults)
+  return parser, checked_config(parser, parser.parse_args(argv), defaults)
 
 
 def checked_config(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
@@ -156,11 +174,19 @@ def main(example: str, argv: list[str] | None = None):
   """
   from . import train
 
-  cfg = parse(example, argv)
-  try:
+  parser, cfg = _parsed(example, argv)
+  with usage_errors(parser):
     train.check_resume(cfg)
     data = train.load_data(cfg)
     model = train.build_model(cfg, data).model
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    make_parser(example, get_config(example)).error(str(e))
   return train.run(cfg, data=data, model=model)
+
+
+@contextlib.contextmanager
+def usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+  """What the data or the model refuse inside the block (a ``ValueError``, a missing file, a
+  missing optional package) becomes ``parser.error``: a one-line usage error, exit 2."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    parser.error(str(e))

@@ -112,6 +112,27 @@ def _size_choices(example: str) -> list[str]:
   return sorted(models.PRESETS[example])
 
 
+# The base optimizers (--base) that the other algorithms drive.
+BASES = ("adamw", "sgd")
+
+
+def opt_help(optimizers: Iterable[str] = OPTIMIZERS) -> str:
+  """The help of ``--opt``, naming ``optimizers`` (a script that refuses some offers fewer)."""
+  return (f"one of {', '.join(optimizers)}; append '+ire' for IRE on top "
+          "(default: %(default)s)")
+
+
+def base_help(optimizers: Iterable[str] = OPTIMIZERS) -> str:
+  """The help of ``--base``, naming those of ``optimizers`` that drive a base optimizer."""
+  return (f"base optimizer that {'/'.join(o for o in optimizers if o not in BASES)} drive "
+          "(%(default)s)")
+
+
+def run_name_help(default: str = "<example>-<opt>") -> str:
+  """The help of ``--name``, ``default`` the run name used without it."""
+  return f"run name (default: {default}); the run writes to OUT/NAME/"
+
+
 # The argument groups of the command lines (a field's metadata "group"), in --help's order.
 GROUPS = ("data and model", "optimizer", "sharpness-aware wrappers",
           "IRE (implicit regularization enhancement)", "loss", "training", "output")
@@ -178,11 +199,9 @@ class OptimizerConfig:
   warm-up and a cosine (constant, linear) decay of the learning rate.
   """
 
-  name: str = option("adamw", f"one of {', '.join(OPTIMIZERS)}; append '+ire' for IRE on top "
-                     "(default: %(default)s)", group=_O, flag="--opt", parse=opt_name,
+  name: str = option("adamw", opt_help(), group=_O, flag="--opt", parse=opt_name,
                      metavar="NAME")
-  base: str = option("adamw", "base optimizer that sam/asam/gsam/msam/sala/lookahead drive "
-                     "(%(default)s)", group=_O, choices=("adamw", "sgd"))
+  base: str = option("adamw", base_help(), group=_O, choices=BASES)
   lr: float = option(1e-3, "peak learning rate (%(default)s)", group=_O, low=0)
   schedule: str = option("cosine", "decay after warm-up (%(default)s)", group=_O,
                          choices=("cosine", "constant", "linear"))
@@ -302,8 +321,7 @@ class TrainConfig:
                           "(%(default)s)", group=_T, choices=PRECISIONS)
 
   out: str = option("runs", "output root directory (%(default)s)", group=_OUT)
-  name: str | None = option(None, "run name (default: <example>-<opt>); the run writes to "
-                            "OUT/NAME/", group=_OUT)
+  name: str | None = option(None, run_name_help(), group=_OUT)
   ckpt_every: int = option(0, "save an Orbax checkpoint every N steps (and at the end); 0: "
                            "end only", group=_OUT, low=0)
   keep_checkpoints: int = option(2, "(%(default)s)", group=_OUT, low=1)

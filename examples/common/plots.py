@@ -11,7 +11,8 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") 
   """Training loss, held-out loss and held-out accuracy against the step, as a PNG.
 
   A fourth panel shows the SAM runs' per-step sharpness ``L(θ+ε) − L(θ)``
-  (logged for free as ``"sharpness"``) when a run has it.
+  (logged for free as ``"sharpness"``) when a run has it. Non-finite values (the NaN
+  sharpness of a skipped float16 step) are left out.
   """
   import matplotlib
 
@@ -25,7 +26,10 @@ def plot_runs(runs: dict[str, list[dict]], out: str | Path, *, title: str = "") 
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
   for (key, label), ax in zip(panels, axes, strict=True):
     for name, recs in runs.items():
-      pts = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
+      # Finite values only: a skipped float16 step logs its sharpness as NaN, which would
+      # spread over the smoothing window (and break the line).
+      pts = [(r["step"], r[key]) for r in recs
+             if r.get(key) is not None and np.isfinite(r[key])]
       if pts:
         s, v = (np.asarray(c) for c in zip(*pts, strict=True))
         if key in ("loss", "sharpness") and len(v) > 20:  # light smoothing of noisy curves

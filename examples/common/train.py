@@ -123,7 +123,8 @@ def step_function(graphdef, spec: optim.OptSpec, *, num_classes: int,
   perturbed pass, mSAM's micro-batches, SALA's SAM step, Hutchinson's HVPs) --
   is scaled by the same ``state.loss_scale`` and unscaled before the optimizer
   sees it; a step whose gradient or update is not finite is skipped (parameters,
-  statistics and optimizer state unchanged) and the scale halves. IRE's
+  statistics and optimizer state unchanged; metrics ``skipped`` 1, SAM's
+  ``perturbed_loss`` and ``sharpness`` NaN) and the scale halves. IRE's
   ``fisher`` pass runs in float32.
 
   With ``axis_name`` the function is the body of a data-parallel
@@ -275,6 +276,7 @@ def _train_step(o: _StepOptions, state: TrainState, batch, step, hints: tuple):
     clean = (aux["loss"], aux["acc"], aux["stats"])
   loss, acc, new_stats = o.pmean(clean)
   metrics = {"loss": loss, "acc": acc, "lr": o.spec.schedule(step)}
+  finite = None
   if ls is not None:
     # Every gradient of the step shares the scale: a non-finite one makes the update
     # non-finite, and the whole step is skipped (on every device alike).
@@ -286,17 +288,24 @@ def _train_step(o: _StepOptions, state: TrainState, batch, step, hints: tuple):
     ls = ls.adjust(finite)
     loss_scale = {"scale": ls.loss_scale, "counter": ls.counter}
     params, new_stats, opt_state = jmp.select_tree(finite, (params, new_stats, opt_state), old)
-  metrics.update(_optimizer_metrics(o, opt_state, grads, loss))
+  metrics.update(_optimizer_metrics(o, opt_state, grads, loss, finite))
   return TrainState(params, new_stats, opt_state, loss_scale), metrics
 
 
-def _optimizer_metrics(o: _StepOptions, opt_state, grads, loss) -> dict:
+def _optimizer_metrics(o: _StepOptions, opt_state, grads, loss, finite=None) -> dict:
   """What the optimizer's state tells of the step: SAM's perturbed loss and sharpness,
   the gradient norm, SALA's statistics (IRE's flat fraction: :func:`flat_fraction`, read
-  when a record is logged)."""
+  when a record is logged).
+
+  ``finite``: False on a skipped float16 step, whose ``opt_state`` is the reverted one: SAM's
+  perturbed loss and sharpness are then NaN (the state holds the previous step's perturbed
+  loss, or none before any step), not a stale or bogus number.
+  """
   spec, metrics = o.spec, {}
   if spec.sam_aux:
     perturbed = o.pmean(ire_optax.sam_aux(opt_state))
+    if finite is not None:  # the step's perturbed pass was discarded with the step
+      perturbed = jnp.where(finite, perturbed, jnp.nan)
     metrics["perturbed_loss"] = perturbed
     metrics["sharpness"] = perturbed - loss
   if grads is not None:
