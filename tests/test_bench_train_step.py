@@ -21,6 +21,8 @@ def test_smoke_times_the_examples_step(tmp_path):
       ("AdamW+IRE", "fisher", "train_step")]
   md = B.report(doc)
   assert "| AdamW+IRE | fisher | ≤ 1.15x |" in md and "llama " in md
+  # Without the ResNet (whose steps the docs' branch-hints block reads): the report alone.
+  assert set(B.render(render.Results(tmp_path))) == {"benchmarks/results/train_step.md"}
 
 
 def test_selection_run_writes_its_own_file_without_cost_rows(tmp_path, monkeypatch):

@@ -239,6 +239,7 @@ def render(results: Mapping[str, Any]) -> dict[str, str]:
   out, doc, sel = {}, results.get("train_step"), results.get("train_step_selection")
   if doc is not None:
     out["benchmarks/results/train_step.md"] = report(doc)
+  if doc is not None and "resnet" in doc["details"]:  # the hints' block: the ResNet's steps
     res = doc["details"]["resnet"]
     out["docs/performance.md#branch-hints"] = fill("train_step_hints.md", {
         "reps": doc["meta"]["reps"], "machine": doc["meta"]["machine"]["summary"],
