@@ -64,13 +64,16 @@ DATASETS = {"mnist": ("mnist", "mnist:{}"), "wikitext2": ("wikitext-2", "wikitex
 def data_spec(name: str, data_dir: str | os.PathLike | None) -> str:
   """The examples' data spec of data set ``name`` (:data:`DATASETS`) under ``data_dir``."""
   path, spec = DATASETS[name]
-  if path is None:
-    return spec
+  return spec if path is None else spec.format(_find(path, data_dir))
+
+
+def _find(path: str, data_dir: str | os.PathLike | None) -> Path:
+  """``data_dir/path`` of a data set, or a ``FileNotFoundError`` saying how to give it."""
   found = data_path(data_dir, *path.split("/"))
   if found is None:
     raise FileNotFoundError(f"{path} not found: pass --data-dir DIR (or set ${DATA_ENV}) with "
                             f"DIR/{path}; --smoke runs on offline data.")
-  return spec.format(found)
+  return found
 
 
 def fingerprint(name: str, data_dir: str | os.PathLike | None) -> Any:
@@ -79,7 +82,7 @@ def fingerprint(name: str, data_dir: str | os.PathLike | None) -> Any:
   path, _ = DATASETS[name]
   if path is None:
     return name
-  root = Path(data_spec(name, data_dir).partition(":")[2])
+  root = _find(path, data_dir)
   files = [root] if root.is_file() else sorted(q for q in root.rglob("*") if q.is_file())
   return [name, [(q.relative_to(root).as_posix() if q != root else q.name, q.stat().st_size)
                  for q in files]]

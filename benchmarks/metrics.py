@@ -112,9 +112,7 @@ def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
   is then a bound too (``"upper"`` for ``base``'s, ``"lower"`` for ``fast``'s), and not
   measurable (None) where both are.
   """
-  from examples.common.train import steps_to_reach
-
-  b, f = (steps_to_reach([(int(s), float(v)) for s, v in c], target) for c in (base, fast))
+  b, f = _reach(base, target), _reach(fast, target)
   b_first, f_first = (s is not None and s == int(c[0][0]) for s, c in ((b, base), (f, fast)))
   if (b is None and f is None) or (b_first and f_first):
     return dict(NO_SPEEDUP)
@@ -123,14 +121,19 @@ def speedup(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]],
   return {"base_step": b, "fast_step": f, "value": value, "bound": bound}
 
 
+def _reach(curve: Sequence[Sequence[float]], target: float) -> int | None:
+  """The first step of ``curve`` at or below ``target`` (None if never)."""
+  from examples.common.train import steps_to_reach
+
+  return steps_to_reach([(int(s), float(v)) for s, v in curve], target)
+
+
 def speedup_at_end(base: Sequence[Sequence[float]], fast: Sequence[Sequence[float]]
                    ) -> dict[str, Any]:
   """``base``'s last step over ``fast``'s first at ``base``'s last loss (else an upper bound;
   a lower bound where ``fast`` is there at its first evaluation)."""
-  from examples.common.train import steps_to_reach
-
   end, target = base[-1]
-  f = steps_to_reach([(int(s), float(v)) for s, v in fast], target)
+  f = _reach(fast, target)
   bound = "upper" if f is None else "lower" if f == int(fast[0][0]) else "exact"
   return {"base_step": end, "fast_step": f, "value": end / (fast[-1][0] if f is None else f),
           "bound": bound}

@@ -693,7 +693,7 @@ def msam(
     # the devices, device-invariant, so nothing would fail later (axes the params vary over
     # are the model's own and sum nothing).
     utils.check_axes_named(
-        batch, axis_name, tuple(set().union(*map(utils.varying_axes, jax.tree.leaves(params)))),
+        batch, axis_name, tuple(utils.tree_varying_axes(params)),
         who="msam.update()", what="the batch",
         hint="pass axis_name=<axis> where the devices hold shares of the batch (data "
         "parallelism): the micro-batch gradients are then each device's own and averaged over "

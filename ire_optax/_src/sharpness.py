@@ -100,19 +100,18 @@ def _check_loss(loss_fn: Any, params32: Params, batch: Batch) -> None:
   if not callable(loss_fn):
     raise TypeError(f"`loss_fn` must be callable; got {type(loss_fn).__name__}.")
   out = jax.eval_shape(loss_fn, params32, batch)
-  leaves = jax.tree.leaves(out)
-  if len(leaves) != 1 or not hasattr(leaves[0], "shape") or not hasattr(out, "shape"):
+  if not hasattr(out, "shape"):  # a container, even of one scalar
     raise ValueError(
         "loss_fn must return a scalar, got a pytree "
         f"{jax.tree.structure(out)} (return only the loss, e.g. drop auxiliary outputs)."
     )
-  if leaves[0].shape != ():
+  if out.shape != ():
     raise ValueError(
-        f"loss_fn must return a scalar, got shape {leaves[0].shape} "
+        f"loss_fn must return a scalar, got shape {out.shape} "
         "(reduce it, e.g. with jnp.mean, before calling)."
     )
-  if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
-    raise ValueError(f"loss_fn must return a real floating scalar, got dtype {leaves[0].dtype}.")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(f"loss_fn must return a real floating scalar, got dtype {out.dtype}.")
 
 
 def _scalar_loss(loss_fn: LossFn, batch: Batch) -> Callable[[Params], jax.Array]:
@@ -786,5 +785,5 @@ def summary(
       "top_eig": vals[0],
       "trace": trace,
       "trace_se": trace_se,
-      "sam_sharpness": _nan_unless_radius(r, sharpness),
+      "sam_sharpness": sharpness,  # NaN for a bad traced radius: sam_sharpness's, propagated
   }

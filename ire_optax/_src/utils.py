@@ -629,13 +629,18 @@ def varying_axes(x: Any) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
+def tree_varying_axes(tree: Any) -> frozenset:
+  """The mapped axes any leaf of ``tree`` varies over (:func:`varying_axes`)."""
+  return frozenset().union(*map(varying_axes, jax.tree.leaves(tree)))
+
+
 def check_axes_named(tree: Any, *axis_names: Any, who: str, what: str, hint: str) -> None:
   """Raises ``ValueError`` if a leaf of ``tree`` varies over a mapped axis (inside
   ``shard_map`` with ``check_vma=True``) that none of ``axis_names`` (each None, one axis or a
   tuple of them) names: an update that forgot its ``axis_name`` would otherwise fail later
   inside ``lax.cond``, or train each device on its own where the step takes no conditional."""
   named = {a for n in axis_names if n is not None for a in axes_of(n)}
-  unnamed = set().union(*(varying_axes(x) for x in jax.tree.leaves(tree))) - named
+  unnamed = tree_varying_axes(tree) - named
   if unnamed:
     axes = ", ".join(repr(a) for a in sorted(unnamed, key=str))
     raise ValueError(f"{who}: {what} varies over the mapped axis {axes} (inside shard_map), "
